@@ -1,0 +1,262 @@
+//! The guest component: compiled once, instantiated fresh for every request, run under its
+//! memory cap and deadline, with only the imports of the `wasi:http/proxy` world and the
+//! `wasi:cli` pieces that language runtimes pull in (no preopened files, no sockets, and
+//! outbound HTTP refused).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::Instrument;
+use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::{Engine, Store, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+use crate::limits::MemoryLimiter;
+use crate::settings::human_size;
+
+pub struct Guest {
+    engine: Engine,
+    pre: ProxyPre<GuestState>,
+    memory_limit: u64,
+    timeout: Option<Duration>,
+}
+
+/// Why a guest gave no response.
+#[derive(Debug)]
+pub enum GuestFailure {
+    Timeout(Duration),
+    MemoryLimit { requested: usize, limit: u64 },
+    Trapped(String),
+    NoResponse,
+    ErrorCode(String),
+}
+
+impl GuestFailure {
+    pub fn status(&self) -> hyper::StatusCode {
+        match self {
+            GuestFailure::Timeout(_) => hyper::StatusCode::GATEWAY_TIMEOUT,
+            _ => hyper::StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl std::fmt::Display for GuestFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GuestFailure::Timeout(timeout) => write!(
+                f,
+                "timeout: the app did not finish within the {}s --timeout and was stopped",
+                timeout.as_secs_f64()
+            ),
+            GuestFailure::MemoryLimit { requested, limit } => write!(
+                f,
+                "memory limit exceeded: the app tried to grow its memory to {}, beyond its {} --memory-limit",
+                human_size(*requested as u64),
+                human_size(*limit)
+            ),
+            GuestFailure::Trapped(trap) => write!(f, "the app failed: it trapped ({trap})"),
+            GuestFailure::NoResponse => write!(f, "the app returned without sending a response"),
+            GuestFailure::ErrorCode(code) => write!(f, "the app answered with an error: {code}"),
+        }
+    }
+}
+
+/// Raised from the epoch callback when a guest runs past its deadline.
+#[derive(Debug)]
+struct DeadlineExceeded;
+
+impl std::fmt::Display for DeadlineExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request's deadline passed")
+    }
+}
+
+impl std::error::Error for DeadlineExceeded {}
+
+impl Guest {
+    pub fn new(engine: &Engine, component: &wasmtime::component::Component, memory_limit: u64, timeout: Option<Duration>) -> Result<Guest> {
+        let mut linker = Linker::<GuestState>::new(engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("cannot link wasi")?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("cannot link wasi:http")?;
+        let pre = linker
+            .instantiate_pre(component)
+            .map_err(anyhow::Error::from)
+            .context("the component needs imports this host does not provide")?;
+        let pre = ProxyPre::new(pre)
+            .map_err(anyhow::Error::from)
+            .context("the component does not export wasi:http/incoming-handler (is it built for the wasi:http/proxy world?)")?;
+        Ok(Guest {
+            engine: engine.clone(),
+            pre,
+            memory_limit,
+            timeout,
+        })
+    }
+
+    /// Runs `request` in a fresh instance and returns the guest's response as soon as it has
+    /// set one; the guest keeps streaming the body from its own task, holding `slot` until it
+    /// is done.
+    pub async fn serve(
+        self: &Arc<Self>,
+        request: hyper::Request<Incoming>,
+        scheme: Scheme,
+        slot: impl Send + 'static,
+    ) -> Result<hyper::Response<HyperOutgoingBody>, GuestFailure> {
+        let (sender, receiver) = oneshot::channel();
+        let deadline = self.timeout.map(|timeout| Instant::now() + timeout);
+        let guest = Arc::clone(self);
+        let span = tracing::Span::current();
+        let run = tokio::spawn(
+            async move {
+                let outcome = guest.run(request, scheme, sender, deadline).await;
+                drop(slot);
+                outcome
+            }
+            .instrument(span.clone()),
+        );
+        match receiver.await {
+            Ok(Ok(response)) => {
+                tokio::spawn(
+                    async move {
+                        if let Ok(Err(failure)) = run.await {
+                            tracing::error!("the response was cut short: {failure}");
+                        }
+                    }
+                    .instrument(span),
+                );
+                Ok(response)
+            }
+            Ok(Err(code)) => Err(GuestFailure::ErrorCode(format!("{code:?}"))),
+            Err(_) => match run.await {
+                Ok(Ok(())) => Err(GuestFailure::NoResponse),
+                Ok(Err(failure)) => Err(failure),
+                Err(panic) => Err(GuestFailure::Trapped(format!("the host task failed: {panic}"))),
+            },
+        }
+    }
+
+    async fn run(
+        &self,
+        request: hyper::Request<Incoming>,
+        scheme: Scheme,
+        sender: oneshot::Sender<Result<hyper::Response<HyperOutgoingBody>, ErrorCode>>,
+        deadline: Option<Instant>,
+    ) -> Result<(), GuestFailure> {
+        let mut store = self.new_store(deadline);
+        let call = async {
+            let request = store.data_mut().http().new_incoming_request(scheme, request)?;
+            let response = store.data_mut().http().new_response_outparam(sender)?;
+            let proxy = self.pre.instantiate_async(&mut store).await?;
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, request, response)
+                .await
+        };
+        let result = match deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, call).await {
+                Ok(result) => result,
+                // The guest was waiting on I/O (a slow client, a sleep) when time ran out.
+                Err(_) => return Err(GuestFailure::Timeout(self.timeout.unwrap_or_default())),
+            },
+            None => call.await,
+        };
+        result.map_err(|error| self.failure(error, store.data().limiter.refused()))
+    }
+
+    fn failure(&self, error: wasmtime::Error, memory_refused: Option<usize>) -> GuestFailure {
+        if error.downcast_ref::<DeadlineExceeded>().is_some() {
+            return GuestFailure::Timeout(self.timeout.unwrap_or_default());
+        }
+        if let Some(requested) = memory_refused {
+            tracing::debug!("after a refused memory grow: {error:?}");
+            return GuestFailure::MemoryLimit {
+                requested,
+                limit: self.memory_limit,
+            };
+        }
+        tracing::debug!("guest error: {error:?}");
+        match error.downcast_ref::<wasmtime::Trap>() {
+            Some(trap) => GuestFailure::Trapped(trap.to_string()),
+            None => GuestFailure::Trapped(format!("{error:#}")),
+        }
+    }
+
+    fn new_store(&self, deadline: Option<Instant>) -> Store<GuestState> {
+        let state = GuestState {
+            wasi: WasiCtxBuilder::new().inherit_stdout().inherit_stderr().build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            hooks: OutboundHttpDenied,
+            limiter: MemoryLimiter::new(self.memory_limit),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        // Every epoch tick the guest yields its thread; past the deadline it is stopped.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| match deadline {
+            Some(deadline) if Instant::now() >= deadline => Err(DeadlineExceeded.into()),
+            _ => Ok(UpdateDeadline::Yield(1)),
+        });
+        store
+    }
+}
+
+pub struct GuestState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    hooks: OutboundHttpDenied,
+    limiter: MemoryLimiter,
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for GuestState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            hooks: &mut self.hooks,
+            table: &mut self.table,
+            ctx: &mut self.http,
+        }
+    }
+}
+
+/// Outbound HTTP is not granted: the guest gets `HTTP-request-denied` and no connection is made.
+struct OutboundHttpDenied;
+
+impl WasiHttpHooks for OutboundHttpDenied {
+    fn send_request(
+        &mut self,
+        _request: http::Request<wasmtime_wasi_http::WasiBody>,
+        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        _io: Box<dyn Future<Output = wasmtime_wasi_http::Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = wasmtime_wasi_http::Result<(
+                    http::Response<wasmtime_wasi_http::WasiBody>,
+                    Box<dyn Future<Output = wasmtime_wasi_http::Result<(), wasmtime_wasi_http::Error>> + Send>,
+                )>,
+            > + Send,
+    > {
+        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    }
+}

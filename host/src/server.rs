@@ -1,0 +1,262 @@
+//! Listening sockets and HTTP/1.1 connections: gunicorn's `--bind`, `--backlog`,
+//! `--reuse-port`, `--keep-alive`, and a drain on shutdown in which no in-flight request is
+//! dropped (they finish with `Connection: close`) and idle connections are closed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::handler::{Peer, RequestHandler};
+use crate::http::limits::RequestLimits;
+use crate::settings::BindAddress;
+
+/// hyper's stack-allocated header array holds this many; other limits cost a heap allocation.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
+/// A bound, listening socket, before the runtime takes it over.
+pub enum Listener {
+    Tcp(std::net::TcpListener),
+    Unix {
+        listener: std::os::unix::net::UnixListener,
+        path: PathBuf,
+    },
+}
+
+impl Listener {
+    pub fn bind(address: &BindAddress, backlog: u32, reuse_port: bool) -> Result<Listener> {
+        let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
+        match address {
+            BindAddress::Tcp(addr) => {
+                let socket = Socket::new(Domain::for_address(*addr), Type::STREAM, Some(Protocol::TCP))
+                    .context("cannot create a TCP socket")?;
+                socket.set_reuse_address(true)?;
+                if reuse_port {
+                    socket.set_reuse_port(true)?;
+                }
+                socket
+                    .bind(&SockAddr::from(*addr))
+                    .with_context(|| format!("cannot bind {addr}"))?;
+                socket.listen(backlog).with_context(|| format!("cannot listen on {addr}"))?;
+                socket.set_nonblocking(true)?;
+                Ok(Listener::Tcp(socket.into()))
+            }
+            BindAddress::Unix(path) => {
+                remove_stale_socket(path)?;
+                let socket = Socket::new(Domain::UNIX, Type::STREAM, None).context("cannot create a unix socket")?;
+                socket
+                    .bind(&SockAddr::unix(path)?)
+                    .with_context(|| format!("cannot bind unix:{}", path.display()))?;
+                socket
+                    .listen(backlog)
+                    .with_context(|| format!("cannot listen on unix:{}", path.display()))?;
+                socket.set_nonblocking(true)?;
+                Ok(Listener::Unix {
+                    listener: socket.into(),
+                    path: path.clone(),
+                })
+            }
+        }
+    }
+
+    /// What gunicorn prints in `Listening at: …`.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(listener) => match listener.local_addr() {
+                Ok(addr) => format!("http://{addr}"),
+                Err(_) => "http://?".to_owned(),
+            },
+            Listener::Unix { path, .. } => format!("unix:{}", path.display()),
+        }
+    }
+}
+
+/// gunicorn removes a socket file left by a previous run; anything else at the path is kept.
+fn remove_stale_socket(path: &PathBuf) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path).with_context(|| format!("cannot remove the old socket {}", path.display()))
+        }
+        Ok(_) => anyhow::bail!("cannot bind unix:{}: a file that is not a socket is there", path.display()),
+        Err(_) => Ok(()),
+    }
+}
+
+/// How connections are served.
+#[derive(Clone, Copy)]
+pub struct ConnectionSettings {
+    pub keep_alive: Option<Duration>,
+    pub limits: RequestLimits,
+}
+
+impl ConnectionSettings {
+    fn http1(&self) -> http1::Builder {
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive(self.keep_alive.is_some())
+            // Covers both the wait for the next request on an idle connection and a client
+            // that sends its head too slowly.
+            .header_read_timeout(self.keep_alive.unwrap_or(Duration::from_secs(30)))
+            .max_buf_size(self.limits.head_buffer_size());
+        if self.limits.header_fields != HYPER_DEFAULT_MAX_HEADERS {
+            builder.max_headers(self.limits.header_fields);
+        }
+        builder
+    }
+}
+
+/// How the server is asked to stop.
+#[derive(Debug, Clone, Copy)]
+pub enum Shutdown {
+    /// Stop accepting, let in-flight requests finish for at most this long.
+    Graceful(Duration),
+    /// Stop now.
+    Quick,
+}
+
+/// Serves until `stop` resolves, then drains as it says.
+pub async fn serve(
+    listeners: Vec<Listener>,
+    handler: Arc<RequestHandler>,
+    settings: ConnectionSettings,
+    stop: impl Future<Output = Shutdown>,
+) -> Result<()> {
+    let (draining_tx, draining) = watch::channel(false);
+    // Every connection holds a sender; the drain is over when the last one is dropped.
+    let (alive, mut all_closed) = mpsc::channel::<()>(1);
+    let mut accepting = JoinSet::new();
+    for listener in listeners {
+        let acceptor = Acceptor {
+            handler: Arc::clone(&handler),
+            http: settings.http1(),
+            draining: draining.clone(),
+            alive: alive.clone(),
+        };
+        accepting.spawn(acceptor.run(listener));
+    }
+    drop(alive);
+
+    let shutdown = stop.await;
+    // Dropping the accept loops closes the listening sockets: no new connection is taken.
+    accepting.shutdown().await;
+    match shutdown {
+        Shutdown::Graceful(grace) => {
+            tracing::info!("stopped accepting; waiting up to {}s for in-flight requests", grace.as_secs_f64());
+            let _ = draining_tx.send(true);
+            if tokio::time::timeout(grace, all_closed.recv()).await.is_err() {
+                tracing::warn!("graceful timeout reached; closing the connections still open");
+            }
+        }
+        Shutdown::Quick => {}
+    }
+    Ok(())
+}
+
+struct Acceptor {
+    handler: Arc<RequestHandler>,
+    http: http1::Builder,
+    draining: watch::Receiver<bool>,
+    alive: mpsc::Sender<()>,
+}
+
+impl Acceptor {
+    async fn run(self, listener: Listener) {
+        if let Err(error) = self.accept(listener).await {
+            tracing::error!("stopped accepting: {error:#}");
+        }
+    }
+
+    async fn accept(&self, listener: Listener) -> Result<()> {
+        match listener {
+            Listener::Tcp(listener) => {
+                let local = listener.local_addr()?;
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                loop {
+                    match listener.accept().await {
+                        Ok((stream, remote)) => {
+                            // Nagle plus delayed ACKs would add tens of milliseconds to small responses.
+                            let _ = stream.set_nodelay(true);
+                            self.spawn(TokioIo::new(stream), tcp_peer(remote, local));
+                        }
+                        Err(error) => accept_failed(error).await,
+                    }
+                }
+            }
+            Listener::Unix { listener, path } => {
+                let listener = tokio::net::UnixListener::from_std(listener)?;
+                let peer = Arc::new(Peer {
+                    ip: None,
+                    local_authority: "localhost".to_owned(),
+                });
+                let _unlink = UnlinkOnDrop(path);
+                loop {
+                    match listener.accept().await {
+                        Ok((stream, _)) => self.spawn(TokioIo::new(stream), Arc::clone(&peer)),
+                        Err(error) => accept_failed(error).await,
+                    }
+                }
+            }
+        }
+    }
+
+    fn spawn<I>(&self, io: I, peer: Arc<Peer>)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let handler = Arc::clone(&self.handler);
+        let service = service_fn(move |request| Arc::clone(&handler).handle(request, Arc::clone(&peer)));
+        let connection = self.http.serve_connection(io, service);
+        let mut draining = self.draining.clone();
+        let alive = self.alive.clone();
+        tokio::spawn(async move {
+            let _alive = alive;
+            tokio::pin!(connection);
+            let drain = async move {
+                // The watch guard must not live across an await.
+                let _ = draining.wait_for(|draining| *draining).await.map(drop);
+            };
+            tokio::select! {
+                result = connection.as_mut() => return log_connection_end(result),
+                () = drain => connection.as_mut().graceful_shutdown(),
+            }
+            log_connection_end(connection.await);
+        });
+    }
+}
+
+fn tcp_peer(remote: SocketAddr, local: SocketAddr) -> Arc<Peer> {
+    Arc::new(Peer {
+        ip: Some(remote.ip()),
+        local_authority: local.to_string(),
+    })
+}
+
+fn log_connection_end(result: Result<(), hyper::Error>) {
+    if let Err(error) = result {
+        tracing::debug!("connection ended: {error}");
+    }
+}
+
+/// Out of file descriptors or a similar passing condition: wait a little rather than spin.
+async fn accept_failed(error: std::io::Error) {
+    tracing::warn!("accept failed: {error}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+struct UnlinkOnDrop(PathBuf);
+
+impl Drop for UnlinkOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -1,0 +1,350 @@
+//! The settings of `host serve`, with gunicorn's names, defaults and rules.
+//!
+//! `ServeArgs` is what the command line says; `Settings` is the validated, derived form the
+//! rest of the host works from (clamped limits, the concurrency a worker class implies, …).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::ValueEnum;
+
+use crate::http::forwarded::TrustedPeers;
+use crate::http::limits::RequestLimits;
+
+/// gunicorn's default access log format.
+pub const DEFAULT_ACCESS_LOG_FORMAT: &str =
+    r#"%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s""#;
+
+/// The default cap on one guest instance's linear memory.
+pub const DEFAULT_MEMORY_LIMIT: &str = "128MiB";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// The wasi:http component to serve (a `.wasm` file of the `wasi:http/proxy` world).
+    #[arg(value_name = "COMPONENT.wasm")]
+    pub component: PathBuf,
+
+    /// The socket to bind: `HOST:PORT`, `[IPV6]:PORT` or `unix:PATH`. Repeatable.
+    /// Default: `0.0.0.0:$PORT` if PORT is set, else `127.0.0.1:8000`.
+    #[arg(short = 'b', long = "bind", value_name = "ADDRESS")]
+    pub bind: Vec<String>,
+
+    /// The maximum number of pending connections (the `listen()` backlog).
+    #[arg(long, default_value_t = 2048, value_name = "INT")]
+    pub backlog: u32,
+
+    /// Set SO_REUSEPORT on the listening sockets.
+    #[arg(long = "reuse-port")]
+    pub reuse_port: bool,
+
+    /// How requests are run: `sync` (one at a time), `gthread` (`--threads` at once),
+    /// `gevent`/`eventlet` (`--worker-connections` at once).
+    #[arg(short = 'k', long = "worker-class", default_value = "sync", value_name = "CLASS")]
+    pub worker_class: WorkerClass,
+
+    /// Guest instances running at once with the gthread class (`sync` with threads > 1 becomes gthread).
+    #[arg(long, default_value_t = 1, value_name = "INT")]
+    pub threads: usize,
+
+    /// Requests a worker holds at once (running with the async classes, waiting with the others).
+    #[arg(long = "worker-connections", default_value_t = 1000, value_name = "INT")]
+    pub worker_connections: usize,
+
+    /// Seconds a request's guest may run before it is stopped and the client gets 504. 0 = no limit.
+    #[arg(short = 't', long, default_value = "30", value_name = "SECONDS", value_parser = parse_seconds)]
+    pub timeout: f64,
+
+    /// Seconds in-flight requests get to finish after a stop signal.
+    #[arg(long = "graceful-timeout", default_value = "30", value_name = "SECONDS", value_parser = parse_seconds)]
+    pub graceful_timeout: f64,
+
+    /// Seconds an idle keep-alive connection is kept open. 0 = close after every response.
+    #[arg(long = "keep-alive", default_value = "2", value_name = "SECONDS", value_parser = parse_seconds)]
+    pub keep_alive: f64,
+
+    /// Maximum length of the request line in bytes (0 = unlimited; above 8190 means 8190). Longer: 400.
+    #[arg(long = "limit-request-line", default_value_t = 4094, value_name = "INT", allow_negative_numbers = true)]
+    pub limit_request_line: i64,
+
+    /// Maximum number of header fields in a request (0 or above 32768 means 32768). More: 431.
+    #[arg(long = "limit-request-fields", default_value_t = 100, value_name = "INT", allow_negative_numbers = true)]
+    pub limit_request_fields: i64,
+
+    /// Maximum size of one header line, `name: value`, in bytes (0 = unlimited). Larger: 431.
+    #[arg(
+        long = "limit-request-field_size",
+        alias = "limit-request-field-size",
+        default_value_t = 8190,
+        value_name = "INT",
+        allow_negative_numbers = true
+    )]
+    pub limit_request_field_size: i64,
+
+    /// Peers trusted to set X-Forwarded-Proto/-Host/-For: comma-separated IPs or CIDR networks, `*` for all.
+    #[arg(
+        long = "forwarded-allow-ips",
+        env = "FORWARDED_ALLOW_IPS",
+        default_value = "127.0.0.1,::1",
+        value_name = "LIST"
+    )]
+    pub forwarded_allow_ips: String,
+
+    /// Cap on one guest instance's linear memory (all its memories together), e.g. `16MiB`, `1GiB`.
+    #[arg(long = "memory-limit", default_value = DEFAULT_MEMORY_LIMIT, value_name = "SIZE", value_parser = parse_size)]
+    pub memory_limit: u64,
+
+    /// debug, info, warning, error or critical.
+    #[arg(long = "log-level", default_value = "info", value_name = "LEVEL")]
+    pub log_level: LogLevel,
+
+    /// Where the error log goes: a file path, or `-` for stderr.
+    #[arg(long = "error-logfile", alias = "log-file", default_value = "-", value_name = "FILE")]
+    pub error_logfile: String,
+
+    /// Where the access log goes: a file path, or `-` for stdout. Off unless set.
+    #[arg(long = "access-logfile", value_name = "FILE")]
+    pub access_logfile: Option<String>,
+
+    /// The access log format, with gunicorn's `%(x)s` atoms.
+    #[arg(long = "access-logformat", default_value = DEFAULT_ACCESS_LOG_FORMAT, value_name = "FORMAT")]
+    pub access_logformat: String,
+
+    /// Where compiled components are cached. Default: `$XDG_CACHE_HOME/host` or `~/.cache/host`.
+    #[arg(long = "cache-dir", env = "HOST_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerClass {
+    Sync,
+    Gthread,
+    Gevent,
+    Eventlet,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warning,
+    Error,
+    Critical,
+}
+
+/// Where a listener binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindAddress {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for BindAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BindAddress::Tcp(addr) => write!(f, "http://{addr}"),
+            BindAddress::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// The validated settings a worker serves with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub component: PathBuf,
+    pub binds: Vec<BindAddress>,
+    pub backlog: u32,
+    pub reuse_port: bool,
+    /// Guest instances running at once in one worker.
+    pub concurrency: usize,
+    /// Requests that may wait for a free instance slot in one worker.
+    pub queue_limit: usize,
+    pub timeout: Option<Duration>,
+    pub graceful_timeout: Duration,
+    pub keep_alive: Option<Duration>,
+    pub request_limits: RequestLimits,
+    pub trusted_peers: TrustedPeers,
+    pub memory_limit: u64,
+    pub log_level: LogLevel,
+    pub error_logfile: String,
+    pub access_logfile: Option<String>,
+    pub access_logformat: String,
+    pub cache_dir: PathBuf,
+}
+
+impl Settings {
+    pub fn from_args(args: ServeArgs) -> Result<Settings> {
+        let binds = if args.bind.is_empty() {
+            vec![default_bind()?]
+        } else {
+            args.bind
+                .iter()
+                .map(|b| parse_bind(b))
+                .collect::<Result<Vec<_>>>()?
+        };
+        if args.threads == 0 {
+            bail!("--threads must be at least 1");
+        }
+        if args.worker_connections == 0 {
+            bail!("--worker-connections must be at least 1");
+        }
+        // gunicorn: the sync class with more than one thread is the gthread class.
+        let concurrency = match args.worker_class {
+            WorkerClass::Sync if args.threads > 1 => args.threads,
+            WorkerClass::Sync => 1,
+            WorkerClass::Gthread => args.threads,
+            WorkerClass::Gevent | WorkerClass::Eventlet => args.worker_connections,
+        };
+        let memory_limit = args.memory_limit;
+        if memory_limit < 64 * 1024 {
+            bail!("--memory-limit must be at least 64KiB (one WebAssembly page), got {memory_limit} bytes");
+        }
+        Ok(Settings {
+            component: args.component,
+            binds,
+            backlog: args.backlog,
+            reuse_port: args.reuse_port,
+            concurrency,
+            queue_limit: args.worker_connections,
+            timeout: seconds_or_off(args.timeout),
+            graceful_timeout: Duration::from_secs_f64(args.graceful_timeout),
+            keep_alive: seconds_or_off(args.keep_alive),
+            request_limits: RequestLimits::gunicorn(
+                args.limit_request_line,
+                args.limit_request_fields,
+                args.limit_request_field_size,
+            ),
+            trusted_peers: TrustedPeers::parse(&args.forwarded_allow_ips)
+                .context("invalid --forwarded-allow-ips")?,
+            memory_limit,
+            log_level: args.log_level,
+            error_logfile: args.error_logfile,
+            access_logfile: args.access_logfile,
+            access_logformat: args.access_logformat,
+            cache_dir: match args.cache_dir {
+                Some(dir) => dir,
+                None => default_cache_dir()?,
+            },
+        })
+    }
+}
+
+fn seconds_or_off(seconds: f64) -> Option<Duration> {
+    (seconds > 0.0).then(|| Duration::from_secs_f64(seconds))
+}
+
+fn default_bind() -> Result<BindAddress> {
+    match std::env::var("PORT") {
+        Ok(port) => {
+            let port: u16 = port
+                .trim()
+                .parse()
+                .with_context(|| format!("PORT must be a port number, got {port:?}"))?;
+            Ok(BindAddress::Tcp(SocketAddr::from(([0, 0, 0, 0], port))))
+        }
+        Err(_) => Ok(BindAddress::Tcp(SocketAddr::from(([127, 0, 0, 1], 8000)))),
+    }
+}
+
+pub fn parse_bind(text: &str) -> Result<BindAddress> {
+    if let Some(path) = text.strip_prefix("unix:") {
+        if path.is_empty() {
+            bail!("--bind {text:?}: a unix socket needs a path, as in unix:/run/host.sock");
+        }
+        return Ok(BindAddress::Unix(PathBuf::from(path)));
+    }
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(BindAddress::Tcp(addr));
+    }
+    // gunicorn accepts a bare host (port 8000) and names such as localhost.
+    let (host, port) = match text.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') || host.ends_with(']') => (host, port),
+        _ => (text, "8000"),
+    };
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("--bind {text:?}: expected HOST:PORT, [IPV6]:PORT or unix:PATH"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = if host.is_empty() { "0.0.0.0" } else { host };
+    use std::net::ToSocketAddrs;
+    (host, port)
+        .to_socket_addrs()
+        .with_context(|| format!("--bind {text:?}: cannot resolve {host:?}"))?
+        .next()
+        .map(BindAddress::Tcp)
+        .with_context(|| format!("--bind {text:?}: {host:?} has no address"))
+}
+
+fn default_cache_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir).join("host"));
+    }
+    let home = std::env::var_os("HOME").context("neither --cache-dir, XDG_CACHE_HOME nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".cache").join("host"))
+}
+
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    let seconds: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a number of seconds such as 30 or 0.5, got {text:?}"))?;
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("expected a non-negative number of seconds, got {text:?}"));
+    }
+    Ok(seconds)
+}
+
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|_| format!("expected a size such as 16MiB, 512MB or 1GiB, got {text:?}"))
+}
+
+/// A size as people write it: `16 MiB` when it is a whole number of MiB.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (unit, name) in UNITS {
+        if bytes >= unit && bytes % unit == 0 {
+            return format!("{} {name}", bytes / unit);
+        }
+    }
+    if bytes >= 1 << 20 {
+        return format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64);
+    }
+    format!("{bytes} bytes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_and_print_as_people_write_them() {
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("64MB"), Ok(64_000_000));
+        assert!(parse_size("lots").is_err());
+        assert_eq!(human_size(16 << 20), "16 MiB");
+        assert_eq!(human_size(3 << 29), "1536 MiB");
+    }
+
+    #[test]
+    fn binds_take_gunicorn_forms() {
+        assert_eq!(
+            parse_bind("127.0.0.1:9000").unwrap(),
+            BindAddress::Tcp("127.0.0.1:9000".parse().unwrap())
+        );
+        assert_eq!(
+            parse_bind("[::1]:9000").unwrap(),
+            BindAddress::Tcp("[::1]:9000".parse().unwrap())
+        );
+        assert_eq!(parse_bind("unix:/tmp/x.sock").unwrap(), BindAddress::Unix("/tmp/x.sock".into()));
+        assert_eq!(
+            parse_bind("127.0.0.1").unwrap(),
+            BindAddress::Tcp("127.0.0.1:8000".parse().unwrap())
+        );
+        assert!(parse_bind("unix:").is_err());
+    }
+}
