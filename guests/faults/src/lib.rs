@@ -1,0 +1,187 @@
+//! A guest that misbehaves on request, for the host's tests: it traps, eats memory, spins,
+//! sleeps, echoes bodies of any size, and reports what it was told about the request.
+
+use std::hint::black_box;
+
+use wasip2::http::types::{
+    Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam, Scheme,
+};
+use wasip2::io::streams::{OutputStream, StreamError};
+
+/// The largest read from the request body: memory use stays flat whatever the body size.
+const ECHO_CHUNK: u64 = 64 * 1024;
+const MIB: usize = 1 << 20;
+
+struct Faults;
+
+impl wasip2::exports::http::incoming_handler::Guest for Faults {
+    fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
+        let path_with_query = request.path_with_query().unwrap_or_default();
+        let (path, query) = path_with_query.split_once('?').unwrap_or((&path_with_query, ""));
+        match path {
+            "/" => respond(response_out, 200, "text/plain", b"ok\n"),
+            "/trap" => panic!("the /trap route fails on purpose"),
+            "/grow" => {
+                let mb = param(query, "mb").and_then(|mb| mb.parse::<usize>().ok());
+                let held = grow(mb.unwrap_or(usize::MAX));
+                respond(response_out, 200, "text/plain", format!("grew {held} MiB\n").as_bytes());
+            }
+            "/spin" => spin(),
+            "/sleep" => {
+                let ms = param(query, "ms").and_then(|ms| ms.parse::<u64>().ok()).unwrap_or(1000);
+                wasip2::clocks::monotonic_clock::subscribe_duration(ms * 1_000_000).block();
+                respond(response_out, 200, "text/plain", format!("slept {ms} ms\n").as_bytes());
+            }
+            "/echo" => echo(request, response_out),
+            "/info" => {
+                let info = info(&request, &path_with_query);
+                respond(response_out, 200, "application/json", info.as_bytes());
+            }
+            _ => respond(response_out, 404, "text/plain", b"not found\n"),
+        }
+    }
+}
+
+wasip2::http::proxy::export!(Faults);
+
+fn respond(out: ResponseOutparam, status: u16, content_type: &str, body: &[u8]) {
+    let headers = Fields::from_list(&[
+        ("content-type".to_owned(), content_type.as_bytes().to_vec()),
+        ("content-length".to_owned(), body.len().to_string().into_bytes()),
+    ])
+    .expect("valid headers");
+    let response = OutgoingResponse::new(headers);
+    response.set_status_code(status).expect("valid status");
+    let outgoing = response.body().expect("a fresh response has a body");
+    ResponseOutparam::set(out, Ok(response));
+    let stream = outgoing.write().expect("a fresh body has a stream");
+    write_all(&stream, body).expect("client went away");
+    stream.blocking_flush().expect("client went away");
+    drop(stream);
+    OutgoingBody::finish(outgoing, None).expect("body complete");
+}
+
+fn param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+}
+
+/// Allocates and touches memory a MiB at a time; without a bound it goes on until the host
+/// refuses to grow memory, and the allocation failure aborts the guest.
+fn grow(mib: usize) -> usize {
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    while held.len() < mib {
+        let mut chunk = vec![0u8; MIB];
+        for page in chunk.iter_mut().step_by(4096) {
+            *page = 1;
+        }
+        held.push(black_box(chunk));
+    }
+    black_box(&held).len()
+}
+
+fn spin() -> ! {
+    let mut counter: u64 = 0;
+    loop {
+        counter = black_box(counter.wrapping_add(1));
+    }
+}
+
+/// Streams the request body back in bounded chunks.
+fn echo(request: IncomingRequest, out: ResponseOutparam) {
+    let length = request
+        .headers()
+        .get("content-length")
+        .into_iter()
+        .next();
+    let mut headers = vec![("content-type".to_owned(), b"application/octet-stream".to_vec())];
+    if let Some(length) = length {
+        headers.push(("content-length".to_owned(), length));
+    }
+    let response = OutgoingResponse::new(Fields::from_list(&headers).expect("valid headers"));
+    let outgoing = response.body().expect("a fresh response has a body");
+    let incoming = request.consume().expect("the body is consumed once");
+    ResponseOutparam::set(out, Ok(response));
+
+    let input = incoming.stream().expect("a fresh body has a stream");
+    let output = outgoing.write().expect("a fresh body has a stream");
+    loop {
+        match input.blocking_read(ECHO_CHUNK) {
+            Ok(chunk) => write_all(&output, &chunk).expect("client went away"),
+            Err(StreamError::Closed) => break,
+            Err(StreamError::LastOperationFailed(error)) => panic!("reading the body failed: {}", error.to_debug_string()),
+        }
+    }
+    output.blocking_flush().expect("client went away");
+    drop(output);
+    drop(input);
+    OutgoingBody::finish(outgoing, None).expect("body complete");
+}
+
+fn write_all(stream: &OutputStream, mut data: &[u8]) -> Result<(), StreamError> {
+    while !data.is_empty() {
+        let permitted = stream.check_write()? as usize;
+        if permitted == 0 {
+            stream.subscribe().block();
+            continue;
+        }
+        let now = permitted.min(data.len());
+        stream.write(&data[..now])?;
+        data = &data[now..];
+    }
+    Ok(())
+}
+
+fn info(request: &IncomingRequest, path_with_query: &str) -> String {
+    let method = match request.method() {
+        Method::Get => "GET".to_owned(),
+        Method::Head => "HEAD".to_owned(),
+        Method::Post => "POST".to_owned(),
+        Method::Put => "PUT".to_owned(),
+        Method::Delete => "DELETE".to_owned(),
+        Method::Connect => "CONNECT".to_owned(),
+        Method::Options => "OPTIONS".to_owned(),
+        Method::Trace => "TRACE".to_owned(),
+        Method::Patch => "PATCH".to_owned(),
+        Method::Other(other) => other,
+    };
+    let scheme = match request.scheme() {
+        Some(Scheme::Http) => "http".to_owned(),
+        Some(Scheme::Https) => "https".to_owned(),
+        Some(Scheme::Other(other)) => other,
+        None => String::new(),
+    };
+    let headers = request
+        .headers()
+        .entries()
+        .into_iter()
+        .map(|(name, value)| format!("[{},{}]", json(&name), json(&String::from_utf8_lossy(&value))))
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(
+        "{{\"method\":{},\"scheme\":{},\"authority\":{},\"path_with_query\":{},\"headers\":[{}]}}\n",
+        json(&method),
+        json(&scheme),
+        json(&request.authority().unwrap_or_default()),
+        json(path_with_query),
+        headers
+    )
+}
+
+fn json(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
