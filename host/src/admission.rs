@@ -72,6 +72,7 @@ impl Admission {
         Ok(slot.expect("admission semaphore closed"))
     }
 
+    #[cfg(test)]
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Acquire)
     }

@@ -4,6 +4,7 @@
 //! outbound HTTP refused).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -117,25 +118,25 @@ impl Guest {
         let (sender, receiver) = oneshot::channel();
         let deadline = self.timeout.map(|timeout| Instant::now() + timeout);
         let guest = Arc::clone(self);
-        let span = tracing::Span::current();
-        let run = tokio::spawn(
+        // Set once the client has the response head: a later failure can only cut the body.
+        let responded = Arc::new(AtomicBool::new(false));
+        let run = tokio::spawn({
+            let responded = Arc::clone(&responded);
             async move {
                 let outcome = guest.run(request, scheme, sender, deadline).await;
                 drop(slot);
+                if let Err(failure) = &outcome {
+                    if responded.load(Ordering::Acquire) {
+                        tracing::error!("the response was cut short: {failure}");
+                    }
+                }
                 outcome
             }
-            .instrument(span.clone()),
-        );
+            .instrument(tracing::Span::current())
+        });
         match receiver.await {
             Ok(Ok(response)) => {
-                tokio::spawn(
-                    async move {
-                        if let Ok(Err(failure)) = run.await {
-                            tracing::error!("the response was cut short: {failure}");
-                        }
-                    }
-                    .instrument(span),
-                );
+                responded.store(true, Ordering::Release);
                 Ok(response)
             }
             Ok(Err(code)) => Err(GuestFailure::ErrorCode(format!("{code:?}"))),

@@ -169,6 +169,7 @@ pub fn init(level: LogLevel, error_log: LogFile) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(error_log)
+        .with_ansi(false)
         .event_format(GunicornFormat { pid: std::process::id() })
         .try_init()
         .map_err(|error| anyhow::anyhow!("cannot install the logger: {error}"))

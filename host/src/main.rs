@@ -22,6 +22,10 @@ use crate::logging::LogFile;
 use crate::settings::{ServeArgs, Settings};
 use crate::worker::StartError;
 
+/// Many small allocations per request (headers, resources, futures) from several threads.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "host", version, about, propagate_version = true)]
 struct Cli {

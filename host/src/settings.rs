@@ -310,8 +310,10 @@ pub fn human_size(bytes: u64) -> String {
             return format!("{} {name}", bytes / unit);
         }
     }
-    if bytes >= 1 << 20 {
-        return format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64);
+    for (unit, name) in UNITS {
+        if bytes >= unit {
+            return format!("{:.1} {name}", bytes as f64 / unit as f64);
+        }
     }
     format!("{bytes} bytes")
 }
@@ -328,6 +330,7 @@ mod tests {
         assert!(parse_size("lots").is_err());
         assert_eq!(human_size(16 << 20), "16 MiB");
         assert_eq!(human_size(3 << 29), "1536 MiB");
+        assert_eq!(human_size(16512 << 10), "16.1 MiB");
     }
 
     #[test]
