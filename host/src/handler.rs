@@ -18,6 +18,7 @@ use crate::guest::Guest;
 use crate::http::answers::{self, ResponseBody};
 use crate::http::forwarded::TrustedPeers;
 use crate::http::limits::RequestLimits;
+use crate::worker::Recycle;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -27,6 +28,7 @@ pub struct RequestHandler {
     pub limits: RequestLimits,
     pub trusted_peers: TrustedPeers,
     pub access_log: Option<Arc<AccessLog>>,
+    pub recycle: Option<Arc<Recycle>>,
 }
 
 /// The two ends of a connection, as requests on it need them.
@@ -46,6 +48,9 @@ impl Peer {
 
 impl RequestHandler {
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>, peer: Arc<Peer>) -> Result<Response<ResponseBody>, Infallible> {
+        if let Some(recycle) = &self.recycle {
+            recycle.count_request();
+        }
         let trusted = peer.ip.is_none_or(|ip| self.trusted_peers.trusts(ip));
         let request_id = request_id(request.headers(), trusted);
         let record = self.access_log.as_ref().map(|log| log.record(&request, &peer.label()));

@@ -67,6 +67,46 @@ impl Listener {
         }
     }
 
+    /// A listener the master bound and passed down as descriptor `fd`.
+    ///
+    /// # Safety
+    /// `fd` must be an open listening socket of the kind `address` names, owned by nobody else
+    /// in this process.
+    pub unsafe fn inherit(address: &BindAddress, fd: i32) -> Result<Listener> {
+        use std::os::fd::FromRawFd;
+        let listener = match address {
+            BindAddress::Tcp(_) => Listener::Tcp(unsafe { std::net::TcpListener::from_raw_fd(fd) }),
+            BindAddress::Unix(path) => Listener::Unix {
+                listener: unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) },
+                path: path.clone(),
+            },
+        };
+        match &listener {
+            Listener::Tcp(l) => l.set_nonblocking(true),
+            Listener::Unix { listener, .. } => listener.set_nonblocking(true),
+        }
+        .with_context(|| format!("inherited listener {address} is unusable"))?;
+        Ok(listener)
+    }
+
+    pub fn try_clone(&self) -> Result<Listener> {
+        Ok(match self {
+            Listener::Tcp(listener) => Listener::Tcp(listener.try_clone()?),
+            Listener::Unix { listener, path } => Listener::Unix {
+                listener: listener.try_clone()?,
+                path: path.clone(),
+            },
+        })
+    }
+
+    pub fn as_raw_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        match self {
+            Listener::Tcp(listener) => listener.as_raw_fd(),
+            Listener::Unix { listener, .. } => listener.as_raw_fd(),
+        }
+    }
+
     /// What gunicorn prints in `Listening at: …`.
     pub fn describe(&self) -> String {
         match self {
@@ -192,13 +232,12 @@ impl Acceptor {
                     }
                 }
             }
-            Listener::Unix { listener, path } => {
+            Listener::Unix { listener, .. } => {
                 let listener = tokio::net::UnixListener::from_std(listener)?;
                 let peer = Arc::new(Peer {
                     ip: None,
                     local_authority: "localhost".to_owned(),
                 });
-                let _unlink = UnlinkOnDrop(path);
                 loop {
                     match listener.accept().await {
                         Ok((stream, _)) => self.spawn(TokioIo::new(stream), Arc::clone(&peer)),
@@ -251,12 +290,4 @@ fn log_connection_end(result: Result<(), hyper::Error>) {
 async fn accept_failed(error: std::io::Error) {
     tracing::warn!("accept failed: {error}");
     tokio::time::sleep(Duration::from_millis(100)).await;
-}
-
-struct UnlinkOnDrop(PathBuf);
-
-impl Drop for UnlinkOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }

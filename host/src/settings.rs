@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
 
 use crate::http::forwarded::TrustedPeers;
 use crate::http::limits::RequestLimits;
@@ -25,6 +26,35 @@ pub struct ServeArgs {
     /// The wasi:http component to serve (a `.wasm` file of the `wasi:http/proxy` world).
     #[arg(value_name = "COMPONENT.wasm")]
     pub component: PathBuf,
+
+    /// Worker processes. Default: `$WEB_CONCURRENCY`, else 1.
+    #[arg(short = 'w', long, env = "WEB_CONCURRENCY", default_value_t = 1, value_name = "INT")]
+    pub workers: usize,
+
+    /// Requests a worker serves before it is replaced (0 = never).
+    #[arg(long = "max-requests", default_value_t = 0, value_name = "INT")]
+    pub max_requests: u64,
+
+    /// Adds a random 0..=N to `--max-requests` per worker, so workers do not restart together.
+    #[arg(long = "max-requests-jitter", default_value_t = 0, value_name = "INT")]
+    pub max_requests_jitter: u64,
+
+    /// Where the workers' heartbeat files live. Default: /dev/shm if it is a tmpfs, else the temp dir.
+    #[arg(long = "worker-tmp-dir", value_name = "DIR")]
+    pub worker_tmp_dir: Option<PathBuf>,
+
+    /// Compile the component in the master; workers map the compiled artifact. Always done;
+    /// accepted for gunicorn compatibility.
+    #[arg(long = "preload")]
+    pub preload: bool,
+
+    /// A file to write the master's pid to.
+    #[arg(short = 'p', long = "pid", value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
+
+    /// `KEY=VALUE` set in the environment of the master and the workers. Repeatable.
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = parse_env_pair)]
+    pub env: Vec<(String, String)>,
 
     /// The socket to bind: `HOST:PORT`, `[IPV6]:PORT` or `unix:PATH`. Repeatable.
     /// Default: `0.0.0.0:$PORT` if PORT is set, else `127.0.0.1:8000`.
@@ -116,7 +146,7 @@ pub struct ServeArgs {
     pub cache_dir: Option<PathBuf>,
 }
 
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WorkerClass {
     Sync,
     Gthread,
@@ -124,7 +154,7 @@ pub enum WorkerClass {
     Eventlet,
 }
 
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LogLevel {
     Debug,
     Info,
@@ -133,8 +163,19 @@ pub enum LogLevel {
     Critical,
 }
 
+impl WorkerClass {
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerClass::Sync => "sync",
+            WorkerClass::Gthread => "gthread",
+            WorkerClass::Gevent => "gevent",
+            WorkerClass::Eventlet => "eventlet",
+        }
+    }
+}
+
 /// Where a listener binds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BindAddress {
     Tcp(SocketAddr),
     Unix(PathBuf),
@@ -149,10 +190,17 @@ impl std::fmt::Display for BindAddress {
     }
 }
 
-/// The validated settings a worker serves with.
-#[derive(Debug, Clone)]
+/// The validated settings the master and its workers run with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Settings {
     pub component: PathBuf,
+    pub workers: usize,
+    pub worker_class: WorkerClass,
+    pub max_requests: u64,
+    pub max_requests_jitter: u64,
+    pub worker_tmp_dir: PathBuf,
+    pub pidfile: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
     pub binds: Vec<BindAddress>,
     pub backlog: u32,
     pub reuse_port: bool,
@@ -190,6 +238,10 @@ impl Settings {
             bail!("--worker-connections must be at least 1");
         }
         // gunicorn: the sync class with more than one thread is the gthread class.
+        let worker_class = match args.worker_class {
+            WorkerClass::Sync if args.threads > 1 => WorkerClass::Gthread,
+            class => class,
+        };
         let concurrency = match args.worker_class {
             WorkerClass::Sync if args.threads > 1 => args.threads,
             WorkerClass::Sync => 1,
@@ -200,8 +252,18 @@ impl Settings {
         if memory_limit < 64 * 1024 {
             bail!("--memory-limit must be at least 64KiB (one WebAssembly page), got {memory_limit} bytes");
         }
+        if args.workers == 0 {
+            bail!("--workers must be at least 1");
+        }
         Ok(Settings {
             component: args.component,
+            workers: args.workers,
+            worker_class,
+            max_requests: args.max_requests,
+            max_requests_jitter: args.max_requests_jitter,
+            worker_tmp_dir: args.worker_tmp_dir.unwrap_or_else(default_worker_tmp_dir),
+            pidfile: args.pidfile,
+            env: args.env,
             binds,
             backlog: args.backlog,
             reuse_port: args.reuse_port,
@@ -274,6 +336,24 @@ pub fn parse_bind(text: &str) -> Result<BindAddress> {
         .next()
         .map(BindAddress::Tcp)
         .with_context(|| format!("--bind {text:?}: {host:?} has no address"))
+}
+
+/// gunicorn advises a tmpfs for heartbeat files, so a heartbeat never waits on a disk.
+fn default_worker_tmp_dir() -> PathBuf {
+    let shm = PathBuf::from("/dev/shm");
+    let is_tmpfs = std::fs::read_to_string("/proc/mounts").is_ok_and(|mounts| {
+        mounts
+            .lines()
+            .any(|line| line.split_whitespace().nth(1) == Some("/dev/shm") && line.contains("tmpfs"))
+    });
+    if is_tmpfs { shm } else { std::env::temp_dir() }
+}
+
+fn parse_env_pair(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
 }
 
 fn default_cache_dir() -> Result<PathBuf> {

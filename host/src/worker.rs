@@ -1,10 +1,13 @@
-//! A worker: one tokio runtime and one wasmtime engine serving the listeners it is given until a
-//! signal says stop. `host serve` runs one in its own process.
+//! A worker process: one tokio runtime and one wasmtime engine serving the listeners the master
+//! passed down, stamping its heartbeat, until a signal or `--max-requests` says stop.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
 
 use crate::access_log::AccessLog;
 use crate::admission::Admission;
@@ -12,11 +15,13 @@ use crate::compile_cache;
 use crate::engine::{self, EngineSizing};
 use crate::guest::Guest;
 use crate::handler::RequestHandler;
+use crate::heartbeat::Heartbeat;
+use crate::hooks;
 use crate::logging::LogFile;
 use crate::server::{self, ConnectionSettings, Listener, Shutdown};
 use crate::settings::Settings;
 
-/// Why a worker could not start; gunicorn's exit codes tell them apart.
+/// Why a worker could not start; gunicorn's exit codes tell the master which.
 pub enum StartError {
     /// The component could not be loaded (gunicorn's APP_LOAD_ERROR, exit 4).
     App(anyhow::Error),
@@ -24,7 +29,42 @@ pub enum StartError {
     Boot(anyhow::Error),
 }
 
-pub fn run(settings: &Settings, error_log: LogFile) -> Result<(), StartError> {
+/// gunicorn's exit codes for a worker that cannot boot and an app that cannot load.
+pub const EXIT_BOOT_ERROR: u8 = 3;
+pub const EXIT_APP_LOAD_ERROR: u8 = 4;
+
+/// Counts requests towards `--max-requests` and says when the worker has served its share.
+pub struct Recycle {
+    served: AtomicU64,
+    limit: u64,
+    reached: Notify,
+}
+
+impl Recycle {
+    /// gunicorn's formula: `max_requests + randint(0, jitter)`, both ends inclusive.
+    fn new(max_requests: u64, jitter: u64) -> Option<Recycle> {
+        if max_requests == 0 {
+            return None;
+        }
+        let extra = if jitter == 0 { 0 } else { random_u64() % (jitter + 1) };
+        Some(Recycle {
+            served: AtomicU64::new(0),
+            limit: max_requests + extra,
+            reached: Notify::new(),
+        })
+    }
+
+    pub fn count_request(&self) {
+        if self.served.fetch_add(1, Ordering::AcqRel) + 1 == self.limit {
+            tracing::info!("Autorestarting worker after current request.");
+            self.reached.notify_one();
+        }
+    }
+}
+
+pub fn run(settings: &Settings, error_log: LogFile, listeners: Vec<Listener>, heartbeat: Heartbeat) -> Result<(), StartError> {
+    let pid = std::process::id();
+    tracing::info!("Booting worker with pid: {pid}");
     let engine = engine::build(EngineSizing {
         instances: settings.concurrency,
         memory_limit: settings.memory_limit,
@@ -41,65 +81,85 @@ pub fn run(settings: &Settings, error_log: LogFile) -> Result<(), StartError> {
         ))),
         None => None,
     };
-    let listeners = settings
-        .binds
-        .iter()
-        .map(|bind| Listener::bind(bind, settings.backlog, settings.reuse_port))
-        .collect::<Result<Vec<_>>>()
-        .map_err(StartError::Boot)?;
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("worker")
         .build()
         .context("cannot start the async runtime")
         .map_err(StartError::Boot)?;
+    let recycle = Recycle::new(settings.max_requests, settings.max_requests_jitter).map(Arc::new);
     runtime
         .block_on(async {
             engine::start_epoch_ticker(&engine)?;
-            let stop = stop_signal(settings)?;
+            let stop = stop_signal(settings, recycle.clone())?;
             reopen_logs_on_usr1(error_log, access_log.clone())?;
-            for listener in &listeners {
-                tracing::info!("Listening at: {} ({})", listener.describe(), std::process::id());
-            }
+            keep_beating(heartbeat, settings.timeout);
             let handler = Arc::new(RequestHandler {
                 guest: Arc::new(guest),
                 admission: Admission::new(settings.concurrency, settings.queue_limit, settings.timeout),
                 limits: settings.request_limits,
                 trusted_peers: settings.trusted_peers.clone(),
                 access_log,
+                recycle,
             });
             let connections = ConnectionSettings {
                 keep_alive: settings.keep_alive,
                 limits: settings.request_limits,
             };
+            hooks::event("post_worker_init", &[("pid", pid.to_string())]);
             server::serve(listeners, handler, connections, stop).await
         })
         .map_err(StartError::Boot)?;
-    tracing::info!("Shutting down: Master");
+    hooks::event("worker_exit", &[("pid", pid.to_string())]);
+    tracing::info!("Worker exiting (pid: {pid})");
     Ok(())
 }
 
-/// TERM stops gracefully; INT and QUIT stop at once, as in gunicorn. The handlers are installed
-/// before the host says it is listening, so no early signal finds the default disposition.
-fn stop_signal(settings: &Settings) -> Result<impl Future<Output = Shutdown> + use<>> {
+/// Stamps the heartbeat from the event loop: if the loop stalls, so does the heartbeat.
+fn keep_beating(heartbeat: Heartbeat, timeout: Option<Duration>) {
+    let every = timeout.map_or(Duration::from_secs(1), |timeout| (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)));
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        loop {
+            ticks.tick().await;
+            if let Err(error) = heartbeat.beat() {
+                tracing::warn!("cannot stamp the heartbeat file: {error}");
+            }
+        }
+    });
+}
+
+/// TERM (and `--max-requests`) stop gracefully; INT and QUIT at once (`worker_int`); ABRT, sent
+/// by the master to a silent worker, logs `worker_abort` and exits 1. The handlers are installed
+/// before the worker serves, so no early signal finds the default disposition.
+fn stop_signal(settings: &Settings, recycle: Option<Arc<Recycle>>) -> Result<impl Future<Output = Shutdown> + use<>> {
     let grace = settings.graceful_timeout;
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut quit = signal(SignalKind::quit()).context("cannot handle SIGQUIT")?;
+    let mut abort = signal(SignalKind::from_raw(libc::SIGABRT)).context("cannot handle SIGABRT")?;
     Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {
-                tracing::info!("Handling signal: term");
-                Shutdown::Graceful(grace)
+        let recycled = async {
+            match &recycle {
+                Some(recycle) => recycle.reached.notified().await,
+                None => std::future::pending().await,
             }
+        };
+        let pid = std::process::id().to_string();
+        tokio::select! {
+            _ = term.recv() => Shutdown::Graceful(grace),
+            () = recycled => Shutdown::Graceful(grace),
             _ = int.recv() => {
-                tracing::info!("Handling signal: int");
+                hooks::event("worker_int", &[("pid", pid)]);
                 Shutdown::Quick
             }
             _ = quit.recv() => {
-                tracing::info!("Handling signal: quit");
+                hooks::event("worker_int", &[("pid", pid)]);
                 Shutdown::Quick
+            }
+            _ = abort.recv() => {
+                hooks::event("worker_abort", &[("pid", pid)]);
+                std::process::exit(1);
             }
         }
     })
@@ -109,7 +169,6 @@ fn reopen_logs_on_usr1(error_log: LogFile, access_log: Option<Arc<AccessLog>>) -
     let mut usr1 = signal(SignalKind::user_defined1()).context("cannot handle SIGUSR1")?;
     tokio::spawn(async move {
         while usr1.recv().await.is_some() {
-            tracing::info!("Handling signal: usr1");
             let reopened = error_log
                 .reopen()
                 .and_then(|()| access_log.as_ref().map_or(Ok(()), |log| log.reopen()));
@@ -119,4 +178,9 @@ fn reopen_logs_on_usr1(error_log: LogFile, access_log: Option<Arc<AccessLog>>) -
         }
     });
     Ok(())
+}
+
+pub fn random_u64() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now())
 }

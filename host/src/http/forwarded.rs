@@ -13,7 +13,7 @@ const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
 const X_FORWARDED_HOST: &str = "x-forwarded-host";
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TrustedPeers {
     All,
     Networks(Vec<IpNet>),

@@ -12,7 +12,7 @@ const MAX_REQUEST_LINE: usize = 8190;
 /// gunicorn's ceiling for the number of header fields.
 const MAX_HEADER_FIELDS: usize = 32768;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RequestLimits {
     /// Longest request line in bytes, without its CRLF. `None` = unlimited.
     pub request_line: Option<usize>,

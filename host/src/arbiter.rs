@@ -1,0 +1,459 @@
+//! The master process, gunicorn's arbiter: binds the listeners, compiles the component once,
+//! runs `--workers` worker processes (re-executions of this binary that inherit the listening
+//! sockets), watches their heartbeats, replaces the ones that die, and answers the signals.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::mpsc;
+
+use crate::compile_cache;
+use crate::engine::{self, EngineSizing};
+use crate::heartbeat::Heartbeat;
+use crate::hooks;
+use crate::logging::LogFile;
+use crate::server::Listener;
+use crate::settings::{BindAddress, Settings};
+use crate::worker::{EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR};
+
+/// The worker's settings, as JSON, in its environment.
+pub const WORKER_SETTINGS_ENV: &str = "HOST_WORKER_SETTINGS";
+/// Descriptors a worker inherits: its listeners from 3 on, then its heartbeat file.
+pub const FIRST_INHERITED_FD: i32 = 3;
+
+/// How often the master looks at its workers: gunicorn's "at least once a second".
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// Between SIGABRT and SIGKILL for a silent worker.
+const ABORT_GRACE: Duration = Duration::from_secs(1);
+
+struct WorkerProcess {
+    pid: u32,
+    heartbeat: Heartbeat,
+    aborted_at: Option<Instant>,
+    retiring_since: Option<Instant>,
+    killed_by_master: bool,
+}
+
+struct Master {
+    settings: Settings,
+    listeners: Vec<(BindAddress, Listener)>,
+    /// Workers by age: the oldest first.
+    workers: BTreeMap<u64, WorkerProcess>,
+    next_age: u64,
+    target: usize,
+    exits: mpsc::UnboundedSender<(u64, ExitStatus)>,
+    error_log: LogFile,
+}
+
+/// How the master ended: the process's exit code.
+pub type ExitCode = u8;
+
+/// Runs the master until it is stopped; `reload` re-reads the settings on HUP.
+pub fn run(settings: Settings, error_log: LogFile, reload: impl Fn() -> Result<Settings>) -> Result<ExitCode> {
+    hooks::event("on_starting", &[("pid", std::process::id().to_string())]);
+    precompile(&settings).map_err(|error| {
+        anyhow::anyhow!(AppLoadError(format!("{error:#}")))
+    })?;
+    let listeners = bind_all(&settings, &[])?;
+    if let Some(pidfile) = &settings.pidfile {
+        std::fs::write(pidfile, format!("{}\n", std::process::id()))
+            .with_context(|| format!("cannot write the pid file {}", pidfile.display()))?;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the master's runtime")?;
+    let (exits, exited) = mpsc::unbounded_channel();
+    let mut master = Master {
+        target: settings.workers,
+        settings,
+        listeners,
+        workers: BTreeMap::new(),
+        next_age: 0,
+        exits,
+        error_log,
+    };
+    let code = runtime.block_on(master.supervise(exited, reload));
+    master.cleanup();
+    code
+}
+
+/// A component that cannot be loaded: the master exits with gunicorn's APP_LOAD_ERROR.
+#[derive(Debug)]
+pub struct AppLoadError(String);
+
+impl std::fmt::Display for AppLoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for AppLoadError {}
+
+/// Compiles the component into the cache, so workers only map it (gunicorn's `--preload`).
+fn precompile(settings: &Settings) -> Result<()> {
+    let engine = engine::build(EngineSizing {
+        instances: settings.concurrency,
+        memory_limit: settings.memory_limit,
+    })?;
+    let component = compile_cache::load_component(&engine, &settings.component, &settings.cache_dir)?;
+    crate::guest::Guest::new(&engine, &component, settings.memory_limit, settings.timeout)
+        .with_context(|| format!("cannot load {}", settings.component.display()))?;
+    Ok(())
+}
+
+/// Binds every address of `settings`, reusing the listeners of `keep` that are still wanted.
+fn bind_all(settings: &Settings, keep: &[(BindAddress, Listener)]) -> Result<Vec<(BindAddress, Listener)>> {
+    let mut listeners = Vec::new();
+    for address in &settings.binds {
+        let listener = match keep.iter().find(|(kept, _)| kept == address) {
+            Some((_, listener)) => listener.try_clone()?,
+            None => Listener::bind(address, settings.backlog, settings.reuse_port)?,
+        };
+        tracing::info!("Listening at: {} ({})", listener.describe(), std::process::id());
+        listeners.push((address.clone(), listener));
+    }
+    Ok(listeners)
+}
+
+struct MasterSignals {
+    term: Signal,
+    int: Signal,
+    quit: Signal,
+    hup: Signal,
+    ttin: Signal,
+    ttou: Signal,
+    usr1: Signal,
+}
+
+impl MasterSignals {
+    fn install() -> Result<MasterSignals> {
+        let on = |kind: SignalKind, name: &str| signal(kind).with_context(|| format!("cannot handle {name}"));
+        Ok(MasterSignals {
+            term: on(SignalKind::terminate(), "SIGTERM")?,
+            int: on(SignalKind::interrupt(), "SIGINT")?,
+            quit: on(SignalKind::quit(), "SIGQUIT")?,
+            hup: on(SignalKind::hangup(), "SIGHUP")?,
+            ttin: on(SignalKind::from_raw(libc::SIGTTIN), "SIGTTIN")?,
+            ttou: on(SignalKind::from_raw(libc::SIGTTOU), "SIGTTOU")?,
+            usr1: on(SignalKind::user_defined1(), "SIGUSR1")?,
+        })
+    }
+}
+
+enum Stop {
+    Graceful,
+    Quick,
+    Halt(ExitCode),
+}
+
+impl Master {
+    async fn supervise(
+        &mut self,
+        mut exited: mpsc::UnboundedReceiver<(u64, ExitStatus)>,
+        reload: impl Fn() -> Result<Settings>,
+    ) -> Result<ExitCode> {
+        let mut signals = MasterSignals::install()?;
+        tracing::info!("Using worker: {}", self.settings.worker_class.name());
+        hooks::event("when_ready", &[("pid", std::process::id().to_string())]);
+        let mut checks = tokio::time::interval(CHECK_EVERY);
+        let stop = loop {
+            self.manage_workers();
+            tokio::select! {
+                _ = signals.term.recv() => {
+                    tracing::info!("Handling signal: term");
+                    break Stop::Graceful;
+                }
+                _ = signals.int.recv() => {
+                    tracing::info!("Handling signal: int");
+                    break Stop::Quick;
+                }
+                _ = signals.quit.recv() => {
+                    tracing::info!("Handling signal: quit");
+                    break Stop::Quick;
+                }
+                _ = signals.hup.recv() => {
+                    tracing::info!("Handling signal: hup");
+                    self.reload(&reload);
+                }
+                _ = signals.ttin.recv() => {
+                    tracing::info!("Handling signal: ttin");
+                    self.target += 1;
+                    hooks::event("nworkers_changed", &[("workers", self.target.to_string())]);
+                }
+                _ = signals.ttou.recv() => {
+                    tracing::info!("Handling signal: ttou");
+                    if self.target > 1 {
+                        self.target -= 1;
+                        hooks::event("nworkers_changed", &[("workers", self.target.to_string())]);
+                    }
+                }
+                _ = signals.usr1.recv() => {
+                    tracing::info!("Handling signal: usr1");
+                    if let Err(error) = self.error_log.reopen() {
+                        tracing::error!("cannot reopen the error log: {error:#}");
+                    }
+                    self.signal_all(libc::SIGUSR1);
+                }
+                Some((age, status)) = exited.recv() => {
+                    if let Some(code) = self.reap(age, status) {
+                        break Stop::Halt(code);
+                    }
+                }
+                _ = checks.tick() => self.check_workers(),
+            }
+        };
+        self.stop(stop, &mut exited).await
+    }
+
+    /// Starts workers up to the target and retires the oldest beyond it.
+    fn manage_workers(&mut self) {
+        let active = |workers: &BTreeMap<u64, WorkerProcess>| workers.values().filter(|w| w.retiring_since.is_none()).count();
+        while active(&self.workers) < self.target {
+            if let Err(error) = self.spawn_worker() {
+                tracing::error!("cannot start a worker: {error:#}");
+                break;
+            }
+        }
+        while active(&self.workers) > self.target {
+            let Some(oldest) = self.workers.values_mut().find(|w| w.retiring_since.is_none()) else { break };
+            retire(oldest);
+        }
+    }
+
+    fn spawn_worker(&mut self) -> Result<()> {
+        let heartbeat = Heartbeat::create(&self.settings.worker_tmp_dir)?;
+        let age = self.next_age;
+        self.next_age += 1;
+        hooks::event("pre_fork", &[("age", age.to_string())]);
+        let mut inherited: Vec<i32> = self.listeners.iter().map(|(_, listener)| listener.as_raw_fd()).collect();
+        inherited.push(heartbeat.as_raw_fd());
+        let settings = serde_json::to_string(&self.settings).context("cannot pass the settings to a worker")?;
+        let mut command = tokio::process::Command::new(std::env::current_exe().context("cannot find the host binary")?);
+        command
+            .arg("worker")
+            .env(WORKER_SETTINGS_ENV, settings)
+            .stdin(std::process::Stdio::null());
+        // SAFETY: the closure runs in the child between fork and exec and only calls fcntl and
+        // dup2, which are async-signal-safe.
+        unsafe {
+            command.pre_exec(move || place_inherited_fds(&inherited));
+        }
+        let mut child = command.spawn().context("cannot start a worker process")?;
+        let pid = child.id().context("the worker exited at once")?;
+        let exits = self.exits.clone();
+        tokio::spawn(async move {
+            if let Ok(status) = child.wait().await {
+                let _ = exits.send((age, status));
+            }
+        });
+        hooks::event("post_fork", &[("pid", pid.to_string())]);
+        self.workers.insert(
+            age,
+            WorkerProcess {
+                pid,
+                heartbeat,
+                aborted_at: None,
+                retiring_since: None,
+                killed_by_master: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Logs a worker's end; `Some(code)` when the master must halt (a worker that cannot boot
+    /// would fail the same way again: no restart loop).
+    fn reap(&mut self, age: u64, status: ExitStatus) -> Option<ExitCode> {
+        let worker = self.workers.remove(&age)?;
+        let pid = worker.pid;
+        match (status.code(), status.signal()) {
+            (Some(0), _) => {}
+            (Some(code), _) if worker.retiring_since.is_none() && code == i32::from(EXIT_BOOT_ERROR) => {
+                tracing::error!("Worker (pid:{pid}) failed to boot; shutting down");
+                return Some(EXIT_BOOT_ERROR);
+            }
+            (Some(code), _) if worker.retiring_since.is_none() && code == i32::from(EXIT_APP_LOAD_ERROR) => {
+                tracing::error!("Worker (pid:{pid}) failed to load the app; shutting down");
+                return Some(EXIT_APP_LOAD_ERROR);
+            }
+            (Some(code), _) => tracing::error!("Worker (pid:{pid}) exited with code {code}"),
+            (None, Some(libc::SIGKILL)) if worker.killed_by_master => {
+                tracing::error!("Worker (pid:{pid}) was sent SIGKILL by the master")
+            }
+            (None, Some(libc::SIGKILL)) => {
+                tracing::error!("Worker (pid:{pid}) was sent SIGKILL! Perhaps out of memory?")
+            }
+            (None, Some(signal)) => tracing::error!("Worker (pid:{pid}) was sent {}!", signal_name(signal)),
+            (None, None) => tracing::error!("Worker (pid:{pid}) ended"),
+        }
+        hooks::event("child_exit", &[("pid", pid.to_string())]);
+        None
+    }
+
+    /// The heartbeat check: a worker silent for more than `--timeout` gets SIGABRT, then
+    /// SIGKILL; a retiring worker past `--graceful-timeout` gets SIGKILL.
+    fn check_workers(&mut self) {
+        let now = Instant::now();
+        for worker in self.workers.values_mut() {
+            if let Some(since) = worker.retiring_since {
+                if now.duration_since(since) > self.settings.graceful_timeout && !worker.killed_by_master {
+                    tracing::warn!("Worker (pid:{}) did not finish within the graceful timeout", worker.pid);
+                    kill(worker, libc::SIGKILL);
+                }
+                continue;
+            }
+            let Some(timeout) = self.settings.timeout else { continue };
+            let silent = worker.heartbeat.silence().unwrap_or_default();
+            match worker.aborted_at {
+                None if silent > timeout => {
+                    tracing::error!("WORKER TIMEOUT (pid:{})", worker.pid);
+                    worker.aborted_at = Some(now);
+                    send(worker.pid, libc::SIGABRT);
+                }
+                Some(aborted) if now.duration_since(aborted) >= ABORT_GRACE && !worker.killed_by_master => {
+                    kill(worker, libc::SIGKILL);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn reload(&mut self, reload: &impl Fn() -> Result<Settings>) {
+        hooks::event("on_reload", &[("pid", std::process::id().to_string())]);
+        let settings = match reload().and_then(|settings| precompile(&settings).map(|()| settings)) {
+            Ok(settings) => settings,
+            Err(error) => {
+                tracing::error!("reload refused, the workers keep the old settings: {error:#}");
+                return;
+            }
+        };
+        let listeners = match bind_all(&settings, &self.listeners) {
+            Ok(listeners) => listeners,
+            Err(error) => {
+                tracing::error!("reload refused, cannot bind: {error:#}");
+                return;
+            }
+        };
+        remove_unix_sockets(self.listeners.iter().filter(|(old, _)| !settings.binds.contains(old)));
+        self.listeners = listeners;
+        self.target = settings.workers;
+        self.settings = settings;
+        // New workers first, then the old ones finish what they have and leave.
+        for worker in self.workers.values_mut() {
+            if worker.retiring_since.is_none() {
+                retire(worker);
+            }
+        }
+    }
+
+    fn signal_all(&self, signal: i32) {
+        for worker in self.workers.values() {
+            send(worker.pid, signal);
+        }
+    }
+
+    async fn stop(&mut self, stop: Stop, exited: &mut mpsc::UnboundedReceiver<(u64, ExitStatus)>) -> Result<ExitCode> {
+        // The master's copies of the listeners go first; the workers close theirs as they stop.
+        remove_unix_sockets(self.listeners.iter());
+        self.listeners.clear();
+        let (signal, code) = match stop {
+            Stop::Graceful => (libc::SIGTERM, 0),
+            Stop::Quick => (libc::SIGQUIT, 0),
+            Stop::Halt(code) => (libc::SIGTERM, code),
+        };
+        self.signal_all(signal);
+        let deadline = tokio::time::Instant::now() + self.settings.graceful_timeout;
+        while !self.workers.is_empty() {
+            match tokio::time::timeout_at(deadline, exited.recv()).await {
+                Ok(Some((age, status))) => {
+                    self.reap(age, status);
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    for worker in self.workers.values_mut() {
+                        kill(worker, libc::SIGKILL);
+                    }
+                    while let Some((age, status)) = exited.recv().await {
+                        self.reap(age, status);
+                        if self.workers.is_empty() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        hooks::event("on_exit", &[("pid", std::process::id().to_string())]);
+        tracing::info!("Shutting down: Master");
+        Ok(code)
+    }
+
+    fn cleanup(&mut self) {
+        if let Some(pidfile) = &self.settings.pidfile {
+            let _ = std::fs::remove_file(pidfile);
+        }
+    }
+}
+
+fn retire(worker: &mut WorkerProcess) {
+    worker.retiring_since = Some(Instant::now());
+    send(worker.pid, libc::SIGTERM);
+}
+
+fn kill(worker: &mut WorkerProcess, signal: i32) {
+    worker.killed_by_master = true;
+    send(worker.pid, signal);
+}
+
+fn send(pid: u32, signal: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is a child not yet reaped.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
+}
+
+fn remove_unix_sockets<'a>(listeners: impl Iterator<Item = &'a (BindAddress, Listener)>) {
+    for (address, _) in listeners {
+        if let BindAddress::Unix(path) = address {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// In the child before exec: moves the inherited descriptors to 3, 4, … (clearing close-on-exec).
+/// They are first copied above the target range, so that no move overwrites a later source.
+fn place_inherited_fds(fds: &[i32]) -> std::io::Result<()> {
+    let above = FIRST_INHERITED_FD + fds.len() as i32;
+    let mut staged = Vec::with_capacity(fds.len());
+    for &fd in fds {
+        // SAFETY: fcntl on a descriptor the parent holds open.
+        let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, above) };
+        if copy < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        staged.push(copy);
+    }
+    for (index, &copy) in staged.iter().enumerate() {
+        // SAFETY: dup2 onto a small descriptor number; the result has close-on-exec cleared.
+        if unsafe { libc::dup2(copy, FIRST_INHERITED_FD + index as i32) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn signal_name(signal: i32) -> String {
+    match signal {
+        libc::SIGABRT => "SIGABRT".into(),
+        libc::SIGSEGV => "SIGSEGV".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGQUIT => "SIGQUIT".into(),
+        libc::SIGBUS => "SIGBUS".into(),
+        libc::SIGILL => "SIGILL".into(),
+        other => format!("signal {other}"),
+    }
+}

@@ -1,0 +1,87 @@
+//! Worker heartbeats, as gunicorn's `WorkerTmp`: the master creates an unlinked file per worker in
+//! `--worker-tmp-dir` and hands its descriptor to the worker, which stamps the file's times with
+//! the monotonic clock from its event loop; the master reads them back to see how long the
+//! worker has been silent. A stuck event loop stops the stamps whatever the cause.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+pub struct Heartbeat {
+    file: File,
+}
+
+impl Heartbeat {
+    /// A new heartbeat file, already stamped, in `dir`.
+    pub fn create(dir: &Path) -> Result<Heartbeat> {
+        let file = tempfile::tempfile_in(dir)
+            .with_context(|| format!("cannot create a heartbeat file in {} (--worker-tmp-dir)", dir.display()))?;
+        let heartbeat = Heartbeat { file };
+        heartbeat.beat().context("cannot stamp the heartbeat file")?;
+        Ok(heartbeat)
+    }
+
+    /// The worker's end, from the descriptor the master passed.
+    pub fn from_fd(fd: OwnedFd) -> Heartbeat {
+        Heartbeat { file: File::from(fd) }
+    }
+
+    pub fn beat(&self) -> std::io::Result<()> {
+        let now = monotonic_now();
+        let times = [now, now];
+        // SAFETY: the descriptor is open for the life of `self.file`; `times` is two timespecs.
+        let rc = unsafe { libc::futimens(self.file.as_raw_fd(), times.as_ptr()) };
+        if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    }
+
+    /// How long since the last beat.
+    pub fn silence(&self) -> std::io::Result<Duration> {
+        // SAFETY: fstat writes into the zeroed struct it is given.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(self.file.as_raw_fd(), &mut stat) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stamp = Duration::new(stat.st_mtime.max(0) as u64, stat.st_mtime_nsec.clamp(0, 999_999_999) as u32);
+        Ok(timespec_duration(monotonic_now()).saturating_sub(stamp))
+    }
+
+    pub fn as_raw_fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+}
+
+/// Takes ownership of an inherited descriptor.
+///
+/// # Safety
+/// `fd` must be open, owned by nobody else in this process, and not used again by the caller.
+pub unsafe fn owned_fd(fd: i32) -> OwnedFd {
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+fn monotonic_now() -> libc::timespec {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: CLOCK_MONOTONIC is always available on Linux; `now` is a valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now
+}
+
+fn timespec_duration(time: libc::timespec) -> Duration {
+    Duration::new(time.tv_sec.max(0) as u64, time.tv_nsec.clamp(0, 999_999_999) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_grows_until_the_next_beat() {
+        let heartbeat = Heartbeat::create(&std::env::temp_dir()).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(heartbeat.silence().unwrap() >= Duration::from_millis(25));
+        heartbeat.beat().unwrap();
+        assert!(heartbeat.silence().unwrap() < Duration::from_millis(25));
+    }
+}
