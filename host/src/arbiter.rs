@@ -11,13 +11,14 @@ use anyhow::{Context, Result};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
+use crate::budget::{Plan, resident_bytes};
 use crate::compile_cache;
 use crate::engine::{self, EngineSizing};
 use crate::heartbeat::Heartbeat;
 use crate::hooks;
 use crate::logging::LogFile;
 use crate::server::Listener;
-use crate::settings::{BindAddress, Settings};
+use crate::settings::{BindAddress, Settings, human_size};
 use crate::worker::{EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR};
 
 /// The worker's settings, as JSON, in its environment.
@@ -47,6 +48,8 @@ struct Master {
     target: usize,
     exits: mpsc::UnboundedSender<(u64, ExitStatus)>,
     error_log: LogFile,
+    /// Resident memory of a loaded worker, for `--memory-budget`.
+    baseline: u64,
 }
 
 /// How the master ended: the process's exit code.
@@ -55,9 +58,8 @@ pub type ExitCode = u8;
 /// Runs the master until it is stopped; `reload` re-reads the settings on HUP.
 pub fn run(settings: Settings, error_log: LogFile, reload: impl Fn() -> Result<Settings>) -> Result<ExitCode> {
     hooks::event("on_starting", &[("pid", std::process::id().to_string())]);
-    precompile(&settings).map_err(|error| {
-        anyhow::anyhow!(AppLoadError(format!("{error:#}")))
-    })?;
+    let baseline = precompile(&settings).map_err(|error| anyhow::anyhow!(AppLoadError(format!("{error:#}"))))?;
+    check_budget(&settings, settings.workers, baseline)?;
     let listeners = bind_all(&settings, &[])?;
     if let Some(pidfile) = &settings.pidfile {
         std::fs::write(pidfile, format!("{}\n", std::process::id()))
@@ -76,6 +78,7 @@ pub fn run(settings: Settings, error_log: LogFile, reload: impl Fn() -> Result<S
         next_age: 0,
         exits,
         error_log,
+        baseline,
     };
     let code = runtime.block_on(master.supervise(exited, reload));
     master.cleanup();
@@ -94,16 +97,53 @@ impl std::fmt::Display for AppLoadError {
 
 impl std::error::Error for AppLoadError {}
 
-/// Compiles the component into the cache, so workers only map it (gunicorn's `--preload`).
-fn precompile(settings: &Settings) -> Result<()> {
+/// `--check-config`: the settings are valid, the component loads, the budget holds.
+pub fn check(settings: &Settings) -> Result<()> {
+    let baseline = precompile(settings)?;
+    check_budget(settings, settings.workers, baseline)
+}
+
+/// A configuration over `--memory-budget`: the master refuses to start (exit 1).
+#[derive(Debug)]
+pub struct BudgetError(String);
+
+impl std::fmt::Display for BudgetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BudgetError {}
+
+fn check_budget(settings: &Settings, workers: usize, baseline: u64) -> Result<()> {
+    let Some(budget) = settings.memory_budget else { return Ok(()) };
+    let plan = Plan::of(settings, workers, baseline);
+    plan.check(budget).map_err(|error| anyhow::anyhow!(BudgetError(error.to_string())))?;
+    tracing::info!(
+        "memory budget: worst case {} of {} ({} workers × ({} baseline + {} instances × {}))",
+        human_size(plan.worst_case()),
+        human_size(budget),
+        plan.workers,
+        human_size(plan.baseline),
+        plan.instances,
+        human_size(plan.memory_limit)
+    );
+    Ok(())
+}
+
+/// Compiles the component into the cache, so workers only map it (gunicorn's `--preload`), and
+/// returns the resident memory of a process that has loaded it as a worker does.
+fn precompile(settings: &Settings) -> Result<u64> {
     let engine = engine::build(EngineSizing {
         instances: settings.concurrency,
         memory_limit: settings.memory_limit,
     })?;
     let component = compile_cache::load_component(&engine, &settings.component, &settings.cache_dir)?;
-    crate::guest::Guest::new(&engine, &component, settings.memory_limit, settings.timeout)
+    let guest = crate::guest::Guest::new(&engine, &component, settings.memory_limit, settings.timeout)
         .with_context(|| format!("cannot load {}", settings.component.display()))?;
-    Ok(())
+    let baseline = resident_bytes();
+    drop(guest);
+    Ok(baseline)
 }
 
 /// Binds every address of `settings`, reusing the listeners of `keep` that are still wanted.
@@ -182,8 +222,13 @@ impl Master {
                 }
                 _ = signals.ttin.recv() => {
                     tracing::info!("Handling signal: ttin");
-                    self.target += 1;
-                    hooks::event("nworkers_changed", &[("workers", self.target.to_string())]);
+                    match check_budget(&self.settings, self.target + 1, self.baseline) {
+                        Ok(()) => {
+                            self.target += 1;
+                            hooks::event("nworkers_changed", &[("workers", self.target.to_string())]);
+                        }
+                        Err(error) => tracing::error!("TTIN refused: {error:#}"),
+                    }
                 }
                 _ = signals.ttou.recv() => {
                     tracing::info!("Handling signal: ttou");
@@ -324,8 +369,13 @@ impl Master {
 
     fn reload(&mut self, reload: &impl Fn() -> Result<Settings>) {
         hooks::event("on_reload", &[("pid", std::process::id().to_string())]);
-        let settings = match reload().and_then(|settings| precompile(&settings).map(|()| settings)) {
-            Ok(settings) => settings,
+        let reloaded = reload().and_then(|settings| {
+            let baseline = precompile(&settings)?;
+            check_budget(&settings, settings.workers, baseline)?;
+            Ok((settings, baseline))
+        });
+        let (settings, baseline) = match reloaded {
+            Ok(reloaded) => reloaded,
             Err(error) => {
                 tracing::error!("reload refused, the workers keep the old settings: {error:#}");
                 return;
@@ -342,6 +392,7 @@ impl Master {
         self.listeners = listeners;
         self.target = settings.workers;
         self.settings = settings;
+        self.baseline = baseline;
         // New workers first, then the old ones finish what they have and leave.
         for worker in self.workers.values_mut() {
             if worker.retiring_since.is_none() {

@@ -4,7 +4,9 @@
 mod access_log;
 mod admission;
 mod arbiter;
+mod budget;
 mod compile_cache;
+mod config;
 mod engine;
 mod guest;
 mod handler;
@@ -17,6 +19,7 @@ mod server;
 mod settings;
 mod worker;
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -49,13 +52,26 @@ enum Command {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Serve(args) => serve(*args),
+        Command::Serve(_) => serve(),
         Command::Worker => worker(),
     }
 }
 
-fn serve(args: ServeArgs) -> ExitCode {
-    let settings = match Settings::from_args(args) {
+fn serve() -> ExitCode {
+    let command_line: Vec<OsString> = std::env::args_os().skip(2).collect();
+    let layered = match config::load(&command_line) {
+        Ok(layered) => layered,
+        Err(error) => {
+            eprintln!("Error: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if layered.args.print_config {
+        config::print(&layered);
+        return ExitCode::SUCCESS;
+    }
+    let check_only = layered.args.check_config;
+    let settings = match settings_from(layered) {
         Ok(settings) => settings,
         Err(error) => {
             eprintln!("Error: {error:#}");
@@ -69,12 +85,31 @@ fn serve(args: ServeArgs) -> ExitCode {
     let Some(error_log) = start_logging(&settings) else {
         return ExitCode::FAILURE;
     };
+    hooks::install(settings.hooks.clone());
+    if check_only {
+        return match arbiter::check(&settings) {
+            Ok(()) => {
+                println!("configuration OK: {} is a wasi:http component this host can serve", settings.component.display());
+                ExitCode::SUCCESS
+            }
+            Err(error) if error.downcast_ref::<arbiter::BudgetError>().is_some() => {
+                eprintln!("Error: {error:#}");
+                ExitCode::FAILURE
+            }
+            Err(error) => {
+                eprintln!("Error: {error:#}");
+                ExitCode::from(EXIT_APP_LOAD_ERROR)
+            }
+        };
+    }
     tracing::info!("Starting host {}", env!("CARGO_PKG_VERSION"));
     match arbiter::run(settings.clone(), error_log, reload_settings) {
         Ok(code) => ExitCode::from(code),
         Err(error) => {
             report(&settings, &error);
-            if error.downcast_ref::<arbiter::AppLoadError>().is_some() {
+            if error.downcast_ref::<arbiter::BudgetError>().is_some() {
+                ExitCode::FAILURE
+            } else if error.downcast_ref::<arbiter::AppLoadError>().is_some() {
                 ExitCode::from(EXIT_APP_LOAD_ERROR)
             } else {
                 ExitCode::from(EXIT_BOOT_ERROR)
@@ -83,13 +118,17 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-/// On HUP the settings are read again from the same command line and environment.
+fn settings_from(layered: config::Layered) -> Result<Settings> {
+    let config_file = layered.config_file.clone();
+    let mut settings = Settings::from_args(layered.args)?;
+    settings.hooks = config::hook_commands(config_file.as_deref())?;
+    Ok(settings)
+}
+
+/// On HUP the settings are read again from every source, as at start.
 fn reload_settings() -> Result<Settings> {
-    let cli = Cli::try_parse_from(std::env::args_os()).context("the command line no longer parses")?;
-    match cli.command {
-        Command::Serve(args) => Settings::from_args(*args),
-        Command::Worker => anyhow::bail!("a worker does not reload"),
-    }
+    let command_line: Vec<OsString> = std::env::args_os().skip(2).collect();
+    settings_from(config::load(&command_line)?)
 }
 
 fn worker() -> ExitCode {

@@ -25,7 +25,19 @@ pub const DEFAULT_MEMORY_LIMIT: &str = "128MiB";
 pub struct ServeArgs {
     /// The wasi:http component to serve (a `.wasm` file of the `wasi:http/proxy` world).
     #[arg(value_name = "COMPONENT.wasm")]
-    pub component: PathBuf,
+    pub component: Option<PathBuf>,
+
+    /// The TOML config file. Default: `./host.toml` if it exists.
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Print every effective setting, and where it came from, as a config file; then exit.
+    #[arg(long = "print-config")]
+    pub print_config: bool,
+
+    /// Validate the settings and the component, then exit.
+    #[arg(long = "check-config")]
+    pub check_config: bool,
 
     /// Worker processes. Default: `$WEB_CONCURRENCY`, else 1.
     #[arg(short = 'w', long, env = "WEB_CONCURRENCY", default_value_t = 1, value_name = "INT")]
@@ -125,6 +137,11 @@ pub struct ServeArgs {
     #[arg(long = "memory-limit", default_value = DEFAULT_MEMORY_LIMIT, value_name = "SIZE", value_parser = parse_size)]
     pub memory_limit: u64,
 
+    /// The most memory the whole host may use: a configuration whose worst case exceeds it is
+    /// refused at start with the arithmetic (e.g. `512MiB`).
+    #[arg(long = "memory-budget", value_name = "SIZE", value_parser = parse_size)]
+    pub memory_budget: Option<u64>,
+
     /// debug, info, warning, error or critical.
     #[arg(long = "log-level", default_value = "info", value_name = "LEVEL")]
     pub log_level: LogLevel,
@@ -142,7 +159,7 @@ pub struct ServeArgs {
     pub access_logformat: String,
 
     /// Where compiled components are cached. Default: `$XDG_CACHE_HOME/host` or `~/.cache/host`.
-    #[arg(long = "cache-dir", env = "HOST_CACHE_DIR", value_name = "DIR")]
+    #[arg(long = "cache-dir", value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
 }
 
@@ -201,6 +218,8 @@ pub struct Settings {
     pub worker_tmp_dir: PathBuf,
     pub pidfile: Option<PathBuf>,
     pub env: Vec<(String, String)>,
+    /// Hook event → shell command, from the config file.
+    pub hooks: std::collections::BTreeMap<String, String>,
     pub binds: Vec<BindAddress>,
     pub backlog: u32,
     pub reuse_port: bool,
@@ -214,6 +233,7 @@ pub struct Settings {
     pub request_limits: RequestLimits,
     pub trusted_peers: TrustedPeers,
     pub memory_limit: u64,
+    pub memory_budget: Option<u64>,
     pub log_level: LogLevel,
     pub error_logfile: String,
     pub access_logfile: Option<String>,
@@ -256,7 +276,9 @@ impl Settings {
             bail!("--workers must be at least 1");
         }
         Ok(Settings {
-            component: args.component,
+            component: args
+                .component
+                .context("no component to serve: host serve COMPONENT.wasm (or `component` in the config file)")?,
             workers: args.workers,
             worker_class,
             max_requests: args.max_requests,
@@ -264,6 +286,7 @@ impl Settings {
             worker_tmp_dir: args.worker_tmp_dir.unwrap_or_else(default_worker_tmp_dir),
             pidfile: args.pidfile,
             env: args.env,
+            hooks: Default::default(),
             binds,
             backlog: args.backlog,
             reuse_port: args.reuse_port,
@@ -280,6 +303,7 @@ impl Settings {
             trusted_peers: TrustedPeers::parse(&args.forwarded_allow_ips)
                 .context("invalid --forwarded-allow-ips")?,
             memory_limit,
+            memory_budget: args.memory_budget,
             log_level: args.log_level,
             error_logfile: args.error_logfile,
             access_logfile: args.access_logfile,
@@ -386,7 +410,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
     for (unit, name) in UNITS {
-        if bytes >= unit && bytes % unit == 0 {
+        if bytes >= unit && bytes % unit == 0 && (unit > 1 << 10 || bytes < 1 << 20) {
             return format!("{} {name}", bytes / unit);
         }
     }
@@ -411,6 +435,8 @@ mod tests {
         assert_eq!(human_size(16 << 20), "16 MiB");
         assert_eq!(human_size(3 << 29), "1536 MiB");
         assert_eq!(human_size(16512 << 10), "16.1 MiB");
+        assert_eq!(human_size(18812 << 10), "18.4 MiB");
+        assert_eq!(human_size(512 << 10), "512 KiB");
     }
 
     #[test]

@@ -1,0 +1,91 @@
+//! `--memory-budget`: the worst case of a configuration, computed before anything starts, so a
+//! config that cannot fit is refused with the arithmetic instead of being found out by an
+//! out-of-memory kill in production.
+//!
+//! worst case = workers × (worker baseline + instances per worker × `--memory-limit`)
+//!
+//! The baseline is measured, not guessed: the master's resident memory once it has built the
+//! engine and loaded and linked the component exactly as a worker does. At run time the worst
+//! case cannot be exceeded: a worker never runs more than its instance slots, each capped by
+//! the limiter, and requests beyond the slots wait in the queue; TTIN that would break the
+//! budget is refused.
+
+use anyhow::{Result, bail};
+
+use crate::settings::{Settings, human_size};
+
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub workers: u64,
+    pub instances: u64,
+    pub memory_limit: u64,
+    pub baseline: u64,
+}
+
+impl Plan {
+    pub fn of(settings: &Settings, workers: usize, baseline: u64) -> Plan {
+        Plan {
+            workers: workers as u64,
+            instances: settings.concurrency as u64,
+            memory_limit: settings.memory_limit,
+            baseline,
+        }
+    }
+
+    pub fn worst_case(&self) -> u64 {
+        self.workers
+            .saturating_mul(self.baseline.saturating_add(self.instances.saturating_mul(self.memory_limit)))
+    }
+
+    /// Refuses a plan that does not fit `budget`, saying why and what would fit.
+    pub fn check(&self, budget: u64) -> Result<()> {
+        let worst = self.worst_case();
+        if worst <= budget {
+            return Ok(());
+        }
+        let per_worker = self.baseline + self.instances * self.memory_limit;
+        let share = budget / self.workers.max(1);
+        let room = share.saturating_sub(self.baseline);
+        let mut fits = vec![format!("--workers {}", budget / per_worker.max(1))];
+        fits.push(format!("or {} instances per worker (--threads / --worker-connections)", room / self.memory_limit.max(1)));
+        let mib = 1 << 20;
+        fits.push(format!("or --memory-limit {}MiB", room / self.instances.max(1) / mib));
+        bail!(
+            "the configuration does not fit --memory-budget {}: {} workers × ({} worker baseline + {} instances × {} --memory-limit) = {}. What fits with the other settings unchanged: {}",
+            human_size(budget),
+            self.workers,
+            human_size(self.baseline),
+            self.instances,
+            human_size(self.memory_limit),
+            human_size(worst),
+            fits.join(", ")
+        )
+    }
+}
+
+/// This process's resident memory.
+pub fn resident_bytes() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|statm| statm.split_whitespace().nth(1).and_then(|rss| rss.parse::<u64>().ok()))
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    pages * page
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_with_the_arithmetic_and_what_fits() {
+        let plan = Plan { workers: 4, instances: 6, memory_limit: 64 << 20, baseline: 16 << 20 };
+        assert_eq!(plan.worst_case(), 4 * (16 + 6 * 64) << 20);
+        let message = plan.check(512 << 20).unwrap_err().to_string();
+        assert!(message.contains("4 workers × (16 MiB worker baseline + 6 instances × 64 MiB --memory-limit) = 1600 MiB"), "{message}");
+        assert!(message.contains("--workers 1"), "{message}");
+        assert!(message.contains("--memory-limit 18MiB"), "{message}");
+        assert!(plan.check(2 << 30).is_ok());
+    }
+}

@@ -1,0 +1,257 @@
+//! Where settings come from, with gunicorn's precedence (later wins):
+//! defaults (`PORT`, `WEB_CONCURRENCY`, `FORWARDED_ALLOW_IPS` read here) < the TOML config file
+//! (`-c`, else `./host.toml` if present) < `HOST_<NAME>` environment variables < `HOST_CMD_ARGS`
+//! (shell-split) < the command line.
+//!
+//! The one table of settings is the clap definition of `ServeArgs`: each source is turned into
+//! arguments of that table and parsed by it, so every source gets the same names, validators and
+//! messages; the winner for each setting is kept with the name of its source.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, FromArgMatches};
+
+use crate::settings::ServeArgs;
+
+const DEFAULT_CONFIG_FILE: &str = "host.toml";
+/// Arguments that say what to do with the settings rather than being settings.
+const NOT_SETTINGS: [&str; 3] = ["config", "print_config", "check_config"];
+/// `HOST_` variables the host uses that are not settings.
+const OTHER_HOST_VARIABLES: [&str; 2] = ["HOST_CMD_ARGS", crate::arbiter::WORKER_SETTINGS_ENV];
+
+/// The effective settings, with the source of each.
+pub struct Layered {
+    pub args: ServeArgs,
+    /// Setting name → (its values as arguments, where they came from).
+    pub provenance: BTreeMap<String, (Vec<String>, String)>,
+    pub config_file: Option<PathBuf>,
+}
+
+fn table() -> clap::Command {
+    ServeArgs::augment_args(clap::Command::new("serve"))
+        .no_binary_name(true)
+        .args_override_self(true)
+}
+
+/// Reads every source; `command_line` is what follows `host serve`.
+pub fn load(command_line: &[OsString]) -> Result<Layered> {
+    let table = table();
+    let cli = parse(&table, command_line, "the command line")?;
+    let cmd_args = match std::env::var("HOST_CMD_ARGS") {
+        Ok(text) => shlex::split(&text).context("HOST_CMD_ARGS is not valid shell words")?,
+        Err(_) => Vec::new(),
+    };
+    let cmd_args: Vec<OsString> = cmd_args.into_iter().map(OsString::from).collect();
+    let from_cmd_args = parse(&table, &cmd_args, "HOST_CMD_ARGS")?;
+
+    let config_file = config_path(&cli).or_else(|| config_path(&from_cmd_args)).or_else(|| {
+        let default = PathBuf::from(DEFAULT_CONFIG_FILE);
+        default.exists().then_some(default)
+    });
+
+    // Lowest precedence first; each later source replaces a setting wholesale.
+    let mut sources = Vec::new();
+    if let Some(path) = &config_file {
+        let arguments = config_file_arguments(&table, path)?;
+        let label = format!("config file {}", path.display());
+        sources.push((parse(&table, &arguments, &label)?, label));
+    }
+    let (environment, labels) = environment_arguments(&table)?;
+    let from_environment = parse(&table, &environment, "HOST_* environment variables")?;
+    sources.push((from_environment, String::new()));
+    sources.push((from_cmd_args, "HOST_CMD_ARGS".to_owned()));
+    sources.push((cli, "command line".to_owned()));
+
+    let mut winners: BTreeMap<String, (Vec<String>, String)> = BTreeMap::new();
+    for (matches, label) in &sources {
+        for arg in table.get_arguments() {
+            let id = arg.get_id().as_str();
+            if NOT_SETTINGS.contains(&id) || matches.value_source(id) != Some(ValueSource::CommandLine) {
+                continue;
+            }
+            let tokens = tokens(arg, matches);
+            let label = if label.is_empty() { labels.get(id).cloned().unwrap_or_default() } else { label.clone() };
+            winners.insert(id.to_owned(), (tokens, label));
+        }
+    }
+
+    let mut final_arguments: Vec<OsString> = winners.values().flat_map(|(tokens, _)| tokens.iter().map(OsString::from)).collect();
+    for flag in ["print_config", "check_config"] {
+        if sources.iter().any(|(matches, _)| matches.get_flag(flag)) {
+            final_arguments.push(OsString::from(format!("--{}", flag.replace('_', "-"))));
+        }
+    }
+    let matches = parse(&table, &final_arguments, "the combined settings")?;
+    let args = ServeArgs::from_arg_matches(&matches).context("cannot read the combined settings")?;
+
+    let mut provenance = BTreeMap::new();
+    for arg in table.get_arguments() {
+        let id = arg.get_id().as_str();
+        if NOT_SETTINGS.contains(&id) {
+            continue;
+        }
+        let values: Vec<String> = matches
+            .get_raw(id)
+            .map(|raw| raw.map(|v| v.to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        let source = match (winners.get(id), matches.value_source(id)) {
+            (Some((_, label)), _) => label.clone(),
+            (None, Some(ValueSource::EnvVariable)) => {
+                format!("environment ({})", arg.get_env().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default())
+            }
+            _ => "default".to_owned(),
+        };
+        provenance.insert(id.to_owned(), (values, source));
+    }
+    Ok(Layered { args, provenance, config_file })
+}
+
+fn parse(table: &clap::Command, arguments: &[OsString], source: &str) -> Result<ArgMatches> {
+    table
+        .clone()
+        .try_get_matches_from(arguments)
+        .map_err(|error| anyhow::anyhow!("invalid setting in {source}: {}", error.render().to_string().trim()))
+}
+
+fn config_path(matches: &ArgMatches) -> Option<PathBuf> {
+    matches.get_one::<PathBuf>("config").cloned()
+}
+
+/// A setting's values as arguments: `--name=value` per value, `--name` for a flag, the bare
+/// path for the component.
+fn tokens(arg: &clap::Arg, matches: &ArgMatches) -> Vec<String> {
+    let values: Vec<String> = matches
+        .get_raw(arg.get_id().as_str())
+        .map(|raw| raw.map(|v| v.to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    match arg.get_long() {
+        None => values,
+        Some(long) if arg.get_action().takes_values() => values.into_iter().map(|v| format!("--{long}={v}")).collect(),
+        Some(long) => vec![format!("--{long}")],
+    }
+}
+
+/// The config file's keys are the settings' names (`workers`, `limit_request_line`, …; dashes
+/// are accepted too); arrays give repeatable settings several values.
+fn config_file_arguments(table: &clap::Command, path: &Path) -> Result<Vec<OsString>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
+    let document: toml::Table = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let mut arguments = Vec::new();
+    for (key, value) in &document {
+        let id = key.replace('-', "_");
+        if id == "hooks" {
+            continue;
+        }
+        let arg = table
+            .get_arguments()
+            .find(|arg| arg.get_id().as_str() == id && !NOT_SETTINGS.contains(&id.as_str()))
+            .with_context(|| format!("unknown setting `{key}` in {}; the settings are: {}", path.display(), setting_names(table)))?;
+        let values = match value {
+            toml::Value::Array(items) => items.iter().map(|item| scalar(key, item)).collect::<Result<Vec<_>>>()?,
+            other => vec![scalar(key, other)?],
+        };
+        arguments.extend(values.into_iter().flat_map(|value| argument(arg, value)));
+    }
+    Ok(arguments)
+}
+
+fn scalar(key: &str, value: &toml::Value) -> Result<String> {
+    Ok(match value {
+        toml::Value::String(text) => text.clone(),
+        toml::Value::Integer(number) => number.to_string(),
+        toml::Value::Float(number) => number.to_string(),
+        toml::Value::Boolean(flag) => flag.to_string(),
+        other => bail!("setting `{key}`: expected a string, number or boolean, got {other}"),
+    })
+}
+
+/// One value of a setting from a config file or an environment variable, as arguments.
+fn argument(arg: &clap::Arg, value: String) -> Vec<OsString> {
+    match arg.get_long() {
+        None => vec![OsString::from(value)],
+        Some(long) if arg.get_action().takes_values() => vec![OsString::from(format!("--{long}={value}"))],
+        Some(long) if value == "true" || value == "1" => vec![OsString::from(format!("--{long}"))],
+        Some(_) => Vec::new(),
+    }
+}
+
+/// `HOST_<NAME>` for every setting; a repeatable one takes comma-separated values.
+fn environment_arguments(table: &clap::Command) -> Result<(Vec<OsString>, BTreeMap<String, String>)> {
+    let mut arguments = Vec::new();
+    let mut labels = BTreeMap::new();
+    for (name, value) in std::env::vars() {
+        let Some(setting) = name.strip_prefix("HOST_") else { continue };
+        if OTHER_HOST_VARIABLES.contains(&name.as_str()) {
+            continue;
+        }
+        let id = setting.to_ascii_lowercase();
+        let Some(arg) = table
+            .get_arguments()
+            .find(|arg| arg.get_id().as_str() == id && !NOT_SETTINGS.contains(&id.as_str()))
+        else {
+            eprintln!("warning: {name} is not a setting of host serve; ignored");
+            continue;
+        };
+        let repeatable = matches!(arg.get_action(), clap::ArgAction::Append);
+        let values: Vec<String> = if repeatable {
+            value.split(',').map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned).collect()
+        } else {
+            vec![value]
+        };
+        arguments.extend(values.into_iter().flat_map(|value| argument(arg, value)));
+        labels.insert(id, format!("environment ({name})"));
+    }
+    Ok((arguments, labels))
+}
+
+fn setting_names(table: &clap::Command) -> String {
+    table
+        .get_arguments()
+        .map(|arg| arg.get_id().as_str())
+        .filter(|id| !NOT_SETTINGS.contains(id))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The hook commands of the config file's `[hooks]` table: event name → shell command.
+pub fn hook_commands(config_file: Option<&Path>) -> Result<BTreeMap<String, String>> {
+    let Some(path) = config_file else { return Ok(BTreeMap::new()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
+    let document: toml::Table = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let Some(hooks) = document.get("hooks") else { return Ok(BTreeMap::new()) };
+    let hooks = hooks.as_table().context("`hooks` must be a table of event = \"command\"")?;
+    let mut commands = BTreeMap::new();
+    for (event, command) in hooks {
+        if !crate::hooks::EVENTS.contains(&event.as_str()) {
+            bail!("unknown hook `{event}` in {}; the hooks are: {}", path.display(), crate::hooks::EVENTS.join(", "));
+        }
+        let command = command.as_str().with_context(|| format!("hook `{event}` must be a command string"))?;
+        commands.insert(event.clone(), command.to_owned());
+    }
+    Ok(commands)
+}
+
+/// `--print-config`: the effective settings as a config file, each with its source.
+pub fn print(layered: &Layered) {
+    for (name, (values, source)) in &layered.provenance {
+        let value = match values.as_slice() {
+            [] => "# (unset)".to_owned(),
+            [one] if !name.ends_with("bind") && name != "env" => toml_value(one),
+            many => format!("[{}]", many.iter().map(|v| toml_value(v)).collect::<Vec<_>>().join(", ")),
+        };
+        let line = format!("{name} = {value}");
+        println!("{line:<60} # {source}");
+    }
+}
+
+fn toml_value(text: &str) -> String {
+    if text.parse::<i64>().is_ok() || text.parse::<f64>().is_ok() || text == "true" || text == "false" {
+        text.to_owned()
+    } else {
+        toml::Value::String(text.to_owned()).to_string()
+    }
+}
