@@ -58,7 +58,7 @@ pub type ExitCode = u8;
 /// Runs the master until it is stopped; `reload` re-reads the settings on HUP.
 pub fn run(settings: Settings, error_log: LogFile, reload: impl Fn() -> Result<Settings>) -> Result<ExitCode> {
     hooks::event("on_starting", &[("pid", std::process::id().to_string())]);
-    let baseline = precompile(&settings).map_err(|error| anyhow::anyhow!(AppLoadError(format!("{error:#}"))))?;
+    let baseline = precompile(&settings)?;
     check_budget(&settings, settings.workers, baseline)?;
     let listeners = bind_all(&settings, &[])?;
     if let Some(pidfile) = &settings.pidfile {
@@ -132,18 +132,42 @@ fn check_budget(settings: &Settings, workers: usize, baseline: u64) -> Result<()
 }
 
 /// Compiles the component into the cache, so workers only map it (gunicorn's `--preload`), and
-/// returns the resident memory of a process that has loaded it as a worker does.
+/// returns the resident memory of a process that has loaded it as a worker does. The work is
+/// done by a short-lived child (`host prepare`), so the compiler's memory never stays in the
+/// long-lived master.
 fn precompile(settings: &Settings) -> Result<u64> {
+    let settings_json = serde_json::to_string(settings).context("cannot pass the settings on")?;
+    let output = std::process::Command::new(std::env::current_exe().context("cannot find the host binary")?)
+        .arg("prepare")
+        .env(WORKER_SETTINGS_ENV, settings_json)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run the compile step")?;
+    let report = String::from_utf8_lossy(&output.stdout);
+    if let Some(baseline) = report.trim().strip_prefix(PREPARED) {
+        return baseline.trim().parse().context("the compile step reported no baseline");
+    }
+    match report.trim().strip_prefix(PREPARE_FAILED) {
+        Some(reason) => Err(anyhow::anyhow!(AppLoadError(reason.trim().to_owned()))),
+        None => Err(anyhow::anyhow!(AppLoadError(format!("the compile step failed ({})", output.status)))),
+    }
+}
+
+/// What `host prepare` prints: `prepared <baseline bytes>` or `failed <reason>`.
+pub const PREPARED: &str = "prepared ";
+pub const PREPARE_FAILED: &str = "failed ";
+
+/// `host prepare`: loads the component as a worker would and reports the resident memory.
+pub fn prepare(settings: &Settings) -> Result<u64> {
     let engine = engine::build(EngineSizing {
         instances: settings.concurrency,
         memory_limit: settings.memory_limit,
     })?;
     let component = compile_cache::load_component(&engine, &settings.component, &settings.cache_dir)?;
-    let guest = crate::guest::Guest::new(&engine, &component, settings.memory_limit, settings.timeout)
+    let _guest = crate::guest::Guest::new(&engine, &component, settings.memory_limit, settings.timeout)
         .with_context(|| format!("cannot load {}", settings.component.display()))?;
-    let baseline = resident_bytes();
-    drop(guest);
-    Ok(baseline)
+    Ok(resident_bytes())
 }
 
 /// Binds every address of `settings`, reusing the listeners of `keep` that are still wanted.

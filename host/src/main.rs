@@ -48,12 +48,16 @@ enum Command {
     /// A worker process, started by the master of `host serve`.
     #[command(hide = true)]
     Worker,
+    /// Compiles the component into the cache for the master of `host serve`.
+    #[command(hide = true)]
+    Prepare,
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(_) => serve(),
         Command::Worker => worker(),
+        Command::Prepare => prepare(),
     }
 }
 
@@ -169,6 +173,29 @@ fn worker() -> ExitCode {
         Err(StartError::Boot(error)) => {
             report(&settings, &error);
             ExitCode::from(EXIT_BOOT_ERROR)
+        }
+    }
+}
+
+fn prepare() -> ExitCode {
+    let settings = match worker_settings() {
+        Ok(settings) => settings,
+        Err(error) => {
+            println!("{}{error:#}", arbiter::PREPARE_FAILED);
+            return ExitCode::from(EXIT_APP_LOAD_ERROR);
+        }
+    };
+    if start_logging(&settings).is_none() {
+        return ExitCode::from(EXIT_BOOT_ERROR);
+    }
+    match arbiter::prepare(&settings) {
+        Ok(baseline) => {
+            println!("{}{baseline}", arbiter::PREPARED);
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            println!("{}{error:#}", arbiter::PREPARE_FAILED);
+            ExitCode::from(EXIT_APP_LOAD_ERROR)
         }
     }
 }

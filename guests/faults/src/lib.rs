@@ -55,10 +55,12 @@ fn respond(out: ResponseOutparam, status: u16, content_type: &str, body: &[u8]) 
     let outgoing = response.body().expect("a fresh response has a body");
     ResponseOutparam::set(out, Ok(response));
     let stream = outgoing.write().expect("a fresh body has a stream");
-    write_all(&stream, body).expect("client went away");
-    stream.blocking_flush().expect("client went away");
+    // A client that goes away mid-response is nothing to fail over.
+    if write_all(&stream, body).and_then(|()| stream.blocking_flush()).is_err() {
+        return;
+    }
     drop(stream);
-    OutgoingBody::finish(outgoing, None).expect("body complete");
+    let _ = OutgoingBody::finish(outgoing, None);
 }
 
 fn param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
