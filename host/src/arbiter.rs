@@ -375,6 +375,11 @@ impl Master {
                 }
                 continue;
             }
+            if worker.heartbeat.is_retiring() {
+                tracing::info!("Worker (pid:{}) is retiring after --max-requests; starting its replacement", worker.pid);
+                worker.retiring_since = Some(now);
+                continue;
+            }
             let Some(timeout) = self.settings.timeout else { continue };
             let silent = worker.heartbeat.silence().unwrap_or_default();
             match worker.aborted_at {

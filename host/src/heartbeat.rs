@@ -37,6 +37,18 @@ impl Heartbeat {
         if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
     }
 
+    /// The worker says it is leaving on its own (`--max-requests`): the file's mode goes to 0,
+    /// and the master starts a replacement without waiting for the exit.
+    pub fn mark_retiring(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        self.file.set_permissions(std::fs::Permissions::from_mode(0))
+    }
+
+    pub fn is_retiring(&self) -> bool {
+        use std::os::unix::fs::PermissionsExt;
+        self.file.metadata().is_ok_and(|meta| meta.permissions().mode() & 0o777 == 0)
+    }
+
     /// How long since the last beat.
     pub fn silence(&self) -> std::io::Result<Duration> {
         // SAFETY: fstat writes into the zeroed struct it is given.
@@ -83,5 +95,8 @@ mod tests {
         assert!(heartbeat.silence().unwrap() >= Duration::from_millis(25));
         heartbeat.beat().unwrap();
         assert!(heartbeat.silence().unwrap() < Duration::from_millis(25));
+        assert!(!heartbeat.is_retiring());
+        heartbeat.mark_retiring().unwrap();
+        assert!(heartbeat.is_retiring());
     }
 }

@@ -91,21 +91,22 @@ pub fn run(settings: &Settings, error_log: LogFile, listeners: Vec<Listener>, he
     runtime
         .block_on(async {
             engine::start_epoch_ticker(&engine)?;
-            let stop = stop_signal(settings, recycle.clone())?;
             reopen_logs_on_usr1(error_log, access_log.clone())?;
-            keep_beating(heartbeat, settings.timeout);
+            let heartbeat = Arc::new(heartbeat);
+            keep_beating(Arc::clone(&heartbeat), settings.timeout);
             let handler = Arc::new(RequestHandler {
                 guest: Arc::new(guest),
                 admission: Admission::new(settings.concurrency, settings.queue_limit, settings.timeout),
                 limits: settings.request_limits,
                 trusted_peers: settings.trusted_peers.clone(),
                 access_log,
-                recycle,
+                recycle: recycle.clone(),
             });
             let connections = ConnectionSettings {
                 keep_alive: settings.keep_alive,
                 limits: settings.request_limits,
             };
+            let stop = stop_signal(settings, recycle.clone(), heartbeat)?;
             hooks::event("post_worker_init", &[("pid", pid.to_string())]);
             server::serve(listeners, handler, connections, stop).await
         })
@@ -116,7 +117,7 @@ pub fn run(settings: &Settings, error_log: LogFile, listeners: Vec<Listener>, he
 }
 
 /// Stamps the heartbeat from the event loop: if the loop stalls, so does the heartbeat.
-fn keep_beating(heartbeat: Heartbeat, timeout: Option<Duration>) {
+fn keep_beating(heartbeat: Arc<Heartbeat>, timeout: Option<Duration>) {
     let every = timeout.map_or(Duration::from_secs(1), |timeout| (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)));
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(every);
@@ -132,7 +133,11 @@ fn keep_beating(heartbeat: Heartbeat, timeout: Option<Duration>) {
 /// TERM (and `--max-requests`) stop gracefully; INT and QUIT at once (`worker_int`); ABRT, sent
 /// by the master to a silent worker, logs `worker_abort` and exits 1. The handlers are installed
 /// before the worker serves, so no early signal finds the default disposition.
-fn stop_signal(settings: &Settings, recycle: Option<Arc<Recycle>>) -> Result<impl Future<Output = Shutdown> + use<>> {
+fn stop_signal(
+    settings: &Settings,
+    recycle: Option<Arc<Recycle>>,
+    heartbeat: Arc<Heartbeat>,
+) -> Result<impl Future<Output = Shutdown> + use<>> {
     let grace = settings.graceful_timeout;
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -148,7 +153,12 @@ fn stop_signal(settings: &Settings, recycle: Option<Arc<Recycle>>) -> Result<imp
         let pid = std::process::id().to_string();
         tokio::select! {
             _ = term.recv() => Shutdown::Graceful(grace),
-            () = recycled => Shutdown::Graceful(grace),
+            () = recycled => {
+                if let Err(error) = heartbeat.mark_retiring() {
+                    tracing::warn!("cannot tell the master this worker is retiring: {error}");
+                }
+                Shutdown::Graceful(grace)
+            }
             _ = int.recv() => {
                 hooks::event("worker_int", &[("pid", pid)]);
                 Shutdown::Quick
