@@ -85,17 +85,24 @@ pub fn run(settings: Settings, error_log: LogFile, reload: impl Fn() -> Result<S
     code
 }
 
-/// A component that cannot be loaded: the master exits with gunicorn's APP_LOAD_ERROR.
+/// Why the master refused to start; `main` turns it into the exit code.
 #[derive(Debug)]
-pub struct AppLoadError(String);
+pub enum Refusal {
+    /// The component cannot be loaded: gunicorn's APP_LOAD_ERROR (4).
+    AppLoad(String),
+    /// The configuration does not fit `--memory-budget`: a configuration error (1).
+    Budget(String),
+}
 
-impl std::fmt::Display for AppLoadError {
+impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            Refusal::AppLoad(reason) | Refusal::Budget(reason) => f.write_str(reason),
+        }
     }
 }
 
-impl std::error::Error for AppLoadError {}
+impl std::error::Error for Refusal {}
 
 /// `--check-config`: the settings are valid, the component loads, the budget holds.
 pub fn check(settings: &Settings) -> Result<()> {
@@ -103,22 +110,10 @@ pub fn check(settings: &Settings) -> Result<()> {
     check_budget(settings, settings.workers, baseline)
 }
 
-/// A configuration over `--memory-budget`: the master refuses to start (exit 1).
-#[derive(Debug)]
-pub struct BudgetError(String);
-
-impl std::fmt::Display for BudgetError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for BudgetError {}
-
 fn check_budget(settings: &Settings, workers: usize, baseline: u64) -> Result<()> {
     let Some(budget) = settings.memory_budget else { return Ok(()) };
     let plan = Plan::of(settings, workers, baseline);
-    plan.check(budget).map_err(|error| anyhow::anyhow!(BudgetError(error.to_string())))?;
+    plan.check(budget).map_err(|error| anyhow::anyhow!(Refusal::Budget(error.to_string())))?;
     tracing::info!(
         "memory budget: worst case {} of {} ({} workers × ({} baseline + {} instances × {}))",
         human_size(plan.worst_case()),
@@ -149,8 +144,8 @@ fn precompile(settings: &Settings) -> Result<u64> {
         return baseline.trim().parse().context("the compile step reported no baseline");
     }
     match report.trim().strip_prefix(PREPARE_FAILED) {
-        Some(reason) => Err(anyhow::anyhow!(AppLoadError(reason.trim().to_owned()))),
-        None => Err(anyhow::anyhow!(AppLoadError(format!("the compile step failed ({})", output.status)))),
+        Some(reason) => Err(anyhow::anyhow!(Refusal::AppLoad(reason.trim().to_owned()))),
+        None => Err(anyhow::anyhow!(Refusal::AppLoad(format!("the compile step failed ({})", output.status)))),
     }
 }
 

@@ -96,7 +96,7 @@ fn serve() -> ExitCode {
                 println!("configuration OK: {} is a wasi:http component this host can serve", settings.component.display());
                 ExitCode::SUCCESS
             }
-            Err(error) if error.downcast_ref::<arbiter::BudgetError>().is_some() => {
+            Err(error) if matches!(error.downcast_ref::<arbiter::Refusal>(), Some(arbiter::Refusal::Budget(_))) => {
                 eprintln!("Error: {error:#}");
                 ExitCode::FAILURE
             }
@@ -111,12 +111,10 @@ fn serve() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(error) => {
             report(&settings, &error);
-            if error.downcast_ref::<arbiter::BudgetError>().is_some() {
-                ExitCode::FAILURE
-            } else if error.downcast_ref::<arbiter::AppLoadError>().is_some() {
-                ExitCode::from(EXIT_APP_LOAD_ERROR)
-            } else {
-                ExitCode::from(EXIT_BOOT_ERROR)
+            match error.downcast_ref::<arbiter::Refusal>() {
+                Some(arbiter::Refusal::Budget(_)) => ExitCode::FAILURE,
+                Some(arbiter::Refusal::AppLoad(_)) => ExitCode::from(EXIT_APP_LOAD_ERROR),
+                None => ExitCode::from(EXIT_BOOT_ERROR),
             }
         }
     }
