@@ -2,10 +2,12 @@
 //! signals, settings from every source, the memory budget and the hooks.
 
 use std::collections::BTreeSet;
+use std::io::Write;
+use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use blackbox::{HostProcess, guest, host_bin, http_client, poll_until};
+use blackbox::{HostProcess, get_request, guest, host_bin, http_client, poll_until, read_response, wait_until_server_read};
 
 /// The worker processes of a master: its children started as `host worker`.
 fn workers(master: u32) -> BTreeSet<u32> {
@@ -123,33 +125,41 @@ async fn max_requests_recycles_workers_under_load_without_a_failed_request() {
     assert_eq!(workers(host.pid()).len(), 2, "log:\n{log}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hup_and_term_drop_no_in_flight_request() {
+/// Sends a slow request and returns once the host has read it; the thread yields its status.
+fn slow_request_in_flight(host: &HostProcess) -> std::thread::JoinHandle<u16> {
+    let addr = host.addr();
+    let mut stream = TcpStream::connect(addr).expect("cannot connect");
+    stream
+        .write_all(&get_request("/sleep?ms=1500", &addr.to_string(), &[]))
+        .expect("cannot send the request");
+    assert!(wait_until_server_read(&stream, Duration::from_secs(10)), "the host did not read the request");
+    std::thread::spawn(move || {
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        read_response(&mut stream).map(|response| response.status).unwrap_or(0)
+    })
+}
+
+#[test]
+fn hup_and_term_drop_no_in_flight_request() {
     let mut host = HostProcess::start(&guest("faults"), &["--workers", "2", "-k", "gthread", "--threads", "4"]);
     let old = wait_for_workers(&host, 2, Duration::from_secs(10));
-    let slow = |host: &HostProcess| {
-        let url = host.url("/sleep?ms=1500");
-        tokio::spawn(async move { http_client().get(&url).send().await.map(|r| r.status().as_u16()) })
-    };
-    let in_flight: Vec<_> = (0..4).map(|_| slow(&host)).collect();
-    // Wait until the workers hold the requests (the guests are sleeping) before the signal.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let in_flight: Vec<_> = (0..4).map(|_| slow_request_in_flight(&host)).collect();
     host.signal(libc::SIGHUP);
     let new = poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
         let now = workers(host.pid());
         (now.len() == 2 && now.is_disjoint(&old)).then_some(now)
     });
     for request in in_flight {
-        assert_eq!(request.await.unwrap().expect("an in-flight request failed across HUP"), 200);
+        assert_eq!(request.join().unwrap(), 200, "an in-flight request failed across HUP; log:\n{}", host.log());
     }
     assert!(new.is_some(), "HUP did not replace the workers; log:\n{}", host.log());
-    assert_eq!(get_status(&host.url("/")).await, 200);
+    let status = tokio::runtime::Runtime::new().unwrap().block_on(get_status(&host.url("/")));
+    assert_eq!(status, 200);
 
-    let in_flight: Vec<_> = (0..2).map(|_| slow(&host)).collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let in_flight: Vec<_> = (0..2).map(|_| slow_request_in_flight(&host)).collect();
     host.signal(libc::SIGTERM);
     for request in in_flight {
-        assert_eq!(request.await.unwrap().expect("an in-flight request failed across TERM"), 200);
+        assert_eq!(request.join().unwrap(), 200, "an in-flight request failed across TERM; log:\n{}", host.log());
     }
     let status = host.wait_exit(Duration::from_secs(10)).expect("the host did not exit after TERM");
     assert_eq!(status.code(), Some(0), "log:\n{}", host.log());

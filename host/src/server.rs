@@ -12,12 +12,15 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::handler::{Peer, RequestHandler};
 use crate::http::limits::RequestLimits;
 use crate::settings::BindAddress;
+
+/// How long a draining worker waits for the first request of a connection it has just accepted.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 /// hyper's stack-allocated header array holds this many; other limits cost a heap allocation.
 const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
@@ -253,7 +256,14 @@ impl Acceptor {
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let handler = Arc::clone(&self.handler);
-        let service = service_fn(move |request| Arc::clone(&handler).handle(request, Arc::clone(&peer)));
+        let first_request = Arc::new(Notify::new());
+        let service = service_fn({
+            let first_request = Arc::clone(&first_request);
+            move |request| {
+                first_request.notify_one();
+                Arc::clone(&handler).handle(request, Arc::clone(&peer))
+            }
+        });
         let connection = self.http.serve_connection(io, service);
         let mut draining = self.draining.clone();
         let alive = self.alive.clone();
@@ -266,8 +276,15 @@ impl Acceptor {
             };
             tokio::select! {
                 result = connection.as_mut() => return log_connection_end(result),
-                () = drain => connection.as_mut().graceful_shutdown(),
+                () = drain => {}
             }
+            // A client that has just connected is sending its first request: closing now would
+            // fail it. It gets a moment to arrive, and its response then says Connection: close.
+            tokio::select! {
+                result = connection.as_mut() => return log_connection_end(result),
+                _ = tokio::time::timeout(FIRST_REQUEST_GRACE, first_request.notified()) => {}
+            }
+            connection.as_mut().graceful_shutdown();
             log_connection_end(connection.await);
         });
     }

@@ -1,0 +1,184 @@
+//! A misbehaving guest costs one request, never the host: traps give 500, the memory cap 500,
+//! the deadline 504, each with the words the contract promises, and the host serves on.
+
+use std::time::{Duration, Instant};
+
+use blackbox::{HostProcess, guest, http_client};
+use futures::future::join_all;
+
+struct Answer {
+    status: u16,
+    request_id: Option<String>,
+    body: String,
+}
+
+async fn get(client: &reqwest::Client, url: &str) -> Answer {
+    let response = client
+        .get(url)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .unwrap_or_else(|error| panic!("GET {url} failed: {error}"));
+    let status = response.status().as_u16();
+    let request_id = response
+        .headers()
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let body = response
+        .text()
+        .await
+        .unwrap_or_else(|error| panic!("GET {url}: reading the body failed: {error}"));
+    Answer { status, request_id, body }
+}
+
+async fn assert_healthy(client: &reqwest::Client, host: &HostProcess, after: &str) {
+    let answer = get(client, &host.url("/")).await;
+    assert_eq!(answer.status, 200, "after {after}, GET / got {} {:?}", answer.status, answer.body);
+    assert_eq!(answer.body, "ok\n", "after {after}");
+}
+
+#[tokio::test]
+async fn trap_gives_500_trapped() {
+    let host = HostProcess::start(&guest("faults"), &[]);
+    let client = http_client();
+    let answer = get(&client, &host.url("/trap")).await;
+    assert_eq!(answer.status, 500, "/trap: {:?}", answer.body);
+    assert!(answer.body.contains("trapped"), "/trap body should say `trapped`: {:?}", answer.body);
+    assert_healthy(&client, &host, "a trap").await;
+}
+
+#[tokio::test]
+async fn memory_cap_gives_500_and_the_next_request_is_fine() {
+    let host = HostProcess::start(&guest("faults"), &["--memory-limit", "16MiB"]);
+    let client = http_client();
+    let answer = get(&client, &host.url("/grow")).await;
+    assert_eq!(answer.status, 500, "/grow with --memory-limit 16MiB: {:?}", answer.body);
+    assert!(
+        answer.body.contains("memory limit") && answer.body.contains("16 MiB"),
+        "/grow body should say `memory limit` and `16 MiB`: {:?}",
+        answer.body
+    );
+    let answer = get(&client, &host.url("/grow?mb=4")).await;
+    assert_eq!(answer.status, 200, "/grow?mb=4 after a refused /grow: {:?}", answer.body);
+    assert_eq!(answer.body, "grew 4 MiB\n");
+    assert_healthy(&client, &host, "a memory cap").await;
+}
+
+#[tokio::test]
+async fn spinning_guest_is_stopped_at_the_deadline() {
+    let host = HostProcess::start(&guest("faults"), &["--timeout", "1"]);
+    let client = http_client();
+    let started = Instant::now();
+    let answer = get(&client, &host.url("/spin")).await;
+    let took = started.elapsed();
+    assert_eq!(answer.status, 504, "/spin with --timeout 1: {:?}", answer.body);
+    assert!(answer.body.contains("timeout"), "/spin body should say `timeout`: {:?}", answer.body);
+    assert!(took < Duration::from_secs(10), "/spin with --timeout 1 took {took:?}");
+    println!("/spin answered 504 after {took:?}");
+    assert_healthy(&client, &host, "a spinning guest").await;
+}
+
+#[tokio::test]
+async fn sleeping_guest_is_stopped_and_logged_with_its_request_id() {
+    let host = HostProcess::start(&guest("faults"), &["--timeout", "1"]);
+    let client = http_client();
+    let started = Instant::now();
+    let answer = get(&client, &host.url("/sleep?ms=3000")).await;
+    let took = started.elapsed();
+    assert_eq!(answer.status, 504, "/sleep?ms=3000 with --timeout 1: {:?}", answer.body);
+    assert!(answer.body.contains("timeout"), "the 504 body should say `timeout`: {:?}", answer.body);
+    // Well before the guest would have woken up (3 s): the deadline stopped it.
+    assert!(took < Duration::from_millis(2900), "the 504 came after {took:?}, not at the 1 s deadline");
+    let id = answer.request_id.expect("the 504 answer has no x-request-id header");
+    let wanted = format!("request_id={id}");
+    // The log line may be written just after the answer: poll for it.
+    let logged = blackbox::poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        host.log().contains(&wanted).then_some(())
+    });
+    assert!(logged.is_some(), "the error log has no line with `{wanted}`:\n{}", host.log());
+    assert_healthy(&client, &host, "a sleeping guest").await;
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Healthy,
+    Sleep,
+    Trap,
+    Grow,
+    Spin,
+}
+
+impl Kind {
+    fn path(self) -> &'static str {
+        match self {
+            Kind::Healthy => "/",
+            Kind::Sleep => "/sleep?ms=200",
+            Kind::Trap => "/trap",
+            Kind::Grow => "/grow",
+            Kind::Spin => "/spin",
+        }
+    }
+
+    /// The status and a word of the body the contract promises.
+    fn expected(self) -> (u16, &'static str) {
+        match self {
+            Kind::Healthy => (200, "ok"),
+            Kind::Sleep => (200, "slept 200 ms"),
+            Kind::Trap => (500, "trapped"),
+            Kind::Grow => (500, "memory limit"),
+            Kind::Spin => (504, "timeout"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_of_mixed_faults_leaves_the_host_serving() {
+    let mut host = HostProcess::start(
+        &guest("faults"),
+        &[
+            "--worker-class",
+            "gevent",
+            "--worker-connections",
+            "256",
+            "--timeout",
+            "2",
+            "--memory-limit",
+            "16MiB",
+        ],
+    );
+    let client = http_client();
+    // 200 requests: 120 healthy `/`, 20 each of the others, interleaved.
+    let kinds: Vec<Kind> = (0..200)
+        .map(|i| match i % 10 {
+            0..=5 => Kind::Healthy,
+            6 => Kind::Sleep,
+            7 => Kind::Trap,
+            8 => Kind::Grow,
+            _ => Kind::Spin,
+        })
+        .collect();
+    let started = Instant::now();
+    let answers = join_all(kinds.iter().map(|kind| {
+        let client = client.clone();
+        let url = host.url(kind.path());
+        async move { get(&client, &url).await }
+    }))
+    .await;
+    println!("200 mixed requests took {:?}", started.elapsed());
+    let mut wrong = Vec::new();
+    for (kind, answer) in kinds.iter().zip(&answers) {
+        let (status, word) = kind.expected();
+        if answer.status != status || !answer.body.contains(word) {
+            wrong.push(format!(
+                "{} -> {} {:?} (expected {status} with `{word}`)",
+                kind.path(),
+                answer.status,
+                answer.body.trim_end()
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{} of 200 answers were wrong:\n{}", wrong.len(), wrong.join("\n"));
+    assert_healthy(&client, &host, "the burst").await;
+    assert!(host.is_alive(), "the host died in the burst");
+}

@@ -1,0 +1,64 @@
+//! SIGTERM: the host stops taking connections, lets the request in flight finish, and exits 0.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use blackbox::{HostProcess, get_request, guest, poll_until, read_response, wait_until_server_read};
+
+/// Whether a new connection is refused, or accepted but never answered.
+fn new_connection_not_served(addr: std::net::SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+        return true;
+    };
+    if stream
+        .write_all(&get_request("/", &addr.to_string(), &["Connection: close".into()]))
+        .is_err()
+    {
+        return true;
+    }
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut head = [0u8; 5];
+    !matches!(stream.read_exact(&mut head), Ok(()) if &head == b"HTTP/")
+}
+
+#[test]
+fn sigterm_finishes_in_flight_requests_and_exits_0() {
+    // Two slots: a probe made before the signal is handled is answered at once rather than
+    // queued behind the sleep, so "not answered" can only mean the host stopped serving.
+    let mut host = HostProcess::start(&guest("faults"), &["-k", "gthread", "--threads", "2"]);
+    let addr = host.addr();
+    let mut stream = TcpStream::connect(addr).expect("cannot connect");
+    stream
+        .write_all(&get_request("/sleep?ms=1500", &addr.to_string(), &[]))
+        .expect("cannot send the request");
+    assert!(
+        wait_until_server_read(&stream, Duration::from_secs(10)),
+        "the host did not read the request within 10 s"
+    );
+    let reader = std::thread::spawn(move || {
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        read_response(&mut stream)
+    });
+
+    let signalled = Instant::now();
+    host.signal(libc::SIGTERM);
+
+    // No new connection is served from now on (the signal takes a moment to be handled).
+    let refused = poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        new_connection_not_served(addr).then_some(())
+    });
+    assert!(refused.is_some(), "5 s after SIGTERM the host still serves new connections");
+
+    let response = reader
+        .join()
+        .expect("reader thread panicked")
+        .unwrap_or_else(|error| panic!("the in-flight request got no answer after SIGTERM: {error}"));
+    assert_eq!(response.status, 200, "the in-flight request: {response:?}");
+    assert_eq!(response.body_text(), "slept 1500 ms\n");
+
+    let status = host.wait_exit(Duration::from_secs(10));
+    let status = status.unwrap_or_else(|| panic!("the host had not exited 10 s after the in-flight request finished"));
+    println!("exited with {status} {:?} after SIGTERM", signalled.elapsed());
+    assert_eq!(status.code(), Some(0), "the host exited with {status} after SIGTERM");
+}

@@ -1,0 +1,654 @@
+//! Helpers shared by the black-box tests of `host`: where the binary and the guests are, a host
+//! process that is started, awaited (by polling its socket, never by sleeping) and stopped, raw
+//! HTTP/1.1 exchanges for requests a normal client will not send, and a look at loopback sockets
+//! in /proc/net/tcp to know when the host has read a request.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a host gets to start answering (the first start compiles the component).
+pub const START_DEADLINE: Duration = Duration::from_secs(120);
+/// How often a starting host's socket is polled.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How long a raw exchange waits for the response.
+const RAW_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a raw exchange waits for the server to close the connection after the response.
+const RAW_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The repository root (the parent of tests/).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent directory")
+        .to_path_buf()
+}
+
+/// The host binary: `$HOST_BIN`, else `<root>/target/release/host`.
+pub fn host_bin() -> PathBuf {
+    let path = std::env::var_os("HOST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/release/host"));
+    assert!(
+        path.is_file(),
+        "the host binary {} is missing: run tests/run (it builds it with `cargo build --release -p host`), \
+         or point HOST_BIN at a built host",
+        path.display()
+    );
+    path
+}
+
+/// The path of `guests/<name>.wasm`.
+pub fn guest(name: &str) -> String {
+    let path = repo_root().join("guests").join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "the guest {} is missing: run guests/build (tests/run does it first)",
+        path.display()
+    );
+    path.to_string_lossy().into_owned()
+}
+
+/// The compile cache shared by the tests, so a component is compiled once per suite run.
+pub fn cache_dir() -> PathBuf {
+    repo_root().join("target/test-cache")
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind an ephemeral port");
+    listener.local_addr().expect("a bound socket has an address").port()
+}
+
+/// An HTTP client for the tests: no proxy from the environment, no TLS.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("cannot build the HTTP client")
+}
+
+/// Calls `check` every `interval` until it returns `Some`, or `None` once `timeout` has passed.
+pub fn poll_until<T>(timeout: Duration, interval: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(interval);
+    }
+}
+
+/// Where a host listens, and so how to tell that it answers.
+#[derive(Debug, Clone)]
+pub enum Ready {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// A running `host serve`. Dropping it stops it: SIGTERM, up to 5 s, then SIGKILL.
+pub struct HostProcess {
+    child: Child,
+    ready: Ready,
+    log_path: PathBuf,
+    stdout_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Why a host did not come up.
+struct StartFailure {
+    exited: Option<ExitStatus>,
+    log: String,
+}
+
+impl HostProcess {
+    /// `host serve <component> --bind 127.0.0.1:<free port> --cache-dir <shared cache> <extra_args>`,
+    /// awaited until `GET /` answers. `extra_args` may carry its own `--cache-dir`, and more
+    /// `--bind`s (the first bind is the one `addr()` and `base_url()` name).
+    pub fn start(component: &str, extra_args: &[&str]) -> HostProcess {
+        const ATTEMPTS: usize = 3;
+        let mut last = String::new();
+        for _ in 0..ATTEMPTS {
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let mut args: Vec<String> = vec!["serve".into(), component.into(), "--bind".into(), addr.to_string()];
+            if !extra_args.contains(&"--cache-dir") {
+                args.push("--cache-dir".into());
+                args.push(cache_dir().to_string_lossy().into_owned());
+            }
+            args.extend(extra_args.iter().map(|arg| arg.to_string()));
+            match HostProcess::try_spawn(&args, &[], Ready::Tcp(addr)) {
+                Ok(host) => return host,
+                // Another test took the port between free_port() and the bind: try another.
+                Err(failure) if failure.exited.is_some() && failure.log.contains("cannot bind") => {
+                    last = failure.log;
+                }
+                Err(failure) => panic!("{}", failure.describe(&args)),
+            }
+        }
+        panic!("host could not bind a free port in {ATTEMPTS} attempts; last log:\n{last}");
+    }
+
+    /// `host <args>` with `env` added to the environment, awaited until `GET /` answers on `ready`.
+    pub fn spawn(args: &[String], env: &[(&str, &str)], ready: Ready) -> HostProcess {
+        match HostProcess::try_spawn(args, env, ready) {
+            Ok(host) => host,
+            Err(failure) => panic!("{}", failure.describe(args)),
+        }
+    }
+
+    fn try_spawn(args: &[String], env: &[(&str, &str)], ready: Ready) -> Result<HostProcess, StartFailure> {
+        let dir = tempfile::Builder::new()
+            .prefix("host-test-")
+            .tempdir()
+            .expect("cannot create a temporary directory");
+        let log_path = dir.path().join("stderr.log");
+        let stdout_path = dir.path().join("stdout.log");
+        let stderr = fs::File::create(&log_path).expect("cannot create the log file");
+        let stdout = fs::File::create(&stdout_path).expect("cannot create the stdout file");
+        let mut command = Command::new(host_bin());
+        command
+            .args(args)
+            // No ./host.toml from wherever the tests run is picked up.
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        // Only the test's arguments configure the host: drop the environment variables it reads
+        // settings from (HOST_*, and gunicorn's PORT, WEB_CONCURRENCY, FORWARDED_ALLOW_IPS).
+        for (name, _) in std::env::vars_os() {
+            let name_text = name.to_string_lossy();
+            if name_text.starts_with("HOST_")
+                || ["PORT", "WEB_CONCURRENCY", "FORWARDED_ALLOW_IPS"].contains(&name_text.as_ref())
+            {
+                command.env_remove(&name);
+            }
+        }
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let child = command.spawn().expect("cannot start the host binary");
+        let mut host = HostProcess {
+            child,
+            ready,
+            log_path,
+            stdout_path,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            if let Ok(Some(status)) = host.child.try_wait() {
+                return Err(StartFailure {
+                    exited: Some(status),
+                    log: host.log(),
+                });
+            }
+            if host.answers() {
+                return Ok(host);
+            }
+            if Instant::now() >= deadline {
+                return Err(StartFailure {
+                    exited: None,
+                    log: host.log(),
+                });
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Whether `GET /` gets any HTTP response right now.
+    fn answers(&self) -> bool {
+        let request = |host: &str| format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let first_bytes = |stream: &mut dyn ReadWrite, request: String| -> bool {
+            if stream.write_all(request.as_bytes()).is_err() {
+                return false;
+            }
+            let mut head = [0u8; 8];
+            stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.")
+        };
+        match &self.ready {
+            Ready::Tcp(addr) => match TcpStream::connect_timeout(addr, Duration::from_secs(1)) {
+                Ok(mut stream) => {
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                    first_bytes(&mut stream, request(&addr.to_string()))
+                }
+                Err(_) => false,
+            },
+            Ready::Unix(path) => match UnixStream::connect(path) {
+                Ok(mut stream) => {
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                    first_bytes(&mut stream, request("localhost"))
+                }
+                Err(_) => false,
+            },
+        }
+    }
+
+    /// The first bind's address (TCP hosts only).
+    pub fn addr(&self) -> SocketAddr {
+        match &self.ready {
+            Ready::Tcp(addr) => *addr,
+            Ready::Unix(path) => panic!("this host listens on unix:{}, it has no TCP address", path.display()),
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    /// `base_url()` followed by `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the host wrote to stderr so far (its error log unless `--error-logfile` says otherwise).
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.log_path).unwrap_or_default()).into_owned()
+    }
+
+    /// Everything the host wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.stdout_path).unwrap_or_default()).into_owned()
+    }
+
+    /// Sends a signal (`libc::SIGTERM`, …) to the host.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) with a pid this test started and has not reaped yet.
+        let result = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(result, 0, "kill({}, {signal}) failed: {}", self.child.id(), io::Error::last_os_error());
+    }
+
+    /// The exit status, if the host exits within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL_INTERVAL),
+                Ok(None) => return None,
+                Err(error) => panic!("cannot wait for the host: {error}"),
+            }
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The host's resident set size in KiB: VmRSS in /proc/<pid>/status, summed over the host
+    /// process and any processes it started (worker processes, if the host forks them).
+    pub fn rss_kib(&self) -> u64 {
+        let own = vm_rss_kib(self.pid()).expect("no VmRSS for the host: has it exited?");
+        let descendants: u64 = process_tree(self.pid())[1..].iter().filter_map(|pid| vm_rss_kib(*pid)).sum();
+        own + descendants
+    }
+}
+
+/// `pid` and all its descendants, from the parent pids in /proc/*/stat.
+fn process_tree(pid: u32) -> Vec<u32> {
+    let mut parents = Vec::new();
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(child) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else {
+                continue;
+            };
+            // `pid (comm) state ppid …`; comm may contain spaces and parentheses.
+            let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+            let Some((_, after_comm)) = stat.rsplit_once(')') else { continue };
+            if let Some(parent) = after_comm.split_whitespace().nth(1).and_then(|ppid| ppid.parse::<u32>().ok()) {
+                parents.push((child, parent));
+            }
+        }
+    }
+    let mut tree = vec![pid];
+    let mut next = 0;
+    while next < tree.len() {
+        let parent = tree[next];
+        tree.extend(parents.iter().filter(|(_, p)| *p == parent).map(|(child, _)| *child));
+        next += 1;
+    }
+    tree
+}
+
+fn vm_rss_kib(pid: u32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+impl StartFailure {
+    fn describe(&self, args: &[String]) -> String {
+        let what = match self.exited {
+            Some(status) => format!("exited with {status} before it answered"),
+            None => format!("did not answer GET / within {}s", START_DEADLINE.as_secs()),
+        };
+        format!("host {} {what}; its log:\n{}", args.join(" "), self.log)
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        if self.is_alive() {
+            // SAFETY: as in `signal`; the child has not been reaped.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+            if self.wait_exit(Duration::from_secs(5)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("---- log of host pid {} ----\n{}---- end of log ----", self.child.id(), self.log());
+        }
+    }
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// A stream a raw exchange can run over.
+pub trait RawStream: Read + Write {
+    fn set_timeout(&self, timeout: Duration) -> io::Result<()>;
+}
+
+impl RawStream for TcpStream {
+    fn set_timeout(&self, timeout: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(timeout))
+    }
+}
+
+impl RawStream for UnixStream {
+    fn set_timeout(&self, timeout: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(timeout))
+    }
+}
+
+/// One HTTP response as read off the socket.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// The server closed the connection (EOF or reset) within 5 s after the response.
+    pub closed_by_server: bool,
+}
+
+impl RawResponse {
+    /// The first header of that name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Whether a `Connection` header says `close`.
+    pub fn says_connection_close(&self) -> bool {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+            .any(|(_, v)| v.split(',').any(|token| token.trim().eq_ignore_ascii_case("close")))
+    }
+}
+
+/// Connects to `addr`, sends `bytes`, reads one response, then waits up to 5 s for the server to
+/// close the connection.
+pub fn raw_request(addr: SocketAddr, bytes: &[u8]) -> RawResponse {
+    let mut stream = TcpStream::connect_timeout(&addr, RAW_READ_TIMEOUT)
+        .unwrap_or_else(|error| panic!("cannot connect to {addr}: {error}"));
+    raw_exchange(&mut stream, bytes)
+}
+
+/// Like `raw_request`, without waiting for the server to close the connection afterwards
+/// (`closed_by_server` stays false): for requests expected to succeed on a keep-alive connection.
+pub fn raw_answer(addr: SocketAddr, bytes: &[u8]) -> RawResponse {
+    let mut stream = TcpStream::connect_timeout(&addr, RAW_READ_TIMEOUT)
+        .unwrap_or_else(|error| panic!("cannot connect to {addr}: {error}"));
+    stream.set_timeout(RAW_READ_TIMEOUT).expect("cannot set a read timeout");
+    let written = stream.write_all(bytes).and_then(|()| stream.flush());
+    read_response(&mut stream)
+        .unwrap_or_else(|error| panic!("no HTTP response to a raw request (write: {written:?}): {error}"))
+}
+
+/// `raw_request` over a unix socket.
+pub fn raw_request_unix(path: &Path, bytes: &[u8]) -> RawResponse {
+    let mut stream =
+        UnixStream::connect(path).unwrap_or_else(|error| panic!("cannot connect to unix:{}: {error}", path.display()));
+    raw_exchange(&mut stream, bytes)
+}
+
+/// Sends `bytes`, reads one response, then waits up to 5 s for the server to close the connection.
+pub fn raw_exchange<S: RawStream>(stream: &mut S, bytes: &[u8]) -> RawResponse {
+    stream.set_timeout(RAW_READ_TIMEOUT).expect("cannot set a read timeout");
+    // A server may answer and close before reading everything (an oversized request); the
+    // answer is what matters, so a failed write is not an error by itself.
+    let written = stream.write_all(bytes).and_then(|()| stream.flush());
+    let mut response = match read_response(stream) {
+        Ok(response) => response,
+        Err(error) => panic!("no HTTP response to a raw request (write: {written:?}): {error}"),
+    };
+    response.closed_by_server = wait_closed(stream, RAW_CLOSE_TIMEOUT);
+    response
+}
+
+/// Whether the peer closes the stream (EOF or reset) within `timeout`; bytes that arrive in the
+/// meantime are read and dropped.
+pub fn wait_closed<S: RawStream>(stream: &mut S, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut buffer = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        if stream.set_timeout(left).is_err() {
+            return false;
+        }
+        match stream.read(&mut buffer) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(error) => match error.kind() {
+                io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe => {
+                    return true;
+                }
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted => continue,
+                _ => return true,
+            },
+        }
+    }
+}
+
+/// Reads one HTTP/1.x response (content-length, chunked, or until EOF), leaving
+/// `closed_by_server` false.
+pub fn read_response<R: Read>(stream: &mut R) -> io::Result<RawResponse> {
+    let mut reader = BufferedReader {
+        inner: stream,
+        buffer: Vec::new(),
+        position: 0,
+    };
+    let status_line = reader.read_line()?;
+    let status_line = String::from_utf8_lossy(&status_line).into_owned();
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next().unwrap_or_default();
+    if !version.starts_with("HTTP/1.") {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not an HTTP/1 status line: {status_line:?}"),
+        ));
+    }
+    let status: u16 = parts
+        .next()
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {status_line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        let line = reader.read_line()?;
+        if line.is_empty() {
+            break;
+        }
+        let line = String::from_utf8_lossy(&line).into_owned();
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad header line {line:?}")))?;
+        headers.push((name.trim().to_owned(), value.trim().to_owned()));
+    }
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _): &&(String, String)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    let body = if (100..200).contains(&status) || status == 204 || status == 304 {
+        Vec::new()
+    } else if header("transfer-encoding").is_some_and(|te| te.to_ascii_lowercase().contains("chunked")) {
+        let mut body = Vec::new();
+        loop {
+            let line = String::from_utf8_lossy(&reader.read_line()?).into_owned();
+            let size = line.split(';').next().unwrap_or_default().trim();
+            let size = usize::from_str_radix(size, 16)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk size {line:?}")))?;
+            if size == 0 {
+                while !reader.read_line()?.is_empty() {}
+                break;
+            }
+            body.extend_from_slice(&reader.read_exact(size)?);
+            reader.read_line()?;
+        }
+        body
+    } else if let Some(length) = header("content-length") {
+        let length: usize = length
+            .parse()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad content-length {length:?}")))?;
+        reader.read_exact(length)?
+    } else {
+        reader.read_to_end()?
+    };
+    Ok(RawResponse {
+        status,
+        headers,
+        body,
+        closed_by_server: false,
+    })
+}
+
+struct BufferedReader<'a, R> {
+    inner: &'a mut R,
+    buffer: Vec<u8>,
+    position: usize,
+}
+
+impl<R: Read> BufferedReader<'_, R> {
+    /// Reads more bytes into the buffer; false at EOF.
+    fn fill(&mut self) -> io::Result<bool> {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match self.inner.read(&mut chunk) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    self.buffer.extend_from_slice(&chunk[..n]);
+                    return Ok(true);
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// One line without its CRLF.
+    fn read_line(&mut self) -> io::Result<Vec<u8>> {
+        loop {
+            if let Some(end) = self.buffer[self.position..].windows(2).position(|w| w == b"\r\n") {
+                let line = self.buffer[self.position..self.position + end].to_vec();
+                self.position += end + 2;
+                return Ok(line);
+            }
+            if !self.fill()? {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-line"));
+            }
+        }
+    }
+
+    fn read_exact(&mut self, length: usize) -> io::Result<Vec<u8>> {
+        while self.buffer.len() - self.position < length {
+            if !self.fill()? {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("connection closed after {} of {length} body bytes", self.buffer.len() - self.position),
+                ));
+            }
+        }
+        let bytes = self.buffer[self.position..self.position + length].to_vec();
+        self.position += length;
+        Ok(bytes)
+    }
+
+    fn read_to_end(&mut self) -> io::Result<Vec<u8>> {
+        loop {
+            match self.fill() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(error) if error.kind() == io::ErrorKind::ConnectionReset => break,
+                Err(error) => return Err(error),
+            }
+        }
+        let bytes = self.buffer[self.position..].to_vec();
+        self.position = self.buffer.len();
+        Ok(bytes)
+    }
+}
+
+/// `GET <target> HTTP/1.1` with a Host header and `extra_headers` (each `Name: value`), as bytes.
+pub fn get_request(target: &str, host: &str, extra_headers: &[String]) -> Vec<u8> {
+    let mut request = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n");
+    for header in extra_headers {
+        request.push_str(header);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    request.into_bytes()
+}
+
+/// The send and receive queues of one loopback TCP socket, from /proc/net/tcp.
+fn tcp_queues(local_port: u16, remote_port: u16) -> Option<(u64, u64)> {
+    let table = fs::read_to_string("/proc/net/tcp").ok()?;
+    let port = |field: &str| field.rsplit_once(':').and_then(|(_, port)| u16::from_str_radix(port, 16).ok());
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 5 || port(fields[1])? != local_port || port(fields[2])? != remote_port {
+            return None;
+        }
+        let (tx, rx) = fields[4].split_once(':')?;
+        Some((u64::from_str_radix(tx, 16).ok()?, u64::from_str_radix(rx, 16).ok()?))
+    })
+}
+
+/// Waits until the server end of a loopback connection has read everything sent on `client`:
+/// the client socket has nothing unacknowledged and the server socket nothing unread. This is how
+/// a test knows a request is in the host's hands (in flight or queued) without sleeping.
+pub fn wait_until_server_read(client: &TcpStream, timeout: Duration) -> bool {
+    let local = client.local_addr().expect("a connected socket has a local address").port();
+    let remote = client.peer_addr().expect("a connected socket has a peer").port();
+    poll_until(timeout, Duration::from_millis(5), || {
+        let (client_unacked, _) = tcp_queues(local, remote)?;
+        let (_, server_unread) = tcp_queues(remote, local)?;
+        (client_unacked == 0 && server_unread == 0).then_some(())
+    })
+    .is_some()
+}
