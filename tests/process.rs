@@ -281,3 +281,53 @@ fn hooks_run_their_commands_with_the_events_facts_and_the_pid_file_is_kept() {
     assert_eq!(host.wait_exit(Duration::from_secs(10)).and_then(|s| s.code()), Some(0));
     assert!(!pidfile.exists(), "the pid file outlived the host");
 }
+
+#[test]
+fn hup_picks_up_a_changed_component_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let component = dir.path().join("app.wasm");
+    std::fs::copy(guest("hello"), &component).unwrap();
+    let host = HostProcess::start(&component.to_string_lossy(), &["--workers", "1"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let body = |path: &str| {
+        let url = host.url(path);
+        runtime.block_on(async { http_client().get(&url).send().await.unwrap().text().await.unwrap() })
+    };
+    assert_eq!(body("/"), "Hello, world!\n");
+    std::fs::copy(guest("faults"), &component).unwrap();
+    host.signal(libc::SIGHUP);
+    let switched = poll_until(Duration::from_secs(20), Duration::from_millis(50), || (body("/") == "ok\n").then_some(()));
+    assert!(switched.is_some(), "the new component was not served after HUP; log:\n{}", host.log());
+}
+
+#[test]
+fn quit_stops_at_once_without_waiting_for_in_flight_requests() {
+    let mut host = HostProcess::start(&guest("faults"), &["--graceful-timeout", "30"]);
+    let _in_flight = {
+        let addr = host.addr();
+        let mut stream = TcpStream::connect(addr).expect("cannot connect");
+        stream.write_all(&get_request("/sleep?ms=20000", &addr.to_string(), &[])).unwrap();
+        assert!(wait_until_server_read(&stream, Duration::from_secs(10)));
+        stream
+    };
+    host.signal(libc::SIGQUIT);
+    let status = host.wait_exit(Duration::from_secs(5)).expect("QUIT did not stop the host within 5 s");
+    assert_eq!(status.code(), Some(0), "log:\n{}", host.log());
+}
+
+#[test]
+fn usr1_reopens_the_log_files_after_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("error.log");
+    let rotated = dir.path().join("error.log.1");
+    let log_arg = log.to_string_lossy().into_owned();
+    let host = HostProcess::start(&guest("hello"), &["--error-logfile", &log_arg, "--workers", "1"]);
+    wait_for_workers(&host, 1, Duration::from_secs(10));
+    std::fs::rename(&log, &rotated).unwrap();
+    host.signal(libc::SIGUSR1);
+    let reopened = poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        std::fs::read_to_string(&log).ok().filter(|text| text.contains("Reopened the log files"))
+    });
+    assert!(reopened.is_some(), "no new error log after USR1; the rotated one has:\n{}", std::fs::read_to_string(&rotated).unwrap_or_default());
+    assert!(std::fs::read_to_string(&rotated).unwrap().contains("Listening at:"));
+}

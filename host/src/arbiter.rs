@@ -258,8 +258,9 @@ impl Master {
                 }
                 _ = signals.usr1.recv() => {
                     tracing::info!("Handling signal: usr1");
-                    if let Err(error) = self.error_log.reopen() {
-                        tracing::error!("cannot reopen the error log: {error:#}");
+                    match self.error_log.reopen() {
+                        Ok(()) => tracing::info!("Reopened the log files"),
+                        Err(error) => tracing::error!("cannot reopen the error log: {error:#}"),
                     }
                     self.signal_all(libc::SIGUSR1);
                 }
