@@ -302,6 +302,9 @@ impl Master {
         command
             .arg("worker")
             .env(WORKER_SETTINGS_ENV, settings)
+            // mimalloc commits an 8 MiB arena up front by default: most of an idle worker's
+            // memory. Committing on demand costs nothing measurable in throughput.
+            .env("MIMALLOC_ARENA_EAGER_COMMIT", std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").unwrap_or("0".into()))
             .stdin(std::process::Stdio::null());
         // SAFETY: the closure runs in the child between fork and exec and only calls fcntl and
         // dup2, which are async-signal-safe.
