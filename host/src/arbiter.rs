@@ -160,7 +160,7 @@ pub fn prepare(settings: &Settings) -> Result<u64> {
         memory_limit: settings.memory_limit,
     })?;
     let component = compile_cache::load_component(&engine, &settings.component, &settings.cache_dir)?;
-    let _guest = crate::guest::Guest::new(&engine, &component, settings.memory_limit, settings.timeout)
+    let _guest = crate::guest::Guest::new(&engine, &component, settings)
         .with_context(|| format!("cannot load {}", settings.component.display()))?;
     Ok(resident_bytes())
 }

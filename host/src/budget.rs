@@ -65,13 +65,37 @@ impl Plan {
 
 /// This process's resident memory.
 pub fn resident_bytes() -> u64 {
-    let pages = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|statm| statm.split_whitespace().nth(1).and_then(|rss| rss.parse::<u64>().ok()))
-        .unwrap_or(0);
+    process_resident_bytes("self").unwrap_or(0)
+}
+
+/// The whole host's resident memory, from a worker: its master and every child of the master.
+pub fn host_resident_bytes() -> u64 {
+    // SAFETY: getppid has no preconditions.
+    let master = unsafe { libc::getppid() }.to_string();
+    let mut total = process_resident_bytes(&master).unwrap_or(0);
+    let Ok(entries) = std::fs::read_dir("/proc") else { return total };
+    for entry in entries.flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        // Only the numbered entries: /proc/self and /proc/thread-self would count this process again.
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // Fields after the command name: state, ppid, …
+        let parent = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split_whitespace().nth(1));
+        if parent == Some(master.as_str()) {
+            total += process_resident_bytes(&pid).unwrap_or(0);
+        }
+    }
+    total
+}
+
+fn process_resident_bytes(pid: &str) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    pages * page
+    Some(pages * page)
 }
 
 #[cfg(test)]

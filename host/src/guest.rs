@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::Instrument;
-use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
@@ -21,12 +21,13 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::limits::MemoryLimiter;
-use crate::settings::human_size;
+use crate::settings::{Settings, human_size};
 
 pub struct Guest {
     engine: Engine,
     pre: ProxyPre<GuestState>,
     memory_limit: u64,
+    memory_budget: Option<u64>,
     timeout: Option<Duration>,
 }
 
@@ -83,7 +84,7 @@ impl std::fmt::Display for DeadlineExceeded {
 impl std::error::Error for DeadlineExceeded {}
 
 impl Guest {
-    pub fn new(engine: &Engine, component: &wasmtime::component::Component, memory_limit: u64, timeout: Option<Duration>) -> Result<Guest> {
+    pub fn new(engine: &Engine, component: &wasmtime::component::Component, settings: &Settings) -> Result<Guest> {
         let mut linker = Linker::<GuestState>::new(engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)
@@ -91,6 +92,9 @@ impl Guest {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)
             .context("cannot link wasi:http")?;
+        crate::capabilities::Capabilities::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |state| state)
+            .map_err(anyhow::Error::from)
+            .context("cannot link the host capabilities")?;
         let pre = linker
             .instantiate_pre(component)
             .map_err(anyhow::Error::from)
@@ -101,8 +105,9 @@ impl Guest {
         Ok(Guest {
             engine: engine.clone(),
             pre,
-            memory_limit,
-            timeout,
+            memory_limit: settings.memory_limit,
+            memory_budget: settings.memory_budget,
+            timeout: settings.timeout,
         })
     }
 
@@ -201,6 +206,8 @@ impl Guest {
             table: ResourceTable::new(),
             hooks: OutboundHttpDenied,
             limiter: MemoryLimiter::new(self.memory_limit),
+            memory_limit: self.memory_limit,
+            memory_budget: self.memory_budget,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
@@ -220,6 +227,22 @@ pub struct GuestState {
     table: ResourceTable,
     hooks: OutboundHttpDenied,
     limiter: MemoryLimiter,
+    memory_limit: u64,
+    memory_budget: Option<u64>,
+}
+
+impl GuestState {
+    pub fn instance_memory(&self) -> usize {
+        self.limiter.in_use()
+    }
+
+    pub fn memory_limit(&self) -> u64 {
+        self.memory_limit
+    }
+
+    pub fn memory_budget(&self) -> Option<u64> {
+        self.memory_budget
+    }
 }
 
 impl WasiView for GuestState {

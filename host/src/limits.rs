@@ -33,7 +33,6 @@ impl MemoryLimiter {
     }
 
     /// Linear memory the instance holds now, all memories together.
-    #[cfg(test)]
     pub fn in_use(&self) -> usize {
         self.in_use
     }

@@ -5,6 +5,7 @@ mod access_log;
 mod admission;
 mod arbiter;
 mod budget;
+mod capabilities;
 mod compile_cache;
 mod config;
 mod engine;

@@ -71,7 +71,7 @@ pub fn run(settings: &Settings, error_log: LogFile, listeners: Vec<Listener>, he
     })
     .map_err(StartError::Boot)?;
     let guest = compile_cache::load_component(&engine, &settings.component, &settings.cache_dir)
-        .and_then(|component| Guest::new(&engine, &component, settings.memory_limit, settings.timeout))
+        .and_then(|component| Guest::new(&engine, &component, settings))
         .with_context(|| format!("cannot load {}", settings.component.display()))
         .map_err(StartError::App)?;
     let access_log = match &settings.access_logfile {

@@ -1,5 +1,6 @@
 //! A guest that misbehaves on request, for the host's tests: it traps, eats memory, spins,
-//! sleeps, echoes bodies of any size, and reports what it was told about the request.
+//! sleeps, echoes bodies of any size, reports what it was told about the request, and reads
+//! the host's status capability.
 
 use std::hint::black_box;
 
@@ -33,6 +34,20 @@ impl wasip2::exports::http::incoming_handler::Guest for Faults {
                 respond(response_out, 200, "text/plain", format!("slept {ms} ms\n").as_bytes());
             }
             "/echo" => echo(request, response_out),
+            "/status" => {
+                let mb = param(query, "grow").and_then(|mb| mb.parse::<usize>().ok()).unwrap_or(0);
+                let held = grow(mb);
+                let figures = capabilities::status::memory();
+                let body = format!(
+                    "{{\"held_mib\":{held},\"host_resident\":{},\"host_budget\":{},\"worker_resident\":{},\"instance_used\":{},\"instance_limit\":{}}}\n",
+                    figures.host_resident,
+                    figures.host_budget.map_or("null".to_owned(), |budget| budget.to_string()),
+                    figures.worker_resident,
+                    figures.instance_used,
+                    figures.instance_limit
+                );
+                respond(response_out, 200, "application/json", body.as_bytes());
+            }
             "/info" => {
                 let info = info(&request, &path_with_query);
                 respond(response_out, 200, "application/json", info.as_bytes());

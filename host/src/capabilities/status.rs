@@ -1,0 +1,18 @@
+//! `host:capabilities/status`: memory figures for the guest — the host's, its budget, and the
+//! calling instance's own memory against its cap.
+
+use crate::budget;
+use crate::capabilities::host::capabilities::status::{Host, MemoryFigures};
+use crate::guest::GuestState;
+
+impl Host for GuestState {
+    fn memory(&mut self) -> MemoryFigures {
+        MemoryFigures {
+            host_resident: budget::host_resident_bytes(),
+            host_budget: self.memory_budget(),
+            worker_resident: budget::resident_bytes(),
+            instance_used: self.instance_memory() as u64,
+            instance_limit: self.memory_limit(),
+        }
+    }
+}
