@@ -12,6 +12,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::budget::{Plan, resident_bytes};
+use crate::capabilities::crypto::{self, HostWideSlots};
 use crate::compile_cache;
 use crate::engine::{self, EngineSizing};
 use crate::heartbeat::Heartbeat;
@@ -56,8 +57,25 @@ struct Master {
 pub type ExitCode = u8;
 
 /// Runs the master until it is stopped; `reload` re-reads the settings on HUP.
-pub fn run(settings: Settings, error_log: LogFile, reload: impl Fn() -> Result<Settings>) -> Result<ExitCode> {
+pub fn run(mut settings: Settings, error_log: LogFile, reload: impl Fn() -> Result<Settings>) -> Result<ExitCode> {
     hooks::event("on_starting", &[("pid", std::process::id().to_string())]);
+    resolve_master_key(&mut settings)?;
+    let slots = HostWideSlots::create(settings.encrypt_concurrency)?;
+    settings.crypto_slots = Some(slots.id());
+    let outcome = run_with(settings, error_log, reload);
+    slots.remove();
+    outcome
+}
+
+/// Every worker must wrap keys under the same master key: the master settles it (generating it
+/// on first use) before any worker starts.
+fn resolve_master_key(settings: &mut Settings) -> Result<()> {
+    let key = crypto::master_key(settings.master_key.as_deref(), settings.master_key_file.as_deref(), &settings.data_dir)?;
+    settings.master_key = Some(hex::encode(key));
+    Ok(())
+}
+
+fn run_with(settings: Settings, error_log: LogFile, reload: impl Fn() -> Result<Settings>) -> Result<ExitCode> {
     let baseline = precompile(&settings)?;
     check_budget(&settings, settings.workers, baseline)?;
     let listeners = bind_all(&settings, &[])?;
@@ -160,7 +178,7 @@ pub fn prepare(settings: &Settings) -> Result<u64> {
         memory_limit: settings.memory_limit,
     })?;
     let component = compile_cache::load_component(&engine, &settings.component, &settings.cache_dir)?;
-    let _guest = crate::guest::Guest::new(&engine, &component, settings)
+    let _guest = crate::guest::Guest::new(&engine, &component, settings, crypto::for_app(settings)?)
         .with_context(|| format!("cannot load {}", settings.component.display()))?;
     Ok(resident_bytes())
 }
@@ -397,7 +415,13 @@ impl Master {
 
     fn reload(&mut self, reload: &impl Fn() -> Result<Settings>) {
         hooks::event("on_reload", &[("pid", std::process::id().to_string())]);
-        let reloaded = reload().and_then(|settings| {
+        let reloaded = reload().and_then(|mut settings| {
+            resolve_master_key(&mut settings)?;
+            if settings.encrypt_concurrency != self.settings.encrypt_concurrency {
+                tracing::warn!("--encrypt-concurrency changes only on a restart; keeping {}", self.settings.encrypt_concurrency);
+                settings.encrypt_concurrency = self.settings.encrypt_concurrency;
+            }
+            settings.crypto_slots = self.settings.crypto_slots;
             let baseline = precompile(&settings)?;
             check_budget(&settings, settings.workers, baseline)?;
             Ok((settings, baseline))

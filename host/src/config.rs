@@ -238,6 +238,11 @@ pub fn hook_commands(config_file: Option<&Path>) -> Result<BTreeMap<String, Stri
 /// `--print-config`: the effective settings as a config file, each with its source.
 pub fn print(layered: &Layered) {
     for (name, (values, source)) in &layered.provenance {
+        if name == "master_key" && !values.is_empty() {
+            let line = format!("{name} = \"<secret>\"");
+            println!("{line:<60} # {source}");
+            continue;
+        }
         let value = match values.as_slice() {
             [] => "# (unset)".to_owned(),
             [one] if !name.ends_with("bind") && name != "env" => toml_value(one),

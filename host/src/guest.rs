@@ -20,6 +20,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
+use crate::capabilities::crypto::Crypto;
 use crate::limits::MemoryLimiter;
 use crate::settings::{Settings, human_size};
 
@@ -29,6 +30,7 @@ pub struct Guest {
     memory_limit: u64,
     memory_budget: Option<u64>,
     timeout: Option<Duration>,
+    crypto: Arc<Crypto>,
 }
 
 /// Why a guest gave no response.
@@ -84,7 +86,7 @@ impl std::fmt::Display for DeadlineExceeded {
 impl std::error::Error for DeadlineExceeded {}
 
 impl Guest {
-    pub fn new(engine: &Engine, component: &wasmtime::component::Component, settings: &Settings) -> Result<Guest> {
+    pub fn new(engine: &Engine, component: &wasmtime::component::Component, settings: &Settings, crypto: Arc<Crypto>) -> Result<Guest> {
         let mut linker = Linker::<GuestState>::new(engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)
@@ -108,6 +110,7 @@ impl Guest {
             memory_limit: settings.memory_limit,
             memory_budget: settings.memory_budget,
             timeout: settings.timeout,
+            crypto,
         })
     }
 
@@ -208,6 +211,7 @@ impl Guest {
             limiter: MemoryLimiter::new(self.memory_limit),
             memory_limit: self.memory_limit,
             memory_budget: self.memory_budget,
+            crypto: Arc::clone(&self.crypto),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
@@ -229,9 +233,14 @@ pub struct GuestState {
     limiter: MemoryLimiter,
     memory_limit: u64,
     memory_budget: Option<u64>,
+    crypto: Arc<Crypto>,
 }
 
 impl GuestState {
+    pub fn crypto(&self) -> &Arc<Crypto> {
+        &self.crypto
+    }
+
     pub fn instance_memory(&self) -> usize {
         self.limiter.in_use()
     }

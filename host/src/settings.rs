@@ -142,6 +142,25 @@ pub struct ServeArgs {
     #[arg(long = "memory-budget", value_name = "SIZE", value_parser = parse_size)]
     pub memory_budget: Option<u64>,
 
+    /// Encryptions running at once across all workers; further calls wait (the seed's
+    /// `BoundedSemaphore(4)`, host-wide).
+    #[arg(long = "encrypt-concurrency", default_value_t = 4, value_name = "INT")]
+    pub encrypt_concurrency: u32,
+
+    /// Where the host keeps its data (the generated master key, …).
+    /// Default: `$XDG_DATA_HOME/host` or `~/.local/share/host`.
+    #[arg(long = "data-dir", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// A file holding the 32-byte master key that wraps data keys (raw, or 64 hex digits).
+    /// Default: `<data-dir>/master.key`, generated with mode 0600 on first use.
+    #[arg(long = "master-key-file", value_name = "FILE")]
+    pub master_key_file: Option<PathBuf>,
+
+    /// The master key as 64 hex digits: meant for `HOST_MASTER_KEY`; never printed.
+    #[arg(long = "master-key", hide = true, value_name = "HEX")]
+    pub master_key: Option<String>,
+
     /// debug, info, warning, error or critical.
     #[arg(long = "log-level", default_value = "info", value_name = "LEVEL")]
     pub log_level: LogLevel,
@@ -234,6 +253,13 @@ pub struct Settings {
     pub trusted_peers: TrustedPeers,
     pub memory_limit: u64,
     pub memory_budget: Option<u64>,
+    pub encrypt_concurrency: u32,
+    pub data_dir: PathBuf,
+    pub master_key_file: Option<PathBuf>,
+    /// The master key (hex): given, or resolved by the master before it starts workers.
+    pub master_key: Option<String>,
+    /// The System V semaphore of the encryption slots, made by the master.
+    pub crypto_slots: Option<i32>,
     pub log_level: LogLevel,
     pub error_logfile: String,
     pub access_logfile: Option<String>,
@@ -272,6 +298,9 @@ impl Settings {
         if memory_limit < 64 * 1024 {
             bail!("--memory-limit must be at least 64KiB (one WebAssembly page), got {memory_limit} bytes");
         }
+        if args.encrypt_concurrency == 0 {
+            bail!("--encrypt-concurrency must be at least 1");
+        }
         if args.workers == 0 {
             bail!("--workers must be at least 1");
         }
@@ -304,6 +333,14 @@ impl Settings {
                 .context("invalid --forwarded-allow-ips")?,
             memory_limit,
             memory_budget: args.memory_budget,
+            encrypt_concurrency: args.encrypt_concurrency,
+            data_dir: match args.data_dir {
+                Some(dir) => dir,
+                None => default_data_dir()?,
+            },
+            master_key_file: args.master_key_file,
+            master_key: args.master_key,
+            crypto_slots: None,
             log_level: args.log_level,
             error_logfile: args.error_logfile,
             access_logfile: args.access_logfile,
@@ -377,6 +414,23 @@ fn parse_env_pair(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
         _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
+}
+
+fn default_data_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir).join("host"));
+    }
+    let home = std::env::var_os("HOME").context("neither --data-dir, XDG_DATA_HOME nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".local").join("share").join("host"))
+}
+
+impl Settings {
+    /// The app's name, for scoping its data: the component's file name without `.wasm`.
+    pub fn app_name(&self) -> String {
+        self.component
+            .file_stem()
+            .map_or_else(|| "app".to_owned(), |stem| stem.to_string_lossy().into_owned())
     }
 }
 

@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 
 use crate::access_log::AccessLog;
 use crate::admission::Admission;
+use crate::capabilities::crypto;
 use crate::compile_cache;
 use crate::engine::{self, EngineSizing};
 use crate::guest::Guest;
@@ -71,7 +72,7 @@ pub fn run(settings: &Settings, error_log: LogFile, listeners: Vec<Listener>, he
     })
     .map_err(StartError::Boot)?;
     let guest = compile_cache::load_component(&engine, &settings.component, &settings.cache_dir)
-        .and_then(|component| Guest::new(&engine, &component, settings))
+        .and_then(|component| Guest::new(&engine, &component, settings, crypto::for_app(settings)?))
         .with_context(|| format!("cannot load {}", settings.component.display()))
         .map_err(StartError::App)?;
     let access_log = match &settings.access_logfile {

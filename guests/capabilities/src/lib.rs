@@ -1,4 +1,4 @@
-//! The host's capabilities for Rust guests: `use capabilities::status;` and call it. The
+//! The host's capabilities for Rust guests: `use capabilities::{crypto, status};` and call them. The
 //! interfaces and their documentation are the WIT files in `wit/` at the repository root.
 
 wit_bindgen::generate!({
@@ -6,4 +6,4 @@ wit_bindgen::generate!({
     world: "host:capabilities/capabilities",
 });
 
-pub use host::capabilities::status;
+pub use host::capabilities::{crypto, status};

@@ -34,6 +34,14 @@ impl wasip2::exports::http::incoming_handler::Guest for Faults {
                 respond(response_out, 200, "text/plain", format!("slept {ms} ms\n").as_bytes());
             }
             "/echo" => echo(request, response_out),
+            "/crypto" => crypto_parts(request, response_out, param(query, "parts").unwrap_or("")),
+            "/crypto/apply" => crypto_apply(request, response_out, query),
+            "/crypto/burn" => {
+                let mb = param(query, "mb").and_then(|mb| mb.parse::<usize>().ok()).unwrap_or(1);
+                let key = capabilities::crypto::generate_key();
+                let sealed = capabilities::crypto::encrypt(&key, &[0; 16], 0, &vec![0; mb * MIB]).expect("a fresh key works");
+                respond(response_out, 200, "text/plain", format!("encrypted {} bytes\n", sealed.len()).as_bytes());
+            }
             "/status" => {
                 let mb = param(query, "grow").and_then(|mb| mb.parse::<usize>().ok()).unwrap_or(0);
                 let held = grow(mb);
@@ -201,4 +209,64 @@ fn json(text: &str) -> String {
     }
     out.push('"');
     out
+}
+
+fn read_body(request: IncomingRequest) -> Vec<u8> {
+    let body = request.consume().expect("the body is consumed once");
+    let stream = body.stream().expect("a fresh body has a stream");
+    let mut bytes = Vec::new();
+    while let Ok(chunk) = stream.blocking_read(ECHO_CHUNK) {
+        bytes.extend(chunk);
+    }
+    bytes
+}
+
+/// Encrypts the body in parts of the given sizes (the rest in one last part), each on its own at
+/// its offset, checks that decrypting gives the body back, and returns the key id, IV and
+/// ciphertext.
+fn crypto_parts(request: IncomingRequest, out: ResponseOutparam, sizes: &str) {
+    let plaintext = read_body(request);
+    let key = capabilities::crypto::generate_key();
+    let iv = wasip2::random::random::get_random_bytes(16);
+    let mut ciphertext = Vec::with_capacity(plaintext.len());
+    let mut offset: usize = 0;
+    let mut bounds: Vec<usize> = sizes.split(',').filter_map(|s| s.parse().ok()).collect();
+    bounds.push(usize::MAX);
+    for size in bounds {
+        let end = offset.saturating_add(size).min(plaintext.len());
+        let part = capabilities::crypto::encrypt(&key, &iv, offset as u64, &plaintext[offset..end]).expect("a fresh key works");
+        ciphertext.extend(part);
+        offset = end;
+    }
+    let decrypted = capabilities::crypto::decrypt(&key, &iv, 0, &ciphertext).expect("a fresh key works");
+    assert_eq!(decrypted, plaintext, "decrypting gave something else back");
+    let body = format!(
+        "{{\"key_id\":{},\"iv\":{},\"ciphertext\":{}}}\n",
+        json(&key),
+        json(&hex(&iv)),
+        json(&hex(&ciphertext))
+    );
+    respond(out, 200, "application/json", body.as_bytes());
+}
+
+/// Decrypts the body with the key id and IV given: 403 when the host refuses the key.
+fn crypto_apply(request: IncomingRequest, out: ResponseOutparam, query: &str) {
+    let key = param(query, "key").unwrap_or_default().to_owned();
+    let iv = unhex(param(query, "iv").unwrap_or_default());
+    let offset = param(query, "offset").and_then(|o| o.parse().ok()).unwrap_or(0);
+    let data = read_body(request);
+    match capabilities::crypto::decrypt(&key, &iv, offset, &data) {
+        Ok(plaintext) => respond(out, 200, "application/octet-stream", &plaintext),
+        Err(error) => respond(out, 403, "text/plain", format!("{error:?}\n").as_bytes()),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok())
+        .collect()
 }

@@ -6,7 +6,7 @@ use crate::capabilities::host::capabilities::status::{Host, MemoryFigures};
 use crate::guest::GuestState;
 
 impl Host for GuestState {
-    fn memory(&mut self) -> MemoryFigures {
+    async fn memory(&mut self) -> MemoryFigures {
         MemoryFigures {
             host_resident: budget::host_resident_bytes(),
             host_budget: self.memory_budget(),

@@ -1,0 +1,281 @@
+//! `host:capabilities/crypto`: AES-256-CTR with host-held keys and a host-wide bound on how many
+//! encryptions run at once.
+//!
+//! Key ids are the data key wrapped with AES-256-GCM under the master key:
+//! `base64url(nonce[12] || ciphertext[32] || tag[16])`, with the associated data
+//! `host:crypto:v1:<app>`, so a key id issued to one app is refused for every other.
+//!
+//! The bound is a System V semaphore created by the master and shared by its workers, taken with
+//! `SEM_UNDO`: if a worker dies holding a slot, the kernel gives the slot back.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use ctr::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
+
+use crate::capabilities::host::capabilities::crypto::{CryptoError, Host};
+use crate::guest::GuestState;
+
+type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
+
+const KEY_LENGTH: usize = 32;
+const NONCE_LENGTH: usize = 12;
+const IV_LENGTH: usize = 16;
+const WRAPPING_CONTEXT: &str = "host:crypto:v1:";
+
+/// The crypto capability of one app, shared by its instances.
+pub struct Crypto {
+    master: Aes256Gcm,
+    app: String,
+    slots: Option<HostWideSlots>,
+}
+
+impl Crypto {
+    pub fn new(master_key: &[u8; KEY_LENGTH], app: &str, slots: Option<HostWideSlots>) -> Crypto {
+        Crypto {
+            master: Aes256Gcm::new(master_key.into()),
+            app: app.to_owned(),
+            slots,
+        }
+    }
+
+    fn aad(&self) -> Vec<u8> {
+        format!("{WRAPPING_CONTEXT}{}", self.app).into_bytes()
+    }
+
+    pub fn generate_key(&self) -> Result<String> {
+        let mut key = [0u8; KEY_LENGTH];
+        let mut nonce = [0u8; NONCE_LENGTH];
+        getrandom::fill(&mut key).context("no randomness for a data key")?;
+        getrandom::fill(&mut nonce).context("no randomness for a nonce")?;
+        let aad = self.aad();
+        let wrapped = self
+            .master
+            .encrypt(&Nonce::from(nonce), Payload { msg: &key, aad: &aad })
+            .map_err(|_| anyhow::anyhow!("cannot wrap a data key"))?;
+        let mut id = nonce.to_vec();
+        id.extend_from_slice(&wrapped);
+        Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id))
+    }
+
+    fn unwrap_key(&self, key_id: &str) -> Option<[u8; KEY_LENGTH]> {
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(key_id).ok()?;
+        if bytes.len() != NONCE_LENGTH + KEY_LENGTH + 16 {
+            return None;
+        }
+        let (nonce, wrapped) = bytes.split_at(NONCE_LENGTH);
+        let nonce: [u8; NONCE_LENGTH] = nonce.try_into().ok()?;
+        let aad = self.aad();
+        let key = self.master.decrypt(&Nonce::from(nonce), Payload { msg: wrapped, aad: &aad }).ok()?;
+        key.try_into().ok()
+    }
+
+    /// The CTR keystream applied to `data` at `offset`, in a slot of the host-wide bound, off the
+    /// async threads.
+    pub async fn apply(self: &Arc<Self>, key_id: &str, iv: &[u8], offset: u64, mut data: Vec<u8>) -> Result<Vec<u8>, CryptoError> {
+        let key = self.unwrap_key(key_id).ok_or(CryptoError::InvalidKey)?;
+        let iv: [u8; IV_LENGTH] = iv.try_into().map_err(|_| CryptoError::InvalidIv)?;
+        let crypto = Arc::clone(self);
+        let work = tokio::task::spawn_blocking(move || {
+            let _slot = crypto.slots.as_ref().map(HostWideSlots::take);
+            let started = monotonic_nanos();
+            let mut cipher = Aes256Ctr::new(&key.into(), &iv.into());
+            cipher.seek(offset);
+            cipher.apply_keystream(&mut data);
+            tracing::debug!(
+                "crypto: {} bytes at offset {offset} from {started} to {} ns (monotonic)",
+                data.len(),
+                monotonic_nanos()
+            );
+            data
+        });
+        // The closure does not panic; a failed join would mean the runtime is shutting down.
+        work.await.map_err(|_| CryptoError::InvalidKey)
+    }
+}
+
+impl Host for GuestState {
+    async fn generate_key(&mut self) -> String {
+        // Without randomness the host cannot make keys at all: a trap, not an app error.
+        self.crypto().generate_key().expect("the operating system has no randomness")
+    }
+
+    async fn encrypt(&mut self, key_id: String, iv: Vec<u8>, offset: u64, data: Vec<u8>) -> Result<Vec<u8>, CryptoError> {
+        self.crypto().apply(&key_id, &iv, offset, data).await
+    }
+
+    async fn decrypt(&mut self, key_id: String, iv: Vec<u8>, offset: u64, data: Vec<u8>) -> Result<Vec<u8>, CryptoError> {
+        self.crypto().apply(&key_id, &iv, offset, data).await
+    }
+}
+
+/// The host-wide bound: a System V semaphore of `--encrypt-concurrency` slots.
+#[derive(Debug, Clone, Copy)]
+pub struct HostWideSlots {
+    id: i32,
+}
+
+/// A taken slot, given back on drop.
+pub struct Slot(i32);
+
+impl HostWideSlots {
+    /// Made by the master; `remove` it when the host stops.
+    pub fn create(slots: u32) -> Result<HostWideSlots> {
+        // SAFETY: semget/semctl with a private key and valid flags.
+        let id = unsafe { libc::semget(libc::IPC_PRIVATE, 1, libc::IPC_CREAT | 0o600) };
+        if id < 0 {
+            return Err(std::io::Error::last_os_error()).context("cannot create the encryption semaphore");
+        }
+        if unsafe { libc::semctl(id, 0, libc::SETVAL, slots as libc::c_int) } < 0 {
+            return Err(std::io::Error::last_os_error()).context("cannot set the encryption semaphore");
+        }
+        Ok(HostWideSlots { id })
+    }
+
+    /// Opened by a worker from the id the master passed.
+    pub fn open(id: i32) -> HostWideSlots {
+        HostWideSlots { id }
+    }
+
+    pub fn id(&self) -> i32 {
+        self.id
+    }
+
+    pub fn remove(&self) {
+        // SAFETY: IPC_RMID on the semaphore this master created.
+        unsafe { libc::semctl(self.id, 0, libc::IPC_RMID) };
+    }
+
+    /// Waits for a slot (blocking the calling thread).
+    fn take(&self) -> Slot {
+        self.op(-1);
+        Slot(self.id)
+    }
+
+    fn op(&self, change: i16) {
+        let mut operation = libc::sembuf {
+            sem_num: 0,
+            sem_op: change,
+            sem_flg: libc::SEM_UNDO as i16,
+        };
+        // Interrupted waits are retried; any other failure means the semaphore is gone (the host
+        // is stopping), and the work goes on without the bound rather than failing.
+        // SAFETY: one valid sembuf for a semaphore set of one.
+        while unsafe { libc::semop(self.id, &mut operation, 1) } < 0 {
+            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                break;
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        HostWideSlots { id: self.0 }.op(1);
+    }
+}
+
+fn monotonic_nanos() -> u128 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid out pointer for CLOCK_MONOTONIC, which is system-wide on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u128 * 1_000_000_000 + now.tv_nsec as u128
+}
+
+/// The crypto capability of the app `settings` serves, in a worker (or a compile step, which
+/// has no slots).
+pub fn for_app(settings: &crate::settings::Settings) -> Result<Arc<Crypto>> {
+    let key = master_key(settings.master_key.as_deref(), settings.master_key_file.as_deref(), &settings.data_dir)?;
+    let slots = settings.crypto_slots.map(HostWideSlots::open);
+    Ok(Arc::new(Crypto::new(&key, &settings.app_name(), slots)))
+}
+
+/// The master key: `--master-key` (hex, from `HOST_MASTER_KEY`), else `--master-key-file`, else
+/// `<data dir>/master.key`, generated on first use with mode 0600.
+pub fn master_key(hex_key: Option<&str>, key_file: Option<&Path>, data_dir: &Path) -> Result<[u8; KEY_LENGTH]> {
+    if let Some(text) = hex_key {
+        return parse_key(text.trim().as_bytes()).context("HOST_MASTER_KEY must be 64 hex digits (32 bytes)");
+    }
+    if let Some(path) = key_file {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read the master key {}", path.display()))?;
+        return parse_key(&bytes).with_context(|| format!("{} must hold 32 bytes, raw or as 64 hex digits", path.display()));
+    }
+    let path = data_dir.join("master.key");
+    if let Ok(bytes) = std::fs::read(&path) {
+        return parse_key(&bytes).with_context(|| format!("{} is not a master key", path.display()));
+    }
+    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let mut key = [0u8; KEY_LENGTH];
+    getrandom::fill(&mut key).context("no randomness for the master key")?;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot create the master key {}", path.display()))?;
+    file.write_all(hex::encode(key).as_bytes())?;
+    file.sync_all()?;
+    tracing::info!("generated a master key at {}", path.display());
+    Ok(key)
+}
+
+fn parse_key(bytes: &[u8]) -> Result<[u8; KEY_LENGTH]> {
+    let text = String::from_utf8_lossy(bytes);
+    let decoded = match hex::decode(text.trim()) {
+        Ok(decoded) => decoded,
+        Err(_) => bytes.to_vec(),
+    };
+    match <[u8; KEY_LENGTH]>::try_from(decoded.as_slice()) {
+        Ok(key) => Ok(key),
+        Err(_) => bail!("expected 32 bytes, found {}", decoded.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn whole_then_parts(data: &[u8], parts: &[usize]) -> (Vec<u8>, Vec<u8>) {
+        let key = [7u8; 32];
+        let iv = [0xffu8; 16]; // the counter wraps within the first blocks
+        let mut whole = data.to_vec();
+        Aes256Ctr::new(&key.into(), &iv.into()).apply_keystream(&mut whole);
+        let mut pieces = Vec::new();
+        let mut offset = 0;
+        for &size in parts {
+            let mut part = data[offset..offset + size].to_vec();
+            let mut cipher = Aes256Ctr::new(&key.into(), &iv.into());
+            cipher.seek(offset as u64);
+            cipher.apply_keystream(&mut part);
+            pieces.extend(part);
+            offset += size;
+        }
+        (whole, pieces)
+    }
+
+    #[test]
+    fn parts_of_odd_sizes_equal_the_whole() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let (whole, parts) = whole_then_parts(&data, &[1, 15, 17, 4096, 5000, 871]);
+        assert_eq!(whole, parts);
+    }
+
+    #[test]
+    fn key_ids_belong_to_their_app() {
+        let master = [9u8; 32];
+        let a = Crypto::new(&master, "a", None);
+        let b = Crypto::new(&master, "b", None);
+        let id = a.generate_key().unwrap();
+        assert!(a.unwrap_key(&id).is_some());
+        assert!(b.unwrap_key(&id).is_none());
+        let mut tampered = id.clone().into_bytes();
+        tampered[20] ^= 1;
+        assert!(a.unwrap_key(&String::from_utf8_lossy(&tampered)).is_none());
+    }
+}
