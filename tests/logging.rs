@@ -120,3 +120,13 @@ async fn log_level_warning_hides_info_lines() {
         "--log-level warning should keep the error about the trap:\n{log}"
     );
 }
+
+#[tokio::test]
+async fn guest_output_is_logged_under_the_request_id() {
+    let host = HostProcess::start(&guest("faults"), &[]);
+    let response = http_client().get(host.url("/trap")).send().await.unwrap();
+    let request_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let expected = format!("request_id={request_id} app stderr: the /trap route fails on purpose");
+    let logged = poll_until(Duration::from_secs(5), Duration::from_millis(20), || host.log().contains(&expected).then_some(()));
+    assert!(logged.is_some(), "no line {expected:?} in the log:\n{}", host.log());
+}

@@ -1,7 +1,7 @@
 //! The guest component: compiled once, instantiated fresh for every request, run under its
 //! memory cap and deadline, with only the imports of the `wasi:http/proxy` world and the
 //! `wasi:cli` pieces that language runtimes pull in (no preopened files, no sockets, and
-//! outbound HTTP refused).
+//! outbound HTTP refused); their stdout and stderr become log lines of the request.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +21,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::capabilities::crypto::Crypto;
+use crate::guest_output::GuestOutput;
 use crate::limits::MemoryLimiter;
 use crate::settings::{Settings, human_size};
 
@@ -204,7 +205,10 @@ impl Guest {
 
     fn new_store(&self, deadline: Option<Instant>) -> Store<GuestState> {
         let state = GuestState {
-            wasi: WasiCtxBuilder::new().inherit_stdout().inherit_stderr().build(),
+            wasi: WasiCtxBuilder::new()
+                .stdout(GuestOutput::new("stdout"))
+                .stderr(GuestOutput::new("stderr"))
+                .build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             hooks: OutboundHttpDenied,

@@ -10,6 +10,7 @@ mod compile_cache;
 mod config;
 mod engine;
 mod guest;
+mod guest_output;
 mod handler;
 mod heartbeat;
 mod hooks;

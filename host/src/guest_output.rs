@@ -1,0 +1,104 @@
+//! A guest's stdout and stderr, as lines of the error log under the request's id, where an
+//! operator looks for them (gunicorn leaves an app's prints on the worker's stdout, unattributed).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::AsyncWrite;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+
+/// A partial line longer than this is logged as it is.
+const LONGEST_LINE: usize = 8 * 1024;
+
+#[derive(Clone)]
+pub struct GuestOutput {
+    stream: &'static str,
+    span: tracing::Span,
+}
+
+impl GuestOutput {
+    /// `stream` is `stdout` or `stderr`; lines are logged in the current span (the request's).
+    pub fn new(stream: &'static str) -> GuestOutput {
+        GuestOutput {
+            stream,
+            span: tracing::Span::current(),
+        }
+    }
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(LineWriter {
+            output: self.clone(),
+            pending: Vec::new(),
+        })
+    }
+}
+
+struct LineWriter {
+    output: GuestOutput,
+    pending: Vec<u8>,
+}
+
+impl LineWriter {
+    fn emit(&self, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end_matches('\r');
+        if text.trim().is_empty() {
+            return;
+        }
+        let _entered = self.output.span.enter();
+        match self.output.stream {
+            "stderr" => tracing::warn!("app stderr: {text}"),
+            _ => tracing::info!("app stdout: {text}"),
+        }
+    }
+
+    fn emit_complete_lines(&mut self) {
+        while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            self.emit(&line[..line.len() - 1]);
+        }
+        if self.pending.len() > LONGEST_LINE {
+            let line = std::mem::take(&mut self.pending);
+            self.emit(&line);
+        }
+    }
+}
+
+impl AsyncWrite for LineWriter {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.pending.extend_from_slice(buf);
+        this.emit_complete_lines();
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.pending.is_empty() {
+            let line = std::mem::take(&mut this.pending);
+            this.emit(&line);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for LineWriter {
+    fn drop(&mut self) {
+        if !self.pending.is_empty() {
+            let line = std::mem::take(&mut self.pending);
+            self.emit(&line);
+        }
+    }
+}
