@@ -5,13 +5,21 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use blackbox::{HostProcess, RawResponse, get_request, guest, http_client, read_response, wait_until_server_read};
+use blackbox::{
+    HostProcess, RawResponse, get_request, guest, http_client, read_response,
+    wait_until_server_read,
+};
 
 /// Sends `GET <target>` on a new connection and returns the connection, the response unread.
 fn send(addr: SocketAddr, target: &str) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).unwrap_or_else(|error| panic!("cannot connect to {addr}: {error}"));
+    let mut stream = TcpStream::connect(addr)
+        .unwrap_or_else(|error| panic!("cannot connect to {addr}: {error}"));
     stream
-        .write_all(&get_request(target, &addr.to_string(), &["Connection: close".into()]))
+        .write_all(&get_request(
+            target,
+            &addr.to_string(),
+            &["Connection: close".into()],
+        ))
         .expect("cannot send the request");
     stream
 }
@@ -45,18 +53,19 @@ fn full_queue_scenario(addr: SocketAddr) -> Scenario {
         .into_iter()
         .map(|stream| std::thread::spawn(move || receive(stream, Duration::from_secs(30))))
         .collect();
-    let collect = |readers: Vec<std::thread::JoinHandle<std::io::Result<RawResponse>>>| -> Vec<RawResponse> {
-        readers
-            .into_iter()
-            .enumerate()
-            .map(|(i, reader)| {
-                reader
-                    .join()
-                    .expect("reader thread panicked")
-                    .unwrap_or_else(|error| panic!("slow request {i} got no answer: {error}"))
-            })
-            .collect()
-    };
+    let collect =
+        |readers: Vec<std::thread::JoinHandle<std::io::Result<RawResponse>>>| -> Vec<RawResponse> {
+            readers
+                .into_iter()
+                .enumerate()
+                .map(|(i, reader)| {
+                    reader
+                        .join()
+                        .expect("reader thread panicked")
+                        .unwrap_or_else(|error| panic!("slow request {i} got no answer: {error}"))
+                })
+                .collect()
+        };
 
     // A fifth request must be turned away. It is retried (a request that found a slot free
     // answers at once), but it must be refused within 2 s.
@@ -64,10 +73,15 @@ fn full_queue_scenario(addr: SocketAddr) -> Scenario {
     let mut tries = Vec::new();
     loop {
         let mut probe = send(addr, "/sleep?ms=1");
-        probe.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        probe
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
         match read_response(&mut probe) {
             Ok(response) if response.status == 503 => {
-                println!("fifth request refused after {:?} (earlier tries: {tries:?})", started.elapsed());
+                println!(
+                    "fifth request refused after {:?} (earlier tries: {tries:?})",
+                    started.elapsed()
+                );
                 let slow = collect(readers);
                 println!("the four slow requests took {:?}", started.elapsed());
                 return Scenario::Refused(response, slow);
@@ -101,7 +115,16 @@ fn full_queue_answers_503_busy() {
     // Two run at once (gthread, 2 threads), two more may wait (--worker-connections 2).
     let host = HostProcess::start(
         &guest("faults"),
-        &["-k", "gthread", "--threads", "2", "--worker-connections", "2", "--timeout", "5"],
+        &[
+            "-k",
+            "gthread",
+            "--threads",
+            "2",
+            "--worker-connections",
+            "2",
+            "--timeout",
+            "5",
+        ],
     );
     const ATTEMPTS: usize = 3;
     for attempt in 1..=ATTEMPTS {
@@ -117,8 +140,16 @@ fn full_queue_answers_503_busy() {
             "the 503 has no Retry-After header: {:?}",
             refused.headers
         );
-        assert!(refused.body_text().contains("busy"), "the 503 body should say `busy`: {:?}", refused.body_text());
-        assert!(refused.says_connection_close(), "the 503 has no `Connection: close`: {:?}", refused.headers);
+        assert!(
+            refused.body_text().contains("busy"),
+            "the 503 body should say `busy`: {:?}",
+            refused.body_text()
+        );
+        assert!(
+            refused.says_connection_close(),
+            "the 503 has no `Connection: close`: {:?}",
+            refused.headers
+        );
         for (i, response) in slow.iter().enumerate() {
             assert_eq!(
                 response.status,
@@ -156,7 +187,10 @@ async fn sync_runs_one_request_at_a_time() {
     let host = HostProcess::start(&guest("faults"), &["-k", "sync"]);
     let took = two_sleeps(&host).await;
     println!("sync: two concurrent 500 ms sleeps took {took:?}");
-    assert!(took >= Duration::from_secs(1), "with -k sync two 500 ms sleeps overlapped: {took:?}");
+    assert!(
+        took >= Duration::from_secs(1),
+        "with -k sync two 500 ms sleeps overlapped: {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

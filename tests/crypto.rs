@@ -20,19 +20,35 @@ fn master_key_file(dir: &tempfile::TempDir) -> String {
 
 /// The README's construction: base64url(nonce[12] || AES-256-GCM(key)) with AAD `host:crypto:v1:<app>`.
 fn unwrap_key_id(key_id: &str, app: &str) -> Vec<u8> {
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(key_id).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(key_id)
+        .unwrap();
     let (nonce, wrapped) = bytes.split_at(12);
     let master: [u8; 32] = hex::decode(MASTER_KEY).unwrap().try_into().unwrap();
     let nonce: [u8; 12] = nonce.try_into().unwrap();
     let aad = format!("host:crypto:v1:{app}");
     Aes256Gcm::new(&master.into())
-        .decrypt(&Nonce::from(nonce), Payload { msg: wrapped, aad: aad.as_bytes() })
+        .decrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: wrapped,
+                aad: aad.as_bytes(),
+            },
+        )
         .expect("the key id does not unwrap as documented")
 }
 
 fn openssl_ctr(key: &[u8], iv: &str, plaintext: &[u8]) -> Vec<u8> {
     let mut child = Command::new("openssl")
-        .args(["enc", "-aes-256-ctr", "-nosalt", "-K", &hex::encode(key), "-iv", iv])
+        .args([
+            "enc",
+            "-aes-256-ctr",
+            "-nosalt",
+            "-K",
+            &hex::encode(key),
+            "-iv",
+            iv,
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -46,7 +62,9 @@ async fn parts_of_odd_sizes_equal_the_whole_and_match_openssl() {
     let dir = tempfile::tempdir().unwrap();
     let key_file = master_key_file(&dir);
     let host = HostProcess::start(&guest("faults"), &["--master-key-file", &key_file]);
-    let plaintext: Vec<u8> = (0..100_003u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let plaintext: Vec<u8> = (0..100_003u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let response = http_client()
         .post(host.url("/crypto?parts=1,15,17,4096,65536,5000"))
         .body(plaintext.clone())
@@ -59,7 +77,10 @@ async fn parts_of_odd_sizes_equal_the_whole_and_match_openssl() {
     let iv = answer["iv"].as_str().unwrap();
     let key = unwrap_key_id(answer["key_id"].as_str().unwrap(), "faults");
     assert_eq!(ciphertext.len(), plaintext.len());
-    assert!(ciphertext == openssl_ctr(&key, iv, &plaintext), "the parts differ from openssl's AES-256-CTR of the whole");
+    assert!(
+        ciphertext == openssl_ctr(&key, iv, &plaintext),
+        "the parts differ from openssl's AES-256-CTR of the whole"
+    );
 }
 
 #[tokio::test]
@@ -72,13 +93,26 @@ async fn a_key_id_is_refused_to_another_app_and_when_altered() {
     let stranger = HostProcess::start(&other.to_string_lossy(), &["--master-key-file", &key_file]);
     let client = http_client();
     let sealed: serde_json::Value = serde_json::from_str(
-        &client.post(owner.url("/crypto")).body("secret").send().await.unwrap().text().await.unwrap(),
+        &client
+            .post(owner.url("/crypto"))
+            .body("secret")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
     )
     .unwrap();
-    let (key, iv) = (sealed["key_id"].as_str().unwrap(), sealed["iv"].as_str().unwrap());
+    let (key, iv) = (
+        sealed["key_id"].as_str().unwrap(),
+        sealed["iv"].as_str().unwrap(),
+    );
     let ciphertext = hex::decode(sealed["ciphertext"].as_str().unwrap()).unwrap();
     let apply = |host: &HostProcess, key: &str| {
-        let request = client.post(host.url(&format!("/crypto/apply?key={key}&iv={iv}"))).body(ciphertext.clone());
+        let request = client
+            .post(host.url(&format!("/crypto/apply?key={key}&iv={iv}")))
+            .body(ciphertext.clone());
         async move {
             let response = request.send().await.unwrap();
             (response.status().as_u16(), response.text().await.unwrap())
@@ -86,7 +120,11 @@ async fn a_key_id_is_refused_to_another_app_and_when_altered() {
     };
     assert_eq!(apply(&owner, key).await, (200, "secret".to_owned()));
     let (status, body) = apply(&stranger, key).await;
-    assert_eq!((status, body.trim()), (403, "CryptoError::InvalidKey"), "another app used the key");
+    assert_eq!(
+        (status, body.trim()),
+        (403, "CryptoError::InvalidKey"),
+        "another app used the key"
+    );
     let mut altered = key.to_owned().into_bytes();
     altered[30] = if altered[30] == b'A' { b'B' } else { b'A' };
     let (status, _) = apply(&owner, &String::from_utf8(altered).unwrap()).await;
@@ -98,7 +136,12 @@ fn most_at_once(log: &str) -> usize {
     let mut events = Vec::new();
     for line in log.lines().filter(|line| line.contains("crypto: ")) {
         let words: Vec<&str> = line.split_whitespace().collect();
-        let at = |word: &str| words.iter().position(|w| *w == word).and_then(|i| words.get(i + 1)?.parse::<u128>().ok());
+        let at = |word: &str| {
+            words
+                .iter()
+                .position(|w| *w == word)
+                .and_then(|i| words.get(i + 1)?.parse::<u128>().ok())
+        };
         if let (Some(start), Some(end)) = (at("from"), at("to")) {
             events.push((start, 1i64));
             events.push((end, -1i64));
@@ -127,18 +170,38 @@ async fn burn(host: &HostProcess, requests: usize) {
 async fn the_encryption_bound_holds_across_workers() {
     let dir = tempfile::tempdir().unwrap();
     let key_file = master_key_file(&dir);
-    let common = ["--master-key-file", &key_file, "--workers", "4", "-k", "gthread", "--threads", "4", "--log-level", "debug"];
+    let common = [
+        "--master-key-file",
+        &key_file,
+        "--workers",
+        "4",
+        "-k",
+        "gthread",
+        "--threads",
+        "4",
+        "--log-level",
+        "debug",
+    ];
 
-    let bounded = HostProcess::start(&guest("faults"), &[&common[..], &["--encrypt-concurrency", "1"]].concat());
+    let bounded = HostProcess::start(
+        &guest("faults"),
+        &[&common[..], &["--encrypt-concurrency", "1"]].concat(),
+    );
     burn(&bounded, 16).await;
     let at_once = most_at_once(&bounded.log());
     println!("--encrypt-concurrency 1: at most {at_once} encryptions at once");
     assert_eq!(at_once, 1, "the bound of 1 was exceeded across the workers");
 
     // The same load with a bound of 4 does overlap: the measure above can see a broken bound.
-    let loose = HostProcess::start(&guest("faults"), &[&common[..], &["--encrypt-concurrency", "4"]].concat());
+    let loose = HostProcess::start(
+        &guest("faults"),
+        &[&common[..], &["--encrypt-concurrency", "4"]].concat(),
+    );
     burn(&loose, 16).await;
     let at_once = most_at_once(&loose.log());
     println!("--encrypt-concurrency 4: at most {at_once} encryptions at once");
-    assert!((2..=4).contains(&at_once), "expected overlapping encryptions within the bound of 4, saw {at_once}");
+    assert!(
+        (2..=4).contains(&at_once),
+        "expected overlapping encryptions within the bound of 4, saw {at_once}"
+    );
 }

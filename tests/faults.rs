@@ -29,12 +29,20 @@ async fn get(client: &reqwest::Client, url: &str) -> Answer {
         .text()
         .await
         .unwrap_or_else(|error| panic!("GET {url}: reading the body failed: {error}"));
-    Answer { status, request_id, body }
+    Answer {
+        status,
+        request_id,
+        body,
+    }
 }
 
 async fn assert_healthy(client: &reqwest::Client, host: &HostProcess, after: &str) {
     let answer = get(client, &host.url("/")).await;
-    assert_eq!(answer.status, 200, "after {after}, GET / got {} {:?}", answer.status, answer.body);
+    assert_eq!(
+        answer.status, 200,
+        "after {after}, GET / got {} {:?}",
+        answer.status, answer.body
+    );
     assert_eq!(answer.body, "ok\n", "after {after}");
 }
 
@@ -44,7 +52,11 @@ async fn trap_gives_500_trapped() {
     let client = http_client();
     let answer = get(&client, &host.url("/trap")).await;
     assert_eq!(answer.status, 500, "/trap: {:?}", answer.body);
-    assert!(answer.body.contains("trapped"), "/trap body should say `trapped`: {:?}", answer.body);
+    assert!(
+        answer.body.contains("trapped"),
+        "/trap body should say `trapped`: {:?}",
+        answer.body
+    );
     assert_healthy(&client, &host, "a trap").await;
 }
 
@@ -53,14 +65,22 @@ async fn memory_cap_gives_500_and_the_next_request_is_fine() {
     let host = HostProcess::start(&guest("faults"), &["--memory-limit", "16MiB"]);
     let client = http_client();
     let answer = get(&client, &host.url("/grow")).await;
-    assert_eq!(answer.status, 500, "/grow with --memory-limit 16MiB: {:?}", answer.body);
+    assert_eq!(
+        answer.status, 500,
+        "/grow with --memory-limit 16MiB: {:?}",
+        answer.body
+    );
     assert!(
         answer.body.contains("memory limit") && answer.body.contains("16 MiB"),
         "/grow body should say `memory limit` and `16 MiB`: {:?}",
         answer.body
     );
     let answer = get(&client, &host.url("/grow?mb=4")).await;
-    assert_eq!(answer.status, 200, "/grow?mb=4 after a refused /grow: {:?}", answer.body);
+    assert_eq!(
+        answer.status, 200,
+        "/grow?mb=4 after a refused /grow: {:?}",
+        answer.body
+    );
     assert_eq!(answer.body, "grew 4 MiB\n");
     assert_healthy(&client, &host, "a memory cap").await;
 }
@@ -72,9 +92,20 @@ async fn spinning_guest_is_stopped_at_the_deadline() {
     let started = Instant::now();
     let answer = get(&client, &host.url("/spin")).await;
     let took = started.elapsed();
-    assert_eq!(answer.status, 504, "/spin with --timeout 1: {:?}", answer.body);
-    assert!(answer.body.contains("timeout"), "/spin body should say `timeout`: {:?}", answer.body);
-    assert!(took < Duration::from_secs(10), "/spin with --timeout 1 took {took:?}");
+    assert_eq!(
+        answer.status, 504,
+        "/spin with --timeout 1: {:?}",
+        answer.body
+    );
+    assert!(
+        answer.body.contains("timeout"),
+        "/spin body should say `timeout`: {:?}",
+        answer.body
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "/spin with --timeout 1 took {took:?}"
+    );
     println!("/spin answered 504 after {took:?}");
     assert_healthy(&client, &host, "a spinning guest").await;
 }
@@ -86,17 +117,34 @@ async fn sleeping_guest_is_stopped_and_logged_with_its_request_id() {
     let started = Instant::now();
     let answer = get(&client, &host.url("/sleep?ms=3000")).await;
     let took = started.elapsed();
-    assert_eq!(answer.status, 504, "/sleep?ms=3000 with --timeout 1: {:?}", answer.body);
-    assert!(answer.body.contains("timeout"), "the 504 body should say `timeout`: {:?}", answer.body);
+    assert_eq!(
+        answer.status, 504,
+        "/sleep?ms=3000 with --timeout 1: {:?}",
+        answer.body
+    );
+    assert!(
+        answer.body.contains("timeout"),
+        "the 504 body should say `timeout`: {:?}",
+        answer.body
+    );
     // Well before the guest would have woken up (3 s): the deadline stopped it.
-    assert!(took < Duration::from_millis(2900), "the 504 came after {took:?}, not at the 1 s deadline");
-    let id = answer.request_id.expect("the 504 answer has no x-request-id header");
+    assert!(
+        took < Duration::from_millis(2900),
+        "the 504 came after {took:?}, not at the 1 s deadline"
+    );
+    let id = answer
+        .request_id
+        .expect("the 504 answer has no x-request-id header");
     let wanted = format!("request_id={id}");
     // The log line may be written just after the answer: poll for it.
     let logged = blackbox::poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
         host.log().contains(&wanted).then_some(())
     });
-    assert!(logged.is_some(), "the error log has no line with `{wanted}`:\n{}", host.log());
+    assert!(
+        logged.is_some(),
+        "the error log has no line with `{wanted}`:\n{}",
+        host.log()
+    );
     assert_healthy(&client, &host, "a sleeping guest").await;
 }
 
@@ -178,7 +226,12 @@ async fn burst_of_mixed_faults_leaves_the_host_serving() {
             ));
         }
     }
-    assert!(wrong.is_empty(), "{} of 200 answers were wrong:\n{}", wrong.len(), wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "{} of 200 answers were wrong:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
     assert_healthy(&client, &host, "the burst").await;
     assert!(host.is_alive(), "the host died in the burst");
 }

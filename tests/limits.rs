@@ -9,11 +9,17 @@ use blackbox::{HostProcess, RawResponse, get_request, guest, raw_answer, raw_req
 /// `GET <target> HTTP/1.1` whose request line (without CRLF) is exactly `length` bytes.
 fn request_with_line(addr: SocketAddr, length: usize) -> Vec<u8> {
     let fixed = "GET ".len() + " HTTP/1.1".len() + 1; // + the leading "/"
-    assert!(length > fixed, "a request line needs more than {fixed} bytes");
+    assert!(
+        length > fixed,
+        "a request line needs more than {fixed} bytes"
+    );
     let target = format!("/{}", "a".repeat(length - fixed));
     let request = get_request(&target, &addr.to_string(), &[]);
     let line_end = request.windows(2).position(|w| w == b"\r\n").unwrap();
-    assert_eq!(line_end, length, "the request line is not {length} bytes long");
+    assert_eq!(
+        line_end, length,
+        "the request line is not {length} bytes long"
+    );
     request
 }
 
@@ -64,16 +70,29 @@ fn assert_refused(what: &str, response: &RawResponse, status: u16) {
 }
 
 fn still_serves(host: &HostProcess, after: &str) {
-    let response = raw_answer(host.addr(), &get_request("/", &host.addr().to_string(), &[]));
-    assert_eq!(response.status, 200, "after {after} the host no longer serves GET /: {response:?}");
+    let response = raw_answer(
+        host.addr(),
+        &get_request("/", &host.addr().to_string(), &[]),
+    );
+    assert_eq!(
+        response.status, 200,
+        "after {after} the host no longer serves GET /: {response:?}"
+    );
 }
 
 #[test]
 fn default_request_line_limit_is_4094() {
     let host = HostProcess::start(&guest("hello"), &[]);
     let addr = host.addr();
-    assert_ok("a 4094-byte request line", &raw_answer(addr, &request_with_line(addr, 4094)));
-    assert_refused("a 4095-byte request line", &raw_request(addr, &request_with_line(addr, 4095)), 400);
+    assert_ok(
+        "a 4094-byte request line",
+        &raw_answer(addr, &request_with_line(addr, 4094)),
+    );
+    assert_refused(
+        "a 4095-byte request line",
+        &raw_request(addr, &request_with_line(addr, 4095)),
+        400,
+    );
     still_serves(&host, "a too long request line");
 }
 
@@ -107,8 +126,15 @@ fn request_line_limit_clamps_to_8190() {
 fn default_header_field_count_limit_is_100() {
     let host = HostProcess::start(&guest("hello"), &[]);
     let addr = host.addr();
-    assert_ok("100 header fields", &raw_answer(addr, &request_with_fields(addr, 100)));
-    assert_refused("101 header fields", &raw_request(addr, &request_with_fields(addr, 101)), 431);
+    assert_ok(
+        "100 header fields",
+        &raw_answer(addr, &request_with_fields(addr, 100)),
+    );
+    assert_refused(
+        "101 header fields",
+        &raw_request(addr, &request_with_fields(addr, 101)),
+        431,
+    );
     still_serves(&host, "too many header fields");
 }
 
@@ -116,7 +142,10 @@ fn default_header_field_count_limit_is_100() {
 fn default_header_line_limit_is_8190() {
     let host = HostProcess::start(&guest("hello"), &[]);
     let addr = host.addr();
-    assert_ok("an 8190-byte header line", &raw_answer(addr, &request_with_header_line(addr, 8190)));
+    assert_ok(
+        "an 8190-byte header line",
+        &raw_answer(addr, &request_with_header_line(addr, 8190)),
+    );
     assert_refused(
         "an 8191-byte header line",
         &raw_request(addr, &request_with_header_line(addr, 8191)),
@@ -146,7 +175,11 @@ fn field_size_limit_takes_both_spellings() {
 #[test]
 fn malformed_request_gets_400() {
     let host = HostProcess::start(&guest("hello"), &[]);
-    assert_refused("`GARBAGE`", &raw_request(host.addr(), b"GARBAGE\r\n\r\n"), 400);
+    assert_refused(
+        "`GARBAGE`",
+        &raw_request(host.addr(), b"GARBAGE\r\n\r\n"),
+        400,
+    );
     still_serves(&host, "a malformed request");
 }
 
@@ -155,19 +188,33 @@ fn malformed_request_gets_400() {
 /// on its own.
 #[test]
 fn refusals_have_a_one_line_text_body() {
-    let host = HostProcess::start(&guest("hello"), &["--limit-request-line", "100", "--limit-request-field_size", "100"]);
+    let host = HostProcess::start(
+        &guest("hello"),
+        &[
+            "--limit-request-line",
+            "100",
+            "--limit-request-field_size",
+            "100",
+        ],
+    );
     let addr = host.addr();
     // Too many fields and a malformed request are refused by the HTTP parser itself, before
     // there is a request to describe: status and `Connection: close` only (tested above).
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("a too long request line", request_with_line(addr, 101)),
-        ("a too large header line", request_with_header_line(addr, 101)),
+        (
+            "a too large header line",
+            request_with_header_line(addr, 101),
+        ),
     ];
     let mut failures = Vec::new();
     for (what, request) in cases {
         let response = raw_request(addr, &request);
         let body = response.body_text();
-        let content_type = response.header("content-type").unwrap_or_default().to_owned();
+        let content_type = response
+            .header("content-type")
+            .unwrap_or_default()
+            .to_owned();
         let one_line = !body.trim().is_empty() && body.trim_end_matches('\n').lines().count() == 1;
         if !content_type.starts_with("text/plain") || !one_line {
             failures.push(format!(

@@ -6,12 +6,18 @@ use std::time::Duration;
 use blackbox::{HostProcess, guest, http_client, poll_until};
 
 const USER_AGENT: &str = "blackbox-logging-test/1.0 (access log)";
-const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
 
 /// Checks `dd/Mon/yyyy:HH:MM:SS +0000`.
 fn check_time(time: &str) -> Result<(), String> {
     let bytes = time.as_bytes();
-    let digits = |range: std::ops::Range<usize>| bytes.get(range.clone()).is_some_and(|b| b.iter().all(u8::is_ascii_digit));
+    let digits = |range: std::ops::Range<usize>| {
+        bytes
+            .get(range.clone())
+            .is_some_and(|b| b.iter().all(u8::is_ascii_digit))
+    };
     let ok = time.len() == 26
         && digits(0..2)
         && &time[2..3] == "/"
@@ -25,7 +31,11 @@ fn check_time(time: &str) -> Result<(), String> {
         && &time[17..18] == ":"
         && digits(18..20)
         && &time[20..] == " +0000";
-    if ok { Ok(()) } else { Err(format!("time {time:?} is not dd/Mon/yyyy:HH:MM:SS +0000")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("time {time:?} is not dd/Mon/yyyy:HH:MM:SS +0000"))
+    }
 }
 
 /// Checks `127.0.0.1 - - [time] "GET / HTTP/1.1" 200 14 "-" "<user agent>"`.
@@ -44,7 +54,9 @@ fn check_access_line(line: &str) -> Result<(), String> {
 
 #[test]
 fn access_line_parser_accepts_gunicorns_format() {
-    let line = format!("127.0.0.1 - - [24/Nov/2026:03:24:47 +0000] \"GET / HTTP/1.1\" 200 14 \"-\" \"{USER_AGENT}\"");
+    let line = format!(
+        "127.0.0.1 - - [24/Nov/2026:03:24:47 +0000] \"GET / HTTP/1.1\" 200 14 \"-\" \"{USER_AGENT}\""
+    );
     assert_eq!(check_access_line(&line), Ok(()));
     assert!(check_access_line(&line.replace("Nov", "Nop")).is_err());
     assert!(check_access_line(&line.replace(" 14 ", " 15 ")).is_err());
@@ -74,7 +86,8 @@ async fn access_log_has_gunicorns_default_format() {
             .map(str::to_owned)
     });
     let contents = std::fs::read_to_string(&access_log).unwrap_or_default();
-    let line = line.unwrap_or_else(|| panic!("no access log line with our user agent in:\n{contents}"));
+    let line =
+        line.unwrap_or_else(|| panic!("no access log line with our user agent in:\n{contents}"));
     println!("access log line: {line}");
     if let Err(why) = check_access_line(&line) {
         panic!("the access log line is not in gunicorn's default format: {why}\n{line}");
@@ -89,7 +102,10 @@ fn error_logfile_gets_the_listening_line() {
     let host = HostProcess::start(&guest("hello"), &["--error-logfile", &error_log_arg]);
     let wanted = format!("Listening at: http://{} ({})", host.addr(), host.pid());
     let found = poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
-        std::fs::read_to_string(&error_log).ok()?.contains(&wanted).then_some(())
+        std::fs::read_to_string(&error_log)
+            .ok()?
+            .contains(&wanted)
+            .then_some(())
     });
     assert!(
         found.is_some(),
@@ -103,18 +119,33 @@ fn error_logfile_gets_the_listening_line() {
 async fn log_level_warning_hides_info_lines() {
     let mut host = HostProcess::start(&guest("faults"), &["--log-level", "warning"]);
     let client = http_client();
-    let ok = client.get(host.url("/")).send().await.expect("GET / failed");
+    let ok = client
+        .get(host.url("/"))
+        .send()
+        .await
+        .expect("GET / failed");
     assert_eq!(ok.status(), 200);
     // A trap is logged as an error, which `warning` keeps.
-    let trap = client.get(host.url("/trap")).send().await.expect("GET /trap failed");
+    let trap = client
+        .get(host.url("/trap"))
+        .send()
+        .await
+        .expect("GET /trap failed");
     assert_eq!(trap.status(), 500);
     host.signal(libc::SIGTERM);
     let status = host.wait_exit(Duration::from_secs(30));
     assert!(status.is_some(), "the host did not exit after SIGTERM");
     let log = host.log();
     let info: Vec<&str> = log.lines().filter(|line| line.contains("[INFO]")).collect();
-    assert!(info.is_empty(), "--log-level warning still logs info lines:\n{}", info.join("\n"));
-    assert!(!log.contains("Listening at:"), "--log-level warning still logs `Listening at:`:\n{log}");
+    assert!(
+        info.is_empty(),
+        "--log-level warning still logs info lines:\n{}",
+        info.join("\n")
+    );
+    assert!(
+        !log.contains("Listening at:"),
+        "--log-level warning still logs `Listening at:`:\n{log}"
+    );
     assert!(
         log.lines().any(|line| line.contains("[ERROR]")),
         "--log-level warning should keep the error about the trap:\n{log}"
@@ -125,8 +156,17 @@ async fn log_level_warning_hides_info_lines() {
 async fn guest_output_is_logged_under_the_request_id() {
     let host = HostProcess::start(&guest("faults"), &[]);
     let response = http_client().get(host.url("/trap")).send().await.unwrap();
-    let request_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let expected = format!("request_id={request_id} app stderr: the /trap route fails on purpose");
-    let logged = poll_until(Duration::from_secs(5), Duration::from_millis(20), || host.log().contains(&expected).then_some(()));
-    assert!(logged.is_some(), "no line {expected:?} in the log:\n{}", host.log());
+    let logged = poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        host.log().contains(&expected).then_some(())
+    });
+    assert!(
+        logged.is_some(),
+        "no line {expected:?} in the log:\n{}",
+        host.log()
+    );
 }

@@ -7,18 +7,32 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use blackbox::{HostProcess, get_request, guest, host_bin, http_client, poll_until, read_response, wait_until_server_read};
+use blackbox::{
+    HostProcess, get_request, guest, host_bin, http_client, poll_until, read_response,
+    wait_until_server_read,
+};
 
 /// The worker processes of a master: its children started as `host worker`.
 fn workers(master: u32) -> BTreeSet<u32> {
     let mut pids = BTreeSet::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return pids };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
     for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         // The fields after the command name: state, ppid, …
-        let Some(after_name) = stat.rsplit_once(") ").map(|(_, rest)| rest) else { continue };
-        let parent: Option<u32> = after_name.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        let Some(after_name) = stat.rsplit_once(") ").map(|(_, rest)| rest) else {
+            continue;
+        };
+        let parent: Option<u32> = after_name
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok());
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let is_worker = cmdline.split(|b| *b == 0).nth(1) == Some(b"worker".as_slice());
         let alive = !after_name.starts_with('Z');
@@ -45,11 +59,20 @@ fn wait_for_workers(host: &HostProcess, count: usize, within: Duration) -> BTree
 
 fn send(pid: u32, signal: i32) {
     // SAFETY: kill(2) on a pid the test observed as a child of its host.
-    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, signal) }, 0, "kill({pid}, {signal})");
+    assert_eq!(
+        unsafe { libc::kill(pid as libc::pid_t, signal) },
+        0,
+        "kill({pid}, {signal})"
+    );
 }
 
 async fn get_status(url: &str) -> u16 {
-    http_client().get(url).send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+    http_client()
+        .get(url)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -62,29 +85,51 @@ fn workers_are_processes_and_a_killed_one_is_replaced_within_two_seconds() {
         let now = workers(host.pid());
         (now.len() == 3 && !now.contains(&victim)).then_some(now)
     });
-    assert!(after.is_some(), "the killed worker was not replaced within 2 s; log:\n{}", host.log());
     assert!(
-        host.log().contains(&format!("Worker (pid:{victim}) was sent SIGKILL! Perhaps out of memory?")),
+        after.is_some(),
+        "the killed worker was not replaced within 2 s; log:\n{}",
+        host.log()
+    );
+    assert!(
+        host.log().contains(&format!(
+            "Worker (pid:{victim}) was sent SIGKILL! Perhaps out of memory?"
+        )),
         "the log does not name the kill:\n{}",
         host.log()
     );
-    let status = tokio::runtime::Runtime::new().unwrap().block_on(get_status(&host.url("/")));
+    let status = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(get_status(&host.url("/")));
     assert_eq!(status, 200);
 }
 
 #[test]
 fn a_silent_worker_gets_worker_timeout_and_is_replaced() {
     let host = HostProcess::start(&guest("hello"), &["--workers", "1", "--timeout", "1"]);
-    let stalled = *wait_for_workers(&host, 1, Duration::from_secs(10)).iter().next().unwrap();
+    let stalled = *wait_for_workers(&host, 1, Duration::from_secs(10))
+        .iter()
+        .next()
+        .unwrap();
     // A stopped process is the most complete stall: its event loop cannot stamp the heartbeat.
     send(stalled, libc::SIGSTOP);
     let replaced = poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
         let now = workers(host.pid());
         (now.len() == 1 && !now.contains(&stalled)).then_some(())
     });
-    assert!(replaced.is_some(), "the stalled worker was not replaced; log:\n{}", host.log());
-    assert!(host.log().contains(&format!("WORKER TIMEOUT (pid:{stalled})")), "log:\n{}", host.log());
-    let status = tokio::runtime::Runtime::new().unwrap().block_on(get_status(&host.url("/")));
+    assert!(
+        replaced.is_some(),
+        "the stalled worker was not replaced; log:\n{}",
+        host.log()
+    );
+    assert!(
+        host.log()
+            .contains(&format!("WORKER TIMEOUT (pid:{stalled})")),
+        "log:\n{}",
+        host.log()
+    );
+    let status = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(get_status(&host.url("/")));
     assert_eq!(status, 200);
 }
 
@@ -92,11 +137,26 @@ fn a_silent_worker_gets_worker_timeout_and_is_replaced() {
 async fn max_requests_recycles_workers_under_load_without_a_failed_request() {
     let host = HostProcess::start(
         &guest("hello"),
-        &["--workers", "2", "-k", "gthread", "--threads", "4", "--max-requests", "40", "--max-requests-jitter", "10"],
+        &[
+            "--workers",
+            "2",
+            "-k",
+            "gthread",
+            "--threads",
+            "4",
+            "--max-requests",
+            "40",
+            "--max-requests-jitter",
+            "10",
+        ],
     );
     // One connection per request: what is measured is the host, not the keep-alive race every
     // HTTP/1.1 server has when it closes an idle connection the client is about to reuse.
-    let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0).build().unwrap();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let client = client.clone();
@@ -118,10 +178,23 @@ async fn max_requests_recycles_workers_under_load_without_a_failed_request() {
         failures.extend(task.await.unwrap());
     }
     let log = host.log();
-    let recycled = log.matches("Autorestarting worker after current request.").count();
-    println!("480 requests, {recycled} worker recycles, {} failures", failures.len());
-    assert!(failures.is_empty(), "{} failed requests: {:?}\nlog:\n{log}", failures.len(), &failures[..failures.len().min(5)]);
-    assert!(recycled >= 4, "expected at least 4 recycles in 480 requests with --max-requests 40..50, saw {recycled}");
+    let recycled = log
+        .matches("Autorestarting worker after current request.")
+        .count();
+    println!(
+        "480 requests, {recycled} worker recycles, {} failures",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}\nlog:\n{log}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        recycled >= 4,
+        "expected at least 4 recycles in 480 requests with --max-requests 40..50, saw {recycled}"
+    );
     assert_eq!(workers(host.pid()).len(), 2, "log:\n{log}");
 }
 
@@ -132,16 +205,26 @@ fn slow_request_in_flight(host: &HostProcess) -> std::thread::JoinHandle<u16> {
     stream
         .write_all(&get_request("/sleep?ms=1500", &addr.to_string(), &[]))
         .expect("cannot send the request");
-    assert!(wait_until_server_read(&stream, Duration::from_secs(10)), "the host did not read the request");
+    assert!(
+        wait_until_server_read(&stream, Duration::from_secs(10)),
+        "the host did not read the request"
+    );
     std::thread::spawn(move || {
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        read_response(&mut stream).map(|response| response.status).unwrap_or(0)
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        read_response(&mut stream)
+            .map(|response| response.status)
+            .unwrap_or(0)
     })
 }
 
 #[test]
 fn hup_and_term_drop_no_in_flight_request() {
-    let mut host = HostProcess::start(&guest("faults"), &["--workers", "2", "-k", "gthread", "--threads", "4"]);
+    let mut host = HostProcess::start(
+        &guest("faults"),
+        &["--workers", "2", "-k", "gthread", "--threads", "4"],
+    );
     let old = wait_for_workers(&host, 2, Duration::from_secs(10));
     let in_flight: Vec<_> = (0..4).map(|_| slow_request_in_flight(&host)).collect();
     host.signal(libc::SIGHUP);
@@ -150,18 +233,36 @@ fn hup_and_term_drop_no_in_flight_request() {
         (now.len() == 2 && now.is_disjoint(&old)).then_some(now)
     });
     for request in in_flight {
-        assert_eq!(request.join().unwrap(), 200, "an in-flight request failed across HUP; log:\n{}", host.log());
+        assert_eq!(
+            request.join().unwrap(),
+            200,
+            "an in-flight request failed across HUP; log:\n{}",
+            host.log()
+        );
     }
-    assert!(new.is_some(), "HUP did not replace the workers; log:\n{}", host.log());
-    let status = tokio::runtime::Runtime::new().unwrap().block_on(get_status(&host.url("/")));
+    assert!(
+        new.is_some(),
+        "HUP did not replace the workers; log:\n{}",
+        host.log()
+    );
+    let status = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(get_status(&host.url("/")));
     assert_eq!(status, 200);
 
     let in_flight: Vec<_> = (0..2).map(|_| slow_request_in_flight(&host)).collect();
     host.signal(libc::SIGTERM);
     for request in in_flight {
-        assert_eq!(request.join().unwrap(), 200, "an in-flight request failed across TERM; log:\n{}", host.log());
+        assert_eq!(
+            request.join().unwrap(),
+            200,
+            "an in-flight request failed across TERM; log:\n{}",
+            host.log()
+        );
     }
-    let status = host.wait_exit(Duration::from_secs(10)).expect("the host did not exit after TERM");
+    let status = host
+        .wait_exit(Duration::from_secs(10))
+        .expect("the host did not exit after TERM");
     assert_eq!(status.code(), Some(0), "log:\n{}", host.log());
 }
 
@@ -175,24 +276,45 @@ fn ttin_and_ttou_add_and_remove_one_worker_never_below_one() {
     wait_for_workers(&host, 1, Duration::from_secs(10));
     host.signal(libc::SIGTTOU);
     // Give the master several of its checks to (wrongly) act on it.
-    let dropped = poll_until(Duration::from_secs(1), Duration::from_millis(50), || workers(host.pid()).is_empty().then_some(()));
+    let dropped = poll_until(Duration::from_secs(1), Duration::from_millis(50), || {
+        workers(host.pid()).is_empty().then_some(())
+    });
     assert!(dropped.is_none(), "TTOU went below one worker");
-    assert!(host.log().contains("hook nworkers_changed workers=2"), "log:\n{}", host.log());
+    assert!(
+        host.log().contains("hook nworkers_changed workers=2"),
+        "log:\n{}",
+        host.log()
+    );
 }
 
 #[test]
 fn a_config_over_the_memory_budget_is_refused_with_the_arithmetic() {
     let output = Command::new(host_bin())
-        .args(["serve", &guest("hello"), "--workers", "4", "--threads", "6", "--memory-limit", "64MiB"])
+        .args([
+            "serve",
+            &guest("hello"),
+            "--workers",
+            "4",
+            "--threads",
+            "6",
+            "--memory-limit",
+            "64MiB",
+        ])
         .args(["--memory-budget", "512MiB", "--cache-dir"])
         .arg(blackbox::cache_dir())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "stderr:\n{stderr}");
-    assert!(stderr.contains("does not fit --memory-budget 512 MiB"), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("does not fit --memory-budget 512 MiB"),
+        "stderr:\n{stderr}"
+    );
     assert!(stderr.contains("4 workers × ("), "stderr:\n{stderr}");
-    assert!(stderr.contains("6 instances × 64 MiB --memory-limit"), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("6 instances × 64 MiB --memory-limit"),
+        "stderr:\n{stderr}"
+    );
     assert!(stderr.contains("What fits"), "stderr:\n{stderr}");
 }
 
@@ -200,7 +322,11 @@ fn a_config_over_the_memory_budget_is_refused_with_the_arithmetic() {
 fn settings_sources_take_precedence_as_in_gunicorn() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("host.toml");
-    std::fs::write(&config, "timeout = 11\nkeep_alive = 3\nthreads = 5\nbacklog = 100\n").unwrap();
+    std::fs::write(
+        &config,
+        "timeout = 11\nkeep_alive = 3\nthreads = 5\nbacklog = 100\n",
+    )
+    .unwrap();
     let output = Command::new(host_bin())
         .args(["serve", &guest("hello"), "-c"])
         .arg(&config)
@@ -212,7 +338,11 @@ fn settings_sources_take_precedence_as_in_gunicorn() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "stderr:\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "stderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let setting = |name: &str| {
         stdout
             .lines()
@@ -223,7 +353,10 @@ fn settings_sources_take_precedence_as_in_gunicorn() {
     let expect = |name: &str, value: &str, source: &str| {
         let line = setting(name);
         assert!(line.starts_with(&format!("{name} = {value} ")), "{line}");
-        assert!(line.contains(source), "{name} should come from {source}: {line}");
+        assert!(
+            line.contains(source),
+            "{name} should come from {source}: {line}"
+        );
     };
     expect("workers", "3", "WEB_CONCURRENCY");
     expect("timeout", "11", "config file");
@@ -238,12 +371,22 @@ fn unknown_and_invalid_settings_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("host.toml");
     std::fs::write(&config, "wrokers = 2\n").unwrap();
-    let output = Command::new(host_bin()).args(["serve", &guest("hello"), "-c"]).arg(&config).output().unwrap();
+    let output = Command::new(host_bin())
+        .args(["serve", &guest("hello"), "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("unknown setting `wrokers`") && stderr.contains("workers"), "{stderr}");
+    assert!(
+        stderr.contains("unknown setting `wrokers`") && stderr.contains("workers"),
+        "{stderr}"
+    );
 
-    let output = Command::new(host_bin()).args(["serve", &guest("hello"), "--workers", "many"]).output().unwrap();
+    let output = Command::new(host_bin())
+        .args(["serve", &guest("hello"), "--workers", "many"])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains("--workers"), "{stderr}");
@@ -253,7 +396,11 @@ fn unknown_and_invalid_settings_are_refused_by_name() {
         .arg(blackbox::cache_dir())
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(String::from_utf8_lossy(&output.stdout).contains("configuration OK"));
 }
 
@@ -265,20 +412,39 @@ fn hooks_run_their_commands_with_the_events_facts_and_the_pid_file_is_kept() {
     let config = dir.path().join("host.toml");
     std::fs::write(
         &config,
-        format!("[hooks]\nwhen_ready = \"echo $HOST_HOOK $HOST_HOOK_PID $GREETING > {}\"\n", marker.display()),
+        format!(
+            "[hooks]\nwhen_ready = \"echo $HOST_HOOK $HOST_HOOK_PID $GREETING > {}\"\n",
+            marker.display()
+        ),
     )
     .unwrap();
     let config = config.to_string_lossy().into_owned();
     let pid_arg = pidfile.to_string_lossy().into_owned();
-    let mut host = HostProcess::start(&guest("hello"), &["-c", &config, "-e", "GREETING=hello", "-p", &pid_arg]);
+    let mut host = HostProcess::start(
+        &guest("hello"),
+        &["-c", &config, "-e", "GREETING=hello", "-p", &pid_arg],
+    );
     let expected = format!("when_ready {} hello", host.pid());
     let written = poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
-        std::fs::read_to_string(&marker).ok().filter(|text| text.trim() == expected)
+        std::fs::read_to_string(&marker)
+            .ok()
+            .filter(|text| text.trim() == expected)
     });
-    assert!(written.is_some(), "the hook wrote {:?}, expected {expected:?}", std::fs::read_to_string(&marker).ok());
-    assert_eq!(std::fs::read_to_string(&pidfile).unwrap().trim(), host.pid().to_string());
+    assert!(
+        written.is_some(),
+        "the hook wrote {:?}, expected {expected:?}",
+        std::fs::read_to_string(&marker).ok()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&pidfile).unwrap().trim(),
+        host.pid().to_string()
+    );
     host.signal(libc::SIGTERM);
-    assert_eq!(host.wait_exit(Duration::from_secs(10)).and_then(|s| s.code()), Some(0));
+    assert_eq!(
+        host.wait_exit(Duration::from_secs(10))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
     assert!(!pidfile.exists(), "the pid file outlived the host");
 }
 
@@ -291,13 +457,28 @@ fn hup_picks_up_a_changed_component_file() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let body = |path: &str| {
         let url = host.url(path);
-        runtime.block_on(async { http_client().get(&url).send().await.unwrap().text().await.unwrap() })
+        runtime.block_on(async {
+            http_client()
+                .get(&url)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        })
     };
     assert_eq!(body("/"), "Hello, world!\n");
     std::fs::copy(guest("faults"), &component).unwrap();
     host.signal(libc::SIGHUP);
-    let switched = poll_until(Duration::from_secs(20), Duration::from_millis(50), || (body("/") == "ok\n").then_some(()));
-    assert!(switched.is_some(), "the new component was not served after HUP; log:\n{}", host.log());
+    let switched = poll_until(Duration::from_secs(20), Duration::from_millis(50), || {
+        (body("/") == "ok\n").then_some(())
+    });
+    assert!(
+        switched.is_some(),
+        "the new component was not served after HUP; log:\n{}",
+        host.log()
+    );
 }
 
 #[test]
@@ -306,12 +487,16 @@ fn quit_stops_at_once_without_waiting_for_in_flight_requests() {
     let _in_flight = {
         let addr = host.addr();
         let mut stream = TcpStream::connect(addr).expect("cannot connect");
-        stream.write_all(&get_request("/sleep?ms=20000", &addr.to_string(), &[])).unwrap();
+        stream
+            .write_all(&get_request("/sleep?ms=20000", &addr.to_string(), &[]))
+            .unwrap();
         assert!(wait_until_server_read(&stream, Duration::from_secs(10)));
         stream
     };
     host.signal(libc::SIGQUIT);
-    let status = host.wait_exit(Duration::from_secs(5)).expect("QUIT did not stop the host within 5 s");
+    let status = host
+        .wait_exit(Duration::from_secs(5))
+        .expect("QUIT did not stop the host within 5 s");
     assert_eq!(status.code(), Some(0), "log:\n{}", host.log());
 }
 
@@ -321,13 +506,26 @@ fn usr1_reopens_the_log_files_after_rotation() {
     let log = dir.path().join("error.log");
     let rotated = dir.path().join("error.log.1");
     let log_arg = log.to_string_lossy().into_owned();
-    let host = HostProcess::start(&guest("hello"), &["--error-logfile", &log_arg, "--workers", "1"]);
+    let host = HostProcess::start(
+        &guest("hello"),
+        &["--error-logfile", &log_arg, "--workers", "1"],
+    );
     wait_for_workers(&host, 1, Duration::from_secs(10));
     std::fs::rename(&log, &rotated).unwrap();
     host.signal(libc::SIGUSR1);
     let reopened = poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
-        std::fs::read_to_string(&log).ok().filter(|text| text.contains("Reopened the log files"))
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|text| text.contains("Reopened the log files"))
     });
-    assert!(reopened.is_some(), "no new error log after USR1; the rotated one has:\n{}", std::fs::read_to_string(&rotated).unwrap_or_default());
-    assert!(std::fs::read_to_string(&rotated).unwrap().contains("Listening at:"));
+    assert!(
+        reopened.is_some(),
+        "no new error log after USR1; the rotated one has:\n{}",
+        std::fs::read_to_string(&rotated).unwrap_or_default()
+    );
+    assert!(
+        std::fs::read_to_string(&rotated)
+            .unwrap()
+            .contains("Listening at:")
+    );
 }

@@ -27,7 +27,8 @@ async fn info(host: &HostProcess, headers: &[(&str, &str)]) -> Info {
     let response = request.send().await.expect("GET /info failed");
     assert_eq!(response.status(), 200, "GET /info");
     let text = response.text().await.unwrap();
-    let json: Value = serde_json::from_str(&text).unwrap_or_else(|error| panic!("/info is not JSON ({error}): {text}"));
+    let json: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|error| panic!("/info is not JSON ({error}): {text}"));
     let string = |key: &str| {
         json[key]
             .as_str()
@@ -55,9 +56,22 @@ async fn info(host: &HostProcess, headers: &[(&str, &str)]) -> Info {
 #[tokio::test]
 async fn loopback_is_trusted_by_default() {
     let host = HostProcess::start(&guest("faults"), &[]);
-    let info = info(&host, &[("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "example.com")]).await;
-    assert_eq!(info.scheme, "https", "a trusted X-Forwarded-Proto: https should set the scheme");
-    assert_eq!(info.authority, "example.com", "a trusted X-Forwarded-Host should set the authority");
+    let info = info(
+        &host,
+        &[
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "example.com"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        info.scheme, "https",
+        "a trusted X-Forwarded-Proto: https should set the scheme"
+    );
+    assert_eq!(
+        info.authority, "example.com",
+        "a trusted X-Forwarded-Host should set the authority"
+    );
     let forwarded_for = info.header("x-forwarded-for").unwrap_or_default();
     assert!(
         forwarded_for.ends_with("127.0.0.1"),
@@ -77,11 +91,26 @@ async fn untrusted_peer_loses_its_proxy_headers() {
         ],
     )
     .await;
-    assert_eq!(info.scheme, "http", "an untrusted X-Forwarded-Proto must not set the scheme");
+    assert_eq!(
+        info.scheme, "http",
+        "an untrusted X-Forwarded-Proto must not set the scheme"
+    );
     // reqwest sends `Host: 127.0.0.1:<port>`.
-    assert_eq!(info.authority, host.addr().to_string(), "the authority should be the Host header's");
-    assert_eq!(info.header("x-forwarded-proto"), None, "x-forwarded-proto reached the guest");
-    assert_eq!(info.header("x-forwarded-host"), None, "x-forwarded-host reached the guest");
+    assert_eq!(
+        info.authority,
+        host.addr().to_string(),
+        "the authority should be the Host header's"
+    );
+    assert_eq!(
+        info.header("x-forwarded-proto"),
+        None,
+        "x-forwarded-proto reached the guest"
+    );
+    assert_eq!(
+        info.header("x-forwarded-host"),
+        None,
+        "x-forwarded-host reached the guest"
+    );
     assert_eq!(
         info.header("x-forwarded-for"),
         Some("127.0.0.1"),

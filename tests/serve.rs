@@ -34,7 +34,11 @@ async fn hello_answers_with_a_request_id() {
     get_hello(&host.url("/any/path?at=all")).await;
     let log = host.log();
     assert!(
-        log.contains(&format!("Listening at: http://{} ({})", host.addr(), host.pid())),
+        log.contains(&format!(
+            "Listening at: http://{} ({})",
+            host.addr(),
+            host.pid()
+        )),
         "the log does not say `Listening at: http://{} ({})`:\n{log}",
         host.addr(),
         host.pid()
@@ -51,7 +55,11 @@ async fn two_binds_both_answer() {
     let answered = blackbox::poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
         std::net::TcpStream::connect(second).ok()
     });
-    assert!(answered.is_some(), "nothing listens on the second bind {second}:\n{}", host.log());
+    assert!(
+        answered.is_some(),
+        "nothing listens on the second bind {second}:\n{}",
+        host.log()
+    );
     get_hello(&url).await;
 }
 
@@ -68,7 +76,10 @@ fn unix_socket_bind_answers() {
         blackbox::cache_dir().to_string_lossy().into_owned(),
     ];
     let host = HostProcess::spawn(&args, &[], Ready::Unix(socket.clone()));
-    let response = raw_request_unix(&socket, &get_request("/", "localhost", &["Connection: close".into()]));
+    let response = raw_request_unix(
+        &socket,
+        &get_request("/", "localhost", &["Connection: close".into()]),
+    );
     assert_eq!(response.status, 200, "{response:?}");
     assert_eq!(response.body_text(), HELLO);
     assert!(response.header("x-request-id").is_some(), "{response:?}");
@@ -104,7 +115,10 @@ async fn port_env_binds_all_interfaces() {
 fn idle_keep_alive_connection_is_closed_after_keep_alive_seconds() {
     let host = HostProcess::start(&guest("hello"), &["--keep-alive", "1"]);
     let started = std::time::Instant::now();
-    let response = raw_request(host.addr(), &get_request("/", &host.addr().to_string(), &[]));
+    let response = raw_request(
+        host.addr(),
+        &get_request("/", &host.addr().to_string(), &[]),
+    );
     assert_eq!(response.status, 200, "{response:?}");
     assert_eq!(response.body_text(), HELLO);
     assert!(
@@ -117,7 +131,10 @@ fn idle_keep_alive_connection_is_closed_after_keep_alive_seconds() {
 #[test]
 fn keep_alive_zero_closes_after_every_response() {
     let host = HostProcess::start(&guest("hello"), &["--keep-alive", "0"]);
-    let response = raw_request(host.addr(), &get_request("/", &host.addr().to_string(), &[]));
+    let response = raw_request(
+        host.addr(),
+        &get_request("/", &host.addr().to_string(), &[]),
+    );
     assert_eq!(response.status, 200, "{response:?}");
     assert_eq!(response.body_text(), HELLO);
     assert!(
@@ -125,7 +142,10 @@ fn keep_alive_zero_closes_after_every_response() {
         "with --keep-alive 0 the response should say `connection: close`; headers: {:?}",
         response.headers
     );
-    assert!(response.closed_by_server, "with --keep-alive 0 the connection stayed open");
+    assert!(
+        response.closed_by_server,
+        "with --keep-alive 0 the connection stayed open"
+    );
 }
 
 #[tokio::test]
@@ -137,8 +157,13 @@ async fn compiled_component_is_cached_and_rebuilt_when_corrupt() {
     // A fresh cache: compiled and stored.
     let host = HostProcess::start(&guest("hello"), &args);
     let log = host.log();
-    let compiled = log.lines().find(|line| line.contains("compiled ") && line.contains("cached at"));
-    assert!(compiled.is_some(), "a fresh --cache-dir should log `compiled … cached at …`:\n{log}");
+    let compiled = log
+        .lines()
+        .find(|line| line.contains("compiled ") && line.contains("cached at"));
+    assert!(
+        compiled.is_some(),
+        "a fresh --cache-dir should log `compiled … cached at …`:\n{log}"
+    );
     get_hello(&host.url("/")).await;
     drop(host);
 
@@ -147,7 +172,10 @@ async fn compiled_component_is_cached_and_rebuilt_when_corrupt() {
         .map(|entry| entry.unwrap().path())
         .filter(|path| path.extension().is_some_and(|ext| ext == "cwasm"))
         .collect();
-    assert!(!artifacts.is_empty(), "no .cwasm file in the cache dir {cache_path}");
+    assert!(
+        !artifacts.is_empty(),
+        "no .cwasm file in the cache dir {cache_path}"
+    );
 
     // Same cache: loaded, not compiled.
     let host = HostProcess::start(&guest("hello"), &args);
@@ -155,17 +183,27 @@ async fn compiled_component_is_cached_and_rebuilt_when_corrupt() {
     let loaded = log
         .lines()
         .find(|line| line.contains("loaded compiled") && line.contains("from cache"));
-    assert!(loaded.is_some(), "the second start should log `loaded compiled … from cache …`:\n{log}");
+    assert!(
+        loaded.is_some(),
+        "the second start should log `loaded compiled … from cache …`:\n{log}"
+    );
     get_hello(&host.url("/")).await;
     drop(host);
 
     // Corrupt every artifact: the host says it rebuilds, and serves.
     for artifact in &artifacts {
-        std::fs::write(artifact, b"this is not a compiled component, just garbage bytes").unwrap();
+        std::fs::write(
+            artifact,
+            b"this is not a compiled component, just garbage bytes",
+        )
+        .unwrap();
     }
     let host = HostProcess::start(&guest("hello"), &args);
     let log = host.log();
-    assert!(log.contains("rebuilding"), "a corrupt cache entry should log a warning with `rebuilding`:\n{log}");
+    assert!(
+        log.contains("rebuilding"),
+        "a corrupt cache entry should log a warning with `rebuilding`:\n{log}"
+    );
     get_hello(&host.url("/")).await;
 }
 
@@ -196,6 +234,12 @@ fn a_file_that_is_not_a_component_is_refused() {
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     println!("exit: {status}\nstderr:\n{stderr}");
-    assert!(!status.success(), "host serve of a text file exited with {status}");
-    assert!(!stderr.trim().is_empty(), "host serve of a text file failed without a message on stderr");
+    assert!(
+        !status.success(),
+        "host serve of a text file exited with {status}"
+    );
+    assert!(
+        !stderr.trim().is_empty(),
+        "host serve of a text file failed without a message on stderr"
+    );
 }

@@ -4,7 +4,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use blackbox::{HostProcess, get_request, guest, poll_until, read_response, wait_until_server_read};
+use blackbox::{
+    HostProcess, get_request, guest, poll_until, read_response, wait_until_server_read,
+};
 
 /// Whether a new connection is refused, or accepted but never answered.
 fn new_connection_not_served(addr: std::net::SocketAddr) -> bool {
@@ -12,7 +14,11 @@ fn new_connection_not_served(addr: std::net::SocketAddr) -> bool {
         return true;
     };
     if stream
-        .write_all(&get_request("/", &addr.to_string(), &["Connection: close".into()]))
+        .write_all(&get_request(
+            "/",
+            &addr.to_string(),
+            &["Connection: close".into()],
+        ))
         .is_err()
     {
         return true;
@@ -37,7 +43,9 @@ fn sigterm_finishes_in_flight_requests_and_exits_0() {
         "the host did not read the request within 10 s"
     );
     let reader = std::thread::spawn(move || {
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         read_response(&mut stream)
     });
 
@@ -48,17 +56,31 @@ fn sigterm_finishes_in_flight_requests_and_exits_0() {
     let refused = poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
         new_connection_not_served(addr).then_some(())
     });
-    assert!(refused.is_some(), "5 s after SIGTERM the host still serves new connections");
+    assert!(
+        refused.is_some(),
+        "5 s after SIGTERM the host still serves new connections"
+    );
 
     let response = reader
         .join()
         .expect("reader thread panicked")
-        .unwrap_or_else(|error| panic!("the in-flight request got no answer after SIGTERM: {error}"));
+        .unwrap_or_else(|error| {
+            panic!("the in-flight request got no answer after SIGTERM: {error}")
+        });
     assert_eq!(response.status, 200, "the in-flight request: {response:?}");
     assert_eq!(response.body_text(), "slept 1500 ms\n");
 
     let status = host.wait_exit(Duration::from_secs(10));
-    let status = status.unwrap_or_else(|| panic!("the host had not exited 10 s after the in-flight request finished"));
-    println!("exited with {status} {:?} after SIGTERM", signalled.elapsed());
-    assert_eq!(status.code(), Some(0), "the host exited with {status} after SIGTERM");
+    let status = status.unwrap_or_else(|| {
+        panic!("the host had not exited 10 s after the in-flight request finished")
+    });
+    println!(
+        "exited with {status} {:?} after SIGTERM",
+        signalled.elapsed()
+    );
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the host exited with {status} after SIGTERM"
+    );
 }

@@ -17,7 +17,10 @@ const CHUNK: usize = 256 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gib_echo_streams_under_a_16_mib_cap() {
-    let host = HostProcess::start(&guest("faults"), &["--memory-limit", "16MiB", "--timeout", "300"]);
+    let host = HostProcess::start(
+        &guest("faults"),
+        &["--memory-limit", "16MiB", "--timeout", "300"],
+    );
 
     let sent_hash = Arc::new(Mutex::new(None::<String>));
     let body = {
@@ -58,14 +61,22 @@ async fn one_gib_echo_streams_under_a_16_mib_cap() {
     let mut hasher = Sha256::new();
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.unwrap_or_else(|error| panic!("the echo broke off after {received} bytes: {error}"));
+        let chunk = chunk
+            .unwrap_or_else(|error| panic!("the echo broke off after {received} bytes: {error}"));
         received += chunk.len() as u64;
         hasher.update(&chunk);
     }
     let took = started.elapsed();
     let received_hash = hex::encode(hasher.finalize());
-    assert_eq!(received, TOTAL, "the echo has a different length (after {took:?})");
-    let sent_hash = sent_hash.lock().unwrap().clone().expect("the body was not sent to its end");
+    assert_eq!(
+        received, TOTAL,
+        "the echo has a different length (after {took:?})"
+    );
+    let sent_hash = sent_hash
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("the body was not sent to its end");
     println!(
         "echoed {} MiB in {took:?}: {:.1} MiB/s",
         TOTAL >> 20,

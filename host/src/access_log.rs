@@ -92,7 +92,11 @@ impl AccessLog {
     }
 
     /// Wraps the response body so the line is written once the body is done.
-    pub fn observe(self: &std::sync::Arc<Self>, mut record: AccessRecord, response: Response<ResponseBody>) -> Response<ResponseBody> {
+    pub fn observe(
+        self: &std::sync::Arc<Self>,
+        mut record: AccessRecord,
+        response: Response<ResponseBody>,
+    ) -> Response<ResponseBody> {
         record.status = response.status().as_u16();
         record.response_headers = response.headers().clone();
         let log = std::sync::Arc::clone(self);
@@ -132,11 +136,26 @@ impl AccessRecord {
         let _ = match atom {
             Atom::RemoteAddress => write!(out, "{}", self.remote),
             Atom::Dash | Atom::Unknown => write!(out, "-"),
-            Atom::User => write!(out, "{}", basic_auth_user(&self.request_headers).unwrap_or_else(|| "-".into())),
+            Atom::User => write!(
+                out,
+                "{}",
+                basic_auth_user(&self.request_headers).unwrap_or_else(|| "-".into())
+            ),
             Atom::Time => write!(out, "[{}]", apache_time(self.received)),
             Atom::RequestLine => {
-                let query = if self.query.is_empty() { String::new() } else { format!("?{}", self.query) };
-                write!(out, "{} {}{} {}", self.method, self.path, query, protocol(self.version))
+                let query = if self.query.is_empty() {
+                    String::new()
+                } else {
+                    format!("?{}", self.query)
+                };
+                write!(
+                    out,
+                    "{} {}{} {}",
+                    self.method,
+                    self.path,
+                    query,
+                    protocol(self.version)
+                )
             }
             Atom::Method => write!(out, "{}", self.method),
             Atom::Path => write!(out, "{}", self.path),
@@ -155,7 +174,11 @@ impl AccessRecord {
             Atom::Pid => write!(out, "<{}>", std::process::id()),
             Atom::RequestHeader(name) => write!(out, "{}", header(&self.request_headers, name)),
             Atom::ResponseHeader(name) => write!(out, "{}", header(&self.response_headers, name)),
-            Atom::Environment(name) => write!(out, "{}", std::env::var(name).unwrap_or_else(|_| "-".into())),
+            Atom::Environment(name) => write!(
+                out,
+                "{}",
+                std::env::var(name).unwrap_or_else(|_| "-".into())
+            ),
         };
     }
 }
@@ -171,7 +194,9 @@ fn protocol(version: Version) -> &'static str {
 
 /// `24/Nov/2026:03:24:47 +0000`, gunicorn's `%(t)s` (in UTC).
 fn apache_time(at: time::OffsetDateTime) -> String {
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
     format!(
         "{:02}/{}/{:04}:{:02}:{:02}:{:02} +0000",
         at.day(),
@@ -186,17 +211,28 @@ fn apache_time(at: time::OffsetDateTime) -> String {
 fn basic_auth_user(headers: &HeaderMap) -> Option<String> {
     use base64::Engine;
     let value = headers.get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
-    let encoded = value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic "))?;
-    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let encoded = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
     let decoded = String::from_utf8(decoded).ok()?;
-    Some(decoded.split_once(':').map_or(decoded.as_str(), |(user, _)| user).to_owned())
+    Some(
+        decoded
+            .split_once(':')
+            .map_or(decoded.as_str(), |(user, _)| user)
+            .to_owned(),
+    )
 }
 
 fn parse(format: &str) -> Vec<Part> {
     let mut parts = Vec::new();
     let mut rest = format;
     while let Some(start) = rest.find("%(") {
-        let Some(length) = rest[start..].find(")s") else { break };
+        let Some(length) = rest[start..].find(")s") else {
+            break;
+        };
         if start > 0 {
             parts.push(Part::Literal(rest[..start].to_owned()));
         }
@@ -221,7 +257,10 @@ fn atom(name: &str) -> Atom {
     if let Some(header) = braced("}o").and_then(|h| HeaderName::try_from(h).ok()) {
         return Atom::ResponseHeader(header);
     }
-    if let Some(variable) = name.strip_prefix('{').and_then(|inner| inner.strip_suffix("}e")) {
+    if let Some(variable) = name
+        .strip_prefix('{')
+        .and_then(|inner| inner.strip_suffix("}e"))
+    {
         return Atom::Environment(variable.to_owned());
     }
     match name {
@@ -258,13 +297,16 @@ impl Body for LoggedBody {
     type Data = Bytes;
     type Error = wasmtime_wasi_http::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        if let Some(Ok(frame)) = &frame {
-            if let Some(data) = frame.data_ref() {
-                this.sent += data.len() as u64;
-            }
+        if let Some(Ok(frame)) = &frame
+            && let Some(data) = frame.data_ref()
+        {
+            this.sent += data.len() as u64;
         }
         Poll::Ready(frame)
     }

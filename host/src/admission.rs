@@ -101,8 +101,14 @@ mod tests {
         while admission.waiting() == 0 {
             tokio::task::yield_now().await;
         }
-        assert_eq!(admission.admit().await.unwrap_err(), Busy::QueueFull { queue_limit: 1 });
-        assert!(matches!(waiter.await.unwrap(), Err(Busy::WaitedTooLong { .. })));
+        assert_eq!(
+            admission.admit().await.unwrap_err(),
+            Busy::QueueFull { queue_limit: 1 }
+        );
+        assert!(matches!(
+            waiter.await.unwrap(),
+            Err(Busy::WaitedTooLong { .. })
+        ));
         drop(running);
         assert!(admission.admit().await.is_ok());
     }

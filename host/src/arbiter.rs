@@ -57,7 +57,11 @@ struct Master {
 pub type ExitCode = u8;
 
 /// Runs the master until it is stopped; `reload` re-reads the settings on HUP.
-pub fn run(mut settings: Settings, error_log: LogFile, reload: impl Fn() -> Result<Settings>) -> Result<ExitCode> {
+pub fn run(
+    mut settings: Settings,
+    error_log: LogFile,
+    reload: impl Fn() -> Result<Settings>,
+) -> Result<ExitCode> {
     hooks::event("on_starting", &[("pid", std::process::id().to_string())]);
     resolve_master_key(&mut settings)?;
     let slots = HostWideSlots::create(settings.encrypt_concurrency)?;
@@ -70,12 +74,20 @@ pub fn run(mut settings: Settings, error_log: LogFile, reload: impl Fn() -> Resu
 /// Every worker must wrap keys under the same master key: the master settles it (generating it
 /// on first use) before any worker starts.
 fn resolve_master_key(settings: &mut Settings) -> Result<()> {
-    let key = crypto::master_key(settings.master_key.as_deref(), settings.master_key_file.as_deref(), &settings.data_dir)?;
+    let key = crypto::master_key(
+        settings.master_key.as_deref(),
+        settings.master_key_file.as_deref(),
+        &settings.data_dir,
+    )?;
     settings.master_key = Some(hex::encode(key));
     Ok(())
 }
 
-fn run_with(settings: Settings, error_log: LogFile, reload: impl Fn() -> Result<Settings>) -> Result<ExitCode> {
+fn run_with(
+    settings: Settings,
+    error_log: LogFile,
+    reload: impl Fn() -> Result<Settings>,
+) -> Result<ExitCode> {
     let baseline = precompile(&settings)?;
     check_budget(&settings, settings.workers, baseline)?;
     let listeners = bind_all(&settings, &[])?;
@@ -129,9 +141,12 @@ pub fn check(settings: &Settings) -> Result<()> {
 }
 
 fn check_budget(settings: &Settings, workers: usize, baseline: u64) -> Result<()> {
-    let Some(budget) = settings.memory_budget else { return Ok(()) };
+    let Some(budget) = settings.memory_budget else {
+        return Ok(());
+    };
     let plan = Plan::of(settings, workers, baseline);
-    plan.check(budget).map_err(|error| anyhow::anyhow!(Refusal::Budget(error.to_string())))?;
+    plan.check(budget)
+        .map_err(|error| anyhow::anyhow!(Refusal::Budget(error.to_string())))?;
     tracing::info!(
         "memory budget: worst case {} of {} ({} workers × ({} baseline + {} instances × {}))",
         human_size(plan.worst_case()),
@@ -150,20 +165,27 @@ fn check_budget(settings: &Settings, workers: usize, baseline: u64) -> Result<()
 /// long-lived master.
 fn precompile(settings: &Settings) -> Result<u64> {
     let settings_json = serde_json::to_string(settings).context("cannot pass the settings on")?;
-    let output = std::process::Command::new(std::env::current_exe().context("cannot find the host binary")?)
-        .arg("prepare")
-        .env(WORKER_SETTINGS_ENV, settings_json)
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("cannot run the compile step")?;
+    let output =
+        std::process::Command::new(std::env::current_exe().context("cannot find the host binary")?)
+            .arg("prepare")
+            .env(WORKER_SETTINGS_ENV, settings_json)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("cannot run the compile step")?;
     let report = String::from_utf8_lossy(&output.stdout);
     if let Some(baseline) = report.trim().strip_prefix(PREPARED) {
-        return baseline.trim().parse().context("the compile step reported no baseline");
+        return baseline
+            .trim()
+            .parse()
+            .context("the compile step reported no baseline");
     }
     match report.trim().strip_prefix(PREPARE_FAILED) {
         Some(reason) => Err(anyhow::anyhow!(Refusal::AppLoad(reason.trim().to_owned()))),
-        None => Err(anyhow::anyhow!(Refusal::AppLoad(format!("the compile step failed ({})", output.status)))),
+        None => Err(anyhow::anyhow!(Refusal::AppLoad(format!(
+            "the compile step failed ({})",
+            output.status
+        )))),
     }
 }
 
@@ -177,21 +199,30 @@ pub fn prepare(settings: &Settings) -> Result<u64> {
         instances: settings.concurrency,
         memory_limit: settings.memory_limit,
     })?;
-    let component = compile_cache::load_component(&engine, &settings.component, &settings.cache_dir)?;
-    let _guest = crate::guest::Guest::new(&engine, &component, settings, crypto::for_app(settings)?)
-        .with_context(|| format!("cannot load {}", settings.component.display()))?;
+    let component =
+        compile_cache::load_component(&engine, &settings.component, &settings.cache_dir)?;
+    let _guest =
+        crate::guest::Guest::new(&engine, &component, settings, crypto::for_app(settings)?)
+            .with_context(|| format!("cannot load {}", settings.component.display()))?;
     Ok(resident_bytes())
 }
 
 /// Binds every address of `settings`, reusing the listeners of `keep` that are still wanted.
-fn bind_all(settings: &Settings, keep: &[(BindAddress, Listener)]) -> Result<Vec<(BindAddress, Listener)>> {
+fn bind_all(
+    settings: &Settings,
+    keep: &[(BindAddress, Listener)],
+) -> Result<Vec<(BindAddress, Listener)>> {
     let mut listeners = Vec::new();
     for address in &settings.binds {
         let listener = match keep.iter().find(|(kept, _)| kept == address) {
             Some((_, listener)) => listener.try_clone()?,
             None => Listener::bind(address, settings.backlog, settings.reuse_port)?,
         };
-        tracing::info!("Listening at: {} ({})", listener.describe(), std::process::id());
+        tracing::info!(
+            "Listening at: {} ({})",
+            listener.describe(),
+            std::process::id()
+        );
         listeners.push((address.clone(), listener));
     }
     Ok(listeners)
@@ -209,7 +240,9 @@ struct MasterSignals {
 
 impl MasterSignals {
     fn install() -> Result<MasterSignals> {
-        let on = |kind: SignalKind, name: &str| signal(kind).with_context(|| format!("cannot handle {name}"));
+        let on = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("cannot handle {name}"))
+        };
         Ok(MasterSignals {
             term: on(SignalKind::terminate(), "SIGTERM")?,
             int: on(SignalKind::interrupt(), "SIGINT")?,
@@ -295,7 +328,12 @@ impl Master {
 
     /// Starts workers up to the target and retires the oldest beyond it.
     fn manage_workers(&mut self) {
-        let active = |workers: &BTreeMap<u64, WorkerProcess>| workers.values().filter(|w| w.retiring_since.is_none()).count();
+        let active = |workers: &BTreeMap<u64, WorkerProcess>| {
+            workers
+                .values()
+                .filter(|w| w.retiring_since.is_none())
+                .count()
+        };
         while active(&self.workers) < self.target {
             if let Err(error) = self.spawn_worker() {
                 tracing::error!("cannot start a worker: {error:#}");
@@ -303,7 +341,13 @@ impl Master {
             }
         }
         while active(&self.workers) > self.target {
-            let Some(oldest) = self.workers.values_mut().find(|w| w.retiring_since.is_none()) else { break };
+            let Some(oldest) = self
+                .workers
+                .values_mut()
+                .find(|w| w.retiring_since.is_none())
+            else {
+                break;
+            };
             retire(oldest);
         }
     }
@@ -313,16 +357,26 @@ impl Master {
         let age = self.next_age;
         self.next_age += 1;
         hooks::event("pre_fork", &[("age", age.to_string())]);
-        let mut inherited: Vec<i32> = self.listeners.iter().map(|(_, listener)| listener.as_raw_fd()).collect();
+        let mut inherited: Vec<i32> = self
+            .listeners
+            .iter()
+            .map(|(_, listener)| listener.as_raw_fd())
+            .collect();
         inherited.push(heartbeat.as_raw_fd());
-        let settings = serde_json::to_string(&self.settings).context("cannot pass the settings to a worker")?;
-        let mut command = tokio::process::Command::new(std::env::current_exe().context("cannot find the host binary")?);
+        let settings = serde_json::to_string(&self.settings)
+            .context("cannot pass the settings to a worker")?;
+        let mut command = tokio::process::Command::new(
+            std::env::current_exe().context("cannot find the host binary")?,
+        );
         command
             .arg("worker")
             .env(WORKER_SETTINGS_ENV, settings)
             // mimalloc commits an 8 MiB arena up front by default: most of an idle worker's
             // memory. Committing on demand costs nothing measurable in throughput.
-            .env("MIMALLOC_ARENA_EAGER_COMMIT", std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").unwrap_or("0".into()))
+            .env(
+                "MIMALLOC_ARENA_EAGER_COMMIT",
+                std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").unwrap_or("0".into()),
+            )
             .stdin(std::process::Stdio::null());
         // SAFETY: the closure runs in the child between fork and exec and only calls fcntl and
         // dup2, which are async-signal-safe.
@@ -358,11 +412,15 @@ impl Master {
         let pid = worker.pid;
         match (status.code(), status.signal()) {
             (Some(0), _) => {}
-            (Some(code), _) if worker.retiring_since.is_none() && code == i32::from(EXIT_BOOT_ERROR) => {
+            (Some(code), _)
+                if worker.retiring_since.is_none() && code == i32::from(EXIT_BOOT_ERROR) =>
+            {
                 tracing::error!("Worker (pid:{pid}) failed to boot; shutting down");
                 return Some(EXIT_BOOT_ERROR);
             }
-            (Some(code), _) if worker.retiring_since.is_none() && code == i32::from(EXIT_APP_LOAD_ERROR) => {
+            (Some(code), _)
+                if worker.retiring_since.is_none() && code == i32::from(EXIT_APP_LOAD_ERROR) =>
+            {
                 tracing::error!("Worker (pid:{pid}) failed to load the app; shutting down");
                 return Some(EXIT_APP_LOAD_ERROR);
             }
@@ -373,7 +431,9 @@ impl Master {
             (None, Some(libc::SIGKILL)) => {
                 tracing::error!("Worker (pid:{pid}) was sent SIGKILL! Perhaps out of memory?")
             }
-            (None, Some(signal)) => tracing::error!("Worker (pid:{pid}) was sent {}!", signal_name(signal)),
+            (None, Some(signal)) => {
+                tracing::error!("Worker (pid:{pid}) was sent {}!", signal_name(signal))
+            }
             (None, None) => tracing::error!("Worker (pid:{pid}) ended"),
         }
         hooks::event("child_exit", &[("pid", pid.to_string())]);
@@ -386,18 +446,28 @@ impl Master {
         let now = Instant::now();
         for worker in self.workers.values_mut() {
             if let Some(since) = worker.retiring_since {
-                if now.duration_since(since) > self.settings.graceful_timeout && !worker.killed_by_master {
-                    tracing::warn!("Worker (pid:{}) did not finish within the graceful timeout", worker.pid);
+                if now.duration_since(since) > self.settings.graceful_timeout
+                    && !worker.killed_by_master
+                {
+                    tracing::warn!(
+                        "Worker (pid:{}) did not finish within the graceful timeout",
+                        worker.pid
+                    );
                     kill(worker, libc::SIGKILL);
                 }
                 continue;
             }
             if worker.heartbeat.is_retiring() {
-                tracing::info!("Worker (pid:{}) is retiring after --max-requests; starting its replacement", worker.pid);
+                tracing::info!(
+                    "Worker (pid:{}) is retiring after --max-requests; starting its replacement",
+                    worker.pid
+                );
                 worker.retiring_since = Some(now);
                 continue;
             }
-            let Some(timeout) = self.settings.timeout else { continue };
+            let Some(timeout) = self.settings.timeout else {
+                continue;
+            };
             let silent = worker.heartbeat.silence().unwrap_or_default();
             match worker.aborted_at {
                 None if silent > timeout => {
@@ -405,7 +475,9 @@ impl Master {
                     worker.aborted_at = Some(now);
                     send(worker.pid, libc::SIGABRT);
                 }
-                Some(aborted) if now.duration_since(aborted) >= ABORT_GRACE && !worker.killed_by_master => {
+                Some(aborted)
+                    if now.duration_since(aborted) >= ABORT_GRACE && !worker.killed_by_master =>
+                {
                     kill(worker, libc::SIGKILL);
                 }
                 _ => {}
@@ -418,7 +490,10 @@ impl Master {
         let reloaded = reload().and_then(|mut settings| {
             resolve_master_key(&mut settings)?;
             if settings.encrypt_concurrency != self.settings.encrypt_concurrency {
-                tracing::warn!("--encrypt-concurrency changes only on a restart; keeping {}", self.settings.encrypt_concurrency);
+                tracing::warn!(
+                    "--encrypt-concurrency changes only on a restart; keeping {}",
+                    self.settings.encrypt_concurrency
+                );
                 settings.encrypt_concurrency = self.settings.encrypt_concurrency;
             }
             settings.crypto_slots = self.settings.crypto_slots;
@@ -440,7 +515,11 @@ impl Master {
                 return;
             }
         };
-        remove_unix_sockets(self.listeners.iter().filter(|(old, _)| !settings.binds.contains(old)));
+        remove_unix_sockets(
+            self.listeners
+                .iter()
+                .filter(|(old, _)| !settings.binds.contains(old)),
+        );
         self.listeners = listeners;
         self.target = settings.workers;
         self.settings = settings;
@@ -459,7 +538,11 @@ impl Master {
         }
     }
 
-    async fn stop(&mut self, stop: Stop, exited: &mut mpsc::UnboundedReceiver<(u64, ExitStatus)>) -> Result<ExitCode> {
+    async fn stop(
+        &mut self,
+        stop: Stop,
+        exited: &mut mpsc::UnboundedReceiver<(u64, ExitStatus)>,
+    ) -> Result<ExitCode> {
         // The master's copies of the listeners go first; the workers close theirs as they stop.
         remove_unix_sockets(self.listeners.iter());
         self.listeners.clear();

@@ -33,8 +33,10 @@ impl Plan {
     }
 
     pub fn worst_case(&self) -> u64 {
-        self.workers
-            .saturating_mul(self.baseline.saturating_add(self.instances.saturating_mul(self.memory_limit)))
+        self.workers.saturating_mul(
+            self.baseline
+                .saturating_add(self.instances.saturating_mul(self.memory_limit)),
+        )
     }
 
     /// Refuses a plan that does not fit `budget`, saying why and what would fit.
@@ -47,9 +49,15 @@ impl Plan {
         let share = budget / self.workers.max(1);
         let room = share.saturating_sub(self.baseline);
         let mut fits = vec![format!("--workers {}", budget / per_worker.max(1))];
-        fits.push(format!("or {} instances per worker (--threads / --worker-connections)", room / self.memory_limit.max(1)));
+        fits.push(format!(
+            "or {} instances per worker (--threads / --worker-connections)",
+            room / self.memory_limit.max(1)
+        ));
         let mib = 1 << 20;
-        fits.push(format!("or --memory-limit {}MiB", room / self.instances.max(1) / mib));
+        fits.push(format!(
+            "or --memory-limit {}MiB",
+            room / self.instances.max(1) / mib
+        ));
         bail!(
             "the configuration does not fit --memory-budget {}: {} workers × ({} worker baseline + {} instances × {} --memory-limit) = {}. What fits with the other settings unchanged: {}",
             human_size(budget),
@@ -73,16 +81,22 @@ pub fn host_resident_bytes() -> u64 {
     // SAFETY: getppid has no preconditions.
     let master = unsafe { libc::getppid() }.to_string();
     let mut total = process_resident_bytes(&master).unwrap_or(0);
-    let Ok(entries) = std::fs::read_dir("/proc") else { return total };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return total;
+    };
     for entry in entries.flatten() {
         let pid = entry.file_name().to_string_lossy().into_owned();
         // Only the numbered entries: /proc/self and /proc/thread-self would count this process again.
         if !pid.bytes().all(|b| b.is_ascii_digit()) {
             continue;
         }
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         // Fields after the command name: state, ppid, …
-        let parent = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split_whitespace().nth(1));
+        let parent = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
         if parent == Some(master.as_str()) {
             total += process_resident_bytes(&pid).unwrap_or(0);
         }
@@ -104,7 +118,12 @@ mod tests {
 
     #[test]
     fn refuses_with_the_arithmetic_and_what_fits() {
-        let plan = Plan { workers: 4, instances: 6, memory_limit: 64 << 20, baseline: 16 << 20 };
+        let plan = Plan {
+            workers: 4,
+            instances: 6,
+            memory_limit: 64 << 20,
+            baseline: 16 << 20,
+        };
         assert_eq!(plan.worst_case(), 4 * (16 + 6 * 64) << 20);
         let message = plan.check(512 << 20).unwrap_err().to_string();
         assert!(message.contains("4 workers × (16 MiB worker baseline + 6 instances × 64 MiB --memory-limit) = 1600 MiB"), "{message}");

@@ -17,7 +17,11 @@ use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-pub fn load_component(engine: &Engine, component_path: &Path, cache_dir: &Path) -> Result<Component> {
+pub fn load_component(
+    engine: &Engine,
+    component_path: &Path,
+    cache_dir: &Path,
+) -> Result<Component> {
     let bytes = std::fs::read(component_path)
         .with_context(|| format!("cannot read the component {}", component_path.display()))?;
     let artifact = cache_dir.join(format!("{}.cwasm", cache_key(engine, &bytes)));
@@ -63,7 +67,9 @@ pub fn load_component(engine: &Engine, component_path: &Path, cache_dir: &Path) 
 
 fn cache_key(engine: &Engine, component: &[u8]) -> String {
     let mut engine_hash = std::hash::DefaultHasher::new();
-    engine.precompile_compatibility_hash().hash(&mut engine_hash);
+    engine
+        .precompile_compatibility_hash()
+        .hash(&mut engine_hash);
     let mut key = Sha256::new();
     key.update(component);
     key.update(engine_hash.finish().to_le_bytes());
@@ -75,8 +81,11 @@ fn digest_path(artifact: &Path) -> PathBuf {
 }
 
 fn load_verified(engine: &Engine, artifact: &Path) -> Result<Component> {
-    let expected = std::fs::read_to_string(digest_path(artifact)).context("its checksum file is missing")?;
-    let actual = hex::encode(Sha256::digest(std::fs::read(artifact).context("cannot read it")?));
+    let expected =
+        std::fs::read_to_string(digest_path(artifact)).context("its checksum file is missing")?;
+    let actual = hex::encode(Sha256::digest(
+        std::fs::read(artifact).context("cannot read it")?,
+    ));
     if expected.trim() != actual {
         bail!("its checksum does not match (corrupted or truncated)");
     }
@@ -89,18 +98,25 @@ fn load_verified(engine: &Engine, artifact: &Path) -> Result<Component> {
 }
 
 fn store(artifact: &Path, compiled: &[u8]) -> Result<()> {
-    let dir = artifact.parent().context("the cache path has no directory")?;
+    let dir = artifact
+        .parent()
+        .context("the cache path has no directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     // The checksum goes first: a process that sees the artifact can then always verify it.
-    write_atomically(&digest_path(artifact), hex::encode(Sha256::digest(compiled)).as_bytes())?;
+    write_atomically(
+        &digest_path(artifact),
+        hex::encode(Sha256::digest(compiled)).as_bytes(),
+    )?;
     write_atomically(artifact, compiled)
 }
 
 fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
     let dir = path.parent().context("no parent directory")?;
-    let mut file = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
+    let mut file = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
     file.write_all(contents)?;
     file.as_file().sync_all()?;
-    file.persist(path).with_context(|| format!("cannot move the artifact into {}", path.display()))?;
+    file.persist(path)
+        .with_context(|| format!("cannot move the artifact into {}", path.display()))?;
     Ok(())
 }

@@ -48,10 +48,12 @@ pub fn load(command_line: &[OsString]) -> Result<Layered> {
     let cmd_args: Vec<OsString> = cmd_args.into_iter().map(OsString::from).collect();
     let from_cmd_args = parse(&table, &cmd_args, "HOST_CMD_ARGS")?;
 
-    let config_file = config_path(&cli).or_else(|| config_path(&from_cmd_args)).or_else(|| {
-        let default = PathBuf::from(DEFAULT_CONFIG_FILE);
-        default.exists().then_some(default)
-    });
+    let config_file = config_path(&cli)
+        .or_else(|| config_path(&from_cmd_args))
+        .or_else(|| {
+            let default = PathBuf::from(DEFAULT_CONFIG_FILE);
+            default.exists().then_some(default)
+        });
 
     // Lowest precedence first; each later source replaces a setting wholesale.
     let mut sources = Vec::new();
@@ -70,23 +72,33 @@ pub fn load(command_line: &[OsString]) -> Result<Layered> {
     for (matches, label) in &sources {
         for arg in table.get_arguments() {
             let id = arg.get_id().as_str();
-            if NOT_SETTINGS.contains(&id) || matches.value_source(id) != Some(ValueSource::CommandLine) {
+            if NOT_SETTINGS.contains(&id)
+                || matches.value_source(id) != Some(ValueSource::CommandLine)
+            {
                 continue;
             }
             let tokens = tokens(arg, matches);
-            let label = if label.is_empty() { labels.get(id).cloned().unwrap_or_default() } else { label.clone() };
+            let label = if label.is_empty() {
+                labels.get(id).cloned().unwrap_or_default()
+            } else {
+                label.clone()
+            };
             winners.insert(id.to_owned(), (tokens, label));
         }
     }
 
-    let mut final_arguments: Vec<OsString> = winners.values().flat_map(|(tokens, _)| tokens.iter().map(OsString::from)).collect();
+    let mut final_arguments: Vec<OsString> = winners
+        .values()
+        .flat_map(|(tokens, _)| tokens.iter().map(OsString::from))
+        .collect();
     for flag in ["print_config", "check_config"] {
         if sources.iter().any(|(matches, _)| matches.get_flag(flag)) {
             final_arguments.push(OsString::from(format!("--{}", flag.replace('_', "-"))));
         }
     }
     let matches = parse(&table, &final_arguments, "the combined settings")?;
-    let args = ServeArgs::from_arg_matches(&matches).context("cannot read the combined settings")?;
+    let args =
+        ServeArgs::from_arg_matches(&matches).context("cannot read the combined settings")?;
 
     let mut provenance = BTreeMap::new();
     for arg in table.get_arguments() {
@@ -101,20 +113,34 @@ pub fn load(command_line: &[OsString]) -> Result<Layered> {
         let source = match (winners.get(id), matches.value_source(id)) {
             (Some((_, label)), _) => label.clone(),
             (None, Some(ValueSource::EnvVariable)) => {
-                format!("environment ({})", arg.get_env().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default())
+                format!(
+                    "environment ({})",
+                    arg.get_env()
+                        .map(|e| e.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                )
             }
             _ => "default".to_owned(),
         };
         provenance.insert(id.to_owned(), (values, source));
     }
-    Ok(Layered { args, provenance, config_file })
+    Ok(Layered {
+        args,
+        provenance,
+        config_file,
+    })
 }
 
 fn parse(table: &clap::Command, arguments: &[OsString], source: &str) -> Result<ArgMatches> {
     table
         .clone()
         .try_get_matches_from(arguments)
-        .map_err(|error| anyhow::anyhow!("invalid setting in {source}: {}", error.render().to_string().trim()))
+        .map_err(|error| {
+            anyhow::anyhow!(
+                "invalid setting in {source}: {}",
+                error.render().to_string().trim()
+            )
+        })
 }
 
 fn config_path(matches: &ArgMatches) -> Option<PathBuf> {
@@ -130,7 +156,10 @@ fn tokens(arg: &clap::Arg, matches: &ArgMatches) -> Vec<String> {
         .unwrap_or_default();
     match arg.get_long() {
         None => values,
-        Some(long) if arg.get_action().takes_values() => values.into_iter().map(|v| format!("--{long}={v}")).collect(),
+        Some(long) if arg.get_action().takes_values() => values
+            .into_iter()
+            .map(|v| format!("--{long}={v}"))
+            .collect(),
         Some(long) => vec![format!("--{long}")],
     }
 }
@@ -138,8 +167,10 @@ fn tokens(arg: &clap::Arg, matches: &ArgMatches) -> Vec<String> {
 /// The config file's keys are the settings' names (`workers`, `limit_request_line`, …; dashes
 /// are accepted too); arrays give repeatable settings several values.
 fn config_file_arguments(table: &clap::Command, path: &Path) -> Result<Vec<OsString>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
-    let document: toml::Table = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the config file {}", path.display()))?;
+    let document: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
     let mut arguments = Vec::new();
     for (key, value) in &document {
         let id = key.replace('-', "_");
@@ -149,9 +180,18 @@ fn config_file_arguments(table: &clap::Command, path: &Path) -> Result<Vec<OsStr
         let arg = table
             .get_arguments()
             .find(|arg| arg.get_id().as_str() == id && !NOT_SETTINGS.contains(&id.as_str()))
-            .with_context(|| format!("unknown setting `{key}` in {}; the settings are: {}", path.display(), setting_names(table)))?;
+            .with_context(|| {
+                format!(
+                    "unknown setting `{key}` in {}; the settings are: {}",
+                    path.display(),
+                    setting_names(table)
+                )
+            })?;
         let values = match value {
-            toml::Value::Array(items) => items.iter().map(|item| scalar(key, item)).collect::<Result<Vec<_>>>()?,
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|item| scalar(key, item))
+                .collect::<Result<Vec<_>>>()?,
             other => vec![scalar(key, other)?],
         };
         arguments.extend(values.into_iter().flat_map(|value| argument(arg, value)));
@@ -173,18 +213,24 @@ fn scalar(key: &str, value: &toml::Value) -> Result<String> {
 fn argument(arg: &clap::Arg, value: String) -> Vec<OsString> {
     match arg.get_long() {
         None => vec![OsString::from(value)],
-        Some(long) if arg.get_action().takes_values() => vec![OsString::from(format!("--{long}={value}"))],
+        Some(long) if arg.get_action().takes_values() => {
+            vec![OsString::from(format!("--{long}={value}"))]
+        }
         Some(long) if value == "true" || value == "1" => vec![OsString::from(format!("--{long}"))],
         Some(_) => Vec::new(),
     }
 }
 
 /// `HOST_<NAME>` for every setting; a repeatable one takes comma-separated values.
-fn environment_arguments(table: &clap::Command) -> Result<(Vec<OsString>, BTreeMap<String, String>)> {
+fn environment_arguments(
+    table: &clap::Command,
+) -> Result<(Vec<OsString>, BTreeMap<String, String>)> {
     let mut arguments = Vec::new();
     let mut labels = BTreeMap::new();
     for (name, value) in std::env::vars() {
-        let Some(setting) = name.strip_prefix("HOST_") else { continue };
+        let Some(setting) = name.strip_prefix("HOST_") else {
+            continue;
+        };
         if OTHER_HOST_VARIABLES.contains(&name.as_str()) {
             continue;
         }
@@ -198,7 +244,12 @@ fn environment_arguments(table: &clap::Command) -> Result<(Vec<OsString>, BTreeM
         };
         let repeatable = matches!(arg.get_action(), clap::ArgAction::Append);
         let values: Vec<String> = if repeatable {
-            value.split(',').map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned).collect()
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+                .collect()
         } else {
             vec![value]
         };
@@ -219,17 +270,31 @@ fn setting_names(table: &clap::Command) -> String {
 
 /// The hook commands of the config file's `[hooks]` table: event name → shell command.
 pub fn hook_commands(config_file: Option<&Path>) -> Result<BTreeMap<String, String>> {
-    let Some(path) = config_file else { return Ok(BTreeMap::new()) };
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
-    let document: toml::Table = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
-    let Some(hooks) = document.get("hooks") else { return Ok(BTreeMap::new()) };
-    let hooks = hooks.as_table().context("`hooks` must be a table of event = \"command\"")?;
+    let Some(path) = config_file else {
+        return Ok(BTreeMap::new());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the config file {}", path.display()))?;
+    let document: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let Some(hooks) = document.get("hooks") else {
+        return Ok(BTreeMap::new());
+    };
+    let hooks = hooks
+        .as_table()
+        .context("`hooks` must be a table of event = \"command\"")?;
     let mut commands = BTreeMap::new();
     for (event, command) in hooks {
         if !crate::hooks::EVENTS.contains(&event.as_str()) {
-            bail!("unknown hook `{event}` in {}; the hooks are: {}", path.display(), crate::hooks::EVENTS.join(", "));
+            bail!(
+                "unknown hook `{event}` in {}; the hooks are: {}",
+                path.display(),
+                crate::hooks::EVENTS.join(", ")
+            );
         }
-        let command = command.as_str().with_context(|| format!("hook `{event}` must be a command string"))?;
+        let command = command
+            .as_str()
+            .with_context(|| format!("hook `{event}` must be a command string"))?;
         commands.insert(event.clone(), command.to_owned());
     }
     Ok(commands)
@@ -246,7 +311,13 @@ pub fn print(layered: &Layered) {
         let value = match values.as_slice() {
             [] => "# (unset)".to_owned(),
             [one] if !name.ends_with("bind") && name != "env" => toml_value(one),
-            many => format!("[{}]", many.iter().map(|v| toml_value(v)).collect::<Vec<_>>().join(", ")),
+            many => format!(
+                "[{}]",
+                many.iter()
+                    .map(|v| toml_value(v))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         };
         let line = format!("{name} = {value}");
         println!("{line:<60} # {source}");
@@ -254,7 +325,11 @@ pub fn print(layered: &Layered) {
 }
 
 fn toml_value(text: &str) -> String {
-    if text.parse::<i64>().is_ok() || text.parse::<f64>().is_ok() || text == "true" || text == "false" {
+    if text.parse::<i64>().is_ok()
+        || text.parse::<f64>().is_ok()
+        || text == "true"
+        || text == "false"
+    {
         text.to_owned()
     } else {
         toml::Value::String(text.to_owned()).to_string()

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig};
+use wasmtime::{
+    Config, Enabled, Engine, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig,
+};
 
 /// How often the epoch advances: the granularity of deadlines, and how often a busy guest
 /// yields its thread to other requests.
@@ -45,8 +47,12 @@ pub fn build(sizing: EngineSizing) -> Result<Engine> {
         .total_tables(instances.saturating_mul(TABLES_PER_COMPONENT))
         .max_tables_per_component(TABLES_PER_COMPONENT)
         .total_stacks(instances)
-        .max_memory_size(usize::try_from(max_memory).context("--memory-limit does not fit this machine")?)
-        .linear_memory_keep_resident(usize::try_from(LINEAR_MEMORY_KEEP_RESIDENT.min(max_memory)).unwrap_or(0))
+        .max_memory_size(
+            usize::try_from(max_memory).context("--memory-limit does not fit this machine")?,
+        )
+        .linear_memory_keep_resident(
+            usize::try_from(LINEAR_MEMORY_KEEP_RESIDENT.min(max_memory)).unwrap_or(0),
+        )
         .table_keep_resident(TABLE_KEEP_RESIDENT)
         .pagemap_scan(Enabled::Auto);
 

@@ -1,7 +1,7 @@
 //! The guest component: compiled once, instantiated fresh for every request, run under its
-//! memory cap and deadline, with only the imports of the `wasi:http/proxy` world and the
-//! `wasi:cli` pieces that language runtimes pull in (no preopened files, no sockets, and
-//! outbound HTTP refused); their stdout and stderr become log lines of the request.
+//! memory cap and deadline, with only the imports of the `wasi:http/proxy` world, the `wasi:cli`
+//! pieces that language runtimes pull in (no preopened files, no sockets, and outbound HTTP
+//! refused) and the host capabilities; its stdout and stderr become log lines of the request.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -87,7 +87,12 @@ impl std::fmt::Display for DeadlineExceeded {
 impl std::error::Error for DeadlineExceeded {}
 
 impl Guest {
-    pub fn new(engine: &Engine, component: &wasmtime::component::Component, settings: &Settings, crypto: Arc<Crypto>) -> Result<Guest> {
+    pub fn new(
+        engine: &Engine,
+        component: &wasmtime::component::Component,
+        settings: &Settings,
+        crypto: Arc<Crypto>,
+    ) -> Result<Guest> {
         let mut linker = Linker::<GuestState>::new(engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)
@@ -95,9 +100,12 @@ impl Guest {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)
             .context("cannot link wasi:http")?;
-        crate::capabilities::Capabilities::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |state| state)
-            .map_err(anyhow::Error::from)
-            .context("cannot link the host capabilities")?;
+        crate::capabilities::Capabilities::add_to_linker::<_, HasSelf<GuestState>>(
+            &mut linker,
+            |state| state,
+        )
+        .map_err(anyhow::Error::from)
+        .context("cannot link the host capabilities")?;
         let pre = linker
             .instantiate_pre(component)
             .map_err(anyhow::Error::from)
@@ -134,10 +142,10 @@ impl Guest {
             async move {
                 let outcome = guest.run(request, scheme, sender, deadline).await;
                 drop(slot);
-                if let Err(failure) = &outcome {
-                    if responded.load(Ordering::Acquire) {
-                        tracing::error!("the response was cut short: {failure}");
-                    }
+                if let Err(failure) = &outcome
+                    && responded.load(Ordering::Acquire)
+                {
+                    tracing::error!("the response was cut short: {failure}");
                 }
                 outcome
             }
@@ -152,7 +160,9 @@ impl Guest {
             Err(_) => match run.await {
                 Ok(Ok(())) => Err(GuestFailure::NoResponse),
                 Ok(Err(failure)) => Err(failure),
-                Err(panic) => Err(GuestFailure::Trapped(format!("the host task failed: {panic}"))),
+                Err(panic) => Err(GuestFailure::Trapped(format!(
+                    "the host task failed: {panic}"
+                ))),
             },
         }
     }
@@ -166,7 +176,10 @@ impl Guest {
     ) -> Result<(), GuestFailure> {
         let mut store = self.new_store(deadline);
         let call = async {
-            let request = store.data_mut().http().new_incoming_request(scheme, request)?;
+            let request = store
+                .data_mut()
+                .http()
+                .new_incoming_request(scheme, request)?;
             let response = store.data_mut().http().new_response_outparam(sender)?;
             let proxy = self.pre.instantiate_async(&mut store).await?;
             proxy
@@ -285,12 +298,18 @@ impl WasiHttpHooks for OutboundHttpDenied {
         &mut self,
         _request: http::Request<wasmtime_wasi_http::WasiBody>,
         _options: Option<wasmtime_wasi_http::RequestOptions>,
-        _io: Box<dyn Future<Output = wasmtime_wasi_http::Result<(), wasmtime_wasi_http::Error>> + Send>,
+        _io: Box<
+            dyn Future<Output = wasmtime_wasi_http::Result<(), wasmtime_wasi_http::Error>> + Send,
+        >,
     ) -> Box<
         dyn Future<
                 Output = wasmtime_wasi_http::Result<(
                     http::Response<wasmtime_wasi_http::WasiBody>,
-                    Box<dyn Future<Output = wasmtime_wasi_http::Result<(), wasmtime_wasi_http::Error>> + Send>,
+                    Box<
+                        dyn Future<
+                                Output = wasmtime_wasi_http::Result<(), wasmtime_wasi_http::Error>,
+                            > + Send,
+                    >,
                 )>,
             > + Send,
     > {

@@ -42,20 +42,31 @@ pub struct Peer {
 
 impl Peer {
     fn label(&self) -> String {
-        self.ip.map_or_else(|| "unix".to_owned(), |ip| ip.to_string())
+        self.ip
+            .map_or_else(|| "unix".to_owned(), |ip| ip.to_string())
     }
 }
 
 impl RequestHandler {
-    pub async fn handle(self: Arc<Self>, request: Request<Incoming>, peer: Arc<Peer>) -> Result<Response<ResponseBody>, Infallible> {
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: Arc<Peer>,
+    ) -> Result<Response<ResponseBody>, Infallible> {
         if let Some(recycle) = &self.recycle {
             recycle.count_request();
         }
         let trusted = peer.ip.is_none_or(|ip| self.trusted_peers.trusts(ip));
         let request_id = request_id(request.headers(), trusted);
-        let record = self.access_log.as_ref().map(|log| log.record(&request, &peer.label()));
+        let record = self
+            .access_log
+            .as_ref()
+            .map(|log| log.record(&request, &peer.label()));
         let span = tracing::info_span!("request", request_id = %request_id);
-        let mut response = self.respond(request, &peer, &request_id).instrument(span).await;
+        let mut response = self
+            .respond(request, &peer, &request_id)
+            .instrument(span)
+            .await;
         if let Ok(value) = HeaderValue::from_str(&request_id) {
             response.headers_mut().insert(X_REQUEST_ID, value);
         }
@@ -65,17 +76,27 @@ impl RequestHandler {
         Ok(response)
     }
 
-    async fn respond(&self, mut request: Request<Incoming>, peer: &Peer, request_id: &str) -> Response<ResponseBody> {
-        if let Err(exceeded) = self
-            .limits
-            .check(request.method(), request.uri(), request.version(), request.headers())
-        {
+    async fn respond(
+        &self,
+        mut request: Request<Incoming>,
+        peer: &Peer,
+        request_id: &str,
+    ) -> Response<ResponseBody> {
+        if let Err(exceeded) = self.limits.check(
+            request.method(),
+            request.uri(),
+            request.version(),
+            request.headers(),
+        ) {
             tracing::info!("refused: {}", exceeded.message);
             return answers::error(exceeded.status, &exceeded.message);
         }
         if request.uri().authority().is_none() && !request.headers().contains_key(HOST) {
             if request.version() == Version::HTTP_11 {
-                return answers::error(StatusCode::BAD_REQUEST, "bad request: HTTP/1.1 requires a Host header");
+                return answers::error(
+                    StatusCode::BAD_REQUEST,
+                    "bad request: HTTP/1.1 requires a Host header",
+                );
             }
             if let Ok(host) = HeaderValue::from_str(&peer.local_authority) {
                 request.headers_mut().insert(HOST, host);
@@ -92,7 +113,11 @@ impl RequestHandler {
                 return answers::busy(&busy.to_string());
             }
         };
-        let scheme = if origin.https { Scheme::Https } else { Scheme::Http };
+        let scheme = if origin.https {
+            Scheme::Https
+        } else {
+            Scheme::Http
+        };
         match self.guest.serve(request, scheme, slot).await {
             Ok(response) => response,
             Err(failure) => {

@@ -17,16 +17,24 @@ pub struct Heartbeat {
 impl Heartbeat {
     /// A new heartbeat file, already stamped, in `dir`.
     pub fn create(dir: &Path) -> Result<Heartbeat> {
-        let file = tempfile::tempfile_in(dir)
-            .with_context(|| format!("cannot create a heartbeat file in {} (--worker-tmp-dir)", dir.display()))?;
+        let file = tempfile::tempfile_in(dir).with_context(|| {
+            format!(
+                "cannot create a heartbeat file in {} (--worker-tmp-dir)",
+                dir.display()
+            )
+        })?;
         let heartbeat = Heartbeat { file };
-        heartbeat.beat().context("cannot stamp the heartbeat file")?;
+        heartbeat
+            .beat()
+            .context("cannot stamp the heartbeat file")?;
         Ok(heartbeat)
     }
 
     /// The worker's end, from the descriptor the master passed.
     pub fn from_fd(fd: OwnedFd) -> Heartbeat {
-        Heartbeat { file: File::from(fd) }
+        Heartbeat {
+            file: File::from(fd),
+        }
     }
 
     pub fn beat(&self) -> std::io::Result<()> {
@@ -34,19 +42,26 @@ impl Heartbeat {
         let times = [now, now];
         // SAFETY: the descriptor is open for the life of `self.file`; `times` is two timespecs.
         let rc = unsafe { libc::futimens(self.file.as_raw_fd(), times.as_ptr()) };
-        if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
 
     /// The worker says it is leaving on its own (`--max-requests`): the file's mode goes to 0,
     /// and the master starts a replacement without waiting for the exit.
     pub fn mark_retiring(&self) -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
-        self.file.set_permissions(std::fs::Permissions::from_mode(0))
+        self.file
+            .set_permissions(std::fs::Permissions::from_mode(0o000))
     }
 
     pub fn is_retiring(&self) -> bool {
         use std::os::unix::fs::PermissionsExt;
-        self.file.metadata().is_ok_and(|meta| meta.permissions().mode() & 0o777 == 0)
+        self.file
+            .metadata()
+            .is_ok_and(|meta| meta.permissions().mode() & 0o777 == 0)
     }
 
     /// How long since the last beat.
@@ -56,7 +71,10 @@ impl Heartbeat {
         if unsafe { libc::fstat(self.file.as_raw_fd(), &mut stat) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let stamp = Duration::new(stat.st_mtime.max(0) as u64, stat.st_mtime_nsec.clamp(0, 999_999_999) as u32);
+        let stamp = Duration::new(
+            stat.st_mtime.max(0) as u64,
+            stat.st_mtime_nsec.clamp(0, 999_999_999) as u32,
+        );
         Ok(timespec_duration(monotonic_now()).saturating_sub(stamp))
     }
 
@@ -74,14 +92,20 @@ pub unsafe fn owned_fd(fd: i32) -> OwnedFd {
 }
 
 fn monotonic_now() -> libc::timespec {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: CLOCK_MONOTONIC is always available on Linux; `now` is a valid out pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     now
 }
 
 fn timespec_duration(time: libc::timespec) -> Duration {
-    Duration::new(time.tv_sec.max(0) as u64, time.tv_nsec.clamp(0, 999_999_999) as u32)
+    Duration::new(
+        time.tv_sec.max(0) as u64,
+        time.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
 }
 
 #[cfg(test)]

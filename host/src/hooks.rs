@@ -35,9 +35,15 @@ pub fn event(name: &str, facts: &[(&str, String)]) {
         .map(|(key, value)| format!(" {key}={value}"))
         .collect::<String>();
     tracing::info!("hook {name}{shown}");
-    let Some(command) = COMMANDS.get().and_then(|commands| commands.get(name)) else { return };
+    let Some(command) = COMMANDS.get().and_then(|commands| commands.get(name)) else {
+        return;
+    };
     let mut process = std::process::Command::new("/bin/sh");
-    process.arg("-c").arg(command).env("HOST_HOOK", name).stdin(std::process::Stdio::null());
+    process
+        .arg("-c")
+        .arg(command)
+        .env("HOST_HOOK", name)
+        .stdin(std::process::Stdio::null());
     for (key, value) in facts {
         process.env(format!("HOST_HOOK_{}", key.to_ascii_uppercase()), value);
     }
@@ -46,7 +52,9 @@ pub fn event(name: &str, facts: &[(&str, String)]) {
         Ok(mut child) => {
             let name = name.to_owned();
             std::thread::spawn(move || match child.wait() {
-                Ok(status) if !status.success() => tracing::warn!("hook {name} command failed: {status}"),
+                Ok(status) if !status.success() => {
+                    tracing::warn!("hook {name} command failed: {status}")
+                }
                 Err(error) => tracing::warn!("hook {name} command: {error}"),
                 Ok(_) => {}
             });

@@ -47,7 +47,10 @@ impl LogFile {
 
     /// Reopens a file target under its path, so a rotated file is let go.
     pub fn reopen(&self) -> Result<()> {
-        let mut target = self.target.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut target = self
+            .target
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Target::File { path, file } = &mut *target {
             *file = open_append(path)?;
         }
@@ -56,7 +59,10 @@ impl LogFile {
 
     /// Writes one whole line at once, so lines from concurrent requests never interleave.
     pub fn write_line(&self, line: &[u8]) {
-        let mut target = self.target.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut target = self
+            .target
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         // A log that cannot be written must not fail the request; nothing better can be done.
         let _ = match &mut *target {
             Target::Stderr => io::stderr().lock().write_all(line),
@@ -116,7 +122,12 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
         let level = match *event.metadata().level() {
             Level::ERROR => "ERROR",
             Level::WARN => "WARNING",
@@ -126,10 +137,10 @@ where
         write!(writer, "[{}] [{}] [{level}] ", timestamp(), self.pid)?;
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
-                if let Some(fields) = span.extensions().get::<FormattedFields<N>>() {
-                    if !fields.is_empty() {
-                        write!(writer, "{fields} ")?;
-                    }
+                if let Some(fields) = span.extensions().get::<FormattedFields<N>>()
+                    && !fields.is_empty()
+                {
+                    write!(writer, "{fields} ")?;
                 }
             }
         }
@@ -164,13 +175,16 @@ pub fn init(level: LogLevel, error_log: LogFile) -> Result<()> {
     };
     // `wasmtime_wasi_http` logs each failed outbound call as a warning of its own; the host
     // reports what matters about a request itself.
-    let filter = tracing_subscriber::EnvFilter::try_new(format!("{level},wasmtime_wasi_http=error"))
-        .context("invalid log filter")?;
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(format!("{level},wasmtime_wasi_http=error"))
+            .context("invalid log filter")?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(error_log)
         .with_ansi(false)
-        .event_format(GunicornFormat { pid: std::process::id() })
+        .event_format(GunicornFormat {
+            pid: std::process::id(),
+        })
         .try_init()
         .map_err(|error| anyhow::anyhow!("cannot install the logger: {error}"))
 }

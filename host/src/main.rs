@@ -95,10 +95,18 @@ fn serve() -> ExitCode {
     if check_only {
         return match arbiter::check(&settings) {
             Ok(()) => {
-                println!("configuration OK: {} is a wasi:http component this host can serve", settings.component.display());
+                println!(
+                    "configuration OK: {} is a wasi:http component this host can serve",
+                    settings.component.display()
+                );
                 ExitCode::SUCCESS
             }
-            Err(error) if matches!(error.downcast_ref::<arbiter::Refusal>(), Some(arbiter::Refusal::Budget(_))) => {
+            Err(error)
+                if matches!(
+                    error.downcast_ref::<arbiter::Refusal>(),
+                    Some(arbiter::Refusal::Budget(_))
+                ) =>
+            {
                 eprintln!("Error: {error:#}");
                 ExitCode::FAILURE
             }
@@ -151,7 +159,9 @@ fn worker() -> ExitCode {
         .iter()
         .enumerate()
         // SAFETY: the master placed one listening socket per bind, in order, from fd 3 on.
-        .map(|(index, bind)| unsafe { Listener::inherit(bind, arbiter::FIRST_INHERITED_FD + index as i32) })
+        .map(|(index, bind)| unsafe {
+            Listener::inherit(bind, arbiter::FIRST_INHERITED_FD + index as i32)
+        })
         .collect::<Result<Vec<_>>>();
     let listeners = match inherited {
         Ok(listeners) => listeners,

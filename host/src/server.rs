@@ -39,8 +39,12 @@ impl Listener {
         let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
         match address {
             BindAddress::Tcp(addr) => {
-                let socket = Socket::new(Domain::for_address(*addr), Type::STREAM, Some(Protocol::TCP))
-                    .context("cannot create a TCP socket")?;
+                let socket = Socket::new(
+                    Domain::for_address(*addr),
+                    Type::STREAM,
+                    Some(Protocol::TCP),
+                )
+                .context("cannot create a TCP socket")?;
                 socket.set_reuse_address(true)?;
                 if reuse_port {
                     socket.set_reuse_port(true)?;
@@ -48,13 +52,16 @@ impl Listener {
                 socket
                     .bind(&SockAddr::from(*addr))
                     .with_context(|| format!("cannot bind {addr}"))?;
-                socket.listen(backlog).with_context(|| format!("cannot listen on {addr}"))?;
+                socket
+                    .listen(backlog)
+                    .with_context(|| format!("cannot listen on {addr}"))?;
                 socket.set_nonblocking(true)?;
                 Ok(Listener::Tcp(socket.into()))
             }
             BindAddress::Unix(path) => {
                 remove_stale_socket(path)?;
-                let socket = Socket::new(Domain::UNIX, Type::STREAM, None).context("cannot create a unix socket")?;
+                let socket = Socket::new(Domain::UNIX, Type::STREAM, None)
+                    .context("cannot create a unix socket")?;
                 socket
                     .bind(&SockAddr::unix(path)?)
                     .with_context(|| format!("cannot bind unix:{}", path.display()))?;
@@ -126,10 +133,12 @@ impl Listener {
 fn remove_stale_socket(path: &PathBuf) -> Result<()> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(path).with_context(|| format!("cannot remove the old socket {}", path.display()))
-        }
-        Ok(_) => anyhow::bail!("cannot bind unix:{}: a file that is not a socket is there", path.display()),
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the old socket {}", path.display())),
+        Ok(_) => anyhow::bail!(
+            "cannot bind unix:{}: a file that is not a socket is there",
+            path.display()
+        ),
         Err(_) => Ok(()),
     }
 }
@@ -194,9 +203,15 @@ pub async fn serve(
     accepting.shutdown().await;
     match shutdown {
         Shutdown::Graceful(grace) => {
-            tracing::info!("stopped accepting; waiting up to {}s for in-flight requests", grace.as_secs_f64());
+            tracing::info!(
+                "stopped accepting; waiting up to {}s for in-flight requests",
+                grace.as_secs_f64()
+            );
             let _ = draining_tx.send(true);
-            if tokio::time::timeout(grace, all_closed.recv()).await.is_err() {
+            if tokio::time::timeout(grace, all_closed.recv())
+                .await
+                .is_err()
+            {
                 tracing::warn!("graceful timeout reached; closing the connections still open");
             }
         }

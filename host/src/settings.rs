@@ -40,7 +40,13 @@ pub struct ServeArgs {
     pub check_config: bool,
 
     /// Worker processes. Default: `$WEB_CONCURRENCY`, else 1.
-    #[arg(short = 'w', long, env = "WEB_CONCURRENCY", default_value_t = 1, value_name = "INT")]
+    #[arg(
+        short = 'w',
+        long,
+        env = "WEB_CONCURRENCY",
+        default_value_t = 1,
+        value_name = "INT"
+    )]
     pub workers: usize,
 
     /// Requests a worker serves before it is replaced (0 = never).
@@ -83,7 +89,12 @@ pub struct ServeArgs {
 
     /// How requests are run: `sync` (one at a time), `gthread` (`--threads` at once),
     /// `gevent`/`eventlet` (`--worker-connections` at once).
-    #[arg(short = 'k', long = "worker-class", default_value = "sync", value_name = "CLASS")]
+    #[arg(
+        short = 'k',
+        long = "worker-class",
+        default_value = "sync",
+        value_name = "CLASS"
+    )]
     pub worker_class: WorkerClass,
 
     /// Guest instances running at once with the gthread class (`sync` with threads > 1 becomes gthread).
@@ -91,7 +102,11 @@ pub struct ServeArgs {
     pub threads: usize,
 
     /// Requests a worker holds at once (running with the async classes, waiting with the others).
-    #[arg(long = "worker-connections", default_value_t = 1000, value_name = "INT")]
+    #[arg(
+        long = "worker-connections",
+        default_value_t = 1000,
+        value_name = "INT"
+    )]
     pub worker_connections: usize,
 
     /// Seconds a request's guest may run before it is stopped and the client gets 504. 0 = no limit.
@@ -107,11 +122,21 @@ pub struct ServeArgs {
     pub keep_alive: f64,
 
     /// Maximum length of the request line in bytes (0 = unlimited; above 8190 means 8190). Longer: 400.
-    #[arg(long = "limit-request-line", default_value_t = 4094, value_name = "INT", allow_negative_numbers = true)]
+    #[arg(
+        long = "limit-request-line",
+        default_value_t = 4094,
+        value_name = "INT",
+        allow_negative_numbers = true
+    )]
     pub limit_request_line: i64,
 
     /// Maximum number of header fields in a request (0 or above 32768 means 32768). More: 431.
-    #[arg(long = "limit-request-fields", default_value_t = 100, value_name = "INT", allow_negative_numbers = true)]
+    #[arg(
+        long = "limit-request-fields",
+        default_value_t = 100,
+        value_name = "INT",
+        allow_negative_numbers = true
+    )]
     pub limit_request_fields: i64,
 
     /// Maximum size of one header line, `name: value`, in bytes (0 = unlimited). Larger: 431.
@@ -166,7 +191,12 @@ pub struct ServeArgs {
     pub log_level: LogLevel,
 
     /// Where the error log goes: a file path, or `-` for stderr.
-    #[arg(long = "error-logfile", alias = "log-file", default_value = "-", value_name = "FILE")]
+    #[arg(
+        long = "error-logfile",
+        alias = "log-file",
+        default_value = "-",
+        value_name = "FILE"
+    )]
     pub error_logfile: String,
 
     /// Where the access log goes: a file path, or `-` for stdout. Off unless set.
@@ -296,7 +326,9 @@ impl Settings {
         };
         let memory_limit = args.memory_limit;
         if memory_limit < 64 * 1024 {
-            bail!("--memory-limit must be at least 64KiB (one WebAssembly page), got {memory_limit} bytes");
+            bail!(
+                "--memory-limit must be at least 64KiB (one WebAssembly page), got {memory_limit} bytes"
+            );
         }
         if args.encrypt_concurrency == 0 {
             bail!("--encrypt-concurrency must be at least 1");
@@ -385,9 +417,9 @@ pub fn parse_bind(text: &str) -> Result<BindAddress> {
         Some((host, port)) if !host.contains(':') || host.ends_with(']') => (host, port),
         _ => (text, "8000"),
     };
-    let port: u16 = port
-        .parse()
-        .with_context(|| format!("--bind {text:?}: expected HOST:PORT, [IPV6]:PORT or unix:PATH"))?;
+    let port: u16 = port.parse().with_context(|| {
+        format!("--bind {text:?}: expected HOST:PORT, [IPV6]:PORT or unix:PATH")
+    })?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let host = if host.is_empty() { "0.0.0.0" } else { host };
     use std::net::ToSocketAddrs;
@@ -403,9 +435,9 @@ pub fn parse_bind(text: &str) -> Result<BindAddress> {
 fn default_worker_tmp_dir() -> PathBuf {
     let shm = PathBuf::from("/dev/shm");
     let is_tmpfs = std::fs::read_to_string("/proc/mounts").is_ok_and(|mounts| {
-        mounts
-            .lines()
-            .any(|line| line.split_whitespace().nth(1) == Some("/dev/shm") && line.contains("tmpfs"))
+        mounts.lines().any(|line| {
+            line.split_whitespace().nth(1) == Some("/dev/shm") && line.contains("tmpfs")
+        })
     });
     if is_tmpfs { shm } else { std::env::temp_dir() }
 }
@@ -421,16 +453,21 @@ fn default_data_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir).join("host"));
     }
-    let home = std::env::var_os("HOME").context("neither --data-dir, XDG_DATA_HOME nor HOME is set")?;
-    Ok(PathBuf::from(home).join(".local").join("share").join("host"))
+    let home =
+        std::env::var_os("HOME").context("neither --data-dir, XDG_DATA_HOME nor HOME is set")?;
+    Ok(PathBuf::from(home)
+        .join(".local")
+        .join("share")
+        .join("host"))
 }
 
 impl Settings {
     /// The app's name, for scoping its data: the component's file name without `.wasm`.
     pub fn app_name(&self) -> String {
-        self.component
-            .file_stem()
-            .map_or_else(|| "app".to_owned(), |stem| stem.to_string_lossy().into_owned())
+        self.component.file_stem().map_or_else(
+            || "app".to_owned(),
+            |stem| stem.to_string_lossy().into_owned(),
+        )
     }
 }
 
@@ -438,7 +475,8 @@ fn default_cache_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir).join("host"));
     }
-    let home = std::env::var_os("HOME").context("neither --cache-dir, XDG_CACHE_HOME nor HOME is set")?;
+    let home =
+        std::env::var_os("HOME").context("neither --cache-dir, XDG_CACHE_HOME nor HOME is set")?;
     Ok(PathBuf::from(home).join(".cache").join("host"))
 }
 
@@ -448,7 +486,9 @@ fn parse_seconds(text: &str) -> Result<f64, String> {
         .parse()
         .map_err(|_| format!("expected a number of seconds such as 30 or 0.5, got {text:?}"))?;
     if !seconds.is_finite() || seconds < 0.0 {
-        return Err(format!("expected a non-negative number of seconds, got {text:?}"));
+        return Err(format!(
+            "expected a non-negative number of seconds, got {text:?}"
+        ));
     }
     Ok(seconds)
 }
@@ -464,7 +504,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
     for (unit, name) in UNITS {
-        if bytes >= unit && bytes % unit == 0 && (unit > 1 << 10 || bytes < 1 << 20) {
+        if bytes >= unit && bytes.is_multiple_of(unit) && (unit > 1 << 10 || bytes < 1 << 20) {
             return format!("{} {name}", bytes / unit);
         }
     }
@@ -503,7 +543,10 @@ mod tests {
             parse_bind("[::1]:9000").unwrap(),
             BindAddress::Tcp("[::1]:9000".parse().unwrap())
         );
-        assert_eq!(parse_bind("unix:/tmp/x.sock").unwrap(), BindAddress::Unix("/tmp/x.sock".into()));
+        assert_eq!(
+            parse_bind("unix:/tmp/x.sock").unwrap(),
+            BindAddress::Unix("/tmp/x.sock".into())
+        );
         assert_eq!(
             parse_bind("127.0.0.1").unwrap(),
             BindAddress::Tcp("127.0.0.1:8000".parse().unwrap())

@@ -47,7 +47,11 @@ impl Recycle {
         if max_requests == 0 {
             return None;
         }
-        let extra = if jitter == 0 { 0 } else { random_u64() % (jitter + 1) };
+        let extra = if jitter == 0 {
+            0
+        } else {
+            random_u64() % (jitter + 1)
+        };
         Some(Recycle {
             served: AtomicU64::new(0),
             limit: max_requests + extra,
@@ -63,7 +67,12 @@ impl Recycle {
     }
 }
 
-pub fn run(settings: &Settings, error_log: LogFile, listeners: Vec<Listener>, heartbeat: Heartbeat) -> Result<(), StartError> {
+pub fn run(
+    settings: &Settings,
+    error_log: LogFile,
+    listeners: Vec<Listener>,
+    heartbeat: Heartbeat,
+) -> Result<(), StartError> {
     let pid = std::process::id();
     tracing::info!("Booting worker with pid: {pid}");
     let engine = engine::build(EngineSizing {
@@ -97,7 +106,11 @@ pub fn run(settings: &Settings, error_log: LogFile, listeners: Vec<Listener>, he
             keep_beating(Arc::clone(&heartbeat), settings.timeout);
             let handler = Arc::new(RequestHandler {
                 guest: Arc::new(guest),
-                admission: Admission::new(settings.concurrency, settings.queue_limit, settings.timeout),
+                admission: Admission::new(
+                    settings.concurrency,
+                    settings.queue_limit,
+                    settings.timeout,
+                ),
                 limits: settings.request_limits,
                 trusted_peers: settings.trusted_peers.clone(),
                 access_log,
@@ -119,7 +132,9 @@ pub fn run(settings: &Settings, error_log: LogFile, listeners: Vec<Listener>, he
 
 /// Stamps the heartbeat from the event loop: if the loop stalls, so does the heartbeat.
 fn keep_beating(heartbeat: Arc<Heartbeat>, timeout: Option<Duration>) {
-    let every = timeout.map_or(Duration::from_secs(1), |timeout| (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)));
+    let every = timeout.map_or(Duration::from_secs(1), |timeout| {
+        (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+    });
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(every);
         loop {

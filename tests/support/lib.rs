@@ -61,7 +61,10 @@ pub fn cache_dir() -> PathBuf {
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind an ephemeral port");
-    listener.local_addr().expect("a bound socket has an address").port()
+    listener
+        .local_addr()
+        .expect("a bound socket has an address")
+        .port()
 }
 
 /// An HTTP client for the tests: no proxy from the environment, no TLS.
@@ -73,7 +76,11 @@ pub fn http_client() -> reqwest::Client {
 }
 
 /// Calls `check` every `interval` until it returns `Some`, or `None` once `timeout` has passed.
-pub fn poll_until<T>(timeout: Duration, interval: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+pub fn poll_until<T>(
+    timeout: Duration,
+    interval: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = check() {
@@ -117,7 +124,12 @@ impl HostProcess {
         let mut last = String::new();
         for _ in 0..ATTEMPTS {
             let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let mut args: Vec<String> = vec!["serve".into(), component.into(), "--bind".into(), addr.to_string()];
+            let mut args: Vec<String> = vec![
+                "serve".into(),
+                component.into(),
+                "--bind".into(),
+                addr.to_string(),
+            ];
             if !extra_args.contains(&"--cache-dir") {
                 args.push("--cache-dir".into());
                 args.push(cache_dir().to_string_lossy().into_owned());
@@ -143,7 +155,11 @@ impl HostProcess {
         }
     }
 
-    fn try_spawn(args: &[String], env: &[(&str, &str)], ready: Ready) -> Result<HostProcess, StartFailure> {
+    fn try_spawn(
+        args: &[String],
+        env: &[(&str, &str)],
+        ready: Ready,
+    ) -> Result<HostProcess, StartFailure> {
         let dir = tempfile::Builder::new()
             .prefix("host-test-")
             .tempdir()
@@ -204,7 +220,8 @@ impl HostProcess {
 
     /// Whether `GET /` gets any HTTP response right now.
     fn answers(&self) -> bool {
-        let request = |host: &str| format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let request =
+            |host: &str| format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         let first_bytes = |stream: &mut dyn ReadWrite, request: String| -> bool {
             if stream.write_all(request.as_bytes()).is_err() {
                 return false;
@@ -234,7 +251,10 @@ impl HostProcess {
     pub fn addr(&self) -> SocketAddr {
         match &self.ready {
             Ready::Tcp(addr) => *addr,
-            Ready::Unix(path) => panic!("this host listens on unix:{}, it has no TCP address", path.display()),
+            Ready::Unix(path) => panic!(
+                "this host listens on unix:{}, it has no TCP address",
+                path.display()
+            ),
         }
     }
 
@@ -266,7 +286,13 @@ impl HostProcess {
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) with a pid this test started and has not reaped yet.
         let result = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-        assert_eq!(result, 0, "kill({}, {signal}) failed: {}", self.child.id(), io::Error::last_os_error());
+        assert_eq!(
+            result,
+            0,
+            "kill({}, {signal}) failed: {}",
+            self.child.id(),
+            io::Error::last_os_error()
+        );
     }
 
     /// The exit status, if the host exits within `timeout`.
@@ -291,7 +317,10 @@ impl HostProcess {
     /// process and any processes it started (worker processes, if the host forks them).
     pub fn rss_kib(&self) -> u64 {
         let own = vm_rss_kib(self.pid()).expect("no VmRSS for the host: has it exited?");
-        let descendants: u64 = process_tree(self.pid())[1..].iter().filter_map(|pid| vm_rss_kib(*pid)).sum();
+        let descendants: u64 = process_tree(self.pid())[1..]
+            .iter()
+            .filter_map(|pid| vm_rss_kib(*pid))
+            .sum();
         own + descendants
     }
 }
@@ -301,13 +330,25 @@ fn process_tree(pid: u32) -> Vec<u32> {
     let mut parents = Vec::new();
     if let Ok(entries) = fs::read_dir("/proc") {
         for entry in entries.flatten() {
-            let Some(child) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse::<u32>().ok())
+            else {
                 continue;
             };
             // `pid (comm) state ppid …`; comm may contain spaces and parentheses.
-            let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
-            let Some((_, after_comm)) = stat.rsplit_once(')') else { continue };
-            if let Some(parent) = after_comm.split_whitespace().nth(1).and_then(|ppid| ppid.parse::<u32>().ok()) {
+            let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
+                continue;
+            };
+            let Some((_, after_comm)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            if let Some(parent) = after_comm
+                .split_whitespace()
+                .nth(1)
+                .and_then(|ppid| ppid.parse::<u32>().ok())
+            {
                 parents.push((child, parent));
             }
         }
@@ -316,7 +357,12 @@ fn process_tree(pid: u32) -> Vec<u32> {
     let mut next = 0;
     while next < tree.len() {
         let parent = tree[next];
-        tree.extend(parents.iter().filter(|(_, p)| *p == parent).map(|(child, _)| *child));
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(child, _)| *child),
+        );
         next += 1;
     }
     tree
@@ -351,7 +397,11 @@ impl Drop for HostProcess {
             }
         }
         if std::thread::panicking() {
-            eprintln!("---- log of host pid {} ----\n{}---- end of log ----", self.child.id(), self.log());
+            eprintln!(
+                "---- log of host pid {} ----\n{}---- end of log ----",
+                self.child.id(),
+                self.log()
+            );
         }
     }
 }
@@ -404,7 +454,10 @@ impl RawResponse {
         self.headers
             .iter()
             .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
-            .any(|(_, v)| v.split(',').any(|token| token.trim().eq_ignore_ascii_case("close")))
+            .any(|(_, v)| {
+                v.split(',')
+                    .any(|token| token.trim().eq_ignore_ascii_case("close"))
+            })
     }
 }
 
@@ -421,22 +474,27 @@ pub fn raw_request(addr: SocketAddr, bytes: &[u8]) -> RawResponse {
 pub fn raw_answer(addr: SocketAddr, bytes: &[u8]) -> RawResponse {
     let mut stream = TcpStream::connect_timeout(&addr, RAW_READ_TIMEOUT)
         .unwrap_or_else(|error| panic!("cannot connect to {addr}: {error}"));
-    stream.set_timeout(RAW_READ_TIMEOUT).expect("cannot set a read timeout");
+    stream
+        .set_timeout(RAW_READ_TIMEOUT)
+        .expect("cannot set a read timeout");
     let written = stream.write_all(bytes).and_then(|()| stream.flush());
-    read_response(&mut stream)
-        .unwrap_or_else(|error| panic!("no HTTP response to a raw request (write: {written:?}): {error}"))
+    read_response(&mut stream).unwrap_or_else(|error| {
+        panic!("no HTTP response to a raw request (write: {written:?}): {error}")
+    })
 }
 
 /// `raw_request` over a unix socket.
 pub fn raw_request_unix(path: &Path, bytes: &[u8]) -> RawResponse {
-    let mut stream =
-        UnixStream::connect(path).unwrap_or_else(|error| panic!("cannot connect to unix:{}: {error}", path.display()));
+    let mut stream = UnixStream::connect(path)
+        .unwrap_or_else(|error| panic!("cannot connect to unix:{}: {error}", path.display()));
     raw_exchange(&mut stream, bytes)
 }
 
 /// Sends `bytes`, reads one response, then waits up to 5 s for the server to close the connection.
 pub fn raw_exchange<S: RawStream>(stream: &mut S, bytes: &[u8]) -> RawResponse {
-    stream.set_timeout(RAW_READ_TIMEOUT).expect("cannot set a read timeout");
+    stream
+        .set_timeout(RAW_READ_TIMEOUT)
+        .expect("cannot set a read timeout");
     // A server may answer and close before reading everything (an oversized request); the
     // answer is what matters, so a failed write is not an error by itself.
     let written = stream.write_all(bytes).and_then(|()| stream.flush());
@@ -465,10 +523,14 @@ pub fn wait_closed<S: RawStream>(stream: &mut S, timeout: Duration) -> bool {
             Ok(0) => return true,
             Ok(_) => continue,
             Err(error) => match error.kind() {
-                io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe => {
+                io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe => {
                     return true;
                 }
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock
+                | io::ErrorKind::TimedOut
+                | io::ErrorKind::Interrupted => continue,
                 _ => return true,
             },
         }
@@ -496,7 +558,12 @@ pub fn read_response<R: Read>(stream: &mut R) -> io::Result<RawResponse> {
     let status: u16 = parts
         .next()
         .and_then(|code| code.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {status_line:?}")))?;
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad status line {status_line:?}"),
+            )
+        })?;
     let mut headers = Vec::new();
     loop {
         let line = reader.read_line()?;
@@ -504,9 +571,12 @@ pub fn read_response<R: Read>(stream: &mut R) -> io::Result<RawResponse> {
             break;
         }
         let line = String::from_utf8_lossy(&line).into_owned();
-        let (name, value) = line
-            .split_once(':')
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad header line {line:?}")))?;
+        let (name, value) = line.split_once(':').ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad header line {line:?}"),
+            )
+        })?;
         headers.push((name.trim().to_owned(), value.trim().to_owned()));
     }
     let header = |name: &str| {
@@ -517,13 +587,19 @@ pub fn read_response<R: Read>(stream: &mut R) -> io::Result<RawResponse> {
     };
     let body = if (100..200).contains(&status) || status == 204 || status == 304 {
         Vec::new()
-    } else if header("transfer-encoding").is_some_and(|te| te.to_ascii_lowercase().contains("chunked")) {
+    } else if header("transfer-encoding")
+        .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
+    {
         let mut body = Vec::new();
         loop {
             let line = String::from_utf8_lossy(&reader.read_line()?).into_owned();
             let size = line.split(';').next().unwrap_or_default().trim();
-            let size = usize::from_str_radix(size, 16)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk size {line:?}")))?;
+            let size = usize::from_str_radix(size, 16).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad chunk size {line:?}"),
+                )
+            })?;
             if size == 0 {
                 while !reader.read_line()?.is_empty() {}
                 break;
@@ -533,9 +609,12 @@ pub fn read_response<R: Read>(stream: &mut R) -> io::Result<RawResponse> {
         }
         body
     } else if let Some(length) = header("content-length") {
-        let length: usize = length
-            .parse()
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad content-length {length:?}")))?;
+        let length: usize = length.parse().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad content-length {length:?}"),
+            )
+        })?;
         reader.read_exact(length)?
     } else {
         reader.read_to_end()?
@@ -574,13 +653,19 @@ impl<R: Read> BufferedReader<'_, R> {
     /// One line without its CRLF.
     fn read_line(&mut self) -> io::Result<Vec<u8>> {
         loop {
-            if let Some(end) = self.buffer[self.position..].windows(2).position(|w| w == b"\r\n") {
+            if let Some(end) = self.buffer[self.position..]
+                .windows(2)
+                .position(|w| w == b"\r\n")
+            {
                 let line = self.buffer[self.position..self.position + end].to_vec();
                 self.position += end + 2;
                 return Ok(line);
             }
             if !self.fill()? {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-line"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed mid-line",
+                ));
             }
         }
     }
@@ -590,7 +675,10 @@ impl<R: Read> BufferedReader<'_, R> {
             if !self.fill()? {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    format!("connection closed after {} of {length} body bytes", self.buffer.len() - self.position),
+                    format!(
+                        "connection closed after {} of {length} body bytes",
+                        self.buffer.len() - self.position
+                    ),
                 ));
             }
         }
@@ -628,14 +716,21 @@ pub fn get_request(target: &str, host: &str, extra_headers: &[String]) -> Vec<u8
 /// The send and receive queues of one loopback TCP socket, from /proc/net/tcp.
 fn tcp_queues(local_port: u16, remote_port: u16) -> Option<(u64, u64)> {
     let table = fs::read_to_string("/proc/net/tcp").ok()?;
-    let port = |field: &str| field.rsplit_once(':').and_then(|(_, port)| u16::from_str_radix(port, 16).ok());
+    let port = |field: &str| {
+        field
+            .rsplit_once(':')
+            .and_then(|(_, port)| u16::from_str_radix(port, 16).ok())
+    };
     table.lines().skip(1).find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
         if fields.len() < 5 || port(fields[1])? != local_port || port(fields[2])? != remote_port {
             return None;
         }
         let (tx, rx) = fields[4].split_once(':')?;
-        Some((u64::from_str_radix(tx, 16).ok()?, u64::from_str_radix(rx, 16).ok()?))
+        Some((
+            u64::from_str_radix(tx, 16).ok()?,
+            u64::from_str_radix(rx, 16).ok()?,
+        ))
     })
 }
 
@@ -643,8 +738,14 @@ fn tcp_queues(local_port: u16, remote_port: u16) -> Option<(u64, u64)> {
 /// the client socket has nothing unacknowledged and the server socket nothing unread. This is how
 /// a test knows a request is in the host's hands (in flight or queued) without sleeping.
 pub fn wait_until_server_read(client: &TcpStream, timeout: Duration) -> bool {
-    let local = client.local_addr().expect("a connected socket has a local address").port();
-    let remote = client.peer_addr().expect("a connected socket has a peer").port();
+    let local = client
+        .local_addr()
+        .expect("a connected socket has a local address")
+        .port();
+    let remote = client
+        .peer_addr()
+        .expect("a connected socket has a peer")
+        .port();
     poll_until(timeout, Duration::from_millis(5), || {
         let (client_unacked, _) = tcp_queues(local, remote)?;
         let (_, server_unread) = tcp_queues(remote, local)?;

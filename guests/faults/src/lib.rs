@@ -18,38 +18,64 @@ struct Faults;
 impl wasip2::exports::http::incoming_handler::Guest for Faults {
     fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
         let path_with_query = request.path_with_query().unwrap_or_default();
-        let (path, query) = path_with_query.split_once('?').unwrap_or((&path_with_query, ""));
+        let (path, query) = path_with_query
+            .split_once('?')
+            .unwrap_or((&path_with_query, ""));
         match path {
             "/" => respond(response_out, 200, "text/plain", b"ok\n"),
             "/trap" => panic!("the /trap route fails on purpose"),
             "/grow" => {
                 let mb = param(query, "mb").and_then(|mb| mb.parse::<usize>().ok());
                 let held = grow(mb.unwrap_or(usize::MAX));
-                respond(response_out, 200, "text/plain", format!("grew {held} MiB\n").as_bytes());
+                respond(
+                    response_out,
+                    200,
+                    "text/plain",
+                    format!("grew {held} MiB\n").as_bytes(),
+                );
             }
             "/spin" => spin(),
             "/sleep" => {
-                let ms = param(query, "ms").and_then(|ms| ms.parse::<u64>().ok()).unwrap_or(1000);
+                let ms = param(query, "ms")
+                    .and_then(|ms| ms.parse::<u64>().ok())
+                    .unwrap_or(1000);
                 wasip2::clocks::monotonic_clock::subscribe_duration(ms * 1_000_000).block();
-                respond(response_out, 200, "text/plain", format!("slept {ms} ms\n").as_bytes());
+                respond(
+                    response_out,
+                    200,
+                    "text/plain",
+                    format!("slept {ms} ms\n").as_bytes(),
+                );
             }
             "/echo" => echo(request, response_out),
             "/crypto" => crypto_parts(request, response_out, param(query, "parts").unwrap_or("")),
             "/crypto/apply" => crypto_apply(request, response_out, query),
             "/crypto/burn" => {
-                let mb = param(query, "mb").and_then(|mb| mb.parse::<usize>().ok()).unwrap_or(1);
+                let mb = param(query, "mb")
+                    .and_then(|mb| mb.parse::<usize>().ok())
+                    .unwrap_or(1);
                 let key = capabilities::crypto::generate_key();
-                let sealed = capabilities::crypto::encrypt(&key, &[0; 16], 0, &vec![0; mb * MIB]).expect("a fresh key works");
-                respond(response_out, 200, "text/plain", format!("encrypted {} bytes\n", sealed.len()).as_bytes());
+                let sealed = capabilities::crypto::encrypt(&key, &[0; 16], 0, &vec![0; mb * MIB])
+                    .expect("a fresh key works");
+                respond(
+                    response_out,
+                    200,
+                    "text/plain",
+                    format!("encrypted {} bytes\n", sealed.len()).as_bytes(),
+                );
             }
             "/status" => {
-                let mb = param(query, "grow").and_then(|mb| mb.parse::<usize>().ok()).unwrap_or(0);
+                let mb = param(query, "grow")
+                    .and_then(|mb| mb.parse::<usize>().ok())
+                    .unwrap_or(0);
                 let held = grow(mb);
                 let figures = capabilities::status::memory();
                 let body = format!(
                     "{{\"held_mib\":{held},\"host_resident\":{},\"host_budget\":{},\"worker_resident\":{},\"instance_used\":{},\"instance_limit\":{}}}\n",
                     figures.host_resident,
-                    figures.host_budget.map_or("null".to_owned(), |budget| budget.to_string()),
+                    figures
+                        .host_budget
+                        .map_or("null".to_owned(), |budget| budget.to_string()),
                     figures.worker_resident,
                     figures.instance_used,
                     figures.instance_limit
@@ -70,7 +96,10 @@ wasip2::http::proxy::export!(Faults);
 fn respond(out: ResponseOutparam, status: u16, content_type: &str, body: &[u8]) {
     let headers = Fields::from_list(&[
         ("content-type".to_owned(), content_type.as_bytes().to_vec()),
-        ("content-length".to_owned(), body.len().to_string().into_bytes()),
+        (
+            "content-length".to_owned(),
+            body.len().to_string().into_bytes(),
+        ),
     ])
     .expect("valid headers");
     let response = OutgoingResponse::new(headers);
@@ -79,7 +108,10 @@ fn respond(out: ResponseOutparam, status: u16, content_type: &str, body: &[u8]) 
     ResponseOutparam::set(out, Ok(response));
     let stream = outgoing.write().expect("a fresh body has a stream");
     // A client that goes away mid-response is nothing to fail over.
-    if write_all(&stream, body).and_then(|()| stream.blocking_flush()).is_err() {
+    if write_all(&stream, body)
+        .and_then(|()| stream.blocking_flush())
+        .is_err()
+    {
         return;
     }
     drop(stream);
@@ -117,12 +149,11 @@ fn spin() -> ! {
 
 /// Streams the request body back in bounded chunks.
 fn echo(request: IncomingRequest, out: ResponseOutparam) {
-    let length = request
-        .headers()
-        .get("content-length")
-        .into_iter()
-        .next();
-    let mut headers = vec![("content-type".to_owned(), b"application/octet-stream".to_vec())];
+    let length = request.headers().get("content-length").into_iter().next();
+    let mut headers = vec![(
+        "content-type".to_owned(),
+        b"application/octet-stream".to_vec(),
+    )];
     if let Some(length) = length {
         headers.push(("content-length".to_owned(), length));
     }
@@ -137,7 +168,9 @@ fn echo(request: IncomingRequest, out: ResponseOutparam) {
         match input.blocking_read(ECHO_CHUNK) {
             Ok(chunk) => write_all(&output, &chunk).expect("client went away"),
             Err(StreamError::Closed) => break,
-            Err(StreamError::LastOperationFailed(error)) => panic!("reading the body failed: {}", error.to_debug_string()),
+            Err(StreamError::LastOperationFailed(error)) => {
+                panic!("reading the body failed: {}", error.to_debug_string())
+            }
         }
     }
     output.blocking_flush().expect("client went away");
@@ -183,7 +216,13 @@ fn info(request: &IncomingRequest, path_with_query: &str) -> String {
         .headers()
         .entries()
         .into_iter()
-        .map(|(name, value)| format!("[{},{}]", json(&name), json(&String::from_utf8_lossy(&value))))
+        .map(|(name, value)| {
+            format!(
+                "[{},{}]",
+                json(&name),
+                json(&String::from_utf8_lossy(&value))
+            )
+        })
         .collect::<Vec<_>>()
         .join(",");
     format!(
@@ -234,11 +273,13 @@ fn crypto_parts(request: IncomingRequest, out: ResponseOutparam, sizes: &str) {
     bounds.push(usize::MAX);
     for size in bounds {
         let end = offset.saturating_add(size).min(plaintext.len());
-        let part = capabilities::crypto::encrypt(&key, &iv, offset as u64, &plaintext[offset..end]).expect("a fresh key works");
+        let part = capabilities::crypto::encrypt(&key, &iv, offset as u64, &plaintext[offset..end])
+            .expect("a fresh key works");
         ciphertext.extend(part);
         offset = end;
     }
-    let decrypted = capabilities::crypto::decrypt(&key, &iv, 0, &ciphertext).expect("a fresh key works");
+    let decrypted =
+        capabilities::crypto::decrypt(&key, &iv, 0, &ciphertext).expect("a fresh key works");
     assert_eq!(decrypted, plaintext, "decrypting gave something else back");
     let body = format!(
         "{{\"key_id\":{},\"iv\":{},\"ciphertext\":{}}}\n",
@@ -253,7 +294,9 @@ fn crypto_parts(request: IncomingRequest, out: ResponseOutparam, sizes: &str) {
 fn crypto_apply(request: IncomingRequest, out: ResponseOutparam, query: &str) {
     let key = param(query, "key").unwrap_or_default().to_owned();
     let iv = unhex(param(query, "iv").unwrap_or_default());
-    let offset = param(query, "offset").and_then(|o| o.parse().ok()).unwrap_or(0);
+    let offset = param(query, "offset")
+        .and_then(|o| o.parse().ok())
+        .unwrap_or(0);
     let data = read_body(request);
     match capabilities::crypto::decrypt(&key, &iv, offset, &data) {
         Ok(plaintext) => respond(out, 200, "application/octet-stream", &plaintext),

@@ -1,6 +1,8 @@
 //! The smallest useful wasi:http guest: every request gets `Hello, world!`. The benchmark guest.
 
-use wasip2::http::types::{Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam};
+use wasip2::http::types::{
+    Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
+};
 
 const GREETING: &[u8] = b"Hello, world!\n";
 
@@ -10,7 +12,10 @@ impl wasip2::exports::http::incoming_handler::Guest for Hello {
     fn handle(_request: IncomingRequest, response_out: ResponseOutparam) {
         let headers = Fields::from_list(&[
             ("content-type".to_owned(), b"text/plain".to_vec()),
-            ("content-length".to_owned(), GREETING.len().to_string().into_bytes()),
+            (
+                "content-length".to_owned(),
+                GREETING.len().to_string().into_bytes(),
+            ),
         ])
         .expect("valid headers");
         let response = OutgoingResponse::new(headers);

@@ -55,7 +55,13 @@ impl Crypto {
         let aad = self.aad();
         let wrapped = self
             .master
-            .encrypt(&Nonce::from(nonce), Payload { msg: &key, aad: &aad })
+            .encrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: &key,
+                    aad: &aad,
+                },
+            )
             .map_err(|_| anyhow::anyhow!("cannot wrap a data key"))?;
         let mut id = nonce.to_vec();
         id.extend_from_slice(&wrapped);
@@ -63,22 +69,43 @@ impl Crypto {
     }
 
     fn unwrap_key(&self, key_id: &str) -> Option<[u8; KEY_LENGTH]> {
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(key_id).ok()?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(key_id)
+            .ok()?;
         if bytes.len() != NONCE_LENGTH + KEY_LENGTH + 16 {
             return None;
         }
         let (nonce, wrapped) = bytes.split_at(NONCE_LENGTH);
         let nonce: [u8; NONCE_LENGTH] = nonce.try_into().ok()?;
         let aad = self.aad();
-        let key = self.master.decrypt(&Nonce::from(nonce), Payload { msg: wrapped, aad: &aad }).ok()?;
+        let key = self
+            .master
+            .decrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: wrapped,
+                    aad: &aad,
+                },
+            )
+            .ok()?;
         key.try_into().ok()
     }
 
     /// The CTR keystream applied to `data` at `offset`, in a slot of the host-wide bound, off the
     /// async threads.
-    pub async fn apply(self: &Arc<Self>, key_id: &str, iv: &[u8], offset: u64, mut data: Vec<u8>) -> Result<Vec<u8>, CryptoError> {
-        let key = self.unwrap_key(key_id).ok_or(CryptoError::InvalidKey)?;
-        let iv: [u8; IV_LENGTH] = iv.try_into().map_err(|_| CryptoError::InvalidIv)?;
+    pub async fn apply(
+        self: &Arc<Self>,
+        key_id: &str,
+        iv: &[u8],
+        offset: u64,
+        mut data: Vec<u8>,
+    ) -> Result<Result<Vec<u8>, CryptoError>> {
+        let Some(key) = self.unwrap_key(key_id) else {
+            return Ok(Err(CryptoError::InvalidKey));
+        };
+        let Ok(iv) = <[u8; IV_LENGTH]>::try_from(iv) else {
+            return Ok(Err(CryptoError::InvalidIv));
+        };
         let crypto = Arc::clone(self);
         let work = tokio::task::spawn_blocking(move || {
             let _slot = crypto.slots.as_ref().map(HostWideSlots::take);
@@ -93,23 +120,42 @@ impl Crypto {
             );
             data
         });
-        // The closure does not panic; a failed join would mean the runtime is shutting down.
-        work.await.map_err(|_| CryptoError::InvalidKey)
+        Ok(Ok(work.await.context("the encryption task was lost")?))
     }
 }
 
 impl Host for GuestState {
-    async fn generate_key(&mut self) -> String {
+    async fn generate_key(&mut self) -> wasmtime::Result<String> {
         // Without randomness the host cannot make keys at all: a trap, not an app error.
-        self.crypto().generate_key().expect("the operating system has no randomness")
+        self.crypto()
+            .generate_key()
+            .map_err(wasmtime::Error::from_anyhow)
     }
 
-    async fn encrypt(&mut self, key_id: String, iv: Vec<u8>, offset: u64, data: Vec<u8>) -> Result<Vec<u8>, CryptoError> {
-        self.crypto().apply(&key_id, &iv, offset, data).await
+    async fn encrypt(
+        &mut self,
+        key_id: String,
+        iv: Vec<u8>,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> wasmtime::Result<Result<Vec<u8>, CryptoError>> {
+        self.crypto()
+            .apply(&key_id, &iv, offset, data)
+            .await
+            .map_err(wasmtime::Error::from_anyhow)
     }
 
-    async fn decrypt(&mut self, key_id: String, iv: Vec<u8>, offset: u64, data: Vec<u8>) -> Result<Vec<u8>, CryptoError> {
-        self.crypto().apply(&key_id, &iv, offset, data).await
+    async fn decrypt(
+        &mut self,
+        key_id: String,
+        iv: Vec<u8>,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> wasmtime::Result<Result<Vec<u8>, CryptoError>> {
+        self.crypto()
+            .apply(&key_id, &iv, offset, data)
+            .await
+            .map_err(wasmtime::Error::from_anyhow)
     }
 }
 
@@ -128,10 +174,12 @@ impl HostWideSlots {
         // SAFETY: semget/semctl with a private key and valid flags.
         let id = unsafe { libc::semget(libc::IPC_PRIVATE, 1, libc::IPC_CREAT | 0o600) };
         if id < 0 {
-            return Err(std::io::Error::last_os_error()).context("cannot create the encryption semaphore");
+            return Err(std::io::Error::last_os_error())
+                .context("cannot create the encryption semaphore");
         }
         if unsafe { libc::semctl(id, 0, libc::SETVAL, slots as libc::c_int) } < 0 {
-            return Err(std::io::Error::last_os_error()).context("cannot set the encryption semaphore");
+            return Err(std::io::Error::last_os_error())
+                .context("cannot set the encryption semaphore");
         }
         Ok(HostWideSlots { id })
     }
@@ -180,7 +228,10 @@ impl Drop for Slot {
 }
 
 fn monotonic_nanos() -> u128 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: a valid out pointer for CLOCK_MONOTONIC, which is system-wide on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     now.tv_sec as u128 * 1_000_000_000 + now.tv_nsec as u128
@@ -189,26 +240,43 @@ fn monotonic_nanos() -> u128 {
 /// The crypto capability of the app `settings` serves, in a worker (or a compile step, which
 /// has no slots).
 pub fn for_app(settings: &crate::settings::Settings) -> Result<Arc<Crypto>> {
-    let key = master_key(settings.master_key.as_deref(), settings.master_key_file.as_deref(), &settings.data_dir)?;
+    let key = master_key(
+        settings.master_key.as_deref(),
+        settings.master_key_file.as_deref(),
+        &settings.data_dir,
+    )?;
     let slots = settings.crypto_slots.map(HostWideSlots::open);
     Ok(Arc::new(Crypto::new(&key, &settings.app_name(), slots)))
 }
 
 /// The master key: `--master-key` (hex, from `HOST_MASTER_KEY`), else `--master-key-file`, else
 /// `<data dir>/master.key`, generated on first use with mode 0600.
-pub fn master_key(hex_key: Option<&str>, key_file: Option<&Path>, data_dir: &Path) -> Result<[u8; KEY_LENGTH]> {
+pub fn master_key(
+    hex_key: Option<&str>,
+    key_file: Option<&Path>,
+    data_dir: &Path,
+) -> Result<[u8; KEY_LENGTH]> {
     if let Some(text) = hex_key {
-        return parse_key(text.trim().as_bytes()).context("HOST_MASTER_KEY must be 64 hex digits (32 bytes)");
+        return parse_key(text.trim().as_bytes())
+            .context("HOST_MASTER_KEY must be 64 hex digits (32 bytes)");
     }
     if let Some(path) = key_file {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read the master key {}", path.display()))?;
-        return parse_key(&bytes).with_context(|| format!("{} must hold 32 bytes, raw or as 64 hex digits", path.display()));
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read the master key {}", path.display()))?;
+        return parse_key(&bytes).with_context(|| {
+            format!(
+                "{} must hold 32 bytes, raw or as 64 hex digits",
+                path.display()
+            )
+        });
     }
     let path = data_dir.join("master.key");
     if let Ok(bytes) = std::fs::read(&path) {
-        return parse_key(&bytes).with_context(|| format!("{} is not a master key", path.display()));
+        return parse_key(&bytes)
+            .with_context(|| format!("{} is not a master key", path.display()));
     }
-    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
     let mut key = [0u8; KEY_LENGTH];
     getrandom::fill(&mut key).context("no randomness for the master key")?;
     use std::io::Write;

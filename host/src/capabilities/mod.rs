@@ -6,5 +6,5 @@ pub mod status;
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "host:capabilities/capabilities",
-    imports: { default: async },
+    imports: { default: async | trappable },
 });

@@ -6,13 +6,13 @@ use crate::capabilities::host::capabilities::status::{Host, MemoryFigures};
 use crate::guest::GuestState;
 
 impl Host for GuestState {
-    async fn memory(&mut self) -> MemoryFigures {
-        MemoryFigures {
+    async fn memory(&mut self) -> wasmtime::Result<MemoryFigures> {
+        Ok(MemoryFigures {
             host_resident: budget::host_resident_bytes(),
             host_budget: self.memory_budget(),
             worker_resident: budget::resident_bytes(),
             instance_used: self.instance_memory() as u64,
             instance_limit: self.memory_limit(),
-        }
+        })
     }
 }

@@ -17,7 +17,10 @@ pub fn error(status: StatusCode, message: &str) -> Response<ResponseBody> {
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     headers.insert(CONNECTION, HeaderValue::from_static("close"));
     response
 }
@@ -25,6 +28,8 @@ pub fn error(status: StatusCode, message: &str) -> Response<ResponseBody> {
 /// 503 with `Retry-After`, for a request that found the worker full.
 pub fn busy(message: &str) -> Response<ResponseBody> {
     let mut response = error(StatusCode::SERVICE_UNAVAILABLE, message);
-    response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
     response
 }

@@ -30,16 +30,19 @@ pub struct Origin {
 impl TrustedPeers {
     pub fn parse(list: &str) -> Result<TrustedPeers> {
         let mut networks = Vec::new();
-        for item in list.split(',').map(str::trim).filter(|item| !item.is_empty()) {
+        for item in list
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+        {
             if item == "*" {
                 return Ok(TrustedPeers::All);
             }
             let network = match item.parse::<IpNet>() {
                 Ok(network) => network,
-                Err(_) => IpNet::from(
-                    item.parse::<IpAddr>()
-                        .with_context(|| format!("{item:?} is neither an IP address nor a CIDR network"))?,
-                ),
+                Err(_) => IpNet::from(item.parse::<IpAddr>().with_context(|| {
+                    format!("{item:?} is neither an IP address nor a CIDR network")
+                })?),
             };
             networks.push(network);
         }
@@ -87,10 +90,10 @@ impl TrustedPeers {
         if let Some(peer) = peer {
             append_forwarded_for(headers, peer);
         }
-        if let Some(authority) = &authority {
-            if let Ok(value) = HeaderValue::from_str(authority) {
-                headers.insert(HOST, value);
-            }
+        if let Some(authority) = &authority
+            && let Ok(value) = HeaderValue::from_str(authority)
+        {
+            headers.insert(HOST, value);
         }
         Origin { https, authority }
     }
@@ -120,9 +123,18 @@ mod tests {
     #[test]
     fn trusted_peer_sets_scheme_and_authority() {
         let peers = TrustedPeers::parse("127.0.0.1,::1").unwrap();
-        let mut h = headers(&[("x-forwarded-proto", "https"), ("x-forwarded-host", "example.com")]);
+        let mut h = headers(&[
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "example.com"),
+        ]);
         let origin = peers.resolve(Some("127.0.0.1".parse().unwrap()), &mut h);
-        assert_eq!(origin, Origin { https: true, authority: Some("example.com".into()) });
+        assert_eq!(
+            origin,
+            Origin {
+                https: true,
+                authority: Some("example.com".into())
+            }
+        );
         assert_eq!(h["x-forwarded-for"], "127.0.0.1");
     }
 
@@ -136,14 +148,24 @@ mod tests {
             ("forwarded", "for=1.2.3.4"),
         ]);
         let origin = peers.resolve(Some("192.168.1.9".parse().unwrap()), &mut h);
-        assert_eq!(origin, Origin { https: false, authority: None });
+        assert_eq!(
+            origin,
+            Origin {
+                https: false,
+                authority: None
+            }
+        );
         assert_eq!(h["x-forwarded-for"], "192.168.1.9");
         assert!(h.get("x-forwarded-proto").is_none() && h.get("forwarded").is_none());
     }
 
     #[test]
     fn star_and_mapped_addresses() {
-        assert!(TrustedPeers::parse("*").unwrap().trusts("8.8.8.8".parse().unwrap()));
+        assert!(
+            TrustedPeers::parse("*")
+                .unwrap()
+                .trusts("8.8.8.8".parse().unwrap())
+        );
         let peers = TrustedPeers::parse("127.0.0.1").unwrap();
         assert!(peers.trusts("::ffff:127.0.0.1".parse().unwrap()));
         assert!(TrustedPeers::parse("not-an-ip").is_err());

@@ -30,7 +30,11 @@ pub struct LimitExceeded {
 
 impl RequestLimits {
     /// The limits as gunicorn derives them from its three settings.
-    pub fn gunicorn(request_line: i64, header_fields: i64, header_field_size: i64) -> RequestLimits {
+    pub fn gunicorn(
+        request_line: i64,
+        header_fields: i64,
+        header_field_size: i64,
+    ) -> RequestLimits {
         RequestLimits {
             request_line: match request_line {
                 n if n <= 0 => None,
@@ -57,7 +61,13 @@ impl RequestLimits {
     }
 
     /// Checks a parsed request against the line and field-size limits (hyper counts the fields).
-    pub fn check(&self, method: &Method, uri: &Uri, version: Version, headers: &hyper::HeaderMap) -> Result<(), LimitExceeded> {
+    pub fn check(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        version: Version,
+        headers: &hyper::HeaderMap,
+    ) -> Result<(), LimitExceeded> {
         if let Some(limit) = self.request_line {
             let line = request_line_length(method, uri, version);
             if line > limit {
@@ -109,10 +119,19 @@ mod tests {
         let defaults = RequestLimits::gunicorn(4094, 100, 8190);
         assert_eq!(defaults.request_line, Some(4094));
         assert_eq!(RequestLimits::gunicorn(0, 0, 0).request_line, None);
-        assert_eq!(RequestLimits::gunicorn(100_000, 100, 8190).request_line, Some(8190));
+        assert_eq!(
+            RequestLimits::gunicorn(100_000, 100, 8190).request_line,
+            Some(8190)
+        );
         assert_eq!(RequestLimits::gunicorn(4094, -1, 8190).header_fields, 32768);
-        assert_eq!(RequestLimits::gunicorn(4094, 40_000, 8190).header_fields, 32768);
-        assert_eq!(RequestLimits::gunicorn(4094, 100, 0).header_field_size, None);
+        assert_eq!(
+            RequestLimits::gunicorn(4094, 40_000, 8190).header_fields,
+            32768
+        );
+        assert_eq!(
+            RequestLimits::gunicorn(4094, 100, 0).header_field_size,
+            None
+        );
     }
 
     #[test]
@@ -120,9 +139,15 @@ mod tests {
         let limits = RequestLimits::gunicorn(30, 100, 8190);
         let uri: Uri = "/abcdefghijklmnop".parse().unwrap();
         // "GET /abcdefghijklmnop HTTP/1.1" is 30 bytes.
-        assert!(limits.check(&Method::GET, &uri, Version::HTTP_11, &Default::default()).is_ok());
+        assert!(
+            limits
+                .check(&Method::GET, &uri, Version::HTTP_11, &Default::default())
+                .is_ok()
+        );
         let uri: Uri = "/abcdefghijklmnopq".parse().unwrap();
-        let err = limits.check(&Method::GET, &uri, Version::HTTP_11, &Default::default()).unwrap_err();
+        let err = limits
+            .check(&Method::GET, &uri, Version::HTTP_11, &Default::default())
+            .unwrap_err();
         assert_eq!(err.status, StatusCode::BAD_REQUEST);
     }
 
@@ -131,9 +156,25 @@ mod tests {
         let limits = RequestLimits::gunicorn(4094, 100, 10);
         let mut headers = hyper::HeaderMap::new();
         headers.insert("abc", "12345".parse().unwrap()); // "abc: 12345" = 10
-        assert!(limits.check(&Method::GET, &"/".parse().unwrap(), Version::HTTP_11, &headers).is_ok());
+        assert!(
+            limits
+                .check(
+                    &Method::GET,
+                    &"/".parse().unwrap(),
+                    Version::HTTP_11,
+                    &headers
+                )
+                .is_ok()
+        );
         headers.insert("abc", "123456".parse().unwrap());
-        let err = limits.check(&Method::GET, &"/".parse().unwrap(), Version::HTTP_11, &headers).unwrap_err();
+        let err = limits
+            .check(
+                &Method::GET,
+                &"/".parse().unwrap(),
+                Version::HTTP_11,
+                &headers,
+            )
+            .unwrap_err();
         assert_eq!(err.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     }
 }
