@@ -2,14 +2,11 @@
 //! signals, settings from every source, the memory budget and the hooks.
 
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
 use blackbox::{
-    HostProcess, get_request, guest, host_bin, http_client, poll_until, read_response,
-    wait_until_server_read,
+    HostProcess, guest, host_bin, http_client, poll_until, read_response, send_in_flight,
 };
 
 /// The worker processes of a master: its children started as `host worker`.
@@ -200,15 +197,7 @@ async fn max_requests_recycles_workers_under_load_without_a_failed_request() {
 
 /// Sends a slow request and returns once the host has read it; the thread yields its status.
 fn slow_request_in_flight(host: &HostProcess) -> std::thread::JoinHandle<u16> {
-    let addr = host.addr();
-    let mut stream = TcpStream::connect(addr).expect("cannot connect");
-    stream
-        .write_all(&get_request("/sleep?ms=1500", &addr.to_string(), &[]))
-        .expect("cannot send the request");
-    assert!(
-        wait_until_server_read(&stream, Duration::from_secs(10)),
-        "the host did not read the request"
-    );
+    let mut stream = send_in_flight(host.addr(), "/sleep?ms=1500");
     std::thread::spawn(move || {
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
@@ -484,15 +473,7 @@ fn hup_picks_up_a_changed_component_file() {
 #[test]
 fn quit_stops_at_once_without_waiting_for_in_flight_requests() {
     let mut host = HostProcess::start(&guest("faults"), &["--graceful-timeout", "30"]);
-    let _in_flight = {
-        let addr = host.addr();
-        let mut stream = TcpStream::connect(addr).expect("cannot connect");
-        stream
-            .write_all(&get_request("/sleep?ms=20000", &addr.to_string(), &[]))
-            .unwrap();
-        assert!(wait_until_server_read(&stream, Duration::from_secs(10)));
-        stream
-    };
+    let _in_flight = send_in_flight(host.addr(), "/sleep?ms=20000");
     host.signal(libc::SIGQUIT);
     let status = host
         .wait_exit(Duration::from_secs(5))

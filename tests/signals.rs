@@ -4,9 +4,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use blackbox::{
-    HostProcess, get_request, guest, poll_until, read_response, wait_until_server_read,
-};
+use blackbox::{HostProcess, get_request, guest, poll_until, read_response, send_in_flight};
 
 /// Whether a new connection is refused, or accepted but never answered.
 fn new_connection_not_served(addr: std::net::SocketAddr) -> bool {
@@ -34,14 +32,7 @@ fn sigterm_finishes_in_flight_requests_and_exits_0() {
     // queued behind the sleep, so "not answered" can only mean the host stopped serving.
     let mut host = HostProcess::start(&guest("faults"), &["-k", "gthread", "--threads", "2"]);
     let addr = host.addr();
-    let mut stream = TcpStream::connect(addr).expect("cannot connect");
-    stream
-        .write_all(&get_request("/sleep?ms=1500", &addr.to_string(), &[]))
-        .expect("cannot send the request");
-    assert!(
-        wait_until_server_read(&stream, Duration::from_secs(10)),
-        "the host did not read the request within 10 s"
-    );
+    let mut stream = send_in_flight(addr, "/sleep?ms=1500");
     let reader = std::thread::spawn(move || {
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))

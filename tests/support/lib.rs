@@ -753,3 +753,17 @@ pub fn wait_until_server_read(client: &TcpStream, timeout: Duration) -> bool {
     })
     .is_some()
 }
+
+/// Sends `GET target` on a new connection and returns once the host has read it (the request is
+/// in flight or queued); the response can then be read from the stream.
+pub fn send_in_flight(addr: SocketAddr, target: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).expect("cannot connect");
+    stream
+        .write_all(&get_request(target, &addr.to_string(), &[]))
+        .expect("cannot send the request");
+    assert!(
+        wait_until_server_read(&stream, Duration::from_secs(10)),
+        "the host did not read {target} within 10 s"
+    );
+    stream
+}
