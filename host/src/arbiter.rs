@@ -12,7 +12,8 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::budget::{Plan, resident_bytes};
-use crate::capabilities::crypto::{self, HostWideSlots};
+use crate::capabilities::crypto;
+use crate::capabilities::slots::HostWideSlots;
 use crate::compile_cache;
 use crate::engine::{self, EngineSizing};
 use crate::heartbeat::Heartbeat;
@@ -65,7 +66,7 @@ pub fn run(
     hooks::event("on_starting", &[("pid", std::process::id().to_string())]);
     resolve_master_key(&mut settings)?;
     let slots = HostWideSlots::create(settings.encrypt_concurrency)?;
-    settings.crypto_slots = Some(slots.id());
+    settings.host_slots = Some(slots.id());
     let outcome = run_with(settings, error_log, reload);
     slots.remove();
     outcome
@@ -201,9 +202,13 @@ pub fn prepare(settings: &Settings) -> Result<u64> {
     })?;
     let component =
         compile_cache::load_component(&engine, &settings.component, &settings.cache_dir)?;
-    let _guest =
-        crate::guest::Guest::new(&engine, &component, settings, crypto::for_app(settings)?)
-            .with_context(|| format!("cannot load {}", settings.component.display()))?;
+    let _guest = crate::guest::Guest::new(
+        &engine,
+        &component,
+        settings,
+        crate::capabilities::AppCapabilities::for_linking(settings)?,
+    )
+    .with_context(|| format!("cannot load {}", settings.component.display()))?;
     Ok(resident_bytes())
 }
 
@@ -496,7 +501,7 @@ impl Master {
                 );
                 settings.encrypt_concurrency = self.settings.encrypt_concurrency;
             }
-            settings.crypto_slots = self.settings.crypto_slots;
+            settings.host_slots = self.settings.host_slots;
             let baseline = precompile(&settings)?;
             check_budget(&settings, settings.workers, baseline)?;
             Ok((settings, baseline))

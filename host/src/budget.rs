@@ -104,6 +104,23 @@ pub fn host_resident_bytes() -> u64 {
     total
 }
 
+/// The memory this host may use when no budget says: its cgroup's limit, else the machine's.
+pub fn machine_memory_limit() -> u64 {
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok());
+    let machine = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+        text.lines()
+            .find_map(|line| line.strip_prefix("MemTotal:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    });
+    match (cgroup, machine) {
+        (Some(cgroup), Some(machine)) => cgroup.min(machine),
+        (cgroup, machine) => cgroup.or(machine).unwrap_or(0),
+    }
+}
+
 fn process_resident_bytes(pid: &str) -> Option<u64> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;

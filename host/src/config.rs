@@ -308,6 +308,13 @@ pub fn print(layered: &Layered) {
             println!("{line:<60} # {source}");
             continue;
         }
+        if name == "database_url"
+            && let [url] = values.as_slice()
+        {
+            let line = format!("{name} = {}", toml_value(&crate::database::redacted(url)));
+            println!("{line:<60} # {source}");
+            continue;
+        }
         let value = match values.as_slice() {
             [] => "# (unset)".to_owned(),
             [one] if !name.ends_with("bind") && name != "env" => toml_value(one),

@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::Instrument;
-use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
@@ -20,6 +20,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
+use crate::capabilities::AppCapabilities;
 use crate::capabilities::crypto::Crypto;
 use crate::guest_output::GuestOutput;
 use crate::limits::MemoryLimiter;
@@ -31,7 +32,7 @@ pub struct Guest {
     memory_limit: u64,
     memory_budget: Option<u64>,
     timeout: Option<Duration>,
-    crypto: Arc<Crypto>,
+    capabilities: Arc<AppCapabilities>,
 }
 
 /// Why a guest gave no response.
@@ -91,7 +92,7 @@ impl Guest {
         engine: &Engine,
         component: &wasmtime::component::Component,
         settings: &Settings,
-        crypto: Arc<Crypto>,
+        capabilities: Arc<AppCapabilities>,
     ) -> Result<Guest> {
         let mut linker = Linker::<GuestState>::new(engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
@@ -100,12 +101,7 @@ impl Guest {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)
             .context("cannot link wasi:http")?;
-        crate::capabilities::Capabilities::add_to_linker::<_, HasSelf<GuestState>>(
-            &mut linker,
-            |state| state,
-        )
-        .map_err(anyhow::Error::from)
-        .context("cannot link the host capabilities")?;
+        crate::capabilities::add_to_linker(&mut linker)?;
         let pre = linker
             .instantiate_pre(component)
             .map_err(anyhow::Error::from)
@@ -119,7 +115,7 @@ impl Guest {
             memory_limit: settings.memory_limit,
             memory_budget: settings.memory_budget,
             timeout: settings.timeout,
-            crypto,
+            capabilities,
         })
     }
 
@@ -228,7 +224,7 @@ impl Guest {
             limiter: MemoryLimiter::new(self.memory_limit),
             memory_limit: self.memory_limit,
             memory_budget: self.memory_budget,
-            crypto: Arc::clone(&self.crypto),
+            capabilities: Arc::clone(&self.capabilities),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
@@ -250,12 +246,20 @@ pub struct GuestState {
     limiter: MemoryLimiter,
     memory_limit: u64,
     memory_budget: Option<u64>,
-    crypto: Arc<Crypto>,
+    capabilities: Arc<AppCapabilities>,
 }
 
 impl GuestState {
     pub fn crypto(&self) -> &Arc<Crypto> {
-        &self.crypto
+        &self.capabilities.crypto
+    }
+
+    pub fn capabilities(&self) -> &AppCapabilities {
+        &self.capabilities
+    }
+
+    pub fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
     }
 
     pub fn instance_memory(&self) -> usize {

@@ -8,6 +8,7 @@ mod budget;
 mod capabilities;
 mod compile_cache;
 mod config;
+mod database;
 mod engine;
 mod guest;
 mod guest_output;

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
+use crate::capabilities::objects::{S3Settings, Storage};
 use crate::http::forwarded::TrustedPeers;
 use crate::http::limits::RequestLimits;
 
@@ -186,6 +187,39 @@ pub struct ServeArgs {
     #[arg(long = "master-key", hide = true, value_name = "HEX")]
     pub master_key: Option<String>,
 
+    /// The PostgreSQL database (`postgres://…`) that holds the host's state and its apps' SQL,
+    /// a schema and a role per app. Default: `$DATABASE_URL`, else SQLite files under --data-dir.
+    #[arg(
+        long = "database-url",
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub database_url: Option<String>,
+
+    /// Where apps' objects are stored: `local` (under --data-dir), a directory, or
+    /// `s3://BUCKET[/PREFIX]` (credentials from the AWS environment variables or profile).
+    #[arg(long, default_value = "local", value_name = "LOCATION")]
+    pub storage: String,
+
+    /// The S3 API's endpoint, for S3-compatible services (Wasabi, R2, MinIO, …).
+    #[arg(long = "s3-endpoint", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+
+    /// The S3 region. Default: `$AWS_REGION`, else us-east-1.
+    #[arg(long = "s3-region", value_name = "REGION")]
+    pub s3_region: Option<String>,
+
+    /// Address buckets by path (`endpoint/bucket/key`) rather than by host name.
+    #[arg(long = "s3-path-style")]
+    pub s3_path_style: bool,
+
+    /// A part held whole (checked before a download passes it on, or kept for an S3 retry) stays
+    /// in memory up to this size, in a temporary file beyond it. At most
+    /// --encrypt-concurrency parts are held at once across the host.
+    #[arg(long = "part-buffer", default_value = "16MiB", value_name = "SIZE", value_parser = parse_size)]
+    pub part_buffer: u64,
+
     /// debug, info, warning, error or critical.
     #[arg(long = "log-level", default_value = "info", value_name = "LEVEL")]
     pub log_level: LogLevel,
@@ -288,8 +322,12 @@ pub struct Settings {
     pub master_key_file: Option<PathBuf>,
     /// The master key (hex): given, or resolved by the master before it starts workers.
     pub master_key: Option<String>,
-    /// The System V semaphore of the encryption slots, made by the master.
-    pub crypto_slots: Option<i32>,
+    /// The System V semaphores of the host-wide bounds, made by the master.
+    pub host_slots: Option<i32>,
+    pub database_url: Option<String>,
+    pub storage: Storage,
+    pub s3: S3Settings,
+    pub part_buffer: u64,
     pub log_level: LogLevel,
     pub error_logfile: String,
     pub access_logfile: Option<String>,
@@ -372,7 +410,15 @@ impl Settings {
             },
             master_key_file: args.master_key_file,
             master_key: args.master_key,
-            crypto_slots: None,
+            host_slots: None,
+            database_url: args.database_url.filter(|url| !url.is_empty()),
+            storage: Storage::parse(&args.storage)?,
+            s3: S3Settings {
+                endpoint: args.s3_endpoint,
+                region: args.s3_region,
+                path_style: args.s3_path_style,
+            },
+            part_buffer: args.part_buffer,
             log_level: args.log_level,
             error_logfile: args.error_logfile,
             access_logfile: args.access_logfile,

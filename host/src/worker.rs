@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 
 use crate::access_log::AccessLog;
 use crate::admission::Admission;
-use crate::capabilities::crypto;
+use crate::capabilities::AppCapabilities;
 use crate::compile_cache;
 use crate::engine::{self, EngineSizing};
 use crate::guest::Guest;
@@ -80,8 +80,18 @@ pub fn run(
         memory_limit: settings.memory_limit,
     })
     .map_err(StartError::Boot)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("worker")
+        .build()
+        .context("cannot start the async runtime")
+        .map_err(StartError::Boot)?;
+    let capabilities = runtime
+        .block_on(AppCapabilities::for_app(settings))
+        .context("cannot set up the host capabilities")
+        .map_err(StartError::Boot)?;
     let guest = compile_cache::load_component(&engine, &settings.component, &settings.cache_dir)
-        .and_then(|component| Guest::new(&engine, &component, settings, crypto::for_app(settings)?))
+        .and_then(|component| Guest::new(&engine, &component, settings, capabilities))
         .with_context(|| format!("cannot load {}", settings.component.display()))
         .map_err(StartError::App)?;
     let access_log = match &settings.access_logfile {
@@ -91,12 +101,6 @@ pub fn run(
         ))),
         None => None,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("worker")
-        .build()
-        .context("cannot start the async runtime")
-        .map_err(StartError::Boot)?;
     let recycle = Recycle::new(settings.max_requests, settings.max_requests_jitter).map(Arc::new);
     runtime
         .block_on(async {

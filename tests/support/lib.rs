@@ -109,6 +109,14 @@ pub struct HostProcess {
     _dir: tempfile::TempDir,
 }
 
+/// A host's own directory: its logs, and its data unless the test names another.
+fn test_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("host-test-")
+        .tempdir()
+        .expect("cannot create a temporary directory")
+}
+
 /// Why a host did not come up.
 struct StartFailure {
     exited: Option<ExitStatus>,
@@ -134,8 +142,14 @@ impl HostProcess {
                 args.push("--cache-dir".into());
                 args.push(cache_dir().to_string_lossy().into_owned());
             }
+            let dir = test_dir();
+            // Each host keeps its data (master key, databases, objects) to itself.
+            if !extra_args.contains(&"--data-dir") {
+                args.push("--data-dir".into());
+                args.push(dir.path().join("data").to_string_lossy().into_owned());
+            }
             args.extend(extra_args.iter().map(|arg| arg.to_string()));
-            match HostProcess::try_spawn(&args, &[], Ready::Tcp(addr)) {
+            match HostProcess::try_spawn(&args, &[], Ready::Tcp(addr), dir) {
                 Ok(host) => return host,
                 // Another test took the port between free_port() and the bind: try another.
                 Err(failure) if failure.exited.is_some() && failure.log.contains("cannot bind") => {
@@ -149,7 +163,7 @@ impl HostProcess {
 
     /// `host <args>` with `env` added to the environment, awaited until `GET /` answers on `ready`.
     pub fn spawn(args: &[String], env: &[(&str, &str)], ready: Ready) -> HostProcess {
-        match HostProcess::try_spawn(args, env, ready) {
+        match HostProcess::try_spawn(args, env, ready, test_dir()) {
             Ok(host) => host,
             Err(failure) => panic!("{}", failure.describe(args)),
         }
@@ -159,11 +173,8 @@ impl HostProcess {
         args: &[String],
         env: &[(&str, &str)],
         ready: Ready,
+        dir: tempfile::TempDir,
     ) -> Result<HostProcess, StartFailure> {
-        let dir = tempfile::Builder::new()
-            .prefix("host-test-")
-            .tempdir()
-            .expect("cannot create a temporary directory");
         let log_path = dir.path().join("stderr.log");
         let stdout_path = dir.path().join("stdout.log");
         let stderr = fs::File::create(&log_path).expect("cannot create the log file");
@@ -181,7 +192,8 @@ impl HostProcess {
         for (name, _) in std::env::vars_os() {
             let name_text = name.to_string_lossy();
             if name_text.starts_with("HOST_")
-                || ["PORT", "WEB_CONCURRENCY", "FORWARDED_ALLOW_IPS"].contains(&name_text.as_ref())
+                || ["PORT", "WEB_CONCURRENCY", "FORWARDED_ALLOW_IPS", "DATABASE_URL"]
+                    .contains(&name_text.as_ref())
             {
                 command.env_remove(&name);
             }

@@ -5,8 +5,8 @@
 //! `base64url(nonce[12] || ciphertext[32] || tag[16])`, with the associated data
 //! `host:crypto:v1:<app>`, so a key id issued to one app is refused for every other.
 //!
-//! The bound is a System V semaphore created by the master and shared by its workers, taken with
-//! `SEM_UNDO`: if a worker dies holding a slot, the kernel gives the slot back.
+//! Every encryption takes a slot of the host-wide bound (`slots.rs`), a chunk at a time for
+//! streams, so a slow client never holds a slot while the host waits for its bytes.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,7 +17,13 @@ use anyhow::{Context, Result, bail};
 use base64::Engine;
 use ctr::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
 
+use bytes::{Bytes, BytesMut};
+use wasmtime::component::Resource;
+use wasmtime_wasi::p2::DynInputStream;
+
 use crate::capabilities::host::capabilities::crypto::{CryptoError, Host};
+use crate::capabilities::slots::{Bound, HostWideSlots};
+use crate::capabilities::streams::{self, Change, Next, Produced};
 use crate::guest::GuestState;
 
 type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
@@ -68,7 +74,7 @@ impl Crypto {
         Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id))
     }
 
-    fn unwrap_key(&self, key_id: &str) -> Option<[u8; KEY_LENGTH]> {
+    pub fn unwrap_key(&self, key_id: &str) -> Option<[u8; KEY_LENGTH]> {
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(key_id)
             .ok()?;
@@ -108,20 +114,89 @@ impl Crypto {
         };
         let crypto = Arc::clone(self);
         let work = tokio::task::spawn_blocking(move || {
-            let _slot = crypto.slots.as_ref().map(HostWideSlots::take);
-            let started = monotonic_nanos();
+            let _slot = crypto.slots.as_ref().map(|slots| slots.take(Bound::Encryption));
             let mut cipher = Aes256Ctr::new(&key.into(), &iv.into());
             cipher.seek(offset);
-            cipher.apply_keystream(&mut data);
-            tracing::debug!(
-                "crypto: {} bytes at offset {offset} from {started} to {} ns (monotonic)",
-                data.len(),
-                monotonic_nanos()
-            );
+            apply_logged(&mut cipher, &mut data);
             data
         });
         Ok(Ok(work.await.context("the encryption task was lost")?))
     }
+
+    /// `source` encrypted (or decrypted) as the bytes at `offset`, as it is read.
+    pub fn stream(
+        &self,
+        key_id: &str,
+        iv: &[u8],
+        offset: u64,
+        source: DynInputStream,
+    ) -> Result<DynInputStream, CryptoError> {
+        let key = self.unwrap_key(key_id).ok_or(CryptoError::InvalidKey)?;
+        let iv = <[u8; IV_LENGTH]>::try_from(iv).map_err(|_| CryptoError::InvalidIv)?;
+        let mut cipher = Aes256Ctr::new(&key.into(), &iv.into());
+        cipher.seek(offset);
+        Ok(Produced::boxed(streams::Map::new(
+            source,
+            Keystream {
+                cipher: Some(cipher),
+                slots: self.slots,
+            },
+        )))
+    }
+}
+
+/// Applies the keystream to each chunk that passes, in a slot of the host-wide bound: on the
+/// async thread when a slot is free at once (a chunk takes microseconds), else on a blocking
+/// thread that waits for one.
+struct Keystream {
+    cipher: Option<Aes256Ctr>,
+    slots: Option<HostWideSlots>,
+}
+
+impl Change for Keystream {
+    async fn chunk(&mut self, bytes: Bytes) -> Next {
+        let mut data = bytes
+            .try_into_mut()
+            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+        let mut cipher = self
+            .cipher
+            .take()
+            .context("an earlier chunk's encryption was lost")?;
+        let slot = match &self.slots {
+            Some(slots) => slots.try_take(Bound::Encryption).map(Some),
+            None => Some(None),
+        };
+        let (cipher, data) = match slot {
+            Some(_slot) => {
+                apply_logged(&mut cipher, &mut data);
+                (cipher, data)
+            }
+            None => {
+                let slots = self.slots;
+                tokio::task::spawn_blocking(move || {
+                    let _slot = slots.map(|slots| slots.take(Bound::Encryption));
+                    apply_logged(&mut cipher, &mut data);
+                    (cipher, data)
+                })
+                .await
+                .context("the encryption task was lost")?
+            }
+        };
+        self.cipher = Some(cipher);
+        Ok(Some(data.freeze()))
+    }
+}
+
+/// The keystream applied; the monotonic start and end are in the debug log, so the host-wide
+/// bound can be checked from outside.
+fn apply_logged(cipher: &mut Aes256Ctr, data: &mut [u8]) {
+    let started = monotonic_nanos();
+    cipher.apply_keystream(data);
+    tracing::debug!(
+        "crypto: {} bytes from {started} to {} ns (monotonic)",
+        data.len(),
+        monotonic_nanos()
+    );
 }
 
 impl Host for GuestState {
@@ -157,73 +232,41 @@ impl Host for GuestState {
             .await
             .map_err(wasmtime::Error::from_anyhow)
     }
-}
 
-/// The host-wide bound: a System V semaphore of `--encrypt-concurrency` slots.
-#[derive(Debug, Clone, Copy)]
-pub struct HostWideSlots {
-    id: i32,
-}
-
-/// A taken slot, given back on drop.
-pub struct Slot(i32);
-
-impl HostWideSlots {
-    /// Made by the master; `remove` it when the host stops.
-    pub fn create(slots: u32) -> Result<HostWideSlots> {
-        // SAFETY: semget/semctl with a private key and valid flags.
-        let id = unsafe { libc::semget(libc::IPC_PRIVATE, 1, libc::IPC_CREAT | 0o600) };
-        if id < 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("cannot create the encryption semaphore");
-        }
-        if unsafe { libc::semctl(id, 0, libc::SETVAL, slots as libc::c_int) } < 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("cannot set the encryption semaphore");
-        }
-        Ok(HostWideSlots { id })
+    async fn encrypt_stream(
+        &mut self,
+        key_id: String,
+        iv: Vec<u8>,
+        offset: u64,
+        source: Resource<DynInputStream>,
+    ) -> wasmtime::Result<Result<Resource<DynInputStream>, CryptoError>> {
+        self.crypto_stream(&key_id, &iv, offset, source)
     }
 
-    /// Opened by a worker from the id the master passed.
-    pub fn open(id: i32) -> HostWideSlots {
-        HostWideSlots { id }
-    }
-
-    pub fn id(&self) -> i32 {
-        self.id
-    }
-
-    pub fn remove(&self) {
-        // SAFETY: IPC_RMID on the semaphore this master created.
-        unsafe { libc::semctl(self.id, 0, libc::IPC_RMID) };
-    }
-
-    /// Waits for a slot (blocking the calling thread).
-    fn take(&self) -> Slot {
-        self.op(-1);
-        Slot(self.id)
-    }
-
-    fn op(&self, change: i16) {
-        let mut operation = libc::sembuf {
-            sem_num: 0,
-            sem_op: change,
-            sem_flg: libc::SEM_UNDO as i16,
-        };
-        // Interrupted waits are retried; any other failure means the semaphore is gone (the host
-        // is stopping), and the work goes on without the bound rather than failing.
-        // SAFETY: one valid sembuf for a semaphore set of one.
-        while unsafe { libc::semop(self.id, &mut operation, 1) } < 0 {
-            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                break;
-            }
-        }
+    async fn decrypt_stream(
+        &mut self,
+        key_id: String,
+        iv: Vec<u8>,
+        offset: u64,
+        source: Resource<DynInputStream>,
+    ) -> wasmtime::Result<Result<Resource<DynInputStream>, CryptoError>> {
+        self.crypto_stream(&key_id, &iv, offset, source)
     }
 }
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        HostWideSlots { id: self.0 }.op(1);
+impl GuestState {
+    fn crypto_stream(
+        &mut self,
+        key_id: &str,
+        iv: &[u8],
+        offset: u64,
+        source: Resource<DynInputStream>,
+    ) -> wasmtime::Result<Result<Resource<DynInputStream>, CryptoError>> {
+        let source = self.table().delete(source)?;
+        match self.crypto().stream(key_id, iv, offset, source) {
+            Ok(stream) => Ok(Ok(self.table().push(stream)?)),
+            Err(error) => Ok(Err(error)),
+        }
     }
 }
 
@@ -245,7 +288,7 @@ pub fn for_app(settings: &crate::settings::Settings) -> Result<Arc<Crypto>> {
         settings.master_key_file.as_deref(),
         &settings.data_dir,
     )?;
-    let slots = settings.crypto_slots.map(HostWideSlots::open);
+    let slots = settings.host_slots.map(HostWideSlots::open);
     Ok(Arc::new(Crypto::new(&key, &settings.app_name(), slots)))
 }
 
@@ -279,18 +322,28 @@ pub fn master_key(
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
     let mut key = [0u8; KEY_LENGTH];
     getrandom::fill(&mut key).context("no randomness for the master key")?;
+    // Written whole under another name, then linked into place only if no other host got there
+    // first: nobody ever reads half a key, and two hosts starting at once agree on one.
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("cannot create the master key {}", path.display()))?;
+    let mut file = tempfile::Builder::new()
+        .prefix(".master.key-")
+        .tempfile_in(data_dir)
+        .with_context(|| format!("cannot create the master key in {}", data_dir.display()))?;
     file.write_all(hex::encode(key).as_bytes())?;
-    file.sync_all()?;
-    tracing::info!("generated a master key at {}", path.display());
-    Ok(key)
+    file.as_file().sync_all()?;
+    match file.persist_noclobber(&path) {
+        Ok(_) => {
+            tracing::info!("generated a master key at {}", path.display());
+            Ok(key)
+        }
+        Err(error) if error.error.kind() == std::io::ErrorKind::AlreadyExists => {
+            let bytes = std::fs::read(&path)
+                .with_context(|| format!("cannot read the master key {}", path.display()))?;
+            parse_key(&bytes).with_context(|| format!("{} is not a master key", path.display()))
+        }
+        Err(error) => Err(error.error)
+            .with_context(|| format!("cannot create the master key {}", path.display())),
+    }
 }
 
 fn parse_key(bytes: &[u8]) -> Result<[u8; KEY_LENGTH]> {

@@ -10,6 +10,9 @@ impl Host for GuestState {
         Ok(MemoryFigures {
             host_resident: budget::host_resident_bytes(),
             host_budget: self.memory_budget(),
+            host_limit: self
+                .memory_budget()
+                .unwrap_or_else(budget::machine_memory_limit),
             worker_resident: budget::resident_bytes(),
             instance_used: self.instance_memory() as u64,
             instance_limit: self.memory_limit(),

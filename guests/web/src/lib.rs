@@ -1,0 +1,220 @@
+//! Small HTTP helpers shared by the guests, on top of `wasip2`'s `wasi:http` bindings: the
+//! request's path, query and headers; its body read whole or handed on as a stream; answers
+//! with a body, JSON, or a stream spliced through inside the host.
+
+use wasip2::http::types::{
+    Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingResponse,
+    ResponseOutparam,
+};
+use wasip2::io::streams::{InputStream, OutputStream, StreamError};
+
+/// The largest piece read or spliced at once.
+pub const CHUNK: u64 = 256 * 1024;
+
+/// A request, taken apart.
+pub struct Request {
+    pub method: Method,
+    pub path: String,
+    query: Vec<(String, String)>,
+    inner: IncomingRequest,
+}
+
+impl Request {
+    pub fn new(inner: IncomingRequest) -> Request {
+        let path_with_query = inner.path_with_query().unwrap_or_default();
+        let (path, query) = path_with_query
+            .split_once('?')
+            .unwrap_or((&path_with_query, ""));
+        Request {
+            method: inner.method(),
+            path: path.to_owned(),
+            query: query
+                .split('&')
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| {
+                    let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                    (percent_decode(key), percent_decode(value))
+                })
+                .collect(),
+            inner,
+        }
+    }
+
+    /// A query parameter, decoded.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// The first value of a header, as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.inner
+            .headers()
+            .get(name)
+            .into_iter()
+            .next()
+            .map(|value| String::from_utf8_lossy(&value).into_owned())
+    }
+
+    /// The declared body length.
+    pub fn content_length(&self) -> Option<u64> {
+        self.header("content-length")?.trim().parse().ok()
+    }
+
+    /// The body as a stream (with the body resource, which must outlive the stream).
+    pub fn body_stream(&self) -> Option<(IncomingBody, InputStream)> {
+        let body = self.inner.consume().ok()?;
+        let stream = body.stream().ok()?;
+        Some((body, stream))
+    }
+
+    /// The whole body, up to `limit` bytes; `None` if it is larger or cannot be read.
+    pub fn body(&self, limit: usize) -> Option<Vec<u8>> {
+        let (_body, stream) = self.body_stream()?;
+        let mut bytes = Vec::new();
+        loop {
+            match stream.blocking_read(CHUNK) {
+                Ok(chunk) => {
+                    bytes.extend(chunk);
+                    if bytes.len() > limit {
+                        return None;
+                    }
+                }
+                Err(StreamError::Closed) => return Some(bytes),
+                Err(StreamError::LastOperationFailed(_)) => return None,
+            }
+        }
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        match bytes[index] {
+            b'%' if index + 2 < bytes.len() => {
+                let digits = std::str::from_utf8(&bytes[index + 1..index + 3]).unwrap_or("");
+                match u8::from_str_radix(digits, 16) {
+                    Ok(byte) => {
+                        decoded.push(byte);
+                        index += 3;
+                    }
+                    Err(_) => {
+                        decoded.push(b'%');
+                        index += 1;
+                    }
+                }
+            }
+            b'+' => {
+                decoded.push(b' ');
+                index += 1;
+            }
+            byte => {
+                decoded.push(byte);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
+}
+
+fn fields(headers: &[(&str, String)]) -> Fields {
+    let list: Vec<(String, Vec<u8>)> = headers
+        .iter()
+        .map(|(name, value)| (name.to_string(), value.clone().into_bytes()))
+        .collect();
+    Fields::from_list(&list).expect("the guests only send valid headers")
+}
+
+/// Sets the response head and returns its body.
+fn start(out: ResponseOutparam, status: u16, headers: &[(&str, String)]) -> OutgoingBody {
+    let response = OutgoingResponse::new(fields(headers));
+    response
+        .set_status_code(status)
+        .expect("the guests only send valid statuses");
+    let body = response.body().expect("a fresh response has a body");
+    ResponseOutparam::set(out, Ok(response));
+    body
+}
+
+/// Answers with `body`.
+pub fn respond(out: ResponseOutparam, status: u16, content_type: &str, body: &[u8]) {
+    let headers = [
+        ("content-type", content_type.to_owned()),
+        ("content-length", body.len().to_string()),
+    ];
+    let outgoing = start(out, status, &headers);
+    let stream = outgoing.write().expect("a fresh body has a stream");
+    // A client that goes away mid-response is nothing to fail over.
+    if write_all(&stream, body)
+        .and_then(|()| stream.blocking_flush())
+        .is_err()
+    {
+        return;
+    }
+    drop(stream);
+    let _ = OutgoingBody::finish(outgoing, None);
+}
+
+/// Answers with JSON.
+pub fn respond_json(out: ResponseOutparam, status: u16, body: &serde_json::Value) {
+    let mut text = body.to_string();
+    text.push('\n');
+    respond(out, status, "application/json", text.as_bytes());
+}
+
+/// Answers with the bytes of `source`, spliced to the client inside the host. If the source
+/// fails midway the body is left unfinished, so the client sees a broken response, never a
+/// short one that looks whole; the error says why.
+pub fn respond_stream(
+    out: ResponseOutparam,
+    status: u16,
+    headers: &[(&str, String)],
+    source: InputStream,
+) -> Result<(), String> {
+    let outgoing = start(out, status, headers);
+    let sink = outgoing.write().expect("a fresh body has a stream");
+    loop {
+        match sink.blocking_splice(&source, CHUNK) {
+            Ok(_) => {}
+            Err(StreamError::Closed) => break,
+            Err(StreamError::LastOperationFailed(error)) => {
+                return Err(error.to_debug_string());
+            }
+        }
+    }
+    sink.blocking_flush().map_err(|e| format!("{e:?}"))?;
+    drop(sink);
+    drop(source);
+    OutgoingBody::finish(outgoing, None).map_err(|e| format!("{e:?}"))
+}
+
+pub fn write_all(stream: &OutputStream, mut data: &[u8]) -> Result<(), StreamError> {
+    while !data.is_empty() {
+        let permitted = stream.check_write()? as usize;
+        if permitted == 0 {
+            stream.subscribe().block();
+            continue;
+        }
+        let now = permitted.min(data.len());
+        stream.write(&data[..now])?;
+        data = &data[now..];
+    }
+    Ok(())
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len() / 2)
+        .map(|i| u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect()
+}

@@ -1,0 +1,673 @@
+//! `host:capabilities/hmac-registry`: an HMAC-SHA256 tag over an object's parts, which may
+//! arrive in any order, at once, on any worker, and again. The state is in the host's database
+//! (`hmac_entries`, `hmac_parts`), keyed by app, so any worker or machine can take any part and
+//! a restart loses nothing.
+//!
+//!     part-mac(n) = HMAC-SHA256(K, u32be(n) || part n)
+//!     tag         = HMAC-SHA256(K, "host-hmac-v1" || u32be(count) || Σ u64be(size(n)) || part-mac(n))
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::anyhow;
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use sqlx::Row;
+use wasmtime::component::Resource;
+use wasmtime_wasi::p2::DynInputStream;
+
+use crate::capabilities::crypto::Crypto;
+use crate::capabilities::host::capabilities::hmac_registry::{
+    Host, HostPartMac, Part, RegistryError,
+};
+use crate::capabilities::part_buffer::{PartBuffer, PartReader};
+use crate::capabilities::slots::{Bound, HostWideSlots};
+use crate::capabilities::streams::{self, Change, Next, Produce, Produced};
+use crate::database::{self, HostDatabase};
+use crate::guest::GuestState;
+
+type HmacSha256 = Hmac<Sha256>;
+
+const TAG_CONTEXT: &[u8] = b"host-hmac-v1";
+const MAX_PART_NUMBER: u32 = 10_000;
+const MAX_NAME_LENGTH: usize = 1024;
+
+/// The registry of one app.
+pub struct Registry {
+    database: Arc<HostDatabase>,
+    app: String,
+    crypto: Arc<Crypto>,
+    slots: Option<HostWideSlots>,
+    part_buffer: u64,
+    spill_dir: std::path::PathBuf,
+}
+
+/// The MAC of a part as its bytes pass through a tap.
+pub struct PartMac {
+    number: u32,
+    state: Arc<Mutex<Tapped>>,
+}
+
+struct Tapped {
+    mac: Option<HmacSha256>,
+    size: u64,
+    /// Set when the source ended: the MAC covers the whole part.
+    digest: Option<[u8; 32]>,
+}
+
+type Answer<T> = Result<T, RegistryError>;
+
+impl From<sqlx::Error> for RegistryError {
+    fn from(error: sqlx::Error) -> RegistryError {
+        RegistryError::Unavailable(format!("the registry's database failed: {error}"))
+    }
+}
+
+/// A recorded part, with its MAC.
+struct Recorded {
+    number: u32,
+    size: u64,
+    mac: Vec<u8>,
+    etag: String,
+}
+
+impl Registry {
+    pub fn new(
+        database: Arc<HostDatabase>,
+        app: &str,
+        crypto: Arc<Crypto>,
+        slots: Option<HostWideSlots>,
+        part_buffer: u64,
+        spill_dir: std::path::PathBuf,
+    ) -> Registry {
+        Registry {
+            database,
+            app: app.to_owned(),
+            crypto,
+            slots,
+            part_buffer,
+            spill_dir,
+        }
+    }
+
+    fn check_name(name: &str) -> Answer<()> {
+        if name.is_empty() || name.len() > MAX_NAME_LENGTH {
+            return Err(RegistryError::UnknownEntry);
+        }
+        Ok(())
+    }
+
+    fn mac_for(&self, key_id: &str) -> Answer<HmacSha256> {
+        let key = self
+            .crypto
+            .unwrap_key(key_id)
+            .ok_or(RegistryError::InvalidKey)?;
+        HmacSha256::new_from_slice(&key).map_err(|_| RegistryError::InvalidKey)
+    }
+
+    /// The entry's key id and tag.
+    async fn entry(&self, name: &str) -> Answer<(String, Option<String>)> {
+        Self::check_name(name)?;
+        let pool = self.database.pool().await?;
+        let row = sqlx::query("SELECT key_id, tag FROM hmac_entries WHERE app = $1 AND name = $2")
+            .bind(&self.app)
+            .bind(name)
+            .fetch_optional(pool)
+            .await?
+            .ok_or(RegistryError::UnknownEntry)?;
+        Ok((row.try_get(0)?, row.try_get(1)?))
+    }
+
+    async fn recorded(&self, name: &str) -> Answer<Vec<Recorded>> {
+        let pool = self.database.pool().await?;
+        let rows = sqlx::query(
+            "SELECT number, size, mac, etag FROM hmac_parts WHERE app = $1 AND name = $2 ORDER BY number",
+        )
+        .bind(&self.app)
+        .bind(name)
+        .fetch_all(pool)
+        .await?;
+        rows.iter().map(recorded_from).collect()
+    }
+
+    pub async fn begin(&self, name: &str, key_id: &str) -> Answer<()> {
+        Self::check_name(name)?;
+        self.mac_for(key_id)?;
+        let pool = self.database.pool().await?;
+        sqlx::query(
+            "INSERT INTO hmac_entries (app, name, key_id) VALUES ($1, $2, $3) ON CONFLICT (app, name) DO NOTHING",
+        )
+        .bind(&self.app)
+        .bind(name)
+        .bind(key_id)
+        .execute(pool)
+        .await?;
+        let (existing, _) = self.entry(name).await?;
+        if existing != key_id {
+            return Err(RegistryError::EntryExists);
+        }
+        Ok(())
+    }
+
+    pub async fn tap(&self, name: &str, number: u32, source: DynInputStream) -> Answer<(DynInputStream, PartMac)> {
+        check_number(number)?;
+        let (key_id, tag) = self.entry(name).await?;
+        if tag.is_some() {
+            return Err(RegistryError::Finished);
+        }
+        let mut mac = self.mac_for(&key_id)?;
+        mac.update(&number.to_be_bytes());
+        let state = Arc::new(Mutex::new(Tapped {
+            mac: Some(mac),
+            size: 0,
+            digest: None,
+        }));
+        let stream = Produced::boxed(streams::Map::new(
+            source,
+            Tap {
+                state: Arc::clone(&state),
+            },
+        ));
+        Ok((stream, PartMac { number, state }))
+    }
+
+    /// Records part `number` with its MAC, unless the entry is finished.
+    async fn record(&self, name: &str, number: u32, size: u64, mac: &[u8], etag: &str) -> Answer<Part> {
+        Self::check_name(name)?;
+        let pool = self.database.pool().await?;
+        let mut transaction = pool.begin().await?;
+        let entry = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT tag FROM hmac_entries WHERE app = $1 AND name = $2{}",
+            self.database.lock_rows()
+        )))
+        .bind(&self.app)
+        .bind(name)
+        .fetch_optional(&mut *transaction)
+        .await?
+        .ok_or(RegistryError::UnknownEntry)?;
+        let tag: Option<String> = entry.try_get(0)?;
+        if tag.is_some() {
+            return Err(RegistryError::Finished);
+        }
+        sqlx::query(
+            "INSERT INTO hmac_parts (app, name, number, size, mac, etag) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (app, name, number) DO UPDATE SET size = excluded.size, mac = excluded.mac, etag = excluded.etag",
+        )
+        .bind(&self.app)
+        .bind(name)
+        .bind(i64::from(number))
+        .bind(size as i64)
+        .bind(mac.to_vec())
+        .bind(etag)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(Part {
+            number,
+            size,
+            etag: etag.to_owned(),
+        })
+    }
+
+    pub async fn add_tapped(&self, name: &str, tapped: PartMac, etag: &str) -> Answer<Part> {
+        let (digest, size) = {
+            let state = tapped.state.lock().map_err(|_| RegistryError::IncompletePart)?;
+            (state.digest.ok_or(RegistryError::IncompletePart)?, state.size)
+        };
+        self.record(name, tapped.number, size, &digest, etag).await
+    }
+
+    pub async fn add_bytes(&self, name: &str, number: u32, data: &[u8], etag: &str) -> Answer<Part> {
+        check_number(number)?;
+        let (key_id, _) = self.entry(name).await?;
+        let mut mac = self.mac_for(&key_id)?;
+        mac.update(&number.to_be_bytes());
+        mac.update(data);
+        let digest: [u8; 32] = mac.finalize().into_bytes().into();
+        self.record(name, number, data.len() as u64, &digest, etag).await
+    }
+
+    pub async fn parts(&self, name: &str) -> Answer<Vec<Part>> {
+        self.entry(name).await?;
+        Ok(self
+            .recorded(name)
+            .await?
+            .into_iter()
+            .map(|part| Part {
+                number: part.number,
+                size: part.size,
+                etag: part.etag,
+            })
+            .collect())
+    }
+
+    pub async fn finish(&self, name: &str, stored: &[Part]) -> Answer<String> {
+        Self::check_name(name)?;
+        let pool = self.database.pool().await?;
+        let mut transaction = pool.begin().await?;
+        let entry = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT key_id, tag FROM hmac_entries WHERE app = $1 AND name = $2{}",
+            self.database.lock_rows()
+        )))
+        .bind(&self.app)
+        .bind(name)
+        .fetch_optional(&mut *transaction)
+        .await?
+        .ok_or(RegistryError::UnknownEntry)?;
+        let key_id: String = entry.try_get(0)?;
+        if let Some(tag) = entry.try_get::<Option<String>, _>(1)? {
+            return Ok(tag);
+        }
+        let mut stored: Vec<&Part> = stored.iter().collect();
+        stored.sort_by_key(|part| part.number);
+        let highest = stored.last().map_or(0, |part| part.number);
+        let missing: Vec<u32> = (1..=highest)
+            .filter(|number| !stored.iter().any(|part| part.number == *number))
+            .collect();
+        if highest == 0 || !missing.is_empty() {
+            return Err(RegistryError::MissingParts(if highest == 0 {
+                vec![1]
+            } else {
+                missing
+            }));
+        }
+        let rows = sqlx::query(
+            "SELECT number, size, mac, etag FROM hmac_parts WHERE app = $1 AND name = $2 ORDER BY number",
+        )
+        .bind(&self.app)
+        .bind(name)
+        .fetch_all(&mut *transaction)
+        .await?;
+        let recorded = rows.iter().map(recorded_from).collect::<Answer<Vec<_>>>()?;
+        let mismatched: Vec<u32> = stored
+            .iter()
+            .filter(|part| {
+                !recorded.iter().any(|r| {
+                    r.number == part.number && r.size == part.size && r.etag == part.etag
+                })
+            })
+            .map(|part| part.number)
+            .chain(
+                recorded
+                    .iter()
+                    .filter(|r| r.number > highest)
+                    .map(|r| r.number),
+            )
+            .collect();
+        if !mismatched.is_empty() {
+            return Err(RegistryError::MismatchedParts(mismatched));
+        }
+        let tag = hex::encode(object_tag(self.mac_for(&key_id)?, &recorded));
+        sqlx::query("UPDATE hmac_entries SET tag = $1 WHERE app = $2 AND name = $3")
+            .bind(&tag)
+            .bind(&self.app)
+            .bind(name)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        Ok(tag)
+    }
+
+    pub async fn tag(&self, name: &str) -> Answer<String> {
+        self.entry(name).await?.1.ok_or(RegistryError::Unfinished)
+    }
+
+    pub async fn verify_stream(
+        &self,
+        name: &str,
+        first: u32,
+        source: DynInputStream,
+        skip: u64,
+        take: u64,
+    ) -> Answer<DynInputStream> {
+        let (key_id, tag) = self.entry(name).await?;
+        let tag = tag.ok_or(RegistryError::Unfinished)?;
+        let recorded = self.recorded(name).await?;
+        let mac = self.mac_for(&key_id)?;
+        // The parts' MACs must still make the tag, or the records themselves were changed.
+        if hex::encode(object_tag(mac.clone(), &recorded)) != tag {
+            tracing::error!("hmac registry: the recorded parts of {name:?} no longer make its tag");
+            return Err(RegistryError::Tampered(0));
+        }
+        let parts: Vec<Recorded> = recorded.into_iter().filter(|part| part.number >= first).collect();
+        if parts.first().map(|part| part.number) != Some(first) {
+            return Err(RegistryError::InvalidPartNumber);
+        }
+        let mut verify = Verify {
+            source,
+            parts: parts.into_iter(),
+            mac,
+            name: name.to_owned(),
+            position: 0,
+            skip,
+            end: skip.saturating_add(take),
+            current: PartReader::empty(),
+            slots: self.slots,
+            part_buffer: self.part_buffer,
+            spill_dir: self.spill_dir.clone(),
+        };
+        // The first part is checked now, so a bad one is an answer, not a cut stream.
+        match verify.load_next_part().await {
+            Ok(()) => Ok(Produced::boxed(verify)),
+            Err(VerifyFailure::Tampered(number)) => Err(RegistryError::Tampered(number)),
+            Err(VerifyFailure::Other(error)) => Err(RegistryError::Unavailable(format!("{error:#}"))),
+        }
+    }
+
+    pub async fn discard(&self, name: &str) -> Answer<()> {
+        Self::check_name(name)?;
+        let pool = self.database.pool().await?;
+        let mut transaction = pool.begin().await?;
+        for table in ["hmac_parts", "hmac_entries"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM {table} WHERE app = $1 AND name = $2"
+            )))
+                .bind(&self.app)
+                .bind(name)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+}
+
+fn check_number(number: u32) -> Answer<()> {
+    if (1..=MAX_PART_NUMBER).contains(&number) {
+        Ok(())
+    } else {
+        Err(RegistryError::InvalidPartNumber)
+    }
+}
+
+fn recorded_from(row: &database::Row) -> Answer<Recorded> {
+    let number: i64 = row.try_get(0)?;
+    let size: i64 = row.try_get(1)?;
+    Ok(Recorded {
+        number: u32::try_from(number).map_err(|_| RegistryError::InvalidPartNumber)?,
+        size: size as u64,
+        mac: row.try_get(2)?,
+        etag: row.try_get(3)?,
+    })
+}
+
+/// The object's tag from its parts' MACs, in order.
+fn object_tag(mut mac: HmacSha256, parts: &[Recorded]) -> [u8; 32] {
+    mac.update(TAG_CONTEXT);
+    mac.update(&(parts.len() as u32).to_be_bytes());
+    for part in parts {
+        mac.update(&part.size.to_be_bytes());
+        mac.update(&part.mac);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+/// Feeds each chunk to the part's MAC on its way through.
+struct Tap {
+    state: Arc<Mutex<Tapped>>,
+}
+
+impl Change for Tap {
+    async fn chunk(&mut self, bytes: Bytes) -> Next {
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| anyhow!("the part's MAC was lost"))?;
+        state.size += bytes.len() as u64;
+        if let Some(mac) = state.mac.as_mut() {
+            mac.update(&bytes);
+        }
+        Ok(Some(bytes))
+    }
+
+    fn end(&mut self) {
+        if let Ok(mut state) = self.state.lock()
+            && let Some(mac) = state.mac.take()
+        {
+            state.digest = Some(mac.finalize().into_bytes().into());
+        }
+    }
+}
+
+enum VerifyFailure {
+    Tampered(u32),
+    Other(anyhow::Error),
+}
+
+/// Reads the object's parts whole, one at a time, checks each against its MAC, and passes on
+/// the verified bytes in `skip..end` (counted from the start of the first part).
+struct Verify {
+    source: DynInputStream,
+    parts: std::vec::IntoIter<Recorded>,
+    mac: HmacSha256,
+    name: String,
+    /// Where in the source the current part ends.
+    position: u64,
+    skip: u64,
+    end: u64,
+    /// The current part's verified bytes still to pass on.
+    current: PartReader,
+    slots: Option<HostWideSlots>,
+    part_buffer: u64,
+    spill_dir: std::path::PathBuf,
+}
+
+impl Verify {
+    async fn load_next_part(&mut self) -> Result<(), VerifyFailure> {
+        let Some(part) = self.parts.next() else {
+            self.current = PartReader::empty();
+            return Ok(());
+        };
+        let start = self.position;
+        self.position += part.size;
+        // A part wholly before the range is read (to check it) but not kept.
+        let _slot = match self.slots {
+            Some(slots) => Some(slots.take_async(Bound::Buffers).await),
+            None => None,
+        };
+        let mut mac = self.mac.clone();
+        mac.update(&part.number.to_be_bytes());
+        let mut buffer = PartBuffer::new(part.size, self.part_buffer, &self.spill_dir)
+            .map_err(VerifyFailure::Other)?;
+        let mut read = 0u64;
+        while read < part.size {
+            let want = (part.size - read).min(streams::CHUNK as u64) as usize;
+            match streams::read_chunk(&mut self.source, want).await {
+                Ok(Some(bytes)) => {
+                    let bytes = if bytes.len() > want { bytes.slice(..want) } else { bytes };
+                    read += bytes.len() as u64;
+                    mac.update(&bytes);
+                    buffer.write(&bytes).await.map_err(VerifyFailure::Other)?;
+                }
+                Ok(None) => {
+                    return Err(VerifyFailure::Other(anyhow!(
+                        "the stored object ends inside part {} of {:?}",
+                        part.number,
+                        self.name
+                    )));
+                }
+                Err(error) => return Err(VerifyFailure::Other(error)),
+            }
+        }
+        if mac.verify_slice(&part.mac).is_err() {
+            tracing::error!(
+                "hmac registry: part {} of {:?} does not match its MAC: the stored bytes were changed",
+                part.number,
+                self.name
+            );
+            return Err(VerifyFailure::Tampered(part.number));
+        }
+        let from = self.skip.max(start).min(self.position) - start;
+        let to = self.end.max(start).min(self.position) - start;
+        self.current = buffer
+            .finish()
+            .await
+            .and_then(|filled| filled.reader(from, to))
+            .map_err(VerifyFailure::Other)?;
+        Ok(())
+    }
+}
+
+impl Produce for Verify {
+    async fn next(mut self) -> (Self, Next) {
+        loop {
+            match self.current.next_chunk().await {
+                Ok(Some(chunk)) => return (self, Ok(Some(chunk))),
+                Ok(None) => {}
+                Err(error) => return (self, Err(error)),
+            }
+            if self.position >= self.end || self.parts.len() == 0 {
+                return (self, Ok(None));
+            }
+            match self.load_next_part().await {
+                Ok(()) => {}
+                Err(VerifyFailure::Tampered(number)) => {
+                    let name = self.name.clone();
+                    return (
+                        self,
+                        Err(anyhow!(
+                            "part {number} of {name:?} failed verification: the stored bytes were changed"
+                        )),
+                    );
+                }
+                Err(VerifyFailure::Other(error)) => return (self, Err(error)),
+            }
+        }
+    }
+}
+
+impl GuestState {
+    fn registry_or_trap(&self) -> wasmtime::Result<&Registry> {
+        self.capabilities().registry()
+    }
+}
+
+impl HostPartMac for GuestState {
+    async fn number(&mut self, mac: Resource<PartMac>) -> wasmtime::Result<u32> {
+        Ok(self.table().get(&mac)?.number)
+    }
+
+    async fn size(&mut self, mac: Resource<PartMac>) -> wasmtime::Result<u64> {
+        let state = self.table().get(&mac)?.state.clone();
+        let size = state.lock().map(|state| state.size).unwrap_or(0);
+        Ok(size)
+    }
+
+    async fn drop(&mut self, mac: Resource<PartMac>) -> wasmtime::Result<()> {
+        self.table().delete(mac)?;
+        Ok(())
+    }
+}
+
+impl Host for GuestState {
+    async fn begin(&mut self, name: String, key_id: String) -> wasmtime::Result<Answer<()>> {
+        Ok(self.registry_or_trap()?.begin(&name, &key_id).await)
+    }
+
+    async fn tap(
+        &mut self,
+        name: String,
+        number: u32,
+        source: Resource<DynInputStream>,
+    ) -> wasmtime::Result<Answer<(Resource<DynInputStream>, Resource<PartMac>)>> {
+        let source = self.table().delete(source)?;
+        let tapped = self.registry_or_trap()?.tap(&name, number, source).await;
+        Ok(match tapped {
+            Ok((stream, mac)) => Ok((self.table().push(stream)?, self.table().push(mac)?)),
+            Err(error) => Err(error),
+        })
+    }
+
+    async fn add_part(
+        &mut self,
+        name: String,
+        mac: Resource<PartMac>,
+        etag: String,
+    ) -> wasmtime::Result<Answer<Part>> {
+        let mac = self.table().delete(mac)?;
+        Ok(self.registry_or_trap()?.add_tapped(&name, mac, &etag).await)
+    }
+
+    async fn add_part_bytes(
+        &mut self,
+        name: String,
+        number: u32,
+        data: Vec<u8>,
+        etag: String,
+    ) -> wasmtime::Result<Answer<Part>> {
+        Ok(self.registry_or_trap()?.add_bytes(&name, number, &data, &etag).await)
+    }
+
+    async fn parts(&mut self, name: String) -> wasmtime::Result<Answer<Vec<Part>>> {
+        Ok(self.registry_or_trap()?.parts(&name).await)
+    }
+
+    async fn finish(&mut self, name: String, stored: Vec<Part>) -> wasmtime::Result<Answer<String>> {
+        Ok(self.registry_or_trap()?.finish(&name, &stored).await)
+    }
+
+    async fn tag(&mut self, name: String) -> wasmtime::Result<Answer<String>> {
+        Ok(self.registry_or_trap()?.tag(&name).await)
+    }
+
+    async fn verify_stream(
+        &mut self,
+        name: String,
+        first: u32,
+        source: Resource<DynInputStream>,
+        skip: u64,
+        take: u64,
+    ) -> wasmtime::Result<Answer<Resource<DynInputStream>>> {
+        let source = self.table().delete(source)?;
+        let verified = self
+            .registry_or_trap()?
+            .verify_stream(&name, first, source, skip, take)
+            .await;
+        Ok(match verified {
+            Ok(stream) => Ok(self.table().push(stream)?),
+            Err(error) => Err(error),
+        })
+    }
+
+    async fn discard(&mut self, name: String) -> wasmtime::Result<Answer<()>> {
+        Ok(self.registry_or_trap()?.discard(&name).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented construction, computed here by hand from the parts.
+    #[test]
+    fn the_tag_is_the_documented_construction() {
+        let key = [3u8; 32];
+        let parts: [&[u8]; 3] = [b"first part", b"second", b"3"];
+        let recorded: Vec<Recorded> = parts
+            .iter()
+            .enumerate()
+            .map(|(index, bytes)| {
+                let number = index as u32 + 1;
+                let mut mac = HmacSha256::new_from_slice(&key).unwrap();
+                mac.update(&number.to_be_bytes());
+                mac.update(bytes);
+                Recorded {
+                    number,
+                    size: bytes.len() as u64,
+                    mac: mac.finalize().into_bytes().to_vec(),
+                    etag: String::new(),
+                }
+            })
+            .collect();
+        let tag = object_tag(HmacSha256::new_from_slice(&key).unwrap(), &recorded);
+        let mut message = b"host-hmac-v1".to_vec();
+        message.extend(3u32.to_be_bytes());
+        for part in &recorded {
+            message.extend(part.size.to_be_bytes());
+            message.extend(&part.mac);
+        }
+        let mut expected = HmacSha256::new_from_slice(&key).unwrap();
+        expected.update(&message);
+        assert_eq!(tag.to_vec(), expected.finalize().into_bytes().to_vec());
+    }
+}

@@ -1,0 +1,464 @@
+//! The local-directory object store, the embedded default. One directory per app:
+//!
+//! ```text
+//! <root>/objects/<segment>/…/<segment>.o     an object: each key segment percent-encoded
+//! <root>/uploads/<upload id>/key             the key of an upload in progress
+//! <root>/uploads/<upload id>/<n>.<etag>.part a stored part
+//! <root>/tmp/                                files being written
+//! ```
+//!
+//! Encoding every `.` in a segment keeps the `.o` suffix unambiguous, so `a` and `a/b` can both
+//! be objects, as in S3. Every file is written under `tmp/`, synced, then renamed into place:
+//! a part or object is visible only once all its bytes are stored, whatever crashes.
+
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use wasmtime_wasi::p2::DynInputStream;
+
+use super::{Answer, Exact};
+use crate::capabilities::host::capabilities::objects::{ObjectError, ObjectInfo, PartInfo};
+use crate::capabilities::streams::{CHUNK, Next, Produce, Produced};
+
+const OBJECT_SUFFIX: &str = ".o";
+const PART_SUFFIX: &str = ".part";
+/// The longest file name most file systems take.
+const MAX_FILE_NAME: usize = 255;
+
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+fn unavailable(what: &str, error: impl std::fmt::Display) -> ObjectError {
+    ObjectError::Unavailable(format!("{what}: {error}"))
+}
+
+impl LocalStore {
+    pub fn new(root: PathBuf) -> LocalStore {
+        LocalStore { root }
+    }
+
+    fn objects(&self) -> PathBuf {
+        self.root.join("objects")
+    }
+
+    fn object_path(&self, key: &str) -> Answer<PathBuf> {
+        let mut path = self.objects();
+        let segments: Vec<&str> = key.split('/').collect();
+        for (index, segment) in segments.iter().enumerate() {
+            let mut name = encode_segment(segment);
+            if index + 1 == segments.len() {
+                name.push_str(OBJECT_SUFFIX);
+            }
+            if name.len() > MAX_FILE_NAME {
+                return Err(ObjectError::InvalidKey(format!(
+                    "{key:?}: the segment {segment:?} is too long for the local store ({} bytes encoded, at most {MAX_FILE_NAME})",
+                    name.len()
+                )));
+            }
+            path.push(name);
+        }
+        Ok(path)
+    }
+
+    /// The upload's directory, if `upload_id` is an upload of `key`.
+    async fn upload_dir(&self, key: &str, upload_id: &str) -> Answer<PathBuf> {
+        if upload_id.len() != 32 || !upload_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ObjectError::NoSuchUpload);
+        }
+        let dir = self.root.join("uploads").join(upload_id);
+        match tokio::fs::read_to_string(dir.join("key")).await {
+            Ok(stored) if stored == key => Ok(dir),
+            Ok(_) => Err(ObjectError::NoSuchUpload),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                Err(ObjectError::NoSuchUpload)
+            }
+            Err(error) => Err(unavailable("cannot read the upload", error)),
+        }
+    }
+
+    /// A new file under `tmp/`, removed if it is dropped before being renamed into place.
+    fn temporary(&self) -> Answer<tempfile::NamedTempFile> {
+        let dir = self.root.join("tmp");
+        std::fs::create_dir_all(&dir).map_err(|e| unavailable("cannot create the store", e))?;
+        tempfile::Builder::new()
+            .prefix("write-")
+            .tempfile_in(&dir)
+            .map_err(|e| unavailable("cannot create a file in the store", e))
+    }
+
+    pub async fn create_multipart(&self, key: &str) -> Answer<String> {
+        self.object_path(key)?;
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).map_err(|e| unavailable("no randomness for an upload id", e))?;
+        let upload_id = hex::encode(id);
+        let dir = self.root.join("uploads").join(&upload_id);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| unavailable("cannot create the upload", e))?;
+        let temporary = self.temporary()?;
+        tokio::fs::write(temporary.path(), key)
+            .await
+            .map_err(|e| unavailable("cannot create the upload", e))?;
+        temporary
+            .persist(dir.join("key"))
+            .map_err(|e| unavailable("cannot create the upload", e))?;
+        Ok(upload_id)
+    }
+
+    pub async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: u32,
+        mut source: DynInputStream,
+        length: u64,
+    ) -> Answer<PartInfo> {
+        let dir = self.upload_dir(key, upload_id).await?;
+        let temporary = self.temporary()?;
+        let mut file = tokio::fs::File::from_std(
+            temporary
+                .reopen()
+                .map_err(|e| unavailable("cannot write the part", e))?,
+        );
+        let mut digest = Sha256::new();
+        let mut bytes = Exact::new(&mut source, length);
+        while let Some(chunk) = bytes.next().await? {
+            digest.update(&chunk);
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| unavailable("cannot write the part", e))?;
+        }
+        file.sync_data()
+            .await
+            .map_err(|e| unavailable("cannot write the part", e))?;
+        let etag = hex::encode(&digest.finalize()[..16]);
+        let name = format!("{number:05}.{etag}{PART_SUFFIX}");
+        temporary
+            .persist(dir.join(&name))
+            .map_err(|e| unavailable("cannot store the part", e))?;
+        // The part is in place; earlier copies of the same number go.
+        for (other, path) in part_files(&dir).await? {
+            if other.number == number && other.etag != etag {
+                let _ = tokio::fs::remove_file(path).await;
+            }
+        }
+        Ok(PartInfo {
+            number,
+            size: length,
+            etag,
+        })
+    }
+
+    pub async fn list_parts(&self, key: &str, upload_id: &str) -> Answer<Vec<PartInfo>> {
+        let dir = self.upload_dir(key, upload_id).await?;
+        let mut parts: Vec<PartInfo> = Vec::new();
+        for (part, _) in part_files(&dir).await? {
+            // Two files of one number only if a write crashed between its rename and the
+            // clean-up: the newest is the one that was stored last (part_files sorts by age).
+            parts.retain(|kept| kept.number != part.number);
+            parts.push(part);
+        }
+        parts.sort_by_key(|part| part.number);
+        Ok(parts)
+    }
+
+    pub async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[PartInfo],
+    ) -> Answer<ObjectInfo> {
+        let dir = self.upload_dir(key, upload_id).await?;
+        let temporary = self.temporary()?;
+        let mut object = tokio::fs::File::from_std(
+            temporary
+                .reopen()
+                .map_err(|e| unavailable("cannot write the object", e))?,
+        );
+        for part in parts {
+            let path = dir.join(format!("{:05}.{}{PART_SUFFIX}", part.number, part.etag));
+            let mut file = tokio::fs::File::open(&path)
+                .await
+                .map_err(|e| unavailable(&format!("cannot read part {}", part.number), e))?;
+            tokio::io::copy(&mut file, &mut object)
+                .await
+                .map_err(|e| unavailable("cannot write the object", e))?;
+        }
+        object
+            .sync_data()
+            .await
+            .map_err(|e| unavailable("cannot write the object", e))?;
+        self.place(temporary, key).await?;
+        tokio::fs::remove_dir_all(&dir)
+            .await
+            .map_err(|e| unavailable("cannot remove the finished upload", e))?;
+        self.head(key).await?.ok_or(ObjectError::NotFound)
+    }
+
+    /// Renames a written file into the place of `key`.
+    async fn place(&self, temporary: tempfile::NamedTempFile, key: &str) -> Answer<()> {
+        let path = self.object_path(key)?;
+        if let Some(parent) = path.parent() {
+            tokio::fs::create_dir_all(parent).await.map_err(|e| {
+                ObjectError::InvalidKey(format!("{key:?}: cannot be stored here ({e})"))
+            })?;
+        }
+        temporary
+            .persist(&path)
+            .map_err(|e| unavailable("cannot store the object", e))?;
+        Ok(())
+    }
+
+    pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Answer<()> {
+        let dir = self.upload_dir(key, upload_id).await?;
+        tokio::fs::remove_dir_all(&dir)
+            .await
+            .map_err(|e| unavailable("cannot remove the upload", e))
+    }
+
+    pub async fn put(&self, key: &str, data: Vec<u8>) -> Answer<ObjectInfo> {
+        self.object_path(key)?;
+        let temporary = self.temporary()?;
+        let mut file = tokio::fs::File::from_std(
+            temporary
+                .reopen()
+                .map_err(|e| unavailable("cannot write the object", e))?,
+        );
+        file.write_all(&data)
+            .await
+            .map_err(|e| unavailable("cannot write the object", e))?;
+        file.sync_data()
+            .await
+            .map_err(|e| unavailable("cannot write the object", e))?;
+        self.place(temporary, key).await?;
+        self.head(key).await?.ok_or(ObjectError::NotFound)
+    }
+
+    pub async fn get(
+        &self,
+        key: &str,
+        start: u64,
+        length: Option<u64>,
+    ) -> Answer<(ObjectInfo, DynInputStream)> {
+        let path = self.object_path(key)?;
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(file) => file,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ObjectError::NotFound);
+            }
+            Err(error) => return Err(unavailable("cannot read the object", error)),
+        };
+        let metadata = file
+            .metadata()
+            .await
+            .map_err(|e| unavailable("cannot read the object", e))?;
+        let info = info(key, &metadata);
+        if start > info.size {
+            return Err(ObjectError::InvalidRange);
+        }
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| unavailable("cannot read the object", e))?;
+        let remaining = length.map_or(info.size - start, |length| length.min(info.size - start));
+        Ok((info, Produced::boxed(FileChunks { file, remaining })))
+    }
+
+    pub async fn head(&self, key: &str) -> Answer<Option<ObjectInfo>> {
+        match tokio::fs::metadata(self.object_path(key)?).await {
+            Ok(metadata) => Ok(Some(info(key, &metadata))),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(unavailable("cannot read the object", error)),
+        }
+    }
+
+    pub async fn delete(&self, key: &str) -> Answer<()> {
+        match tokio::fs::remove_file(self.object_path(key)?).await {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(unavailable("cannot delete the object", error)),
+        }
+    }
+
+    pub async fn list(&self, prefix: &str) -> Answer<Vec<ObjectInfo>> {
+        // Walk only below the directory the prefix's whole segments name.
+        let (directory_part, _) = prefix.rsplit_once('/').unwrap_or(("", prefix));
+        let mut start = self.objects();
+        let mut key_prefix = String::new();
+        if !directory_part.is_empty() {
+            for segment in directory_part.split('/') {
+                start.push(encode_segment(segment));
+                key_prefix.push_str(segment);
+                key_prefix.push('/');
+            }
+        }
+        let mut found = Vec::new();
+        let mut pending = vec![(start, key_prefix)];
+        while let Some((dir, key_prefix)) = pending.pop() {
+            let mut entries = match tokio::fs::read_dir(&dir).await {
+                Ok(entries) => entries,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(unavailable("cannot list the objects", error)),
+            };
+            while let Some(entry) = entries
+                .next_entry()
+                .await
+                .map_err(|e| unavailable("cannot list the objects", e))?
+            {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let kind = entry
+                    .file_type()
+                    .await
+                    .map_err(|e| unavailable("cannot list the objects", e))?;
+                if kind.is_dir() {
+                    if let Some(segment) = decode_segment(&name) {
+                        pending.push((entry.path(), format!("{key_prefix}{segment}/")));
+                    }
+                } else if let Some(segment) = name
+                    .strip_suffix(OBJECT_SUFFIX)
+                    .and_then(decode_segment)
+                {
+                    let key = format!("{key_prefix}{segment}");
+                    if key.starts_with(prefix) {
+                        let metadata = entry
+                            .metadata()
+                            .await
+                            .map_err(|e| unavailable("cannot list the objects", e))?;
+                        found.push(info(&key, &metadata));
+                    }
+                }
+            }
+        }
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(found)
+    }
+}
+
+/// The stored parts of an upload with their paths, oldest first.
+async fn part_files(dir: &Path) -> Answer<Vec<(PartInfo, PathBuf)>> {
+    let mut entries = tokio::fs::read_dir(dir)
+        .await
+        .map_err(|e| unavailable("cannot list the parts", e))?;
+    let mut parts = Vec::new();
+    while let Some(entry) = entries
+        .next_entry()
+        .await
+        .map_err(|e| unavailable("cannot list the parts", e))?
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((number, etag)) = name
+            .strip_suffix(PART_SUFFIX)
+            .and_then(|stem| stem.split_once('.'))
+        else {
+            continue;
+        };
+        let Ok(number) = number.parse::<u32>() else {
+            continue;
+        };
+        let metadata = entry
+            .metadata()
+            .await
+            .map_err(|e| unavailable("cannot list the parts", e))?;
+        let modified = metadata.modified().ok();
+        parts.push((
+            modified,
+            PartInfo {
+                number,
+                size: metadata.len(),
+                etag: etag.to_owned(),
+            },
+            entry.path(),
+        ));
+    }
+    parts.sort_by_key(|(modified, _, _)| *modified);
+    Ok(parts
+        .into_iter()
+        .map(|(_, part, path)| (part, path))
+        .collect())
+}
+
+fn info(key: &str, metadata: &std::fs::Metadata) -> ObjectInfo {
+    let modified = metadata
+        .modified()
+        .ok()
+        .and_then(|time| time.duration_since(UNIX_EPOCH).ok())
+        .unwrap_or_default();
+    ObjectInfo {
+        key: key.to_owned(),
+        size: metadata.len(),
+        // As web servers do for files: changes whenever the object is replaced.
+        etag: format!("{:x}-{:x}", metadata.len(), modified.as_nanos()),
+        modified: modified.as_secs(),
+    }
+}
+
+fn encode_segment(segment: &str) -> String {
+    let mut encoded = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'~') {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
+fn decode_segment(name: &str) -> Option<String> {
+    let bytes = name.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%' {
+            let hex = name.get(index + 1..index + 3)?;
+            decoded.push(u8::from_str_radix(hex, 16).ok()?);
+            index += 3;
+        } else {
+            decoded.push(bytes[index]);
+            index += 1;
+        }
+    }
+    String::from_utf8(decoded).ok()
+}
+
+/// An object's bytes, read a chunk at a time.
+struct FileChunks {
+    file: tokio::fs::File,
+    remaining: u64,
+}
+
+impl Produce for FileChunks {
+    async fn next(mut self) -> (Self, Next) {
+        if self.remaining == 0 {
+            return (self, Ok(None));
+        }
+        let mut chunk = vec![0u8; self.remaining.min(CHUNK as u64) as usize];
+        let next = match self.file.read(&mut chunk).await {
+            Ok(0) => Err(anyhow::anyhow!("the object is shorter than it was")),
+            Ok(read) => {
+                chunk.truncate(read);
+                self.remaining -= read as u64;
+                Ok(Some(Bytes::from(chunk)))
+            }
+            Err(error) => Err(anyhow::Error::from(error).context("cannot read the object")),
+        };
+        (self, next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_round_trip_and_dots_are_encoded() {
+        for segment in ["plain", "with space", "dots.and.o", "ünï", "%25"] {
+            let encoded = encode_segment(segment);
+            assert!(!encoded.contains('.'), "{encoded}");
+            assert_eq!(decode_segment(&encoded).as_deref(), Some(segment));
+        }
+    }
+}

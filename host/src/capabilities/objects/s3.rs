@@ -1,0 +1,468 @@
+//! The S3 object store, through aws-sdk-s3, configured as the seed configured boto3 for Wasabi:
+//! any endpoint, region and addressing style, adaptive retries (3 attempts), 10 s to connect,
+//! 60 s to read, and at most 50 requests in flight per worker (so at most 50 connections).
+//!
+//! Each app's keys live under `<prefix><app>/`. A part is buffered (in memory up to
+//! `--part-buffer`, else in a temporary file) so that a retry can send it again; the buffer
+//! takes a slot of the host-wide bound, so buffers never exceed `--encrypt-concurrency` parts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmtime_wasi::p2::DynInputStream;
+
+use super::{Answer, Exact, S3Settings};
+use crate::capabilities::host::capabilities::objects::{ObjectError, ObjectInfo, PartInfo};
+use crate::capabilities::part_buffer::{Filled, PartBuffer};
+use crate::capabilities::slots::{Bound, HostWideSlots};
+use crate::capabilities::streams::{Next, Produce, Produced};
+
+const MAX_ATTEMPTS: u32 = 3;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_REQUESTS_IN_FLIGHT: usize = 50;
+const DEFAULT_REGION: &str = "us-east-1";
+
+/// A bucket and the prefix under which the host keeps its apps' objects.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct S3Location {
+    pub bucket: String,
+    /// Empty, or ending with `/`.
+    pub prefix: String,
+}
+
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    /// `<prefix><app>/`: every key of the app is under it.
+    app_prefix: String,
+    in_flight: Arc<Semaphore>,
+    slots: Option<HostWideSlots>,
+    part_buffer: u64,
+    spill_dir: std::path::PathBuf,
+}
+
+/// What the guest is told when S3 fails: the service's code and message, or why no answer came.
+fn failure<E>(what: &str, error: SdkError<E>) -> ObjectError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    tracing::warn!("S3 {what} failed: {}", chain(&error));
+    match &error {
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or("unknown");
+            match code {
+                "NoSuchUpload" => ObjectError::NoSuchUpload,
+                "NoSuchKey" | "NotFound" => ObjectError::NotFound,
+                "InvalidRange" => ObjectError::InvalidRange,
+                "EntityTooSmall" | "InvalidPart" | "InvalidPartOrder" => ObjectError::InvalidPart(
+                    service.err().message().unwrap_or(code).to_owned(),
+                ),
+                _ => ObjectError::Unavailable(format!(
+                    "S3 {what} failed: {code}: {}",
+                    service.err().message().unwrap_or("no message")
+                )),
+            }
+        }
+        _ => ObjectError::Unavailable(format!(
+            "S3 {what} failed after {MAX_ATTEMPTS} attempts: {}",
+            chain(&error)
+        )),
+    }
+}
+
+/// An error and its causes on one line (the SDK's own display adds the raw response).
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+impl S3Store {
+    pub async fn new(
+        location: &super::S3Location,
+        settings: &S3Settings,
+        app: &str,
+        slots: Option<HostWideSlots>,
+        part_buffer: u64,
+        spill_dir: std::path::PathBuf,
+    ) -> Result<S3Store> {
+        // The region is never looked up from instance metadata, which costs seconds off EC2.
+        let region = settings
+            .region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok())
+            .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+            .unwrap_or_else(|| DEFAULT_REGION.to_owned());
+        let shared = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(region))
+            .retry_config(RetryConfig::adaptive().with_max_attempts(MAX_ATTEMPTS))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .read_timeout(READ_TIMEOUT)
+                    .build(),
+            )
+            .load()
+            .await;
+        let mut config = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(settings.path_style)
+            // Plain SigV4 payloads, as boto3 sends to Wasabi: no streaming trailers that
+            // other S3 implementations may not take.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        if let Some(endpoint) = &settings.endpoint {
+            config = config.endpoint_url(endpoint);
+        }
+        Ok(S3Store {
+            client: Client::from_conf(config.build()),
+            bucket: location.bucket.clone(),
+            app_prefix: format!("{}{app}/", location.prefix),
+            in_flight: Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
+            slots,
+            part_buffer,
+            spill_dir,
+        })
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        format!("{}{key}", self.app_prefix)
+    }
+
+    async fn permit(&self) -> OwnedSemaphorePermit {
+        match Arc::clone(&self.in_flight).acquire_owned().await {
+            Ok(permit) => permit,
+            // The semaphore is never closed.
+            Err(_) => unreachable!("the S3 request semaphore is never closed"),
+        }
+    }
+
+    pub async fn create_multipart(&self, key: &str) -> Answer<String> {
+        let _permit = self.permit().await;
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+            .map_err(|e| failure("create multipart upload", e))?;
+        created
+            .upload_id()
+            .map(str::to_owned)
+            .ok_or_else(|| ObjectError::Unavailable("S3 gave no upload id".to_owned()))
+    }
+
+    pub async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: u32,
+        mut source: DynInputStream,
+        length: u64,
+    ) -> Answer<PartInfo> {
+        let _slot = match self.slots {
+            Some(slots) => Some(slots.take_async(Bound::Buffers).await),
+            None => None,
+        };
+        let unavailable = |e: anyhow::Error| ObjectError::Unavailable(format!("{e:#}"));
+        let mut buffer =
+            PartBuffer::new(length, self.part_buffer, &self.spill_dir).map_err(unavailable)?;
+        let mut bytes = Exact::new(&mut source, length);
+        while let Some(chunk) = bytes.next().await? {
+            buffer.write(&chunk).await.map_err(unavailable)?;
+        }
+        let filled = buffer.finish().await.map_err(unavailable)?;
+        let body = match &filled {
+            Filled::Memory(bytes) => ByteStream::from(bytes.clone()),
+            Filled::File(file) => ByteStream::from_path(file.path())
+                .await
+                .map_err(|e| ObjectError::Unavailable(format!("cannot read the part file: {e}")))?,
+        };
+        let _permit = self.permit().await;
+        let uploaded = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .upload_id(upload_id)
+            .part_number(number as i32)
+            .content_length(length as i64)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| failure("upload part", e))?;
+        Ok(PartInfo {
+            number,
+            size: length,
+            etag: uploaded.e_tag().unwrap_or_default().to_owned(),
+        })
+    }
+
+    pub async fn list_parts(&self, key: &str, upload_id: &str) -> Answer<Vec<PartInfo>> {
+        let _permit = self.permit().await;
+        let mut parts = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_parts()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .upload_id(upload_id)
+                .set_part_number_marker(marker.clone())
+                .send()
+                .await
+                .map_err(|e| failure("list parts", e))?;
+            for part in page.parts() {
+                parts.push(PartInfo {
+                    number: part.part_number().unwrap_or_default() as u32,
+                    size: part.size().unwrap_or_default() as u64,
+                    etag: part.e_tag().unwrap_or_default().to_owned(),
+                });
+            }
+            match (page.is_truncated(), page.next_part_number_marker()) {
+                (Some(true), Some(next)) => marker = Some(next.to_owned()),
+                _ => break,
+            }
+        }
+        parts.sort_by_key(|part| part.number);
+        Ok(parts)
+    }
+
+    pub async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[PartInfo],
+    ) -> Answer<ObjectInfo> {
+        let completed = CompletedMultipartUpload::builder()
+            .set_parts(Some(
+                parts
+                    .iter()
+                    .map(|part| {
+                        CompletedPart::builder()
+                            .part_number(part.number as i32)
+                            .e_tag(&part.etag)
+                            .build()
+                    })
+                    .collect(),
+            ))
+            .build();
+        {
+            let _permit = self.permit().await;
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .upload_id(upload_id)
+                .multipart_upload(completed)
+                .send()
+                .await
+                .map_err(|e| failure("complete multipart upload", e))?;
+        }
+        self.head(key).await?.ok_or(ObjectError::NotFound)
+    }
+
+    pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Answer<()> {
+        // S3 may keep a part whose upload was in flight during the abort: abort until none is
+        // left, as its documentation advises.
+        for _ in 0..3 {
+            {
+                let _permit = self.permit().await;
+                match self
+                    .client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(self.full_key(key))
+                    .upload_id(upload_id)
+                    .send()
+                    .await
+                    .map_err(|e| failure("abort multipart upload", e))
+                {
+                    Ok(_) | Err(ObjectError::NoSuchUpload) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+            match self.list_parts(key, upload_id).await {
+                Err(ObjectError::NoSuchUpload) => return Ok(()),
+                Ok(parts) if parts.is_empty() => return Ok(()),
+                Ok(_) => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn put(&self, key: &str, data: Vec<u8>) -> Answer<ObjectInfo> {
+        {
+            let _permit = self.permit().await;
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .body(ByteStream::from(data))
+                .send()
+                .await
+                .map_err(|e| failure("put object", e))?;
+        }
+        self.head(key).await?.ok_or(ObjectError::NotFound)
+    }
+
+    pub async fn get(
+        &self,
+        key: &str,
+        start: u64,
+        length: Option<u64>,
+    ) -> Answer<(ObjectInfo, DynInputStream)> {
+        let range = match length {
+            Some(0) => None,
+            Some(length) => Some(format!("bytes={start}-{}", start + length - 1)),
+            None if start > 0 => Some(format!("bytes={start}-")),
+            None => None,
+        };
+        // An empty range, or one that starts at the end: S3 refuses those, the local store
+        // gives an empty stream; the answer must be the same.
+        if length == Some(0) || range.is_some() {
+            let info = self.head(key).await?.ok_or(ObjectError::NotFound)?;
+            if start > info.size {
+                return Err(ObjectError::InvalidRange);
+            }
+            if start == info.size || length == Some(0) {
+                return Ok((info, crate::capabilities::streams::from_bytes(Default::default())));
+            }
+        }
+        let permit = self.permit().await;
+        let object = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .set_range(range)
+            .send()
+            .await
+            .map_err(|e| failure("get object", e))?;
+        let size = match object.content_range().and_then(|range| range.rsplit_once('/')) {
+            Some((_, total)) => total.parse().unwrap_or_default(),
+            None => object.content_length().unwrap_or_default() as u64,
+        };
+        let info = ObjectInfo {
+            key: key.to_owned(),
+            size,
+            etag: object.e_tag().unwrap_or_default().to_owned(),
+            modified: object
+                .last_modified()
+                .map_or(0, |time| time.secs().max(0) as u64),
+        };
+        Ok((
+            info,
+            Produced::boxed(Body {
+                body: object.body,
+                _permit: permit,
+            }),
+        ))
+    }
+
+    pub async fn head(&self, key: &str) -> Answer<Option<ObjectInfo>> {
+        let _permit = self.permit().await;
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+        {
+            Ok(head) => Ok(Some(ObjectInfo {
+                key: key.to_owned(),
+                size: head.content_length().unwrap_or_default() as u64,
+                etag: head.e_tag().unwrap_or_default().to_owned(),
+                modified: head.last_modified().map_or(0, |time| time.secs().max(0) as u64),
+            })),
+            Err(SdkError::ServiceError(service)) if service.err().is_not_found() => Ok(None),
+            Err(error) => Err(failure("head object", error)),
+        }
+    }
+
+    pub async fn delete(&self, key: &str) -> Answer<()> {
+        let _permit = self.permit().await;
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+            .map_err(|e| failure("delete object", e))?;
+        Ok(())
+    }
+
+    pub async fn list(&self, prefix: &str) -> Answer<Vec<ObjectInfo>> {
+        let _permit = self.permit().await;
+        let mut found = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(self.full_key(prefix))
+                .set_continuation_token(token.clone())
+                .send()
+                .await
+                .map_err(|e| failure("list objects", e))?;
+            for object in page.contents() {
+                let Some(key) = object
+                    .key()
+                    .and_then(|key| key.strip_prefix(&self.app_prefix))
+                else {
+                    continue;
+                };
+                found.push(ObjectInfo {
+                    key: key.to_owned(),
+                    size: object.size().unwrap_or_default() as u64,
+                    etag: object.e_tag().unwrap_or_default().to_owned(),
+                    modified: object
+                        .last_modified()
+                        .map_or(0, |time| time.secs().max(0) as u64),
+                });
+            }
+            match page.next_continuation_token() {
+                Some(next) if page.is_truncated() == Some(true) => token = Some(next.to_owned()),
+                _ => break,
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// An object's body as it arrives from S3, holding its request slot until it is read or dropped.
+struct Body {
+    body: ByteStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Produce for Body {
+    async fn next(mut self) -> (Self, Next) {
+        let next = match self.body.next().await {
+            Some(Ok(bytes)) => Ok(Some(bytes)),
+            Some(Err(error)) => Err(anyhow::Error::from(error).context("reading the object from S3 failed")),
+            None => Ok(None),
+        };
+        (self, next)
+    }
+}

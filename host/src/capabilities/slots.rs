@@ -1,0 +1,117 @@
+//! Host-wide bounds on bulk work, shared by every worker process of a host: how many
+//! encryptions run at once (`--encrypt-concurrency`, the seed's `BoundedSemaphore(4)`), and how
+//! many part-sized buffers exist at once (the same number, each at most `--part-buffer`).
+//!
+//! Both are System V semaphores, made by the master and taken by workers with `SEM_UNDO`: a
+//! worker that dies holding a slot gives it back, as the kernel undoes its operations.
+
+use anyhow::{Context, Result};
+
+/// Which bound of the set.
+#[derive(Debug, Clone, Copy)]
+pub enum Bound {
+    /// Encryption and decryption running at once.
+    Encryption = 0,
+    /// Part buffers (an S3 part being uploaded, a part being verified) held at once.
+    Buffers = 1,
+}
+
+/// The semaphore set, by its System V id.
+#[derive(Debug, Clone, Copy)]
+pub struct HostWideSlots {
+    id: i32,
+}
+
+/// A taken slot, given back on drop.
+pub struct Slot {
+    id: i32,
+    bound: Bound,
+}
+
+impl HostWideSlots {
+    /// Made by the master with `slots` in each bound; `remove` it when the host stops.
+    pub fn create(slots: u32) -> Result<HostWideSlots> {
+        // SAFETY: semget/semctl with a private key and valid flags.
+        let id = unsafe { libc::semget(libc::IPC_PRIVATE, 2, libc::IPC_CREAT | 0o600) };
+        if id < 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("cannot create the host-wide semaphores");
+        }
+        for bound in [Bound::Encryption, Bound::Buffers] {
+            // SAFETY: SETVAL on a semaphore of the set just made.
+            if unsafe { libc::semctl(id, bound as i32, libc::SETVAL, slots as libc::c_int) } < 0 {
+                return Err(std::io::Error::last_os_error())
+                    .context("cannot set the host-wide semaphores");
+            }
+        }
+        Ok(HostWideSlots { id })
+    }
+
+    /// Opened by a worker from the id the master passed.
+    pub fn open(id: i32) -> HostWideSlots {
+        HostWideSlots { id }
+    }
+
+    pub fn id(&self) -> i32 {
+        self.id
+    }
+
+    pub fn remove(&self) {
+        // SAFETY: IPC_RMID on the set this master created.
+        unsafe { libc::semctl(self.id, 0, libc::IPC_RMID) };
+    }
+
+    /// Waits for a slot, blocking the calling thread: call it off the async threads.
+    pub fn take(&self, bound: Bound) -> Slot {
+        self.op(bound, -1, 0);
+        Slot { id: self.id, bound }
+    }
+
+    /// A slot if one is free now.
+    pub fn try_take(&self, bound: Bound) -> Option<Slot> {
+        self.op(bound, -1, libc::IPC_NOWAIT as i16)
+            .then_some(Slot { id: self.id, bound })
+    }
+
+    /// Waits for a slot without blocking an async thread.
+    pub async fn take_async(&self, bound: Bound) -> Slot {
+        if let Some(slot) = self.try_take(bound) {
+            return slot;
+        }
+        let slots = *self;
+        match tokio::task::spawn_blocking(move || slots.take(bound)).await {
+            Ok(slot) => slot,
+            // The blocking pool is shutting down with the worker: go on without the bound.
+            Err(_) => Slot { id: -1, bound },
+        }
+    }
+
+    /// Whether the operation was done. Interrupted waits are retried; any other failure means
+    /// the semaphore is gone (the host is stopping), and the work goes on without the bound
+    /// rather than failing.
+    fn op(&self, bound: Bound, change: i16, flags: i16) -> bool {
+        if self.id < 0 {
+            return true;
+        }
+        let mut operation = libc::sembuf {
+            sem_num: bound as u16,
+            sem_op: change,
+            sem_flg: libc::SEM_UNDO as i16 | flags,
+        };
+        // SAFETY: one valid sembuf for a semaphore of the set.
+        while unsafe { libc::semop(self.id, &mut operation, 1) } < 0 {
+            match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return false,
+                _ => return true,
+            }
+        }
+        true
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        HostWideSlots { id: self.id }.op(self.bound, 1, 0);
+    }
+}

@@ -1,0 +1,170 @@
+//! `wasi:io` input streams made inside the host, so that bulk bytes flow from one capability to
+//! the next (request body → encryption → MAC → storage) without entering guest memory.
+//!
+//! A stream here is pulled: nothing is read from its source until its reader asks, so memory
+//! stays at one chunk per stage, and a slow reader slows the source.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use wasmtime_wasi::p2::{DynInputStream, InputStream, Pollable, StreamError, StreamResult};
+
+/// The largest chunk a stage reads from its source at once.
+pub const CHUNK: usize = 256 * 1024;
+
+/// What a failed stage says; the reader sees it as the stream's last-operation-failed error.
+pub type Failure = anyhow::Error;
+
+/// The next bytes of a produced stream: `Ok(None)` at its end.
+pub type Next = Result<Option<Bytes>, Failure>;
+
+/// A stage that makes bytes on demand. `next` gets the producer by value and gives it back, so
+/// a read in progress survives its reader giving up on it (a poll that returns early).
+pub trait Produce: Send + Sized + 'static {
+    fn next(self) -> impl Future<Output = (Self, Next)> + Send;
+}
+
+type Pending<P> = Pin<Box<dyn Future<Output = (P, Next)> + Send>>;
+
+enum State<P> {
+    Idle(P),
+    Producing(Pending<P>),
+    /// The producer's end or failure, reported once the buffered bytes are read.
+    Finished(Option<Failure>),
+    /// Transient, while a state is being replaced.
+    Empty,
+}
+
+/// An input stream over a producer.
+pub struct Produced<P: Produce> {
+    state: State<P>,
+    buffered: Bytes,
+}
+
+impl<P: Produce> Produced<P> {
+    pub fn new(producer: P) -> Produced<P> {
+        Produced {
+            state: State::Idle(producer),
+            buffered: Bytes::new(),
+        }
+    }
+
+    pub fn boxed(producer: P) -> DynInputStream {
+        Box::new(Produced::new(producer))
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl<P: Produce> Pollable for Produced<P> {
+    async fn ready(&mut self) {
+        if !self.buffered.is_empty() {
+            return;
+        }
+        if let State::Idle(_) = self.state {
+            let State::Idle(producer) = std::mem::replace(&mut self.state, State::Empty) else {
+                unreachable!("matched just above")
+            };
+            self.state = State::Producing(Box::pin(producer.next()));
+        }
+        if let State::Producing(pending) = &mut self.state {
+            let (producer, next) = pending.await;
+            self.state = match next {
+                Ok(Some(bytes)) => {
+                    self.buffered = bytes;
+                    State::Idle(producer)
+                }
+                Ok(None) => State::Finished(None),
+                Err(failure) => State::Finished(Some(failure)),
+            };
+        }
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl<P: Produce> InputStream for Produced<P> {
+    fn read(&mut self, size: usize) -> StreamResult<Bytes> {
+        if !self.buffered.is_empty() {
+            let take = size.min(self.buffered.len());
+            return Ok(self.buffered.split_to(take));
+        }
+        match &mut self.state {
+            State::Finished(failure) => match failure.take() {
+                Some(failure) => {
+                    self.state = State::Finished(None);
+                    Err(StreamError::LastOperationFailed(
+                        wasmtime::Error::from_anyhow(failure),
+                    ))
+                }
+                None => Err(StreamError::Closed),
+            },
+            // Not ready yet: the reader awaits `ready` and asks again.
+            _ => Ok(Bytes::new()),
+        }
+    }
+}
+
+/// Reads the next chunk of `source`: `Ok(None)` at its end.
+pub async fn read_chunk(source: &mut DynInputStream, size: usize) -> Next {
+    loop {
+        source.ready().await;
+        match source.read(size) {
+            // A source may wake its reader before it has bytes.
+            Ok(bytes) if bytes.is_empty() => tokio::task::yield_now().await,
+            Ok(bytes) => return Ok(Some(bytes)),
+            Err(StreamError::Closed) => return Ok(None),
+            Err(StreamError::LastOperationFailed(error)) | Err(StreamError::Trap(error)) => {
+                return Err(anyhow::Error::from(error));
+            }
+        }
+    }
+}
+
+/// A stage that changes each chunk of its source on its way through.
+pub struct Map<F> {
+    source: DynInputStream,
+    change: F,
+}
+
+/// What a `Map` does to a chunk; `end` is told once the source has ended.
+pub trait Change: Send + 'static {
+    fn chunk(&mut self, bytes: Bytes) -> impl Future<Output = Next> + Send;
+    fn end(&mut self) {}
+}
+
+impl<F: Change> Map<F> {
+    pub fn new(source: DynInputStream, change: F) -> Map<F> {
+        Map { source, change }
+    }
+}
+
+impl<F: Change> Produce for Map<F> {
+    async fn next(mut self) -> (Self, Next) {
+        let next = match read_chunk(&mut self.source, CHUNK).await {
+            Ok(Some(bytes)) => self.change.chunk(bytes).await,
+            Ok(None) => {
+                self.change.end();
+                Ok(None)
+            }
+            Err(failure) => Err(failure),
+        };
+        (self, next)
+    }
+}
+
+/// A stream of bytes the host already holds.
+pub fn from_bytes(bytes: Bytes) -> DynInputStream {
+    Produced::boxed(Held(bytes))
+}
+
+struct Held(Bytes);
+
+impl Produce for Held {
+    async fn next(mut self) -> (Self, Next) {
+        if self.0.is_empty() {
+            return (self, Ok(None));
+        }
+        let chunk = self.0.split_to(self.0.len().min(CHUNK));
+        (self, Ok(Some(chunk)))
+    }
+}

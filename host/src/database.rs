@@ -1,0 +1,199 @@
+//! Where the host keeps its own state (the HMAC registry) and its apps' SQL databases: SQLite
+//! files under the data directory by default, or one PostgreSQL database (`--database-url`),
+//! in which the host's state has a schema of its own and every app a schema and a role of its
+//! own.
+//!
+//! Connections follow the seed's pool settings: checked before use, replaced after 180 s,
+//! 30 s to get one (which also bounds a connection attempt: sqlx has no separate connect
+//! timeout). Nothing connects before it is needed, so a database that is down at start only
+//! fails the requests that need it, with an `unavailable` error, until it is back.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Executor};
+use tokio::sync::OnceCell;
+
+use crate::settings::Settings;
+
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const MAX_LIFETIME: Duration = Duration::from_secs(180);
+// The host's own tables are in the schema `host_state` on PostgreSQL; apps' roles have no
+// rights on it.
+
+/// Which database the host was configured with.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// SQLite files under this directory.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database.
+    Postgres(String),
+}
+
+impl Backend {
+    pub fn of(settings: &Settings) -> Result<Backend> {
+        match settings.database_url.as_deref() {
+            None | Some("") => Ok(Backend::Sqlite(settings.data_dir.clone())),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(Backend::Postgres(url.to_owned()))
+            }
+            Some(url) => bail!(
+                "--database-url must be a postgres:// URL (without it, the host uses SQLite files under --data-dir), got {}",
+                redacted(url)
+            ),
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Backend::Postgres(_))
+    }
+}
+
+/// A database URL fit for a log line: the password replaced.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The host's own tables, in the host's database.
+pub struct HostDatabase {
+    pool: AnyPool,
+    backend: Backend,
+    tables: OnceCell<()>,
+}
+
+impl HostDatabase {
+    /// A lazy pool: nothing connects until the first query.
+    pub fn new(backend: &Backend) -> Result<Arc<HostDatabase>> {
+        sqlx::any::install_default_drivers();
+        let options = AnyPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .max_lifetime(MAX_LIFETIME)
+            .test_before_acquire(true);
+        let pool = match backend {
+            Backend::Sqlite(dir) => {
+                std::fs::create_dir_all(dir).with_context(|| {
+                    format!("cannot create the data directory {}", dir.display())
+                })?;
+                options
+                    .after_connect(|connection, _| {
+                        Box::pin(async move {
+                            connection
+                                .execute(sqlx::raw_sql(SQLITE_PRAGMAS))
+                                .await
+                                .map(drop)
+                        })
+                    })
+                    .connect_lazy(&sqlite_url(&dir.join("host.sqlite")))
+            }
+            Backend::Postgres(url) => options
+                .after_connect(|connection, _| {
+                    Box::pin(async move {
+                        connection
+                            .execute("SET search_path TO host_state")
+                            .await
+                            .map(drop)
+                    })
+                })
+                .connect_lazy(url),
+        }
+        .context("invalid database URL")?;
+        Ok(Arc::new(HostDatabase {
+            pool,
+            backend: backend.clone(),
+            tables: OnceCell::new(),
+        }))
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.backend.is_postgres()
+    }
+
+    /// The pool, once the host's tables exist (made on first use; a failure is retried on the
+    /// next use).
+    pub async fn pool(&self) -> Result<&AnyPool, sqlx::Error> {
+        self.tables
+            .get_or_try_init(|| async {
+                let mut transaction = self.pool.begin().await?;
+                if self.is_postgres() {
+                    // Workers start together: one of them makes the tables, the others wait.
+                    transaction
+                        .execute("SELECT pg_advisory_xact_lock(7283491623)")
+                        .await?;
+                    transaction
+                        .execute("CREATE SCHEMA IF NOT EXISTS host_state")
+                        .await?;
+                }
+                let blob = if self.is_postgres() { "BYTEA" } else { "BLOB" };
+                transaction
+                    .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(
+                        format!(
+                            "CREATE TABLE IF NOT EXISTS hmac_entries (
+                                app TEXT NOT NULL,
+                                name TEXT NOT NULL,
+                                key_id TEXT NOT NULL,
+                                tag TEXT,
+                                PRIMARY KEY (app, name)
+                            );
+                            CREATE TABLE IF NOT EXISTS hmac_parts (
+                                app TEXT NOT NULL,
+                                name TEXT NOT NULL,
+                                number BIGINT NOT NULL,
+                                size BIGINT NOT NULL,
+                                mac {blob} NOT NULL,
+                                etag TEXT NOT NULL,
+                                PRIMARY KEY (app, name, number)
+                            );"
+                        ),
+                    )))
+                    .await?;
+                transaction.commit().await?;
+                Ok::<(), sqlx::Error>(())
+            })
+            .await?;
+        Ok(&self.pool)
+    }
+
+    /// `FOR UPDATE` where the database has it (SQLite serialises writers anyway).
+    pub fn lock_rows(&self) -> &'static str {
+        if self.is_postgres() { " FOR UPDATE" } else { "" }
+    }
+}
+
+pub fn sqlite_url(path: &Path) -> String {
+    format!("sqlite://{}?mode=rwc", path.display())
+}
+
+/// Write-ahead logging lets readers in other workers go on during a write; writers wait for
+/// each other (30 s) rather than fail.
+pub const SQLITE_PRAGMAS: &str =
+    "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON;";
+
+/// Whether an error means the database could not be used at all (as opposed to refusing a
+/// statement).
+pub fn is_unavailable(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::Configuration(_)
+    )
+}
+
+pub type Row = AnyRow;
