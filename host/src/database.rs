@@ -19,14 +19,19 @@ use tokio::sync::OnceCell;
 
 use crate::settings::Settings;
 
-pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_LIFETIME: Duration = Duration::from_secs(180);
 // The host's own tables are in the schema `host_state` on PostgreSQL; apps' roles have no
 // rights on it.
 
-/// Which database the host was configured with.
+/// Which database the host was configured with, and how long a request waits for it.
 #[derive(Debug, Clone)]
-pub enum Backend {
+pub struct Backend {
+    pub kind: BackendKind,
+    pub acquire_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum BackendKind {
     /// SQLite files under this directory.
     Sqlite(PathBuf),
     /// A PostgreSQL database.
@@ -35,10 +40,16 @@ pub enum Backend {
 
 impl Backend {
     pub fn of(settings: &Settings) -> Result<Backend> {
+        let kind = |kind| {
+            Ok(Backend {
+                kind,
+                acquire_timeout: settings.database_timeout,
+            })
+        };
         match settings.database_url.as_deref() {
-            None | Some("") => Ok(Backend::Sqlite(settings.data_dir.clone())),
+            None | Some("") => kind(BackendKind::Sqlite(settings.data_dir.clone())),
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-                Ok(Backend::Postgres(url.to_owned()))
+                kind(BackendKind::Postgres(url.to_owned()))
             }
             Some(url) => bail!(
                 "--database-url must be a postgres:// URL (without it, the host uses SQLite files under --data-dir), got {}",
@@ -48,7 +59,7 @@ impl Backend {
     }
 
     pub fn is_postgres(&self) -> bool {
-        matches!(self, Backend::Postgres(_))
+        matches!(self.kind, BackendKind::Postgres(_))
     }
 }
 
@@ -79,11 +90,11 @@ impl HostDatabase {
         sqlx::any::install_default_drivers();
         let options = AnyPoolOptions::new()
             .max_connections(4)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .acquire_timeout(backend.acquire_timeout)
             .max_lifetime(MAX_LIFETIME)
             .test_before_acquire(true);
-        let pool = match backend {
-            Backend::Sqlite(dir) => {
+        let pool = match &backend.kind {
+            BackendKind::Sqlite(dir) => {
                 std::fs::create_dir_all(dir).with_context(|| {
                     format!("cannot create the data directory {}", dir.display())
                 })?;
@@ -98,7 +109,7 @@ impl HostDatabase {
                     })
                     .connect_lazy(&sqlite_url(&dir.join("host.sqlite")))
             }
-            Backend::Postgres(url) => options
+            BackendKind::Postgres(url) => options
                 .after_connect(|connection, _| {
                     Box::pin(async move {
                         connection

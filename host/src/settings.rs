@@ -197,6 +197,11 @@ pub struct ServeArgs {
     )]
     pub database_url: Option<String>,
 
+    /// Seconds a request waits for a database connection before it gets an `unavailable` error
+    /// (sqlx's acquire timeout; it also bounds a connection attempt).
+    #[arg(long = "database-timeout", default_value = "30", value_name = "SECONDS", value_parser = parse_seconds)]
+    pub database_timeout: f64,
+
     /// Where apps' objects are stored: `local` (under --data-dir), a directory, or
     /// `s3://BUCKET[/PREFIX]` (credentials from the AWS environment variables or profile).
     #[arg(long, default_value = "local", value_name = "LOCATION")]
@@ -325,6 +330,7 @@ pub struct Settings {
     /// The System V semaphores of the host-wide bounds, made by the master.
     pub host_slots: Option<i32>,
     pub database_url: Option<String>,
+    pub database_timeout: Duration,
     pub storage: Storage,
     pub s3: S3Settings,
     pub part_buffer: u64,
@@ -412,6 +418,7 @@ impl Settings {
             master_key: args.master_key,
             host_slots: None,
             database_url: args.database_url.filter(|url| !url.is_empty()),
+            database_timeout: Duration::from_secs_f64(args.database_timeout.max(0.1)),
             storage: Storage::parse(&args.storage)?,
             s3: S3Settings {
                 endpoint: args.s3_endpoint,

@@ -128,6 +128,15 @@ impl HostProcess {
     /// awaited until `GET /` answers. `extra_args` may carry its own `--cache-dir`, and more
     /// `--bind`s (the first bind is the one `addr()` and `base_url()` name).
     pub fn start(component: &str, extra_args: &[&str]) -> HostProcess {
+        HostProcess::start_with_env(component, extra_args, &[])
+    }
+
+    /// `start`, with `env` added to the host's environment.
+    pub fn start_with_env(
+        component: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> HostProcess {
         const ATTEMPTS: usize = 3;
         let mut last = String::new();
         for _ in 0..ATTEMPTS {
@@ -149,7 +158,7 @@ impl HostProcess {
                 args.push(dir.path().join("data").to_string_lossy().into_owned());
             }
             args.extend(extra_args.iter().map(|arg| arg.to_string()));
-            match HostProcess::try_spawn(&args, &[], Ready::Tcp(addr), dir) {
+            match HostProcess::try_spawn(&args, env, Ready::Tcp(addr), dir) {
                 Ok(host) => return host,
                 // Another test took the port between free_port() and the bind: try another.
                 Err(failure) if failure.exited.is_some() && failure.log.contains("cannot bind") => {
@@ -257,6 +266,11 @@ impl HostProcess {
                 Err(_) => false,
             },
         }
+    }
+
+    /// Where the host keeps its data: the `--data-dir` the helper gave it.
+    pub fn data_dir(&self) -> PathBuf {
+        self._dir.path().join("data")
     }
 
     /// The first bind's address (TCP hosts only).
@@ -778,4 +792,367 @@ pub fn send_in_flight(addr: SocketAddr, target: &str) -> TcpStream {
         "the host did not read {target} within 10 s"
     );
     stream
+}
+
+/// A copy of `guests/<guest>.wasm` named `<app>.wasm`: the host names an app after its file, so
+/// each test gets apps (schemas, objects, registry entries) of its own.
+pub struct AppCopy {
+    pub app: String,
+    pub path: String,
+    _dir: tempfile::TempDir,
+}
+
+impl AppCopy {
+    pub fn new(guest_name: &str, app: &str) -> AppCopy {
+        let dir = test_dir();
+        let path = dir.path().join(format!("{app}.wasm"));
+        fs::copy(guest(guest_name), &path).expect("cannot copy the guest");
+        AppCopy {
+            app: app.to_owned(),
+            path: path.to_string_lossy().into_owned(),
+            _dir: dir,
+        }
+    }
+}
+
+/// `prefix` and a random suffix, fit for an app name.
+pub fn unique_name(prefix: &str) -> String {
+    use rand::Rng;
+    let suffix: u32 = rand::rng().random();
+    format!("{prefix}_{suffix:08x}")
+}
+
+/// The PostgreSQL server of the tests: `$BLACKBOX_DATABASE_URL` (tests/run sets it).
+pub fn database_url() -> String {
+    std::env::var("BLACKBOX_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// Runs SQL on the tests' PostgreSQL as its administrator, with psql; returns the output rows.
+pub fn psql(sql: &str) -> String {
+    let output = Command::new("psql")
+        .args([&database_url(), "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .expect("psql is needed to look into the tests' PostgreSQL");
+    assert!(
+        output.status.success(),
+        "psql failed on {sql}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// Removes what the host made on PostgreSQL for `app`: its schema, its roles, its registry rows.
+pub fn drop_postgres_app(app: &str) {
+    let app = app.to_ascii_lowercase();
+    psql(&format!(
+        "DROP SCHEMA IF EXISTS app_{app} CASCADE;
+         DO $$ DECLARE r record; BEGIN
+            FOR r IN SELECT rolname FROM pg_roles WHERE rolname LIKE 'host\\_app\\_{app}\\_%' LOOP
+                EXECUTE 'DROP ROLE ' || quote_ident(r.rolname);
+            END LOOP;
+         END $$;
+         DO $$ BEGIN
+            IF to_regclass('host_state.hmac_parts') IS NOT NULL THEN
+                DELETE FROM host_state.hmac_parts WHERE app = '{app}';
+                DELETE FROM host_state.hmac_entries WHERE app = '{app}';
+            END IF;
+         END $$;"
+    ));
+}
+
+/// Which database and storage a host runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backends {
+    /// The embedded defaults: SQLite files and a local directory.
+    SqliteLocal,
+    /// The machine's PostgreSQL and a real S3 API server.
+    PostgresS3,
+}
+
+/// The services behind a host on `Backends`: an S3 server when needed, and the clean-up of
+/// what the app left in PostgreSQL.
+pub struct Services {
+    pub backends: Backends,
+    pub s3: Option<S3Server>,
+    apps: Vec<String>,
+}
+
+pub const TEST_BUCKET: &str = "host-tests";
+
+impl Services {
+    pub fn start(backends: Backends) -> Services {
+        let s3 = (backends == Backends::PostgresS3).then(|| S3Server::start(TEST_BUCKET));
+        Services {
+            backends,
+            s3,
+            apps: Vec::new(),
+        }
+    }
+
+    /// The host's arguments for these backends, for an app whose PostgreSQL leftovers are
+    /// removed when the services are dropped.
+    pub fn host_args(&mut self, app: &str) -> Vec<String> {
+        match &self.s3 {
+            None => Vec::new(),
+            Some(s3) => {
+                // Leftovers of an earlier run go, but not the data of a host serving the app
+                // again within this test.
+                if !self.apps.iter().any(|known| known == app) {
+                    self.apps.push(app.to_owned());
+                    drop_postgres_app(app);
+                }
+                let mut args = vec!["--database-url".to_owned(), database_url()];
+                args.extend(s3.host_args(TEST_BUCKET, "tests"));
+                args
+            }
+        }
+    }
+}
+
+/// The credentials the tests' S3 server takes (it takes any).
+pub const S3_CREDENTIALS: [(&str, &str); 2] = [
+    ("AWS_ACCESS_KEY_ID", "blackbox"),
+    ("AWS_SECRET_ACCESS_KEY", "blackbox"),
+];
+
+/// The master key of the tests' hosts, so a test can unwrap the key ids a guest was given.
+pub const MASTER_KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+/// The data key behind a key id, unwrapped as the README documents:
+/// base64url(nonce[12] || AES-256-GCM(master key, data key)) with AAD `host:crypto:v1:<app>`.
+pub fn unwrap_key_id(key_id: &str, app: &str) -> Vec<u8> {
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(key_id)
+        .expect("a key id is base64url");
+    let (nonce, wrapped) = bytes.split_at(12);
+    let master: [u8; 32] = hex::decode(MASTER_KEY).unwrap().try_into().unwrap();
+    let nonce: [u8; 12] = nonce.try_into().unwrap();
+    let aad = format!("host:crypto:v1:{app}");
+    aes_gcm::Aes256Gcm::new(&master.into())
+        .decrypt(
+            &aes_gcm::Nonce::from(nonce),
+            Payload {
+                msg: wrapped,
+                aad: aad.as_bytes(),
+            },
+        )
+        .expect("the key id does not unwrap as documented")
+}
+
+/// A host serving a copy of the probe guest (every capability behind a route) on `Backends`,
+/// with the tests' master key.
+pub struct ProbeHost {
+    pub host: HostProcess,
+    pub app: AppCopy,
+    pub client: reqwest::Client,
+    _key_dir: tempfile::TempDir,
+}
+
+impl ProbeHost {
+    pub fn start(services: &mut Services, app_prefix: &str, extra_args: &[&str]) -> ProbeHost {
+        let app = AppCopy::new("probe", &unique_name(app_prefix));
+        ProbeHost::serve(services, app, extra_args)
+    }
+
+    /// Serves `app` (which may be an app an earlier host served: its data stays).
+    pub fn serve(services: &mut Services, app: AppCopy, extra_args: &[&str]) -> ProbeHost {
+        let key_dir = test_dir();
+        let key_file = key_dir.path().join("master.key");
+        fs::write(&key_file, MASTER_KEY).expect("cannot write the master key");
+        let mut args: Vec<String> = services.host_args(&app.app);
+        args.extend([
+            "--master-key-file".to_owned(),
+            key_file.to_string_lossy().into_owned(),
+            "--database-timeout".to_owned(),
+            "5".to_owned(),
+        ]);
+        args.extend(extra_args.iter().map(|arg| arg.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let host = HostProcess::start_with_env(&app.path, &args, &S3_CREDENTIALS);
+        ProbeHost {
+            host,
+            app,
+            client: http_client(),
+            _key_dir: key_dir,
+        }
+    }
+
+    /// The host's `--data-dir`.
+    pub fn host_data_dir(&self) -> PathBuf {
+        self.host.data_dir()
+    }
+
+    /// `method path` with `body`: the status and the JSON answer.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, serde_json::Value) {
+        let (status, bytes) = self.bytes(method, path, body).await;
+        let json = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+        });
+        (status, json)
+    }
+
+    /// `method path` with `body`: the status and the raw answer.
+    pub async fn bytes(
+        &self,
+        method: &str,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, Vec<u8>) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a valid method");
+        let response = self
+            .client
+            .request(method.clone(), self.host.url(path))
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|error| panic!("{method} {path} failed: {error}"));
+        let status = response.status().as_u16();
+        let bytes = response
+            .bytes()
+            .await
+            .unwrap_or_else(|error| panic!("{method} {path}: the body failed: {error}"));
+        (status, bytes.to_vec())
+    }
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        for app in &self.apps {
+            drop_postgres_app(app);
+        }
+    }
+}
+
+/// A real S3 API server (moto's server mode) on a free loopback port, with one bucket. Stopped
+/// when dropped; `stop` and `restart` make outages (moto keeps its data in memory: a restarted
+/// server is empty but for the bucket).
+pub struct S3Server {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    bucket: String,
+    log: tempfile::NamedTempFile,
+}
+
+impl S3Server {
+    pub fn start(bucket: &str) -> S3Server {
+        let mut server = S3Server {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            bucket: bucket.to_owned(),
+            log: tempfile::NamedTempFile::new().expect("cannot create the S3 server's log"),
+        };
+        server.restart();
+        server
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `--storage s3://<bucket>/<prefix> --s3-endpoint … --s3-path-style`, and the credentials
+    /// are the environment's (see `credentials`).
+    pub fn host_args(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        vec![
+            "--storage".into(),
+            format!("s3://{bucket}/{prefix}"),
+            "--s3-endpoint".into(),
+            self.endpoint(),
+            "--s3-path-style".into(),
+            "--s3-region".into(),
+            "us-east-1".into(),
+        ]
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server (again), waits until it answers, and makes the bucket.
+    pub fn restart(&mut self) {
+        self.stop();
+        let program = std::env::var("BLACKBOX_S3_SERVER").unwrap_or_else(|_| {
+            repo_root()
+                .join("target/s3-server/bin/moto_server")
+                .to_string_lossy()
+                .into_owned()
+        });
+        let log = self.log.reopen().expect("cannot open the S3 server's log");
+        let child = Command::new(&program)
+            .args(["-H", "127.0.0.1", "-p", &self.addr.port().to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("cannot share the S3 server's log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!("cannot start the S3 API server {program} ({error}): run tests/run, which installs it")
+            });
+        self.child = Some(child);
+        let answers = poll_until(START_DEADLINE, POLL_INTERVAL, || {
+            TcpStream::connect_timeout(&self.addr, Duration::from_millis(200))
+                .ok()
+                .map(|_| ())
+        });
+        assert!(answers.is_some(), "the S3 API server did not start: {}", self.log_text());
+        let created = self.request("PUT", &format!("/{}", self.bucket));
+        assert_eq!(created.status, 200, "cannot create the bucket: {}", created.body_text());
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    fn request(&self, method: &str, target: &str) -> RawResponse {
+        raw_request(
+            self.addr,
+            format!(
+                "{method} {target} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                self.addr
+            )
+            .as_bytes(),
+        )
+    }
+
+    /// Every key in the bucket.
+    pub fn keys(&self) -> Vec<String> {
+        let listing = self.request("GET", &format!("/{}?list-type=2", self.bucket));
+        xml_values(&listing.body_text(), "Key")
+    }
+
+    /// The keys of the multipart uploads in progress in the bucket.
+    pub fn uploads(&self) -> Vec<String> {
+        let listing = self.request("GET", &format!("/{}?uploads", self.bucket));
+        xml_values(&listing.body_text(), "Key")
+    }
+
+    /// The parts stored for an upload (empty when the upload is gone).
+    pub fn parts(&self, key: &str, upload_id: &str) -> Vec<String> {
+        let listing = self.request("GET", &format!("/{}/{key}?uploadId={upload_id}", self.bucket));
+        xml_values(&listing.body_text(), "PartNumber")
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn xml_values(xml: &str, element: &str) -> Vec<String> {
+    let open = format!("<{element}>");
+    let close = format!("</{element}>");
+    xml.split(&open)
+        .skip(1)
+        .filter_map(|rest| rest.split_once(&close).map(|(value, _)| value.to_owned()))
+        .collect()
 }

@@ -129,9 +129,14 @@ fn info_json(info: &ObjectInfo) -> Json {
     json!({"key": info.key, "size": info.size, "etag": info.etag, "modified": info.modified})
 }
 
-/// The body streamed into part `part` of an upload.
+/// The body streamed into part `part` of an upload, declared `length` bytes long (by default,
+/// the body's length).
 fn upload_part(request: &Request) -> Answer {
-    let length = request.content_length().ok_or((411, json!({"error": "no content-length"})))?;
+    let length = request
+        .param("length")
+        .and_then(|length| length.parse().ok())
+        .or(request.content_length())
+        .ok_or((411, json!({"error": "no content-length"})))?;
     let (_body, stream) = request.body_stream().ok_or((400, json!({"error": "no body"})))?;
     objects::upload_part(
         key(request),

@@ -81,6 +81,7 @@ impl AppCapabilities {
             &settings.s3,
             &settings.data_dir,
             &app,
+            &key,
             slots,
             settings.part_buffer,
         )

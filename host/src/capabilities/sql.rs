@@ -27,7 +27,7 @@ use wasmtime::component::Resource;
 use crate::capabilities::host::capabilities::sql::{
     DatabaseError as GuestDatabaseError, Host, HostTransaction, Rows, SqlError, Value,
 };
-use crate::database::{self, Backend, HostDatabase};
+use crate::database::{self, Backend, BackendKind, HostDatabase};
 use crate::guest::GuestState;
 
 type Answer<T> = Result<T, SqlError>;
@@ -41,10 +41,13 @@ pub enum AppDatabase {
         names: PostgresNames,
         pool: OnceCell<PgPool>,
         max_connections: u32,
+        acquire_timeout: std::time::Duration,
     },
 }
 
-/// The app's schema and role on PostgreSQL.
+/// The app's schema and role on PostgreSQL. Roles belong to the whole server, schemas to one
+/// database: the role's name carries the database's, so hosts with other databases on the same
+/// server never share (and re-password) a role.
 pub struct PostgresNames {
     pub schema: String,
     pub role: String,
@@ -66,18 +69,27 @@ impl AppDatabase {
         max_connections: u32,
     ) -> Result<AppDatabase> {
         let pool_size = max_connections.clamp(1, 10);
-        match backend {
-            Backend::Sqlite(data_dir) => {
+        match &backend.kind {
+            BackendKind::Sqlite(data_dir) => {
                 let dir = data_dir.join("apps").join(app);
                 std::fs::create_dir_all(&dir)
                     .with_context(|| format!("cannot create {}", dir.display()))?;
-                Ok(AppDatabase::Sqlite(sqlite_pool(&dir.join("app.sqlite"), pool_size)))
+                Ok(AppDatabase::Sqlite(sqlite_pool(
+                    &dir.join("app.sqlite"),
+                    pool_size,
+                    backend.acquire_timeout,
+                )))
             }
-            Backend::Postgres(url) => {
-                let names = PostgresNames::for_app(app, master_key);
+            BackendKind::Postgres(url) => {
                 let options: PgConnectOptions = url
                     .parse()
                     .with_context(|| format!("invalid --database-url {}", database::redacted(url)))?;
+                let database = options
+                    .get_database()
+                    .or(options.get_username().into())
+                    .unwrap_or_default()
+                    .to_owned();
+                let names = PostgresNames::for_app(app, &database, master_key);
                 let options = options
                     .username(&names.role)
                     .password(&names.password)
@@ -88,6 +100,7 @@ impl AppDatabase {
                     names,
                     pool: OnceCell::new(),
                     max_connections: pool_size,
+                    acquire_timeout: backend.acquire_timeout,
                 })
             }
         }
@@ -101,6 +114,7 @@ impl AppDatabase {
             names,
             pool,
             max_connections,
+            acquire_timeout,
         } = self
         else {
             unreachable!("called on a PostgreSQL database only");
@@ -115,7 +129,7 @@ impl AppDatabase {
             Ok::<_, SqlError>(
                 PgPoolOptions::new()
                     .max_connections(*max_connections)
-                    .acquire_timeout(database::ACQUIRE_TIMEOUT)
+                    .acquire_timeout(*acquire_timeout)
                     .max_lifetime(database::MAX_LIFETIME)
                     .test_before_acquire(true)
                     .connect_lazy_with(options.clone()),
@@ -155,23 +169,24 @@ impl AppDatabase {
 }
 
 impl PostgresNames {
-    /// `app_<name>` and `host_app_<name>`, where the name is the app's in lower case with
-    /// anything but letters, digits and `_` replaced, and a hash of the original added when
-    /// that changed it, so two apps never share a schema.
-    fn for_app(app: &str, master_key: &[u8; 32]) -> PostgresNames {
+    /// `app_<name>` and `host_app_<name>_<database>`, where the name is the app's in lower
+    /// case with anything but letters, digits and `_` replaced, and a hash of the original added
+    /// when that changed it, so two apps never share a schema; `<database>` is a short hash of
+    /// the database's name.
+    fn for_app(app: &str, database: &str, master_key: &[u8; 32]) -> PostgresNames {
         use hmac::Mac;
+        use sha2::Digest;
+        let short_hash = |text: &str| hex::encode(&sha2::Sha256::digest(text.as_bytes())[..4]);
         let mut name: String = app
             .chars()
             .map(|c| match c.to_ascii_lowercase() {
                 c @ ('a'..='z' | '0'..='9' | '_') => c,
                 _ => '_',
             })
-            .take(40)
+            .take(32)
             .collect();
         if name != app {
-            use sha2::Digest;
-            let hash = hex::encode(sha2::Sha256::digest(app.as_bytes()));
-            name = format!("{name}_{}", &hash[..8]);
+            name = format!("{name}_{}", short_hash(app));
         }
         let mut password = hmac::Hmac::<sha2::Sha256>::new_from_slice(master_key)
             .expect("HMAC takes keys of any length");
@@ -179,7 +194,7 @@ impl PostgresNames {
         password.update(app.as_bytes());
         PostgresNames {
             schema: format!("app_{name}"),
-            role: format!("host_app_{name}"),
+            role: format!("host_app_{name}_{}", short_hash(database)),
             password: hex::encode(password.finalize().into_bytes()),
         }
     }
@@ -213,7 +228,11 @@ async fn provision(admin: &HostDatabase, names: &PostgresNames) -> Result<()> {
     Ok(())
 }
 
-fn sqlite_pool(path: &Path, max_connections: u32) -> SqlitePool {
+fn sqlite_pool(
+    path: &Path,
+    max_connections: u32,
+    acquire_timeout: std::time::Duration,
+) -> SqlitePool {
     let options = SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
@@ -222,7 +241,7 @@ fn sqlite_pool(path: &Path, max_connections: u32) -> SqlitePool {
         .foreign_keys(true);
     SqlitePoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(database::ACQUIRE_TIMEOUT)
+        .acquire_timeout(acquire_timeout)
         .after_connect(|connection, _| {
             Box::pin(async move {
                 let mut handle = connection.lock_handle().await?;
@@ -588,15 +607,18 @@ mod tests {
     #[test]
     fn postgres_names_are_safe_and_distinct() {
         let key = [1u8; 32];
-        let plain = PostgresNames::for_app("lenzeye", &key);
+        let plain = PostgresNames::for_app("lenzeye", "prod", &key);
         assert_eq!(plain.schema, "app_lenzeye");
-        assert_eq!(plain.role, "host_app_lenzeye");
-        let dashed = PostgresNames::for_app("my-app", &key);
-        let underscored = PostgresNames::for_app("my_app", &key);
+        assert!(plain.role.starts_with("host_app_lenzeye_"), "{}", plain.role);
+        assert_ne!(plain.role, PostgresNames::for_app("lenzeye", "staging", &key).role);
+        let dashed = PostgresNames::for_app("my-app", "prod", &key);
+        let underscored = PostgresNames::for_app("my_app", "prod", &key);
         assert_ne!(dashed.schema, underscored.schema);
         assert!(dashed.schema.starts_with("app_my_app_"));
-        let hostile = PostgresNames::for_app("x'; DROP TABLE y; --", &key);
+        let hostile = PostgresNames::for_app("x'; DROP TABLE y; --", "prod", &key);
         assert!(hostile.role.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
-        assert_ne!(plain.password, PostgresNames::for_app("lenzeye", &[2u8; 32]).password);
+        assert!(hostile.role.len() <= 63);
+        let other_key = PostgresNames::for_app("lenzeye", "prod", &[2u8; 32]);
+        assert_ne!(plain.password, other_key.password);
     }
 }

@@ -189,6 +189,7 @@ pub async fn for_app(
     s3: &S3Settings,
     data_dir: &std::path::Path,
     app: &str,
+    master_key: &[u8; 32],
     slots: Option<HostWideSlots>,
     part_buffer: u64,
 ) -> Result<ObjectStore> {
@@ -198,7 +199,7 @@ pub async fn for_app(
             ObjectStore::Local(LocalStore::new(root.join(app)))
         }
         Storage::S3(location) => ObjectStore::S3(
-            S3Store::new(location, s3, app, slots, part_buffer, data_dir.join("tmp"))
+            S3Store::new(location, s3, app, master_key, slots, part_buffer, data_dir.join("tmp"))
                 .await
                 .context("cannot set up the S3 client")?,
         ),

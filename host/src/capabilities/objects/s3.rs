@@ -41,12 +41,16 @@ pub struct S3Location {
     pub prefix: String,
 }
 
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
 pub struct S3Store {
     client: Client,
     bucket: String,
     /// `<prefix><app>/`: every key of the app is under it.
     app_prefix: String,
     in_flight: Arc<Semaphore>,
+    /// Seals the upload ids the guest gets (see `seal`).
+    upload_ids: HmacSha256,
     slots: Option<HostWideSlots>,
     part_buffer: u64,
     spill_dir: std::path::PathBuf,
@@ -98,6 +102,7 @@ impl S3Store {
         location: &super::S3Location,
         settings: &S3Settings,
         app: &str,
+        master_key: &[u8; 32],
         slots: Option<HostWideSlots>,
         part_buffer: u64,
         spill_dir: std::path::PathBuf,
@@ -129,11 +134,15 @@ impl S3Store {
         if let Some(endpoint) = &settings.endpoint {
             config = config.endpoint_url(endpoint);
         }
+        let mut upload_ids = <HmacSha256 as hmac::Mac>::new_from_slice(master_key)
+            .expect("HMAC takes keys of any length");
+        hmac::Mac::update(&mut upload_ids, b"host:objects:v1:upload-id");
         Ok(S3Store {
             client: Client::from_conf(config.build()),
             bucket: location.bucket.clone(),
             app_prefix: format!("{}{app}/", location.prefix),
             in_flight: Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
+            upload_ids,
             slots,
             part_buffer,
             spill_dir,
@@ -142,6 +151,41 @@ impl S3Store {
 
     fn full_key(&self, key: &str) -> String {
         format!("{}{key}", self.app_prefix)
+    }
+
+    /// The guest's upload id: S3's, sealed to the app and the key, so that no guest can use an
+    /// upload id with another key or another app's, even on an S3 API that does not check.
+    fn seal(&self, key: &str, s3_upload_id: &str) -> String {
+        format!("{s3_upload_id}.{}", self.upload_seal(key, s3_upload_id))
+    }
+
+    fn upload_seal(&self, key: &str, s3_upload_id: &str) -> String {
+        use hmac::Mac;
+        let mut mac = self.upload_ids.clone();
+        mac.update(self.full_key(key).as_bytes());
+        mac.update(&[0]);
+        mac.update(s3_upload_id.as_bytes());
+        hex::encode(&mac.finalize().into_bytes()[..16])
+    }
+
+    /// S3's upload id inside a sealed one, if the seal is this app's for this key.
+    fn unseal<'a>(&self, key: &str, upload_id: &'a str) -> Answer<&'a str> {
+        let (s3_upload_id, seal) = upload_id
+            .rsplit_once('.')
+            .ok_or(ObjectError::NoSuchUpload)?;
+        let expected = self.upload_seal(key, s3_upload_id);
+        // Constant-time comparison of the seals.
+        let same = seal.len() == expected.len()
+            && seal
+                .bytes()
+                .zip(expected.bytes())
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0;
+        if same {
+            Ok(s3_upload_id)
+        } else {
+            Err(ObjectError::NoSuchUpload)
+        }
     }
 
     async fn permit(&self) -> OwnedSemaphorePermit {
@@ -164,7 +208,7 @@ impl S3Store {
             .map_err(|e| failure("create multipart upload", e))?;
         created
             .upload_id()
-            .map(str::to_owned)
+            .map(|id| self.seal(key, id))
             .ok_or_else(|| ObjectError::Unavailable("S3 gave no upload id".to_owned()))
     }
 
@@ -176,6 +220,7 @@ impl S3Store {
         mut source: DynInputStream,
         length: u64,
     ) -> Answer<PartInfo> {
+        let upload_id = self.unseal(key, upload_id)?;
         let _slot = match self.slots {
             Some(slots) => Some(slots.take_async(Bound::Buffers).await),
             None => None,
@@ -215,6 +260,7 @@ impl S3Store {
     }
 
     pub async fn list_parts(&self, key: &str, upload_id: &str) -> Answer<Vec<PartInfo>> {
+        let upload_id = self.unseal(key, upload_id)?;
         let _permit = self.permit().await;
         let mut parts = Vec::new();
         let mut marker: Option<String> = None;
@@ -251,6 +297,7 @@ impl S3Store {
         upload_id: &str,
         parts: &[PartInfo],
     ) -> Answer<ObjectInfo> {
+        let s3_upload_id = self.unseal(key, upload_id)?;
         let completed = CompletedMultipartUpload::builder()
             .set_parts(Some(
                 parts
@@ -270,7 +317,7 @@ impl S3Store {
                 .complete_multipart_upload()
                 .bucket(&self.bucket)
                 .key(self.full_key(key))
-                .upload_id(upload_id)
+                .upload_id(s3_upload_id)
                 .multipart_upload(completed)
                 .send()
                 .await
@@ -280,6 +327,7 @@ impl S3Store {
     }
 
     pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Answer<()> {
+        let s3_upload_id = self.unseal(key, upload_id)?;
         // S3 may keep a part whose upload was in flight during the abort: abort until none is
         // left, as its documentation advises.
         for _ in 0..3 {
@@ -290,7 +338,7 @@ impl S3Store {
                     .abort_multipart_upload()
                     .bucket(&self.bucket)
                     .key(self.full_key(key))
-                    .upload_id(upload_id)
+                    .upload_id(s3_upload_id)
                     .send()
                     .await
                     .map_err(|e| failure("abort multipart upload", e))

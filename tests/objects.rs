@@ -1,0 +1,159 @@
+//! The object store through a real guest, on the local directory and on a real S3 API server:
+//! multipart uploads out of order with a re-sent part, ranged reads, S3's part rules with the
+//! same answers on both, a stream of the wrong length storing nothing, aborts leaving nothing.
+
+use blackbox::{Backends, ProbeHost, Services};
+use serde_json::Value;
+
+const MIB: usize = 1 << 20;
+
+fn random_bytes(length: usize, seed: u64) -> Vec<u8> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    (0..length).map(|_| rng.random()).collect()
+}
+
+async fn create(probe: &ProbeHost, key: &str) -> String {
+    let (status, answer) = probe.call("POST", &format!("/objects/multipart?key={key}"), "").await;
+    assert_eq!(status, 200, "{answer}");
+    answer["upload_id"].as_str().unwrap().to_owned()
+}
+
+async fn multipart_round_trip(backends: Backends) {
+    let mut services = Services::start(backends);
+    let probe = ProbeHost::start(&mut services, "objects", &["--workers", "2", "-k", "gthread", "--threads", "4"]);
+    let key = "files/2024/report%20final.bin";
+    let upload = create(&probe, key).await;
+    // Parts 3, 1 and 2 (5 MiB, 5 MiB, 1 MiB + 7), sent out of order and at once.
+    let parts = [random_bytes(5 * MIB, 1), random_bytes(5 * MIB, 2), random_bytes(MIB + 7, 3)];
+    let sends = [3usize, 1, 2].map(|number| {
+        let body = parts[number - 1].clone();
+        let path = format!("/objects/part?key={key}&upload_id={upload}&part={number}");
+        let probe = &probe;
+        async move { probe.call("PUT", &path, body).await }
+    });
+    for (status, answer) in futures::future::join_all(sends).await {
+        assert_eq!(status, 200, "{answer}");
+    }
+    // Part 2 sent again with other bytes replaces the first.
+    let replacement = random_bytes(5 * MIB, 4);
+    let (status, answer) = probe
+        .call("PUT", &format!("/objects/part?key={key}&upload_id={upload}&part=2"), replacement.clone())
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (_, listed) = probe.call("GET", &format!("/objects/parts?key={key}&upload_id={upload}"), "").await;
+    let numbers: Vec<u64> = listed.as_array().unwrap().iter().map(|p| p["number"].as_u64().unwrap()).collect();
+    assert_eq!(numbers, [1, 2, 3], "{listed}");
+    let (status, info) = probe.call("POST", &format!("/objects/complete?key={key}&upload_id={upload}"), "").await;
+    assert_eq!(status, 200, "{info}");
+    let whole: Vec<u8> = [&parts[0][..], &replacement, &parts[2]].concat();
+    assert_eq!(info["size"].as_u64(), Some(whole.len() as u64));
+
+    let (status, read) = probe.bytes("GET", &format!("/objects/get?key={key}"), "").await;
+    assert_eq!(status, 200);
+    assert!(read == whole, "the object read back differs from what was uploaded");
+    let (status, range) = probe
+        .bytes("GET", &format!("/objects/get?key={key}&start={}&length=1000", 5 * MIB - 10), "")
+        .await;
+    assert_eq!(status, 200);
+    assert!(range == whole[5 * MIB - 10..5 * MIB + 990], "the range differs");
+    let (status, tail) = probe.bytes("GET", &format!("/objects/get?key={key}&start={}", whole.len()), "").await;
+    assert_eq!((status, tail.len()), (200, 0), "a range from the end is empty");
+    let (status, answer) = probe.call("GET", &format!("/objects/get?key={key}&start={}", whole.len() + 1), "").await;
+    assert_eq!(status, 416, "a range beyond the end: {answer}");
+
+    // Listing by prefix, deleting, and a missing object.
+    let (_, small) = probe.call("PUT", "/objects/put?key=files/2025/note", "hello").await;
+    assert_eq!(small["size"], 5, "{small}");
+    let (_, listed) = probe.call("GET", "/objects/list?prefix=files/2024/", "").await;
+    let keys: Vec<&str> = listed.as_array().unwrap().iter().map(|o| o["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["files/2024/report final.bin"], "{listed}");
+    let (_, listed) = probe.call("GET", "/objects/list?prefix=files/", "").await;
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    let (status, _) = probe.call("DELETE", &format!("/objects/delete?key={key}"), "").await;
+    assert_eq!(status, 200);
+    let (status, _) = probe.call("GET", &format!("/objects/get?key={key}"), "").await;
+    assert_eq!(status, 404);
+    let (status, head) = probe.call("GET", "/objects/head?key=files/2025/note", "").await;
+    assert_eq!((status, head["size"].as_u64()), (200, Some(5)));
+}
+
+#[tokio::test]
+async fn multipart_uploads_round_trip_on_the_local_store() {
+    multipart_round_trip(Backends::SqliteLocal).await;
+}
+
+#[tokio::test]
+async fn multipart_uploads_round_trip_on_s3() {
+    multipart_round_trip(Backends::PostgresS3).await;
+}
+
+async fn rules_and_refusals(backends: Backends) {
+    let mut services = Services::start(backends);
+    let probe = ProbeHost::start(&mut services, "rules", &[]);
+    let upload = create(&probe, "k").await;
+    let part = |number: u32, body: Vec<u8>| {
+        let path = format!("/objects/part?key=k&upload_id={upload}&part={number}");
+        let probe = &probe;
+        async move { probe.call("PUT", &path, body).await }
+    };
+    // Part numbers outside 1..=10000.
+    for number in [0, 10_001] {
+        let (status, answer) = part(number, b"x".to_vec()).await;
+        assert_eq!(status, 400, "part {number}: {answer}");
+        assert!(answer["error"].as_str().unwrap().contains("1 to 10000"), "{answer}");
+    }
+    // A small part that is not the last cannot be completed: S3's 5 MiB rule, same words on both.
+    assert_eq!(part(1, vec![1; 1000]).await.0, 200);
+    assert_eq!(part(2, vec![2; 1000]).await.0, 200);
+    let (status, answer) = probe.call("POST", &format!("/objects/complete?key=k&upload_id={upload}"), "").await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("at least 5 MiB"), "{answer}");
+    // A stream shorter or longer than declared stores nothing.
+    for declared in [2000, 10] {
+        let (status, answer) = probe
+            .call("PUT", &format!("/objects/part?key=k&upload_id={upload}&part=3&length={declared}"), vec![3; 1000])
+            .await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer["error"].as_str().unwrap().contains("LengthMismatch"), "{answer}");
+    }
+    let (_, listed) = probe.call("GET", &format!("/objects/parts?key=k&upload_id={upload}"), "").await;
+    assert_eq!(listed.as_array().unwrap().len(), 2, "a refused part was stored: {listed}");
+    // Keys that could leave the app's place, and an upload id that is not this key's.
+    for key in ["../other/x", "a//b", "/abs", "a/./b"] {
+        let (status, answer) = probe.call("POST", &format!("/objects/multipart?key={key}"), "").await;
+        assert_eq!(status, 400, "{key}: {answer}");
+        assert!(answer["error"].as_str().unwrap().contains("InvalidKey"), "{answer}");
+    }
+    let (status, _) = probe.call("GET", &format!("/objects/parts?key=other&upload_id={upload}"), "").await;
+    assert_eq!(status, 404);
+    // An abort leaves nothing behind.
+    let (status, answer) = probe.call("POST", &format!("/objects/abort?key=k&upload_id={upload}"), "").await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, _) = probe.call("GET", &format!("/objects/parts?key=k&upload_id={upload}"), "").await;
+    assert_eq!(status, 404, "the aborted upload is still listed");
+    match &services.s3 {
+        Some(s3) => {
+            assert!(s3.uploads().is_empty(), "S3 still has uploads: {:?}", s3.uploads());
+            let s3_upload_id = upload.rsplit_once('.').unwrap().0;
+            assert!(s3.parts(&format!("tests/{}/k", probe.app.app), s3_upload_id).is_empty());
+        }
+        None => {
+            let uploads = probe.host_data_dir().join("apps").join(&probe.app.app).join("uploads");
+            let left: Vec<_> = std::fs::read_dir(&uploads).unwrap().collect();
+            assert!(left.is_empty(), "the local store kept {left:?}");
+        }
+    }
+    let (status, answer): (u16, Value) = probe.call("GET", "/", "").await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+#[tokio::test]
+async fn rules_and_refusals_on_the_local_store() {
+    rules_and_refusals(Backends::SqliteLocal).await;
+}
+
+#[tokio::test]
+async fn rules_and_refusals_on_s3() {
+    rules_and_refusals(Backends::PostgresS3).await;
+}
