@@ -157,3 +157,82 @@ async fn rules_and_refusals_on_the_local_store() {
 async fn rules_and_refusals_on_s3() {
     rules_and_refusals(Backends::PostgresS3).await;
 }
+
+/// A body sent in two halves, with `between` run after the first has been read.
+async fn send_in_halves(
+    probe: &ProbeHost,
+    path: &str,
+    body: Vec<u8>,
+    between: impl FnOnce(),
+) -> (u16, Value) {
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    let stream = futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|chunk| (chunk, receiver))
+    });
+    let request = probe
+        .client
+        .put(probe.host.url(path))
+        .header("content-length", body.len().to_string())
+        .body(reqwest::Body::wrap_stream(stream))
+        .send();
+    let half = body.len() / 2;
+    let feeding = async move {
+        sender.send(Ok(body[..half].to_vec())).await.unwrap();
+        // Let the host take in the first half before the outage starts.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        between();
+        sender.send(Ok(body[half..].to_vec())).await.unwrap();
+    };
+    let (response, ()) = futures::join!(request, feeding);
+    let response = response.unwrap();
+    let status = response.status().as_u16();
+    (status, serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn an_s3_outage_mid_part_fails_that_part_and_the_host_goes_on() {
+    let mut services = Services::start(Backends::PostgresS3);
+    let probe = ProbeHost::start(&mut services, "s3down", &[]);
+    let upload = create(&probe, "big").await;
+    let mut s3 = services.s3.take().unwrap();
+    let started = std::time::Instant::now();
+    let (status, answer) = send_in_halves(
+        &probe,
+        &format!("/objects/part?key=big&upload_id={upload}&part=1"),
+        random_bytes(6 * MIB, 9),
+        || s3.stop(),
+    )
+    .await;
+    assert_eq!(status, 503, "{answer}");
+    let error = answer["error"].as_str().unwrap();
+    assert!(error.contains("S3 upload part failed after 3 attempts"), "{answer}");
+    assert!(started.elapsed().as_secs() < 30, "the retries took {:?}", started.elapsed());
+    // The host goes on, and works again once S3 is back (moto comes back empty).
+    let (status, _) = probe.call("GET", "/", "").await;
+    assert_eq!(status, 200);
+    s3.restart();
+    let upload = create(&probe, "again").await;
+    let (status, answer) = probe
+        .call("PUT", &format!("/objects/part?key=again&upload_id={upload}&part=1"), vec![1u8; 1000])
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    services.s3 = Some(s3);
+}
+
+#[tokio::test]
+async fn s3_requests_are_tried_three_times_then_answered() {
+    let mut services = Services::start(Backends::PostgresS3);
+    let s3_addr = services.s3.as_ref().unwrap().addr;
+    let relay = blackbox::Relay::start(s3_addr, blackbox::RelayMode::Forward);
+    let endpoint = format!("http://{}", relay.addr);
+    let probe = ProbeHost::start(&mut services, "retries", &["--s3-endpoint", &endpoint]);
+    let upload = create(&probe, "k").await;
+    // From now on S3 drops every connection: each attempt is one connection.
+    relay.set_mode(blackbox::RelayMode::Drop);
+    let before = relay.accepted();
+    let (status, answer) = probe
+        .call("PUT", &format!("/objects/part?key=k&upload_id={upload}&part=1"), vec![0u8; 1000])
+        .await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(relay.accepted() - before, 3, "attempts at S3: {answer}");
+}

@@ -26,7 +26,7 @@ use std::ffi::OsString;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::logging::LogFile;
 use crate::server::Listener;
@@ -57,7 +57,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    // As with gunicorn's argparse, a setting given twice takes the later value.
+    let command = Cli::command().mut_subcommand("serve", |serve| serve.args_override_self(true));
+    let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|error| error.exit());
+    match cli.command {
         Command::Serve(_) => serve(),
         Command::Worker => worker(),
         Command::Prepare => prepare(),
