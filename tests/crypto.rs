@@ -156,10 +156,17 @@ fn most_at_once(log: &str) -> usize {
     most as usize
 }
 
+/// Encryption load: half the requests encrypt a list in one call, half a stream of their body
+/// chunk by chunk.
 async fn burn(host: &HostProcess, requests: usize) {
     let client = http_client();
-    let calls = (0..requests).map(|_| {
-        let request = client.get(host.url("/crypto/burn?mb=16")).send();
+    let calls = (0..requests).map(|index| {
+        let request = if index % 2 == 0 {
+            client.get(host.url("/crypto/burn?mb=16"))
+        } else {
+            client.post(host.url("/crypto/stream")).body(vec![7u8; 16 << 20])
+        }
+        .send();
         async move { request.await.map(|r| r.status().as_u16()).unwrap_or(0) }
     });
     let statuses = futures::future::join_all(calls).await;

@@ -64,6 +64,24 @@ impl wasip2::exports::http::incoming_handler::Guest for Faults {
                     format!("encrypted {} bytes\n", sealed.len()).as_bytes(),
                 );
             }
+            "/crypto/stream" => {
+                // The body, encrypted inside the host as it is read.
+                let key = capabilities::crypto::generate_key();
+                let body = request.consume().expect("the body is consumed once");
+                let source = body.stream().expect("a fresh body has a stream");
+                let sealed = capabilities::crypto::encrypt_stream(&key, &[0; 16], 0, source)
+                    .expect("a fresh key works");
+                let mut total = 0;
+                while let Ok(chunk) = sealed.blocking_read(ECHO_CHUNK) {
+                    total += chunk.len();
+                }
+                respond(
+                    response_out,
+                    200,
+                    "text/plain",
+                    format!("encrypted {total} bytes\n").as_bytes(),
+                );
+            }
             "/status" => {
                 let mb = param(query, "grow")
                     .and_then(|mb| mb.parse::<usize>().ok())

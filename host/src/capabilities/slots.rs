@@ -69,8 +69,9 @@ impl HostWideSlots {
 
     /// A slot if one is free now.
     pub fn try_take(&self, bound: Bound) -> Option<Slot> {
+        // `then`, not `then_some`: a Slot made and dropped unused would give back a slot.
         self.op(bound, -1, libc::IPC_NOWAIT as i16)
-            .then_some(Slot { id: self.id, bound })
+            .then(|| Slot { id: self.id, bound })
     }
 
     /// Waits for a slot without blocking an async thread.
@@ -113,5 +114,25 @@ impl HostWideSlots {
 impl Drop for Slot {
     fn drop(&mut self) {
         HostWideSlots { id: self.id }.op(self.bound, 1, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_is_given_back_once_and_only_when_taken() {
+        let slots = HostWideSlots::create(1).unwrap();
+        let held = slots.try_take(Bound::Encryption).expect("one slot is free");
+        for _ in 0..3 {
+            assert!(slots.try_take(Bound::Encryption).is_none(), "a second slot was free");
+        }
+        assert!(slots.try_take(Bound::Buffers).is_some(), "the bounds are separate");
+        drop(held);
+        let again = slots.try_take(Bound::Encryption).expect("the slot came back");
+        assert!(slots.try_take(Bound::Encryption).is_none(), "the slot came back twice");
+        drop(again);
+        slots.remove();
     }
 }
