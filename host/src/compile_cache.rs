@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use sha2::{Digest, Sha256};
+use aws_lc_rs::digest::{SHA256, digest};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
@@ -70,10 +70,10 @@ fn cache_key(engine: &Engine, component: &[u8]) -> String {
     engine
         .precompile_compatibility_hash()
         .hash(&mut engine_hash);
-    let mut key = Sha256::new();
+    let mut key = aws_lc_rs::digest::Context::new(&SHA256);
     key.update(component);
-    key.update(engine_hash.finish().to_le_bytes());
-    hex::encode(key.finalize())
+    key.update(&engine_hash.finish().to_le_bytes());
+    hex::encode(key.finish().as_ref())
 }
 
 fn digest_path(artifact: &Path) -> PathBuf {
@@ -83,8 +83,9 @@ fn digest_path(artifact: &Path) -> PathBuf {
 fn load_verified(engine: &Engine, artifact: &Path) -> Result<Component> {
     let expected =
         std::fs::read_to_string(digest_path(artifact)).context("its checksum file is missing")?;
-    let actual = hex::encode(Sha256::digest(
-        std::fs::read(artifact).context("cannot read it")?,
+    let actual = hex::encode(digest(
+        &SHA256,
+        &std::fs::read(artifact).context("cannot read it")?,
     ));
     if expected.trim() != actual {
         bail!("its checksum does not match (corrupted or truncated)");
@@ -105,7 +106,7 @@ fn store(artifact: &Path, compiled: &[u8]) -> Result<()> {
     // The checksum goes first: a process that sees the artifact can then always verify it.
     write_atomically(
         &digest_path(artifact),
-        hex::encode(Sha256::digest(compiled)).as_bytes(),
+        hex::encode(digest(&SHA256, compiled)).as_bytes(),
     )?;
     write_atomically(artifact, compiled)
 }

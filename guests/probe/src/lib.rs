@@ -68,6 +68,7 @@ impl wasip2::exports::http::incoming_handler::Guest for Probe {
                 .map_err(registry_error),
             "/pipeline/part" => pipeline_part(&request),
             "/pipeline/read" => return pipeline_read(request, out),
+            "/bench/seal" => bench_seal(&request),
             "/sql/query" => run_sql(&request, false),
             "/sql/execute" => run_sql(&request, true),
             "/sql/transaction" => transaction(&request),
@@ -338,4 +339,34 @@ fn transaction(request: &Request) -> Answer {
         transaction.rollback().map_err(sql_error)?;
     }
     Ok(json!(results))
+}
+
+/// Throughput of the upload path's bulk work: the stored object `key` read through
+/// encrypt-stream and a registry tap (entry `name`), measured inside the guest; `mac=false`
+/// leaves the tap out.
+fn bench_seal(request: &Request) -> Answer {
+    use wasip2::clocks::monotonic_clock;
+    use wasip2::io::streams::StreamError;
+    let (_, source) = objects::get(key(request), 0, None).map_err(object_error)?;
+    let started = monotonic_clock::now();
+    let sealed = crypto::encrypt_stream(param(request, "enc"), &[0; 16], 0, source)
+        .map_err(|error| (400, json!({"error": format!("{error:?}")})))?;
+    let (stream, _mac) = if param(request, "mac") == "false" {
+        (sealed, None)
+    } else {
+        let (stream, mac) = hmac_registry::tap(param(request, "name"), 1, sealed).map_err(registry_error)?;
+        (stream, Some(mac))
+    };
+    let mut total = 0u64;
+    loop {
+        match stream.blocking_read(web::CHUNK) {
+            Ok(chunk) => total += chunk.len() as u64,
+            Err(StreamError::Closed) => break,
+            Err(StreamError::LastOperationFailed(error)) => {
+                return Err((500, json!({"error": error.to_debug_string()})));
+            }
+        }
+    }
+    let seconds = (monotonic_clock::now() - started) as f64 / 1e9;
+    Ok(json!({"bytes": total, "seconds": seconds, "mib_per_s": total as f64 / seconds / 1048576.0}))
 }

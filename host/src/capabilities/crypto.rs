@@ -11,46 +11,94 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use aws_lc_rs::cipher::{AES_256, EncryptingKey, EncryptionContext, UnboundCipherKey};
+use aws_lc_rs::iv::FixedLength;
 use base64::Engine;
-use ctr::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
-
 use bytes::{Bytes, BytesMut};
 use wasmtime::component::Resource;
 use wasmtime_wasi::p2::DynInputStream;
 
 use crate::capabilities::host::capabilities::crypto::{CryptoError, Host};
 use crate::capabilities::slots::{Bound, HostWideSlots};
-use crate::capabilities::streams::{self, Change, Next, Produced};
+use crate::capabilities::streams::{self, Ahead, Change, Next, Produced};
 use crate::guest::GuestState;
-
-type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
 
 const KEY_LENGTH: usize = 32;
 const NONCE_LENGTH: usize = 12;
+const TAG_LENGTH: usize = 16;
 const IV_LENGTH: usize = 16;
+const BLOCK: u64 = 16;
 const WRAPPING_CONTEXT: &str = "host:crypto:v1:";
 
 /// The crypto capability of one app, shared by its instances.
 pub struct Crypto {
-    master: Aes256Gcm,
+    master: LessSafeKey,
     app: String,
     slots: Option<HostWideSlots>,
 }
 
+/// AES-256-CTR of one object: the keystream at any offset, without state, so parts and chunks
+/// are encrypted on their own.
+pub struct Keystream {
+    key: EncryptingKey,
+    iv: u128,
+}
+
+impl Keystream {
+    pub fn new(key: &[u8; KEY_LENGTH], iv: &[u8; IV_LENGTH]) -> Result<Keystream> {
+        let key = UnboundCipherKey::new(&AES_256, key).map_err(|_| anyhow!("not an AES-256 key"))?;
+        Ok(Keystream {
+            key: EncryptingKey::ctr(key).map_err(|_| anyhow!("cannot make an AES-CTR key"))?,
+            iv: u128::from_be_bytes(*iv),
+        })
+    }
+
+    /// XORs `data`, the bytes at `offset` of the object, with the keystream.
+    pub fn apply(&self, offset: u64, data: &mut [u8]) -> Result<()> {
+        let mut block = offset / BLOCK;
+        let skip = (offset % BLOCK) as usize;
+        let mut rest = data;
+        if skip != 0 {
+            // The first bytes sit inside a block: encrypt that block's worth and keep its tail.
+            let take = (BLOCK as usize - skip).min(rest.len());
+            let mut partial = [0u8; BLOCK as usize];
+            partial[skip..skip + take].copy_from_slice(&rest[..take]);
+            self.blocks(block, &mut partial)?;
+            rest[..take].copy_from_slice(&partial[skip..skip + take]);
+            rest = &mut rest[take..];
+            block += 1;
+        }
+        if rest.is_empty() {
+            return Ok(());
+        }
+        self.blocks(block, rest)
+    }
+
+    /// CTR from counter block `iv + block` (128-bit, big-endian, wrapping).
+    fn blocks(&self, block: u64, data: &mut [u8]) -> Result<()> {
+        let counter = self.iv.wrapping_add(u128::from(block)).to_be_bytes();
+        self.key
+            .less_safe_encrypt(data, EncryptionContext::Iv128(FixedLength::from(counter)))
+            .map(drop)
+            .map_err(|_| anyhow!("AES-CTR failed"))
+    }
+}
+
 impl Crypto {
     pub fn new(master_key: &[u8; KEY_LENGTH], app: &str, slots: Option<HostWideSlots>) -> Crypto {
+        let master = UnboundKey::new(&AES_256_GCM, master_key)
+            .expect("a 32-byte key is an AES-256-GCM key");
         Crypto {
-            master: Aes256Gcm::new(master_key.into()),
+            master: LessSafeKey::new(master),
             app: app.to_owned(),
             slots,
         }
     }
 
-    fn aad(&self) -> Vec<u8> {
-        format!("{WRAPPING_CONTEXT}{}", self.app).into_bytes()
+    fn aad(&self) -> Aad<Vec<u8>> {
+        Aad::from(format!("{WRAPPING_CONTEXT}{}", self.app).into_bytes())
     }
 
     pub fn generate_key(&self) -> Result<String> {
@@ -58,17 +106,10 @@ impl Crypto {
         let mut nonce = [0u8; NONCE_LENGTH];
         getrandom::fill(&mut key).context("no randomness for a data key")?;
         getrandom::fill(&mut nonce).context("no randomness for a nonce")?;
-        let aad = self.aad();
-        let wrapped = self
-            .master
-            .encrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: &key,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| anyhow::anyhow!("cannot wrap a data key"))?;
+        let mut wrapped = key.to_vec();
+        self.master
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), self.aad(), &mut wrapped)
+            .map_err(|_| anyhow!("cannot wrap a data key"))?;
         let mut id = nonce.to_vec();
         id.extend_from_slice(&wrapped);
         Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id))
@@ -78,23 +119,27 @@ impl Crypto {
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(key_id)
             .ok()?;
-        if bytes.len() != NONCE_LENGTH + KEY_LENGTH + 16 {
+        if bytes.len() != NONCE_LENGTH + KEY_LENGTH + TAG_LENGTH {
             return None;
         }
         let (nonce, wrapped) = bytes.split_at(NONCE_LENGTH);
-        let nonce: [u8; NONCE_LENGTH] = nonce.try_into().ok()?;
-        let aad = self.aad();
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut wrapped = wrapped.to_vec();
         let key = self
             .master
-            .decrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: wrapped,
-                    aad: &aad,
-                },
-            )
+            .open_in_place(nonce, self.aad(), &mut wrapped)
             .ok()?;
-        key.try_into().ok()
+        <[u8; KEY_LENGTH]>::try_from(&key[..]).ok()
+    }
+
+    fn keystream(&self, key_id: &str, iv: &[u8]) -> Result<Result<Keystream, CryptoError>> {
+        let Some(key) = self.unwrap_key(key_id) else {
+            return Ok(Err(CryptoError::InvalidKey));
+        };
+        let Ok(iv) = <[u8; IV_LENGTH]>::try_from(iv) else {
+            return Ok(Err(CryptoError::InvalidIv));
+        };
+        Ok(Ok(Keystream::new(&key, &iv)?))
     }
 
     /// The CTR keystream applied to `data` at `offset`, in a slot of the host-wide bound, off the
@@ -106,97 +151,92 @@ impl Crypto {
         offset: u64,
         mut data: Vec<u8>,
     ) -> Result<Result<Vec<u8>, CryptoError>> {
-        let Some(key) = self.unwrap_key(key_id) else {
-            return Ok(Err(CryptoError::InvalidKey));
+        let keystream = match self.keystream(key_id, iv)? {
+            Ok(keystream) => keystream,
+            Err(error) => return Ok(Err(error)),
         };
-        let Ok(iv) = <[u8; IV_LENGTH]>::try_from(iv) else {
-            return Ok(Err(CryptoError::InvalidIv));
-        };
-        let crypto = Arc::clone(self);
+        let slots = self.slots;
         let work = tokio::task::spawn_blocking(move || {
-            let _slot = crypto.slots.as_ref().map(|slots| slots.take(Bound::Encryption));
-            let mut cipher = Aes256Ctr::new(&key.into(), &iv.into());
-            cipher.seek(offset);
-            apply_logged(&mut cipher, &mut data);
-            data
+            let _slot = slots.map(|slots| slots.take(Bound::Encryption));
+            apply_logged(&keystream, offset, &mut data).map(|()| data)
         });
-        Ok(Ok(work.await.context("the encryption task was lost")?))
+        Ok(Ok(work.await.context("the encryption task was lost")??))
     }
 
-    /// `source` encrypted (or decrypted) as the bytes at `offset`, as it is read.
+    /// `source` encrypted (or decrypted) as the bytes at `offset`, as it is read. The next
+    /// chunk is encrypted while the reader uses this one (a MAC, say), on another thread.
     pub fn stream(
         &self,
         key_id: &str,
         iv: &[u8],
         offset: u64,
         source: DynInputStream,
-    ) -> Result<DynInputStream, CryptoError> {
-        let key = self.unwrap_key(key_id).ok_or(CryptoError::InvalidKey)?;
-        let iv = <[u8; IV_LENGTH]>::try_from(iv).map_err(|_| CryptoError::InvalidIv)?;
-        let mut cipher = Aes256Ctr::new(&key.into(), &iv.into());
-        cipher.seek(offset);
-        Ok(Produced::boxed(streams::Map::new(
+    ) -> Result<Result<DynInputStream, CryptoError>> {
+        let keystream = match self.keystream(key_id, iv)? {
+            Ok(keystream) => keystream,
+            Err(error) => return Ok(Err(error)),
+        };
+        Ok(Ok(Produced::boxed(Ahead::new(streams::Map::new(
             source,
-            Keystream {
-                cipher: Some(cipher),
+            Encrypting {
+                keystream: Arc::new(keystream),
+                offset,
                 slots: self.slots,
             },
-        )))
+        )))))
     }
 }
 
 /// Applies the keystream to each chunk that passes, in a slot of the host-wide bound: on the
 /// async thread when a slot is free at once (a chunk takes microseconds), else on a blocking
 /// thread that waits for one.
-struct Keystream {
-    cipher: Option<Aes256Ctr>,
+struct Encrypting {
+    keystream: Arc<Keystream>,
+    offset: u64,
     slots: Option<HostWideSlots>,
 }
 
-impl Change for Keystream {
+impl Change for Encrypting {
     async fn chunk(&mut self, bytes: Bytes) -> Next {
         let mut data = bytes
             .try_into_mut()
             .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-        let mut cipher = self
-            .cipher
-            .take()
-            .context("an earlier chunk's encryption was lost")?;
+        let offset = self.offset;
+        self.offset += data.len() as u64;
         let slot = match &self.slots {
             Some(slots) => slots.try_take(Bound::Encryption).map(Some),
             None => Some(None),
         };
-        let (cipher, data) = match slot {
+        let data = match slot {
             Some(_slot) => {
-                apply_logged(&mut cipher, &mut data);
-                (cipher, data)
+                apply_logged(&self.keystream, offset, &mut data)?;
+                data
             }
             None => {
-                let slots = self.slots;
+                let (slots, keystream) = (self.slots, Arc::clone(&self.keystream));
                 tokio::task::spawn_blocking(move || {
                     let _slot = slots.map(|slots| slots.take(Bound::Encryption));
-                    apply_logged(&mut cipher, &mut data);
-                    (cipher, data)
+                    apply_logged(&keystream, offset, &mut data).map(|()| data)
                 })
                 .await
-                .context("the encryption task was lost")?
+                .context("the encryption task was lost")??
             }
         };
-        self.cipher = Some(cipher);
         Ok(Some(data.freeze()))
     }
 }
 
 /// The keystream applied; the monotonic start and end are in the debug log, so the host-wide
 /// bound can be checked from outside.
-fn apply_logged(cipher: &mut Aes256Ctr, data: &mut [u8]) {
+fn apply_logged(keystream: &Keystream, offset: u64, data: &mut [u8]) -> Result<()> {
     let started = monotonic_nanos();
-    cipher.apply_keystream(data);
+    keystream.apply(offset, data)?;
     tracing::debug!(
         "crypto: {} bytes from {started} to {} ns (monotonic)",
         data.len(),
         monotonic_nanos()
     );
+    Ok(())
 }
 
 impl Host for GuestState {
@@ -263,7 +303,11 @@ impl GuestState {
         source: Resource<DynInputStream>,
     ) -> wasmtime::Result<Result<Resource<DynInputStream>, CryptoError>> {
         let source = self.table().delete(source)?;
-        match self.crypto().stream(key_id, iv, offset, source) {
+        match self
+            .crypto()
+            .stream(key_id, iv, offset, source)
+            .map_err(wasmtime::Error::from_anyhow)?
+        {
             Ok(stream) => Ok(Ok(self.table().push(stream)?)),
             Err(error) => Ok(Err(error)),
         }
@@ -362,29 +406,25 @@ fn parse_key(bytes: &[u8]) -> Result<[u8; KEY_LENGTH]> {
 mod tests {
     use super::*;
 
-    fn whole_then_parts(data: &[u8], parts: &[usize]) -> (Vec<u8>, Vec<u8>) {
-        let key = [7u8; 32];
-        let iv = [0xffu8; 16]; // the counter wraps within the first blocks
-        let mut whole = data.to_vec();
-        Aes256Ctr::new(&key.into(), &iv.into()).apply_keystream(&mut whole);
-        let mut pieces = Vec::new();
+    #[test]
+    fn parts_of_odd_sizes_equal_the_whole_even_where_the_counter_wraps() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        // The counter wraps within the first blocks.
+        let keystream = Keystream::new(&[7u8; 32], &[0xff; 16]).unwrap();
+        let mut whole = data.clone();
+        keystream.apply(0, &mut whole).unwrap();
+        let mut parts = Vec::new();
         let mut offset = 0;
-        for &size in parts {
+        for size in [1, 15, 17, 4096, 5000, 871] {
             let mut part = data[offset..offset + size].to_vec();
-            let mut cipher = Aes256Ctr::new(&key.into(), &iv.into());
-            cipher.seek(offset as u64);
-            cipher.apply_keystream(&mut part);
-            pieces.extend(part);
+            keystream.apply(offset as u64, &mut part).unwrap();
+            parts.extend(part);
             offset += size;
         }
-        (whole, pieces)
-    }
-
-    #[test]
-    fn parts_of_odd_sizes_equal_the_whole() {
-        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 31 % 251) as u8).collect();
-        let (whole, parts) = whole_then_parts(&data, &[1, 15, 17, 4096, 5000, 871]);
         assert_eq!(whole, parts);
+        // Applying it again gives the plaintext back.
+        keystream.apply(0, &mut whole).unwrap();
+        assert_eq!(whole, data);
     }
 
     #[test]

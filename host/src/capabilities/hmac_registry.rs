@@ -10,8 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::anyhow;
 use bytes::Bytes;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use aws_lc_rs::hmac;
 use sqlx::Row;
 use wasmtime::component::Resource;
 use wasmtime_wasi::p2::DynInputStream;
@@ -25,8 +24,6 @@ use crate::capabilities::slots::{Bound, HostWideSlots};
 use crate::capabilities::streams::{self, Change, Next, Produce, Produced};
 use crate::database::{self, HostDatabase};
 use crate::guest::GuestState;
-
-type HmacSha256 = Hmac<Sha256>;
 
 const TAG_CONTEXT: &[u8] = b"host-hmac-v1";
 const MAX_PART_NUMBER: u32 = 10_000;
@@ -49,7 +46,7 @@ pub struct PartMac {
 }
 
 struct Tapped {
-    mac: Option<HmacSha256>,
+    mac: Option<hmac::Context>,
     size: u64,
     /// Set when the source ended: the MAC covers the whole part.
     digest: Option<[u8; 32]>,
@@ -97,12 +94,12 @@ impl Registry {
         Ok(())
     }
 
-    fn mac_for(&self, key_id: &str) -> Answer<HmacSha256> {
+    fn mac_for(&self, key_id: &str) -> Answer<hmac::Key> {
         let key = self
             .crypto
             .unwrap_key(key_id)
             .ok_or(RegistryError::InvalidKey)?;
-        HmacSha256::new_from_slice(&key).map_err(|_| RegistryError::InvalidKey)
+        Ok(hmac::Key::new(hmac::HMAC_SHA256, &key))
     }
 
     /// The entry's key id and tag.
@@ -155,7 +152,7 @@ impl Registry {
         if tag.is_some() {
             return Err(RegistryError::Finished);
         }
-        let mut mac = self.mac_for(&key_id)?;
+        let mut mac = hmac::Context::with_key(&self.mac_for(&key_id)?);
         mac.update(&number.to_be_bytes());
         let state = Arc::new(Mutex::new(Tapped {
             mac: Some(mac),
@@ -220,11 +217,11 @@ impl Registry {
     pub async fn add_bytes(&self, name: &str, number: u32, data: &[u8], etag: &str) -> Answer<Part> {
         check_number(number)?;
         let (key_id, _) = self.entry(name).await?;
-        let mut mac = self.mac_for(&key_id)?;
+        let mut mac = hmac::Context::with_key(&self.mac_for(&key_id)?);
         mac.update(&number.to_be_bytes());
         mac.update(data);
-        let digest: [u8; 32] = mac.finalize().into_bytes().into();
-        self.record(name, number, data.len() as u64, &digest, etag).await
+        let digest = mac.sign();
+        self.record(name, number, data.len() as u64, digest.as_ref(), etag).await
     }
 
     pub async fn parts(&self, name: &str) -> Answer<Vec<Part>> {
@@ -297,7 +294,7 @@ impl Registry {
         if !mismatched.is_empty() {
             return Err(RegistryError::MismatchedParts(mismatched));
         }
-        let tag = hex::encode(object_tag(self.mac_for(&key_id)?, &recorded));
+        let tag = hex::encode(object_tag(&self.mac_for(&key_id)?, &recorded));
         sqlx::query("UPDATE hmac_entries SET tag = $1 WHERE app = $2 AND name = $3")
             .bind(&tag)
             .bind(&self.app)
@@ -325,7 +322,7 @@ impl Registry {
         let recorded = self.recorded(name).await?;
         let mac = self.mac_for(&key_id)?;
         // The parts' MACs must still make the tag, or the records themselves were changed.
-        if hex::encode(object_tag(mac.clone(), &recorded)) != tag {
+        if hex::encode(object_tag(&mac, &recorded)) != tag {
             tracing::error!("hmac registry: the recorded parts of {name:?} no longer make its tag");
             return Err(RegistryError::Tampered(0));
         }
@@ -392,14 +389,15 @@ fn recorded_from(row: &database::Row) -> Answer<Recorded> {
 }
 
 /// The object's tag from its parts' MACs, in order.
-fn object_tag(mut mac: HmacSha256, parts: &[Recorded]) -> [u8; 32] {
+fn object_tag(key: &hmac::Key, parts: &[Recorded]) -> hmac::Tag {
+    let mut mac = hmac::Context::with_key(key);
     mac.update(TAG_CONTEXT);
     mac.update(&(parts.len() as u32).to_be_bytes());
     for part in parts {
         mac.update(&part.size.to_be_bytes());
         mac.update(&part.mac);
     }
-    mac.finalize().into_bytes().into()
+    mac.sign()
 }
 
 /// Feeds each chunk to the part's MAC on its way through.
@@ -423,8 +421,9 @@ impl Change for Tap {
     fn end(&mut self) {
         if let Ok(mut state) = self.state.lock()
             && let Some(mac) = state.mac.take()
+            && let Ok(digest) = <[u8; 32]>::try_from(mac.sign().as_ref())
         {
-            state.digest = Some(mac.finalize().into_bytes().into());
+            state.digest = Some(digest);
         }
     }
 }
@@ -439,7 +438,7 @@ enum VerifyFailure {
 struct Verify {
     source: DynInputStream,
     parts: std::vec::IntoIter<Recorded>,
-    mac: HmacSha256,
+    mac: hmac::Key,
     name: String,
     /// Where in the source the current part ends.
     position: u64,
@@ -465,7 +464,7 @@ impl Verify {
             Some(slots) => Some(slots.take_async(Bound::Buffers).await),
             None => None,
         };
-        let mut mac = self.mac.clone();
+        let mut mac = hmac::Context::with_key(&self.mac);
         mac.update(&part.number.to_be_bytes());
         let mut buffer = PartBuffer::new(part.size, self.part_buffer, &self.spill_dir)
             .map_err(VerifyFailure::Other)?;
@@ -489,7 +488,7 @@ impl Verify {
                 Err(error) => return Err(VerifyFailure::Other(error)),
             }
         }
-        if mac.verify_slice(&part.mac).is_err() {
+        if aws_lc_rs::constant_time::verify_slices_are_equal(mac.sign().as_ref(), &part.mac).is_err() {
             tracing::error!(
                 "hmac registry: part {} of {:?} does not match its MAC: the stored bytes were changed",
                 part.number,
@@ -641,33 +640,29 @@ mod tests {
     /// The documented construction, computed here by hand from the parts.
     #[test]
     fn the_tag_is_the_documented_construction() {
-        let key = [3u8; 32];
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &[3u8; 32]);
         let parts: [&[u8]; 3] = [b"first part", b"second", b"3"];
         let recorded: Vec<Recorded> = parts
             .iter()
             .enumerate()
             .map(|(index, bytes)| {
                 let number = index as u32 + 1;
-                let mut mac = HmacSha256::new_from_slice(&key).unwrap();
-                mac.update(&number.to_be_bytes());
-                mac.update(bytes);
+                let message = [&number.to_be_bytes()[..], bytes].concat();
                 Recorded {
                     number,
                     size: bytes.len() as u64,
-                    mac: mac.finalize().into_bytes().to_vec(),
+                    mac: hmac::sign(&key, &message).as_ref().to_vec(),
                     etag: String::new(),
                 }
             })
             .collect();
-        let tag = object_tag(HmacSha256::new_from_slice(&key).unwrap(), &recorded);
+        let tag = object_tag(&key, &recorded);
         let mut message = b"host-hmac-v1".to_vec();
         message.extend(3u32.to_be_bytes());
         for part in &recorded {
             message.extend(part.size.to_be_bytes());
             message.extend(&part.mac);
         }
-        let mut expected = HmacSha256::new_from_slice(&key).unwrap();
-        expected.update(&message);
-        assert_eq!(tag.to_vec(), expected.finalize().into_bytes().to_vec());
+        assert_eq!(tag.as_ref(), hmac::sign(&key, &message).as_ref());
     }
 }

@@ -174,9 +174,9 @@ impl PostgresNames {
     /// when that changed it, so two apps never share a schema; `<database>` is a short hash of
     /// the database's name.
     fn for_app(app: &str, database: &str, master_key: &[u8; 32]) -> PostgresNames {
-        use hmac::Mac;
-        use sha2::Digest;
-        let short_hash = |text: &str| hex::encode(&sha2::Sha256::digest(text.as_bytes())[..4]);
+        use aws_lc_rs::{digest, hmac};
+        let short_hash =
+            |text: &str| hex::encode(&digest::digest(&digest::SHA256, text.as_bytes()).as_ref()[..4]);
         let mut name: String = app
             .chars()
             .map(|c| match c.to_ascii_lowercase() {
@@ -188,14 +188,14 @@ impl PostgresNames {
         if name != app {
             name = format!("{name}_{}", short_hash(app));
         }
-        let mut password = hmac::Hmac::<sha2::Sha256>::new_from_slice(master_key)
-            .expect("HMAC takes keys of any length");
-        password.update(b"host:sql:v1:");
-        password.update(app.as_bytes());
+        let password = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, master_key),
+            format!("host:sql:v1:{app}").as_bytes(),
+        );
         PostgresNames {
             schema: format!("app_{name}"),
             role: format!("host_app_{name}_{}", short_hash(database)),
-            password: hex::encode(password.finalize().into_bytes()),
+            password: hex::encode(password.as_ref()),
         }
     }
 }

@@ -168,3 +168,49 @@ impl Produce for Held {
         (self, Ok(Some(chunk)))
     }
 }
+
+/// Runs a stage one chunk ahead of its reader, on another task: while the reader works on a
+/// chunk (a MAC, a write), the next one is being made (read, encrypted), so two stages use two
+/// cores. At most one chunk waits.
+pub struct Ahead<P: Produce> {
+    state: AheadState<P>,
+}
+
+enum AheadState<P> {
+    Idle(P),
+    Running(tokio::task::JoinHandle<(P, Next)>),
+    Done,
+}
+
+impl<P: Produce> Ahead<P> {
+    pub fn new(producer: P) -> Ahead<P> {
+        Ahead {
+            state: AheadState::Idle(producer),
+        }
+    }
+}
+
+impl<P: Produce> Produce for Ahead<P> {
+    async fn next(mut self) -> (Self, Next) {
+        let (producer, next) = match std::mem::replace(&mut self.state, AheadState::Done) {
+            AheadState::Idle(producer) => producer.next().await,
+            AheadState::Running(running) => match running.await {
+                Ok(made) => made,
+                Err(error) => return (self, Err(anyhow::anyhow!("a stream stage was lost: {error}"))),
+            },
+            AheadState::Done => return (self, Ok(None)),
+        };
+        if let Ok(Some(_)) = next {
+            self.state = AheadState::Running(tokio::spawn(producer.next()));
+        }
+        (self, next)
+    }
+}
+
+impl<P: Produce> Drop for Ahead<P> {
+    fn drop(&mut self) {
+        if let AheadState::Running(running) = &self.state {
+            running.abort();
+        }
+    }
+}

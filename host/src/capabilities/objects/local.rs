@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use wasmtime_wasi::p2::DynInputStream;
 
@@ -124,7 +123,7 @@ impl LocalStore {
                 .reopen()
                 .map_err(|e| unavailable("cannot write the part", e))?,
         );
-        let mut digest = Sha256::new();
+        let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         let mut bytes = Exact::new(&mut source, length);
         while let Some(chunk) = bytes.next().await? {
             digest.update(&chunk);
@@ -135,7 +134,7 @@ impl LocalStore {
         file.sync_data()
             .await
             .map_err(|e| unavailable("cannot write the part", e))?;
-        let etag = hex::encode(&digest.finalize()[..16]);
+        let etag = hex::encode(&digest.finish().as_ref()[..16]);
         let name = format!("{number:05}.{etag}{PART_SUFFIX}");
         temporary
             .persist(dir.join(&name))

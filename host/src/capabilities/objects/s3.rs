@@ -41,8 +41,6 @@ pub struct S3Location {
     pub prefix: String,
 }
 
-type HmacSha256 = hmac::Hmac<sha2::Sha256>;
-
 pub struct S3Store {
     client: Client,
     bucket: String,
@@ -50,7 +48,7 @@ pub struct S3Store {
     app_prefix: String,
     in_flight: Arc<Semaphore>,
     /// Seals the upload ids the guest gets (see `seal`).
-    upload_ids: HmacSha256,
+    upload_ids: aws_lc_rs::hmac::Key,
     slots: Option<HostWideSlots>,
     part_buffer: u64,
     spill_dir: std::path::PathBuf,
@@ -134,9 +132,15 @@ impl S3Store {
         if let Some(endpoint) = &settings.endpoint {
             config = config.endpoint_url(endpoint);
         }
-        let mut upload_ids = <HmacSha256 as hmac::Mac>::new_from_slice(master_key)
-            .expect("HMAC takes keys of any length");
-        hmac::Mac::update(&mut upload_ids, b"host:objects:v1:upload-id");
+        // A key of its own, derived from the master key.
+        let upload_ids = aws_lc_rs::hmac::Key::new(
+            aws_lc_rs::hmac::HMAC_SHA256,
+            aws_lc_rs::hmac::sign(
+                &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, master_key),
+                b"host:objects:v1:upload-id",
+            )
+            .as_ref(),
+        );
         Ok(S3Store {
             client: Client::from_conf(config.build()),
             bucket: location.bucket.clone(),
@@ -160,12 +164,11 @@ impl S3Store {
     }
 
     fn upload_seal(&self, key: &str, s3_upload_id: &str) -> String {
-        use hmac::Mac;
-        let mut mac = self.upload_ids.clone();
+        let mut mac = aws_lc_rs::hmac::Context::with_key(&self.upload_ids);
         mac.update(self.full_key(key).as_bytes());
         mac.update(&[0]);
         mac.update(s3_upload_id.as_bytes());
-        hex::encode(&mac.finalize().into_bytes()[..16])
+        hex::encode(&mac.sign().as_ref()[..16])
     }
 
     /// S3's upload id inside a sealed one, if the seal is this app's for this key.
@@ -174,14 +177,9 @@ impl S3Store {
             .rsplit_once('.')
             .ok_or(ObjectError::NoSuchUpload)?;
         let expected = self.upload_seal(key, s3_upload_id);
-        // Constant-time comparison of the seals.
-        let same = seal.len() == expected.len()
-            && seal
-                .bytes()
-                .zip(expected.bytes())
-                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
-                == 0;
-        if same {
+        if aws_lc_rs::constant_time::verify_slices_are_equal(seal.as_bytes(), expected.as_bytes())
+            .is_ok()
+        {
             Ok(s3_upload_id)
         } else {
             Err(ObjectError::NoSuchUpload)
