@@ -177,6 +177,20 @@ impl HostDatabase {
         Ok(&self.pool)
     }
 
+    /// A transaction that will write. On SQLite it takes the write lock at once: a transaction
+    /// that reads first and writes later can find another writer got in between, and SQLite
+    /// then fails it at once instead of waiting.
+    pub async fn begin_write(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        let pool = self.pool().await?;
+        if self.is_postgres() {
+            pool.begin().await
+        } else {
+            pool.begin_with("BEGIN IMMEDIATE").await
+        }
+    }
+
     /// `FOR UPDATE` where the database has it (SQLite serialises writers anyway).
     pub fn lock_rows(&self) -> &'static str {
         if self.is_postgres() { " FOR UPDATE" } else { "" }

@@ -342,21 +342,25 @@ fn transaction(request: &Request) -> Answer {
 }
 
 /// Throughput of the upload path's bulk work: the stored object `key` read through
-/// encrypt-stream and a registry tap (entry `name`), measured inside the guest; `mac=false`
-/// leaves the tap out.
+/// encrypt-stream and a registry tap (entry `name`), measured inside the guest. `stages` says
+/// which: `seal` (both, the default), `encrypt`, `mac`, or `none` (the reading alone).
 fn bench_seal(request: &Request) -> Answer {
     use wasip2::clocks::monotonic_clock;
     use wasip2::io::streams::StreamError;
+    let stages = request.param("stages").unwrap_or("seal");
     let (_, source) = objects::get(key(request), 0, None).map_err(object_error)?;
     let started = monotonic_clock::now();
-    let sealed = crypto::encrypt_stream(param(request, "enc"), &[0; 16], 0, source)
-        .map_err(|error| (400, json!({"error": format!("{error:?}")})))?;
-    let (stream, _mac) = if param(request, "mac") == "false" {
-        (sealed, None)
-    } else {
-        let (stream, mac) = hmac_registry::tap(param(request, "name"), 1, sealed).map_err(registry_error)?;
-        (stream, Some(mac))
-    };
+    let mut stream = source;
+    if stages == "seal" || stages == "encrypt" {
+        stream = crypto::encrypt_stream(param(request, "enc"), &[0; 16], 0, stream)
+            .map_err(|error| (400, json!({"error": format!("{error:?}")})))?;
+    }
+    let mut _mac = None;
+    if stages == "seal" || stages == "mac" {
+        let (tapped, mac) = hmac_registry::tap(param(request, "name"), 1, stream).map_err(registry_error)?;
+        stream = tapped;
+        _mac = Some(mac);
+    }
     let mut total = 0u64;
     loop {
         match stream.blocking_read(web::CHUNK) {

@@ -159,6 +159,12 @@ pub fn respond(out: ResponseOutparam, status: u16, content_type: &str, body: &[u
     let _ = OutgoingBody::finish(outgoing, None);
 }
 
+/// Answers with no body at all (204 and the like).
+pub fn respond_empty(out: ResponseOutparam, status: u16) {
+    let outgoing = start(out, status, &[]);
+    let _ = OutgoingBody::finish(outgoing, None);
+}
+
 /// Answers with JSON.
 pub fn respond_json(out: ResponseOutparam, status: u16, body: &serde_json::Value) {
     let mut text = body.to_string();

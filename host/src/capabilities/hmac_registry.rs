@@ -21,7 +21,7 @@ use crate::capabilities::host::capabilities::hmac_registry::{
 };
 use crate::capabilities::part_buffer::{PartBuffer, PartReader};
 use crate::capabilities::slots::{Bound, HostWideSlots};
-use crate::capabilities::streams::{self, Change, Next, Produce, Produced};
+use crate::capabilities::streams::{self, Ahead, Change, Next, Produce, Produced};
 use crate::database::{self, HostDatabase};
 use crate::guest::GuestState;
 
@@ -159,20 +159,19 @@ impl Registry {
             size: 0,
             digest: None,
         }));
-        let stream = Produced::boxed(streams::Map::new(
+        let stream = Produced::boxed(Ahead::new(streams::Map::new(
             source,
             Tap {
                 state: Arc::clone(&state),
             },
-        ));
+        )));
         Ok((stream, PartMac { number, state }))
     }
 
     /// Records part `number` with its MAC, unless the entry is finished.
     async fn record(&self, name: &str, number: u32, size: u64, mac: &[u8], etag: &str) -> Answer<Part> {
         Self::check_name(name)?;
-        let pool = self.database.pool().await?;
-        let mut transaction = pool.begin().await?;
+        let mut transaction = self.database.begin_write().await?;
         let entry = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT tag FROM hmac_entries WHERE app = $1 AND name = $2{}",
             self.database.lock_rows()
@@ -240,8 +239,7 @@ impl Registry {
 
     pub async fn finish(&self, name: &str, stored: &[Part]) -> Answer<String> {
         Self::check_name(name)?;
-        let pool = self.database.pool().await?;
-        let mut transaction = pool.begin().await?;
+        let mut transaction = self.database.begin_write().await?;
         let entry = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT key_id, tag FROM hmac_entries WHERE app = $1 AND name = $2{}",
             self.database.lock_rows()
@@ -353,8 +351,7 @@ impl Registry {
 
     pub async fn discard(&self, name: &str) -> Answer<()> {
         Self::check_name(name)?;
-        let pool = self.database.pool().await?;
-        let mut transaction = pool.begin().await?;
+        let mut transaction = self.database.begin_write().await?;
         for table in ["hmac_parts", "hmac_entries"] {
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DELETE FROM {table} WHERE app = $1 AND name = $2"

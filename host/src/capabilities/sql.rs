@@ -159,7 +159,11 @@ impl AppDatabase {
     pub async fn begin(&self) -> Answer<OpenTransaction> {
         Ok(match self {
             AppDatabase::Sqlite(pool) => {
-                OpenTransaction::Sqlite(Some(pool.begin().await.map_err(sql_error)?))
+                // Taking the write lock at once: a transaction that reads, then writes after
+                // another writer, would be failed by SQLite instead of waiting.
+                OpenTransaction::Sqlite(Some(
+                    pool.begin_with("BEGIN IMMEDIATE").await.map_err(sql_error)?,
+                ))
             }
             AppDatabase::Postgres { .. } => OpenTransaction::Postgres(Some(
                 self.postgres().await?.begin().await.map_err(sql_error)?,

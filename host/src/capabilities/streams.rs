@@ -169,16 +169,21 @@ impl Produce for Held {
     }
 }
 
-/// Runs a stage one chunk ahead of its reader, on another task: while the reader works on a
-/// chunk (a MAC, a write), the next one is being made (read, encrypted), so two stages use two
-/// cores. At most one chunk waits.
+/// Runs a stage ahead of its reader on the bulk threads, up to `AHEAD` chunks: while the
+/// reader works on a chunk (a MAC, a write), the next ones are being made (read, encrypted), so
+/// the stages use every core and a slow hand-over between threads is hidden.
 pub struct Ahead<P: Produce> {
     state: AheadState<P>,
 }
 
+const AHEAD: usize = 4;
+
 enum AheadState<P> {
     Idle(P),
-    Running(tokio::task::JoinHandle<(P, Next)>),
+    Running {
+        chunks: tokio::sync::mpsc::Receiver<Next>,
+        task: tokio::task::JoinHandle<()>,
+    },
     Done,
 }
 
@@ -192,16 +197,33 @@ impl<P: Produce> Ahead<P> {
 
 impl<P: Produce> Produce for Ahead<P> {
     async fn next(mut self) -> (Self, Next) {
-        let (producer, next) = match std::mem::replace(&mut self.state, AheadState::Done) {
-            AheadState::Idle(producer) => producer.next().await,
-            AheadState::Running(running) => match running.await {
-                Ok(made) => made,
-                Err(error) => return (self, Err(anyhow::anyhow!("a stream stage was lost: {error}"))),
+        if let AheadState::Idle(_) = self.state {
+            let AheadState::Idle(mut producer) = std::mem::replace(&mut self.state, AheadState::Done)
+            else {
+                unreachable!("matched just above")
+            };
+            let (sender, chunks) = tokio::sync::mpsc::channel(AHEAD);
+            let task = bulk_threads().spawn(async move {
+                loop {
+                    let (next_producer, next) = producer.next().await;
+                    producer = next_producer;
+                    let more = matches!(next, Ok(Some(_)));
+                    if sender.send(next).await.is_err() || !more {
+                        break;
+                    }
+                }
+            });
+            self.state = AheadState::Running { chunks, task };
+        }
+        let next = match &mut self.state {
+            AheadState::Running { chunks, .. } => match chunks.recv().await {
+                Some(next) => next,
+                None => Err(anyhow::anyhow!("a stream stage ended without a word")),
             },
-            AheadState::Done => return (self, Ok(None)),
+            _ => Ok(None),
         };
-        if let Ok(Some(_)) = next {
-            self.state = AheadState::Running(tokio::spawn(producer.next()));
+        if !matches!(next, Ok(Some(_))) {
+            self.state = AheadState::Done;
         }
         (self, next)
     }
@@ -209,8 +231,25 @@ impl<P: Produce> Produce for Ahead<P> {
 
 impl<P: Produce> Drop for Ahead<P> {
     fn drop(&mut self) {
-        if let AheadState::Running(running) = &self.state {
-            running.abort();
+        if let AheadState::Running { task, .. } = &self.state {
+            task.abort();
         }
     }
+}
+
+/// The threads that run stream stages ahead of their readers. A task spawned from an async
+/// thread onto its own runtime waits in that thread's next-task slot until the spawner yields;
+/// spawned onto another runtime, it is taken at once by whichever thread is idle.
+fn bulk_threads() -> &'static tokio::runtime::Handle {
+    static BULK: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    BULK.get_or_init(|| {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("bulk")
+            .enable_all()
+            .build()
+            .expect("the bulk threads start with the worker")
+    })
+    .handle()
 }

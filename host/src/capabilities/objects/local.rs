@@ -11,11 +11,13 @@
 //! be objects, as in S3. Every file is written under `tmp/`, synced, then renamed into place:
 //! a part or object is visible only once all its bytes are stored, whatever crashes.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use wasmtime_wasi::p2::DynInputStream;
 
 use super::{Answer, Exact};
@@ -91,9 +93,8 @@ impl LocalStore {
 
     pub async fn create_multipart(&self, key: &str) -> Answer<String> {
         self.object_path(key)?;
-        let mut id = [0u8; 16];
-        getrandom::fill(&mut id).map_err(|e| unavailable("no randomness for an upload id", e))?;
-        let upload_id = hex::encode(id);
+        let upload_id =
+            random_token().map_err(|e| unavailable("no randomness for an upload id", e))?;
         let dir = self.root.join("uploads").join(&upload_id);
         tokio::fs::create_dir_all(&dir)
             .await
@@ -118,23 +119,23 @@ impl LocalStore {
     ) -> Answer<PartInfo> {
         let dir = self.upload_dir(key, upload_id).await?;
         let temporary = self.temporary()?;
-        let mut file = tokio::fs::File::from_std(
+        let file = Arc::new(
             temporary
                 .reopen()
                 .map_err(|e| unavailable("cannot write the part", e))?,
         );
-        let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         let mut bytes = Exact::new(&mut source, length);
         while let Some(chunk) = bytes.next().await? {
-            digest.update(&chunk);
-            file.write_all(&chunk)
+            let file = Arc::clone(&file);
+            blocking(move || (&*file).write_all(&chunk))
                 .await
                 .map_err(|e| unavailable("cannot write the part", e))?;
         }
-        file.sync_data()
+        blocking(move || file.sync_data())
             .await
             .map_err(|e| unavailable("cannot write the part", e))?;
-        let etag = hex::encode(&digest.finish().as_ref()[..16]);
+        // Names this write of the part: the registry checks it against what it recorded.
+        let etag = random_token().map_err(|e| unavailable("no randomness for an etag", e))?;
         let name = format!("{number:05}.{etag}{PART_SUFFIX}");
         temporary
             .persist(dir.join(&name))
@@ -244,7 +245,7 @@ impl LocalStore {
         length: Option<u64>,
     ) -> Answer<(ObjectInfo, DynInputStream)> {
         let path = self.object_path(key)?;
-        let mut file = match tokio::fs::File::open(&path).await {
+        let file = match blocking(move || std::fs::File::open(&path)).await {
             Ok(file) => file,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ObjectError::NotFound);
@@ -253,17 +254,20 @@ impl LocalStore {
         };
         let metadata = file
             .metadata()
-            .await
             .map_err(|e| unavailable("cannot read the object", e))?;
         let info = info(key, &metadata);
         if start > info.size {
             return Err(ObjectError::InvalidRange);
         }
-        file.seek(std::io::SeekFrom::Start(start))
-            .await
-            .map_err(|e| unavailable("cannot read the object", e))?;
         let remaining = length.map_or(info.size - start, |length| length.min(info.size - start));
-        Ok((info, Produced::boxed(FileChunks { file, remaining })))
+        Ok((
+            info,
+            Produced::boxed(FileChunks {
+                file: Arc::new(file),
+                position: start,
+                remaining,
+            }),
+        ))
     }
 
     pub async fn head(&self, key: &str) -> Answer<Option<ObjectInfo>> {
@@ -423,29 +427,57 @@ fn decode_segment(name: &str) -> Option<String> {
     String::from_utf8(decoded).ok()
 }
 
-/// An object's bytes, read a chunk at a time.
+/// An object's bytes, read a chunk at a time straight into the buffer that is passed on.
 struct FileChunks {
-    file: tokio::fs::File,
+    file: Arc<std::fs::File>,
+    position: u64,
     remaining: u64,
 }
+
+/// The most read from a file at once.
+const READ_CHUNK: u64 = CHUNK as u64;
 
 impl Produce for FileChunks {
     async fn next(mut self) -> (Self, Next) {
         if self.remaining == 0 {
             return (self, Ok(None));
         }
-        let mut chunk = vec![0u8; self.remaining.min(CHUNK as u64) as usize];
-        let next = match self.file.read(&mut chunk).await {
-            Ok(0) => Err(anyhow::anyhow!("the object is shorter than it was")),
-            Ok(read) => {
-                chunk.truncate(read);
-                self.remaining -= read as u64;
+        let (file, position) = (Arc::clone(&self.file), self.position);
+        let want = self.remaining.min(READ_CHUNK) as usize;
+        let read = blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let mut chunk = vec![0u8; want];
+            let read = file.read_at(&mut chunk, position)?;
+            chunk.truncate(read);
+            Ok(chunk)
+        })
+        .await;
+        let next = match read {
+            Ok(chunk) if chunk.is_empty() => Err(anyhow::anyhow!("the object is shorter than it was")),
+            Ok(chunk) => {
+                self.position += chunk.len() as u64;
+                self.remaining -= chunk.len() as u64;
                 Ok(Some(Bytes::from(chunk)))
             }
             Err(error) => Err(anyhow::Error::from(error).context("cannot read the object")),
         };
         (self, next)
     }
+}
+
+/// File work on a blocking thread, without the copies of `tokio::fs`.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|error| Err(std::io::Error::other(format!("a file task was lost: {error}"))))
+}
+
+fn random_token() -> Result<String, getrandom::Error> {
+    let mut token = [0u8; 16];
+    getrandom::fill(&mut token)?;
+    Ok(hex::encode(token))
 }
 
 #[cfg(test)]

@@ -1,0 +1,169 @@
+//! The user's files: the list, downloads (verified part by part against the file's HMAC,
+//! decrypted inside the host, with `Range`), deletion.
+
+use capabilities::hmac_registry::{self, RegistryError};
+use capabilities::{crypto, objects};
+use serde_json::json;
+use wasip2::http::types::ResponseOutparam;
+use web::{Request, respond_json, respond_stream};
+
+use crate::database::{self, text};
+use crate::uploads::{FileRecord, object_refusal, registry_refusal};
+use crate::users::User;
+use crate::{Answer, Refusal};
+
+/// `GET /files`
+pub fn list(user: &User) -> Answer {
+    let rows = database::query(
+        "SELECT id FROM files WHERE user_id = $1 ORDER BY created, id",
+        &[text(&user.id)],
+    )?;
+    let mut files = Vec::with_capacity(rows.len());
+    for row in rows {
+        files.push(FileRecord::load(user, &row.text("id"))?.json());
+    }
+    Ok((200, json!({"files": files})))
+}
+
+/// `DELETE /files/{id}`
+pub fn delete(user: &User, file_id: &str) -> Answer {
+    let file = FileRecord::load(user, file_id)?;
+    crate::uploads::remove(&file)?;
+    Ok((204, serde_json::Value::Null))
+}
+
+/// The bytes asked for: a `Range` of one span, as RFC 9110 reads it. `Ok(None)` serves the
+/// whole file (no range, or one this server ignores); `Err` is unsatisfiable.
+fn byte_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = header.and_then(|value| value.trim().strip_prefix("bytes=")) else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return Ok(None);
+    };
+    let (first, last) = (first.trim(), last.trim());
+    let range = match (first.parse::<u64>(), last.parse::<u64>()) {
+        (Ok(first), Ok(last)) if first <= last => (first, last.min(size.saturating_sub(1))),
+        (Ok(first), Err(_)) if last.is_empty() => (first, size.saturating_sub(1)),
+        (Err(_), Ok(suffix)) if first.is_empty() => {
+            if suffix == 0 {
+                return Err(());
+            }
+            (size.saturating_sub(suffix), size.saturating_sub(1))
+        }
+        _ => return Ok(None),
+    };
+    if range.0 >= size {
+        return Err(());
+    }
+    Ok(Some(range))
+}
+
+/// `GET /files/{id}`: 200 with the whole file, or 206 with a range.
+pub fn download(request: &Request, out: ResponseOutparam, user: &User, file_id: &str) {
+    if let Err(refusal) = stream_file(request, out, user, file_id) {
+        // `stream_file` answers itself once it streams; a refusal comes before that.
+        let (status, body, out) = refusal;
+        respond_json(out, status, &body);
+    }
+}
+
+type Unanswered = (u16, serde_json::Value, ResponseOutparam);
+
+fn stream_file(
+    request: &Request,
+    out: ResponseOutparam,
+    user: &User,
+    file_id: &str,
+) -> Result<(), Unanswered> {
+    let refuse = |refusal: Refusal, out| Err((refusal.status, refusal.body, out));
+    let file = match FileRecord::load(user, file_id) {
+        Ok(file) => file,
+        Err(refusal) => return refuse(refusal, out),
+    };
+    if !file.ready {
+        return refuse(Refusal::new(409, "the upload of this file is not complete"), out);
+    }
+    let (status, start, end) = match byte_range(request.header("range").as_deref(), file.size) {
+        Ok(None) => (200, 0, file.size - 1),
+        Ok(Some((start, end))) => (206, start, end),
+        Err(()) => {
+            let refusal = Refusal::with(
+                416,
+                format!("the range is outside the file's {} bytes", file.size),
+                json!({"size": file.size}),
+            );
+            return refuse(refusal, out);
+        }
+    };
+    // Whole parts are read, so each can be checked against its MAC.
+    let first = start / file.part_size + 1;
+    let last = end / file.part_size + 1;
+    let read_from = (first - 1) * file.part_size;
+    let read_to = (last * file.part_size).min(file.size);
+    let source = match objects::get(&file.object_key, read_from, Some(read_to - read_from)) {
+        Ok((_, source)) => source,
+        Err(error) => return refuse(object_refusal(error), out),
+    };
+    let take = end - start + 1;
+    let verified = match hmac_registry::verify_stream(&file.id, first as u32, source, start - read_from, take) {
+        Ok(verified) => verified,
+        Err(RegistryError::Tampered(part)) => {
+            eprintln!("file {} failed verification at part {part}: not served", file.id);
+            let refusal = Refusal::new(
+                500,
+                format!("the stored file failed verification (part {part}); it is not served"),
+            );
+            return refuse(refusal, out);
+        }
+        Err(error) => return refuse(registry_refusal(error), out),
+    };
+    let plaintext = match crypto::decrypt_stream(&file.enc_key_id, &file.iv, start, verified) {
+        Ok(plaintext) => plaintext,
+        Err(error) => return refuse(Refusal::new(500, format!("the file's key is unusable: {error:?}")), out),
+    };
+    let mut headers = vec![
+        ("content-type", file.content_type.clone()),
+        ("content-length", take.to_string()),
+        ("accept-ranges", "bytes".to_owned()),
+        ("etag", format!("\"{}\"", file.hmac.clone().unwrap_or_default())),
+        ("content-disposition", format!("attachment; filename=\"{}\"", quoted(&file.filename))),
+    ];
+    if status == 206 {
+        headers.push(("content-range", format!("bytes {start}-{end}/{}", file.size)));
+    }
+    if let Err(error) = respond_stream(out, status, &headers, plaintext) {
+        // A later part failed verification, or the client went away: the body is cut.
+        eprintln!("the download of file {} was cut: {error}", file.id);
+    }
+    Ok(())
+}
+
+/// A file name fit for a quoted header parameter.
+fn quoted(name: &str) -> String {
+    name.chars()
+        .map(|c| if c == '"' || c == '\\' || c.is_control() || !c.is_ascii() { '_' } else { c })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::byte_range;
+
+    #[test]
+    fn ranges_as_rfc_9110_reads_them() {
+        assert_eq!(byte_range(None, 100), Ok(None));
+        assert_eq!(byte_range(Some("bytes=0-9"), 100), Ok(Some((0, 9))));
+        assert_eq!(byte_range(Some("bytes=90-"), 100), Ok(Some((90, 99))));
+        assert_eq!(byte_range(Some("bytes=-10"), 100), Ok(Some((90, 99))));
+        assert_eq!(byte_range(Some("bytes=50-1000"), 100), Ok(Some((50, 99))));
+        assert_eq!(byte_range(Some("bytes=100-"), 100), Err(()));
+        assert_eq!(byte_range(Some("bytes=-0"), 100), Err(()));
+        assert_eq!(byte_range(Some("bytes=0-1,5-6"), 100), Ok(None));
+        assert_eq!(byte_range(Some("bytes=9-1"), 100), Ok(None));
+        assert_eq!(byte_range(Some("items=1-2"), 100), Ok(None));
+    }
+}
