@@ -3,21 +3,21 @@
 //! names, registry entries and key ids, on both backend pairs, and the owner's data is intact
 //! afterwards.
 
-use blackbox::{AppCopy, Backends, ProbeHost, Services, unique_name};
+use blackbox::{AppCopy, Backends, AppHost, Services, unique_name};
 use serde_json::{Value, json};
 
-async fn sql(probe: &ProbeHost, route: &str, statement: &str, params: Value) -> (u16, Value) {
+async fn sql(probe: &AppHost, route: &str, statement: &str, params: Value) -> (u16, Value) {
     let body = json!({"statement": statement, "params": params}).to_string();
     probe.call("POST", &format!("/sql/{route}"), body).await
 }
 
 async fn a_hostile_app_reaches_nothing_of_another(backends: Backends) {
     let mut services = Services::start(backends);
-    let owner = ProbeHost::start(&mut services, "owner", &[]);
+    let owner = AppHost::start(&mut services, "probe", "owner", &[]);
     // The intruder shares the host's data directory, database and bucket with the owner.
     let data_dir = owner.host_data_dir().to_string_lossy().into_owned();
     let intruder_app = AppCopy::new("probe", &unique_name("intruder"));
-    let intruder = ProbeHost::serve(&mut services, intruder_app, &["--data-dir", &data_dir]);
+    let intruder = AppHost::serve(&mut services, intruder_app, &["--data-dir", &data_dir]);
     let owner_name = owner.app.app.clone();
 
     // The owner's data: an object, an upload in progress, a table, a registry entry, a key.

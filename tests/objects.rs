@@ -2,7 +2,7 @@
 //! multipart uploads out of order with a re-sent part, ranged reads, S3's part rules with the
 //! same answers on both, a stream of the wrong length storing nothing, aborts leaving nothing.
 
-use blackbox::{Backends, ProbeHost, Services};
+use blackbox::{Backends, AppHost, Services};
 use serde_json::Value;
 
 const MIB: usize = 1 << 20;
@@ -13,7 +13,7 @@ fn random_bytes(length: usize, seed: u64) -> Vec<u8> {
     (0..length).map(|_| rng.random()).collect()
 }
 
-async fn create(probe: &ProbeHost, key: &str) -> String {
+async fn create(probe: &AppHost, key: &str) -> String {
     let (status, answer) = probe.call("POST", &format!("/objects/multipart?key={key}"), "").await;
     assert_eq!(status, 200, "{answer}");
     answer["upload_id"].as_str().unwrap().to_owned()
@@ -21,7 +21,7 @@ async fn create(probe: &ProbeHost, key: &str) -> String {
 
 async fn multipart_round_trip(backends: Backends) {
     let mut services = Services::start(backends);
-    let probe = ProbeHost::start(&mut services, "objects", &["--workers", "2", "-k", "gthread", "--threads", "4"]);
+    let probe = AppHost::start(&mut services, "probe", "objects", &["--workers", "2", "-k", "gthread", "--threads", "4"]);
     let key = "files/2024/report%20final.bin";
     let upload = create(&probe, key).await;
     // Parts 3, 1 and 2 (5 MiB, 5 MiB, 1 MiB + 7), sent out of order and at once.
@@ -90,7 +90,7 @@ async fn multipart_uploads_round_trip_on_s3() {
 
 async fn rules_and_refusals(backends: Backends) {
     let mut services = Services::start(backends);
-    let probe = ProbeHost::start(&mut services, "rules", &[]);
+    let probe = AppHost::start(&mut services, "probe", "rules", &[]);
     let upload = create(&probe, "k").await;
     let part = |number: u32, body: Vec<u8>| {
         let path = format!("/objects/part?key=k&upload_id={upload}&part={number}");
@@ -160,7 +160,7 @@ async fn rules_and_refusals_on_s3() {
 
 /// A body sent in two halves, with `between` run after the first has been read.
 async fn send_in_halves(
-    probe: &ProbeHost,
+    probe: &AppHost,
     path: &str,
     body: Vec<u8>,
     between: impl FnOnce(),
@@ -192,7 +192,7 @@ async fn send_in_halves(
 #[tokio::test]
 async fn an_s3_outage_mid_part_fails_that_part_and_the_host_goes_on() {
     let mut services = Services::start(Backends::PostgresS3);
-    let probe = ProbeHost::start(&mut services, "s3down", &[]);
+    let probe = AppHost::start(&mut services, "probe", "s3down", &[]);
     let upload = create(&probe, "big").await;
     let mut s3 = services.s3.take().unwrap();
     let started = std::time::Instant::now();
@@ -225,7 +225,7 @@ async fn s3_requests_are_tried_three_times_then_answered() {
     let s3_addr = services.s3.as_ref().unwrap().addr;
     let relay = blackbox::Relay::start(s3_addr, blackbox::RelayMode::Forward);
     let endpoint = format!("http://{}", relay.addr);
-    let probe = ProbeHost::start(&mut services, "retries", &["--s3-endpoint", &endpoint]);
+    let probe = AppHost::start(&mut services, "probe", "retries", &["--s3-endpoint", &endpoint]);
     let upload = create(&probe, "k").await;
     // From now on S3 drops every connection: each attempt is one connection.
     relay.set_mode(blackbox::RelayMode::Drop);

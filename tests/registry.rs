@@ -5,7 +5,7 @@
 
 use std::process::{Command, Stdio};
 
-use blackbox::{AppCopy, Backends, ProbeHost, Services, repo_root, unique_name, unwrap_key_id};
+use blackbox::{AppCopy, Backends, AppHost, Services, repo_root, unique_name, unwrap_key_id};
 use std::io::Write;
 
 const MIB: usize = 1 << 20;
@@ -47,7 +47,7 @@ fn openssl_ctr(key: &[u8], plaintext: &[u8]) -> Vec<u8> {
 }
 
 struct Upload<'a> {
-    probe: &'a ProbeHost,
+    probe: &'a AppHost,
     key: String,
     upload: String,
     enc: String,
@@ -74,7 +74,7 @@ impl Upload<'_> {
     }
 }
 
-async fn key_id(probe: &ProbeHost) -> String {
+async fn key_id(probe: &AppHost) -> String {
     let (_, answer) = probe.call("GET", "/crypto/key", "").await;
     answer["key_id"].as_str().unwrap().to_owned()
 }
@@ -90,7 +90,7 @@ async fn parts_in_any_order_make_the_documented_tag(backends: Backends) {
     let part = |number: usize| &plaintext[(number - 1) * PART..(number * PART).min(plaintext.len())];
 
     // First host: the entry begins, parts 3 and 1 arrive at once.
-    let probe = ProbeHost::serve(&mut services, app, &args);
+    let probe = AppHost::serve(&mut services, app, &args);
     let (enc, mac) = (key_id(&probe).await, key_id(&probe).await);
     let (_, created) = probe.call("POST", "/objects/multipart?key=doc", "").await;
     let upload = Upload {
@@ -108,9 +108,9 @@ async fn parts_in_any_order_make_the_documented_tag(backends: Backends) {
     drop(upload);
 
     // A restart mid-upload: the registry and the stored parts are still there.
-    let ProbeHost { host, app, .. } = probe;
+    let AppHost { host, app, .. } = probe;
     drop(host);
-    let probe = ProbeHost::serve(&mut services, app, &args);
+    let probe = AppHost::serve(&mut services, app, &args);
     let upload = Upload {
         probe: &probe,
         key: "doc".into(),
@@ -169,7 +169,7 @@ async fn parts_in_any_order_make_the_documented_tag_postgres_s3() {
 
 async fn finishing_checks_the_registry_against_the_store(backends: Backends) {
     let mut services = Services::start(backends);
-    let probe = ProbeHost::start(&mut services, "finish", &[]);
+    let probe = AppHost::start(&mut services, "probe", "finish", &[]);
     let (enc, mac) = (key_id(&probe).await, key_id(&probe).await);
     let (_, created) = probe.call("POST", "/objects/multipart?key=f", "").await;
     let upload = Upload {

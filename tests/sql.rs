@@ -4,18 +4,18 @@
 //! host keeps serving, and is over when the database is back.
 
 use blackbox::{
-    Backends, ProbeHost, Relay, RelayMode, Services, database_addr, database_url_via,
+    Backends, AppHost, Relay, RelayMode, Services, database_addr, database_url_via,
 };
 use serde_json::{Value, json};
 
-async fn sql(probe: &ProbeHost, route: &str, statement: &str, params: Value) -> (u16, Value) {
+async fn sql(probe: &AppHost, route: &str, statement: &str, params: Value) -> (u16, Value) {
     let body = json!({"statement": statement, "params": params}).to_string();
     probe.call("POST", &format!("/sql/{route}"), body).await
 }
 
 async fn same_statements_on_both(backends: Backends) {
     let mut services = Services::start(backends);
-    let probe = ProbeHost::start(&mut services, "sql", &["--workers", "2"]);
+    let probe = AppHost::start(&mut services, "probe", "sql", &["--workers", "2"]);
     let (status, answer) = sql(
         &probe,
         "execute",
@@ -103,7 +103,7 @@ async fn the_same_statements_run_on_postgres() {
 #[tokio::test]
 async fn postgres_types_outside_the_interface_say_how_to_cast() {
     let mut services = Services::start(Backends::PostgresS3);
-    let probe = ProbeHost::start(&mut services, "types", &[]);
+    let probe = AppHost::start(&mut services, "probe", "types", &[]);
     let (status, answer) = sql(&probe, "query", "SELECT now() AS at", json!([])).await;
     assert_eq!(status, 400, "{answer}");
     assert!(answer["error"]["kind"].as_str().unwrap().contains("at::text"), "{answer}");
@@ -116,7 +116,7 @@ async fn a_database_outage_fails_requests_with_unavailable_and_passes() {
     let relay = Relay::start(database_addr(), RelayMode::Forward);
     let url = database_url_via(relay.addr);
     let mut services = Services::start(Backends::SqliteLocal);
-    let probe = ProbeHost::start(&mut services, "outage", &["--database-url", &url, "--database-timeout", "2"]);
+    let probe = AppHost::start(&mut services, "probe", "outage", &["--database-url", &url, "--database-timeout", "2"]);
     blackbox::drop_postgres_app(&probe.app.app);
     let (status, answer) = sql(&probe, "execute", "CREATE TABLE t (id BIGINT)", json!([])).await;
     assert_eq!(status, 200, "{answer}");

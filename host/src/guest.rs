@@ -23,6 +23,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 use crate::capabilities::AppCapabilities;
 use crate::capabilities::crypto::Crypto;
 use crate::guest_output::GuestOutput;
+use crate::http::drain::DrainedIfDropped;
 use crate::limits::MemoryLimiter;
 use crate::settings::{Settings, human_size};
 
@@ -33,6 +34,8 @@ pub struct Guest {
     memory_budget: Option<u64>,
     timeout: Option<Duration>,
     capabilities: Arc<AppCapabilities>,
+    /// `-e KEY=VALUE` pairs: the app's environment, as gunicorn's app sees them.
+    env: Vec<(String, String)>,
 }
 
 /// Why a guest gave no response.
@@ -116,6 +119,7 @@ impl Guest {
             memory_budget: settings.memory_budget,
             timeout: settings.timeout,
             capabilities,
+            env: settings.env.clone(),
         })
     }
 
@@ -175,7 +179,7 @@ impl Guest {
             let request = store
                 .data_mut()
                 .http()
-                .new_incoming_request(scheme, request)?;
+                .new_incoming_request(scheme, request.map(DrainedIfDropped::new))?;
             let response = store.data_mut().http().new_response_outparam(sender)?;
             let proxy = self.pre.instantiate_async(&mut store).await?;
             proxy
@@ -217,6 +221,7 @@ impl Guest {
             wasi: WasiCtxBuilder::new()
                 .stdout(GuestOutput::new("stdout"))
                 .stderr(GuestOutput::new("stderr"))
+                .envs(&self.env)
                 .build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),

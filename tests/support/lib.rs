@@ -106,6 +106,7 @@ pub struct HostProcess {
     ready: Ready,
     log_path: PathBuf,
     stdout_path: PathBuf,
+    data_dir: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -216,6 +217,11 @@ impl HostProcess {
             ready,
             log_path,
             stdout_path,
+            data_dir: args
+                .iter()
+                .rposition(|arg| arg == "--data-dir")
+                .and_then(|index| args.get(index + 1))
+                .map_or_else(|| dir.path().join("data"), PathBuf::from),
             _dir: dir,
         };
         let deadline = Instant::now() + START_DEADLINE;
@@ -268,9 +274,9 @@ impl HostProcess {
         }
     }
 
-    /// Where the host keeps its data: the `--data-dir` the helper gave it.
+    /// Where the host keeps its data: its last `--data-dir`.
     pub fn data_dir(&self) -> PathBuf {
-        self._dir.path().join("data")
+        self.data_dir.clone()
     }
 
     /// The first bind's address (TCP hosts only).
@@ -942,23 +948,29 @@ pub fn unwrap_key_id(key_id: &str, app: &str) -> Vec<u8> {
         .expect("the key id does not unwrap as documented")
 }
 
-/// A host serving a copy of the probe guest (every capability behind a route) on `Backends`,
-/// with the tests' master key.
-pub struct ProbeHost {
+/// A host serving a copy of a guest (the probe guest puts every capability behind a route) on
+/// `Backends`, with the tests' master key.
+pub struct AppHost {
     pub host: HostProcess,
     pub app: AppCopy,
     pub client: reqwest::Client,
     _key_dir: tempfile::TempDir,
 }
 
-impl ProbeHost {
-    pub fn start(services: &mut Services, app_prefix: &str, extra_args: &[&str]) -> ProbeHost {
-        let app = AppCopy::new("probe", &unique_name(app_prefix));
-        ProbeHost::serve(services, app, extra_args)
+impl AppHost {
+    /// Serves a new copy of `guests/<guest>.wasm`, named after `app_prefix`.
+    pub fn start(
+        services: &mut Services,
+        guest: &str,
+        app_prefix: &str,
+        extra_args: &[&str],
+    ) -> AppHost {
+        let app = AppCopy::new(guest, &unique_name(app_prefix));
+        AppHost::serve(services, app, extra_args)
     }
 
     /// Serves `app` (which may be an app an earlier host served: its data stays).
-    pub fn serve(services: &mut Services, app: AppCopy, extra_args: &[&str]) -> ProbeHost {
+    pub fn serve(services: &mut Services, app: AppCopy, extra_args: &[&str]) -> AppHost {
         let key_dir = test_dir();
         let key_file = key_dir.path().join("master.key");
         fs::write(&key_file, MASTER_KEY).expect("cannot write the master key");
@@ -972,7 +984,7 @@ impl ProbeHost {
         args.extend(extra_args.iter().map(|arg| arg.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let host = HostProcess::start_with_env(&app.path, &args, &S3_CREDENTIALS);
-        ProbeHost {
+        AppHost {
             host,
             app,
             client: http_client(),

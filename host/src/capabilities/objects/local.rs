@@ -326,11 +326,12 @@ impl LocalStore {
                 {
                     let key = format!("{key_prefix}{segment}");
                     if key.starts_with(prefix) {
-                        let metadata = entry
-                            .metadata()
-                            .await
-                            .map_err(|e| unavailable("cannot list the objects", e))?;
-                        found.push(info(&key, &metadata));
+                        match entry.metadata().await {
+                            Ok(metadata) => found.push(info(&key, &metadata)),
+                            // Deleted since the directory was read.
+                            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(error) => return Err(unavailable("cannot list the objects", error)),
+                        }
                     }
                 }
             }
@@ -361,10 +362,12 @@ async fn part_files(dir: &Path) -> Answer<Vec<(PartInfo, PathBuf)>> {
         let Ok(number) = number.parse::<u32>() else {
             continue;
         };
-        let metadata = entry
-            .metadata()
-            .await
-            .map_err(|e| unavailable("cannot list the parts", e))?;
+        let metadata = match entry.metadata().await {
+            Ok(metadata) => metadata,
+            // Replaced by a write of the same part since the directory was read.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(unavailable("cannot list the parts", error)),
+        };
         let modified = metadata.modified().ok();
         parts.push((
             modified,

@@ -1,0 +1,360 @@
+//! The Lenzeye guest end to end, as its clients use it, through the real binary on both backend
+//! pairs: a 64 MiB + 123 byte file in 10 MiB parts sent out of order four at a time, a part sent
+//! again, a restart between parts, the file back byte for byte and by range; aborts that leave
+//! nothing; another user's files out of reach; bad requests answered and changing nothing; a
+//! tampered file never served; 1 GiB through a guest capped at 16 MiB.
+
+use std::process::Command;
+
+use blackbox::{AppCopy, AppHost, Backends, Services, repo_root, unique_name};
+use futures::StreamExt;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+const MIB: usize = 1 << 20;
+const PART: usize = 10 * MIB;
+
+fn random_bytes(length: usize, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let mut bytes = vec![0u8; length];
+    rng.fill(&mut bytes[..]);
+    bytes
+}
+
+/// A Lenzeye user: requests with its API key.
+struct User<'a> {
+    host: &'a AppHost,
+    key: String,
+}
+
+impl<'a> User<'a> {
+    async fn create(host: &'a AppHost) -> User<'a> {
+        let (status, answer) = host.call("POST", "/users", "").await;
+        assert_eq!(status, 201, "{answer}");
+        User {
+            host,
+            key: answer["api_key"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    fn request(&self, method: &str, path: &str) -> reqwest::RequestBuilder {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        self.host
+            .client
+            .request(method, self.host.host.url(path))
+            .bearer_auth(&self.key)
+    }
+
+    async fn call(&self, method: &str, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let response = self
+            .request(method, path)
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|error| panic!("{method} {path}: {error}"));
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn initiate(&self, filename: &str, size: usize) -> (String, String) {
+        let body = json!({"filename": filename, "size": size, "content_type": "application/x-test"});
+        let (status, answer) = self.call("POST", "/upload/initiate", body.to_string()).await;
+        assert_eq!(status, 201, "{answer}");
+        assert_eq!(answer["part_size"], PART, "{answer}");
+        assert_eq!(answer["parts"], size.div_ceil(PART), "{answer}");
+        (
+            answer["upload_id"].as_str().unwrap().to_owned(),
+            answer["file_id"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    async fn part(&self, upload_id: &str, number: usize, bytes: Vec<u8>) -> (u16, Value) {
+        self.call("PUT", &format!("/upload/part?upload_id={upload_id}&part_number={number}"), bytes)
+            .await
+    }
+
+    async fn complete(&self, upload_id: &str) -> (u16, Value) {
+        self.call("POST", &format!("/upload/complete?upload_id={upload_id}"), "").await
+    }
+
+    async fn download(&self, file_id: &str, range: Option<&str>) -> (u16, Vec<u8>, reqwest::header::HeaderMap) {
+        let mut request = self.request("GET", &format!("/files/{file_id}"));
+        if let Some(range) = range {
+            request = request.header("range", range);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        (status, response.bytes().await.unwrap().to_vec(), headers)
+    }
+}
+
+fn part_of(file: &[u8], number: usize) -> Vec<u8> {
+    file[(number - 1) * PART..(number * PART).min(file.len())].to_vec()
+}
+
+/// Sends `numbers` four at a time, each expected to be taken.
+async fn send_parts(user: &User<'_>, upload_id: &str, file: &[u8], numbers: &[usize]) {
+    let sends = futures::stream::iter(numbers.iter().map(|&number| {
+        let bytes = part_of(file, number);
+        async move { (number, user.part(upload_id, number, bytes).await) }
+    }))
+    .buffer_unordered(4)
+    .collect::<Vec<_>>()
+    .await;
+    for (number, (status, answer)) in sends {
+        assert_eq!(status, 200, "part {number}: {answer}");
+        assert_eq!(answer["part_number"], number, "{answer}");
+    }
+}
+
+async fn uploads_and_downloads(backends: Backends) {
+    let mut services = Services::start(backends);
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_string_lossy().into_owned();
+    let app = AppCopy::new("lenzeye", &unique_name("lenzeye"));
+    let args = ["--data-dir", &data_dir, "-k", "gthread", "--threads", "6", "--workers", "2"];
+    let file = random_bytes(64 * MIB + 123, 64);
+
+    // The first host takes half the parts, out of order, four at a time.
+    let host = AppHost::serve(&mut services, app, &args);
+    let user = User::create(&host).await;
+    let key = user.key.clone();
+    let (upload_id, file_id) = user.initiate("report.bin", file.len()).await;
+    send_parts(&user, &upload_id, &file, &[7, 2, 5, 1]).await;
+    // A part sent again (with wrong bytes first, then right ones) replaces itself.
+    let (status, _) = user.part(&upload_id, 3, random_bytes(PART, 3)).await;
+    assert_eq!(status, 200);
+    let (status, answer) = user.complete(&upload_id).await;
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(answer["missing_parts"], json!([4, 6]), "{answer}");
+
+    // A restart between parts: the second host finishes the upload.
+    let AppHost { host: process, app, .. } = host;
+    drop(process);
+    let host = AppHost::serve(&mut services, app, &args);
+    let user = User { host: &host, key };
+    send_parts(&user, &upload_id, &file, &[6, 3, 4]).await;
+    let (status, done) = user.complete(&upload_id).await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["size"], file.len(), "{done}");
+    assert_eq!(done["hmac"].as_str().unwrap().len(), 64, "{done}");
+    let (status, again) = user.complete(&upload_id).await;
+    assert_eq!((status, &again), (200, &done), "completing again answers the same");
+
+    let (status, whole, headers) = user.download(&file_id, None).await;
+    assert_eq!(status, 200);
+    assert!(whole == file, "the download is not the file uploaded");
+    assert_eq!(headers["content-type"], "application/x-test");
+    // A range across a part boundary, and the last bytes.
+    let (status, range, headers) = user.download(&file_id, Some("bytes=10485700-10485899")).await;
+    assert_eq!(status, 206);
+    assert!(range == file[10_485_700..10_485_900], "the range differs");
+    assert_eq!(headers["content-range"], format!("bytes 10485700-10485899/{}", file.len()));
+    let (status, tail, _) = user.download(&file_id, Some("bytes=-123")).await;
+    assert_eq!((status, tail.as_slice()), (206, &file[file.len() - 123..]));
+    let (status, _, _) = user.download(&file_id, Some(&format!("bytes={}-", file.len()))).await;
+    assert_eq!(status, 416);
+
+    let (status, listed) = user.call("GET", "/files", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(listed["files"][0]["file_id"], file_id.as_str(), "{listed}");
+    assert_eq!(listed["files"][0]["status"], "ready", "{listed}");
+
+    // Another user sees none of it.
+    let stranger = User::create(&host).await;
+    let (status, _, _) = stranger.download(&file_id, None).await;
+    assert_eq!(status, 404, "another user's file was served");
+    let (status, listed) = stranger.call("GET", "/files", "").await;
+    assert_eq!((status, &listed["files"]), (200, &json!([])));
+    let (status, _) = stranger.call("DELETE", &format!("/files/{file_id}"), "").await;
+    assert_eq!(status, 404, "another user's file was deleted");
+    let (status, _) = stranger.complete(&upload_id).await;
+    assert_eq!(status, 404);
+
+    // An aborted upload leaves nothing in storage or in the registry.
+    let (upload_id, aborted_id) = user.initiate("aborted.bin", 2 * PART).await;
+    send_parts(&user, &upload_id, &file[..2 * PART], &[1, 2]).await;
+    let (status, _) = stranger.call("POST", &format!("/upload/abort?upload_id={upload_id}"), "").await;
+    assert_eq!(status, 404, "another user aborted the upload");
+    let (status, _) = user.call("POST", &format!("/upload/abort?upload_id={upload_id}"), "").await;
+    assert_eq!(status, 204);
+    let (status, _) = user.part(&upload_id, 1, part_of(&file, 1)).await;
+    assert_eq!(status, 404, "an aborted upload takes parts");
+    assert_eq!(leftovers(&services, &host, &aborted_id), 0, "the aborted upload left something");
+
+    // Deleting the finished file removes it too.
+    let (status, _) = user.call("DELETE", &format!("/files/{file_id}"), "").await;
+    assert_eq!(status, 204);
+    let (status, _, _) = user.download(&file_id, None).await;
+    assert_eq!(status, 404);
+    assert_eq!(leftovers(&services, &host, &file_id), 0, "the deleted file left something");
+    assert!(!host.host.log().contains("[ERROR]"), "{}", host.host.log());
+}
+
+/// What storage and the registry still hold of a file: objects, upload parts, registry rows.
+fn leftovers(services: &Services, host: &AppHost, file_id: &str) -> usize {
+    let app = &host.app.app;
+    match &services.s3 {
+        Some(s3) => {
+            let key = format!("tests/{app}/files/{file_id}");
+            let stored = s3.keys().iter().filter(|k| **k == key).count()
+                + s3.uploads().iter().filter(|k| **k == key).count();
+            let rows = blackbox::psql(&format!(
+                "SELECT (SELECT count(*) FROM host_state.hmac_entries WHERE app = '{app}' AND name = '{file_id}')
+                      + (SELECT count(*) FROM host_state.hmac_parts WHERE app = '{app}' AND name = '{file_id}')"
+            ));
+            stored + rows.parse::<usize>().unwrap()
+        }
+        None => {
+            let root = host.host_data_dir().join("apps").join(app);
+            let key = format!("files/{file_id}");
+            let uploads = std::fs::read_dir(root.join("uploads")).map_or(0, |dir| {
+                dir.flatten()
+                    .filter(|upload| std::fs::read_to_string(upload.path().join("key")).ok().as_deref() == Some(key.as_str()))
+                    .count()
+            });
+            let objects = usize::from(root.join(format!("objects/files/{file_id}.o")).exists());
+            let script = format!(
+                "import sqlite3; db = sqlite3.connect('{}'); print(sum(db.execute(q, ('{app}', '{file_id}')).fetchone()[0] for q in ['SELECT count(*) FROM hmac_entries WHERE app = ? AND name = ?', 'SELECT count(*) FROM hmac_parts WHERE app = ? AND name = ?']))",
+                host.host_data_dir().join("host.sqlite").display()
+            );
+            let output = Command::new("python3").args(["-c", &script]).output().unwrap();
+            let rows: usize = String::from_utf8_lossy(&output.stdout).trim().parse().unwrap();
+            uploads + objects + rows
+        }
+    }
+}
+
+#[tokio::test]
+async fn uploads_and_downloads_on_sqlite_and_the_local_store() {
+    uploads_and_downloads(Backends::SqliteLocal).await;
+}
+
+#[tokio::test]
+async fn uploads_and_downloads_on_postgres_and_s3() {
+    uploads_and_downloads(Backends::PostgresS3).await;
+}
+
+#[tokio::test]
+async fn bad_requests_are_answered_and_change_nothing() {
+    let mut services = Services::start(Backends::SqliteLocal);
+    let host = AppHost::start(&mut services, "lenzeye", "badinput", &[]);
+    let user = User::create(&host).await;
+    let (status, answer) = host.call("GET", "/files", "").await;
+    assert_eq!(status, 401, "no key: {answer}");
+    let wrong = User { host: &host, key: "lz_nope".into() };
+    assert_eq!(wrong.call("GET", "/files", "").await.0, 401);
+
+    for body in ["not json", r#"{"size": 10}"#, r#"{"filename": "x", "size": -1}"#, r#"{"filename": "x", "size": "10"}"#] {
+        let (status, answer) = user.call("POST", "/upload/initiate", body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(answer["error"].is_string(), "{answer}");
+    }
+    let file = random_bytes(PART + 10, 5);
+    let (upload_id, file_id) = user.initiate("x.bin", file.len()).await;
+    for (number, bytes, expected) in [
+        (0, vec![1u8; 10], 400),
+        (3, vec![1u8; 10], 400),
+        (2, vec![1u8; 9], 400),
+        (1, vec![1u8; 100], 400),
+    ] {
+        let (status, answer) = user.part(&upload_id, number, bytes).await;
+        assert_eq!(status, expected, "part {number}: {answer}");
+    }
+    let (status, _) = user.part("no-such-upload", 1, vec![0; 10]).await;
+    assert_eq!(status, 404);
+    // No Content-Length: a chunked body.
+    let chunked = reqwest::Body::wrap_stream(futures::stream::iter([Ok::<_, std::io::Error>(vec![0u8; 10])]));
+    let (status, answer) = user
+        .call("PUT", &format!("/upload/part?upload_id={upload_id}&part_number=2"), chunked)
+        .await;
+    assert_eq!(status, 411, "{answer}");
+    let (status, answer) = user.complete(&upload_id).await;
+    assert_eq!((status, &answer["missing_parts"]), (409, &json!([1, 2])), "{answer}");
+    let (status, _, _) = user.download(&file_id, None).await;
+    assert_eq!(status, 409, "an incomplete file was served");
+    // None of it changed anything: the upload still completes from scratch.
+    send_parts(&user, &upload_id, &file, &[2, 1]).await;
+    assert_eq!(user.complete(&upload_id).await.0, 200);
+    let (status, whole, _) = user.download(&file_id, None).await;
+    assert!(status == 200 && whole == file, "the file came back different");
+    let (status, answer) = user.part(&upload_id, 1, part_of(&file, 1)).await;
+    assert_eq!(status, 409, "a completed upload took a part: {answer}");
+
+    // A changed byte in storage: the file is not served, and the log says why.
+    let object = host
+        .host_data_dir()
+        .join("apps")
+        .join(&host.app.app)
+        .join(format!("objects/files/{file_id}.o"));
+    let mut stored = std::fs::read(&object).unwrap();
+    stored[100] ^= 0x20;
+    std::fs::write(&object, stored).unwrap();
+    let (status, body, _) = user.download(&file_id, None).await;
+    assert_eq!(status, 500, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("failed verification"));
+    assert!(host.host.log().contains("does not match its MAC"), "{}", host.host.log());
+    let (status, _) = host.call("GET", "/upload/ram-status", "").await;
+    assert_eq!(status, 401, "ram-status needs a key like every route but /users");
+    let (status, figures) = user.call("GET", "/upload/ram-status", "").await;
+    assert_eq!(status, 200);
+    for field in ["ram_used_mb", "ram_limit_mb", "ram_free_mb", "instance_memory_mb", "instance_memory_limit_mb"] {
+        assert!(figures[field].is_number(), "{field}: {figures}");
+    }
+}
+
+#[tokio::test]
+async fn a_gigabyte_through_a_guest_capped_at_16_mib() {
+    const PARTS: usize = 103;
+    const SIZE: usize = 1 << 30;
+    let mut services = Services::start(Backends::SqliteLocal);
+    let host = AppHost::start(&mut services, "lenzeye", "gigabyte", &["--memory-limit", "16MiB", "-k", "gthread", "--threads", "4", "--timeout", "120"]);
+    let user = User::create(&host).await;
+    let (upload_id, file_id) = user.initiate("big.bin", SIZE).await;
+    // Parts are made on the fly from a seed, so the test holds at most four of them.
+    let part = |number: usize| {
+        let length = PART.min(SIZE - (number - 1) * PART);
+        random_bytes(length, number as u64)
+    };
+    let sends = futures::stream::iter((1..=PARTS).map(|number| {
+        let bytes = part(number);
+        let user = &user;
+        let upload_id = &upload_id;
+        async move { (number, user.part(upload_id, number, bytes).await.0) }
+    }))
+    .buffer_unordered(4)
+    .collect::<Vec<_>>()
+    .await;
+    assert!(sends.iter().all(|(_, status)| *status == 200), "{sends:?}");
+    let (status, done) = user.complete(&upload_id).await;
+    assert_eq!(status, 200, "{done}");
+    let mut expected = Sha256::new();
+    for number in 1..=PARTS {
+        expected.update(part(number));
+    }
+    let response = user.request("GET", &format!("/files/{file_id}")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut received = Sha256::new();
+    let mut length = 0usize;
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.unwrap();
+        length += chunk.len();
+        received.update(&chunk);
+    }
+    assert_eq!(length, SIZE);
+    assert_eq!(received.finalize(), expected.finalize(), "the gigabyte came back different");
+    let (_, figures) = user.call("GET", "/upload/ram-status", "").await;
+    assert_eq!(figures["instance_memory_limit_mb"], 16.0, "{figures}");
+}
+
+#[test]
+fn the_readme_and_the_procfile_serve_lenzeye() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    assert!(readme.contains("serve guests/lenzeye.wasm"), "the README's first command must serve Lenzeye");
+    let procfile = std::fs::read_to_string(repo_root().join("Procfile")).unwrap();
+    assert!(procfile.starts_with("web: host serve guests/lenzeye.wasm "), "{procfile}");
+}
