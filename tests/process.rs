@@ -510,3 +510,84 @@ fn usr1_reopens_the_log_files_after_rotation() {
             .contains("Listening at:")
     );
 }
+
+/// The Procfile's command, run as a platform runs it: by a shell, with `host` on the PATH and
+/// `PORT` set, from the repository (guests/lenzeye.wasm is relative). Its data and compile
+/// cache go where the platform's XDG directories say.
+#[tokio::test]
+async fn the_procfile_command_serves_lenzeye_as_written() {
+    let root = blackbox::repo_root();
+    let procfile = std::fs::read_to_string(root.join("Procfile")).unwrap();
+    let command = procfile
+        .lines()
+        .find_map(|line| line.strip_prefix("web: "))
+        .expect("the Procfile has a web process");
+    let port = blackbox::free_port();
+    let home = tempfile::tempdir().unwrap();
+    let bin_dir = host_bin().parent().unwrap().to_path_buf();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let log = home.path().join("log");
+    let mut child = Command::new("sh")
+        .args(["-c", &format!("exec {command}")])
+        .current_dir(&root)
+        .env("PATH", path)
+        .env("PORT", port.to_string())
+        .env("XDG_DATA_HOME", home.path().join("data"))
+        .env("XDG_CACHE_HOME", home.path().join("cache"))
+        .env_remove("HOST_CMD_ARGS")
+        .env_remove("WEB_CONCURRENCY")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let client = http_client();
+    let started = poll_until(Duration::from_secs(120), Duration::from_millis(50), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+    });
+    assert!(started.is_some(), "{}", std::fs::read_to_string(&log).unwrap());
+
+    let json = |response: reqwest::Response| async move {
+        serde_json::from_str::<serde_json::Value>(&response.text().await.unwrap()).unwrap()
+    };
+    let user = json(client.post(format!("{url}/users")).send().await.unwrap()).await;
+    let key = user["api_key"].as_str().expect("a user was created").to_owned();
+    let file = b"a file uploaded through the Procfile's host".to_vec();
+    let initiated = json(
+        client
+            .post(format!("{url}/upload/initiate"))
+            .bearer_auth(&key)
+            .body(serde_json::json!({"filename": "p.txt", "size": file.len()}).to_string())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let upload_id = initiated["upload_id"].as_str().unwrap();
+    let file_id = initiated["file_id"].as_str().unwrap();
+    let part = client
+        .put(format!("{url}/upload/part?upload_id={upload_id}&part_number=1"))
+        .bearer_auth(&key)
+        .body(file.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), 200);
+    let completed = client
+        .post(format!("{url}/upload/complete?upload_id={upload_id}"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(completed.status(), 200);
+    let download = client.get(format!("{url}/files/{file_id}")).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(download.bytes().await.unwrap().to_vec(), file);
+
+    // The seed's flags are in force: gthread with 6 threads, the heartbeat under /dev/shm.
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.contains("Using worker: gthread"), "{log_text}");
+    // SAFETY: kill(2) on the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the Procfile's host exited with {status}");
+}
