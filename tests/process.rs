@@ -304,6 +304,10 @@ fn a_config_over_the_memory_budget_is_refused_with_the_arithmetic() {
         stderr.contains("6 instances × 64 MiB --memory-limit"),
         "stderr:\n{stderr}"
     );
+    assert!(
+        stderr.contains("4 part buffers × 16 MiB --part-buffer"),
+        "stderr:\n{stderr}"
+    );
     assert!(stderr.contains("What fits"), "stderr:\n{stderr}");
 }
 

@@ -3,6 +3,7 @@
 //! out-of-memory kill in production.
 //!
 //! worst case = workers × (worker baseline + instances per worker × `--memory-limit`)
+//!              + part buffers (`--encrypt-concurrency` × `--part-buffer`, host-wide)
 //!
 //! The baseline is measured, not guessed: the master's resident memory once it has built the
 //! engine and loaded and linked the component exactly as a worker does. At run time the worst
@@ -20,6 +21,9 @@ pub struct Plan {
     pub instances: u64,
     pub memory_limit: u64,
     pub baseline: u64,
+    /// Part buffers held at once across the host, and the most each holds in memory.
+    pub buffers: u64,
+    pub part_buffer: u64,
 }
 
 impl Plan {
@@ -29,14 +33,22 @@ impl Plan {
             instances: settings.concurrency as u64,
             memory_limit: settings.memory_limit,
             baseline,
+            buffers: u64::from(settings.encrypt_concurrency),
+            part_buffer: settings.part_buffer,
         }
     }
 
+    fn buffer_memory(&self) -> u64 {
+        self.buffers.saturating_mul(self.part_buffer)
+    }
+
     pub fn worst_case(&self) -> u64 {
-        self.workers.saturating_mul(
-            self.baseline
-                .saturating_add(self.instances.saturating_mul(self.memory_limit)),
-        )
+        self.workers
+            .saturating_mul(
+                self.baseline
+                    .saturating_add(self.instances.saturating_mul(self.memory_limit)),
+            )
+            .saturating_add(self.buffer_memory())
     }
 
     /// Refuses a plan that does not fit `budget`, saying why and what would fit.
@@ -46,9 +58,10 @@ impl Plan {
             return Ok(());
         }
         let per_worker = self.baseline + self.instances * self.memory_limit;
-        let share = budget / self.workers.max(1);
+        let for_workers = budget.saturating_sub(self.buffer_memory());
+        let share = for_workers / self.workers.max(1);
         let room = share.saturating_sub(self.baseline);
-        let mut fits = vec![format!("--workers {}", budget / per_worker.max(1))];
+        let mut fits = vec![format!("--workers {}", for_workers / per_worker.max(1))];
         fits.push(format!(
             "or {} instances per worker (--threads / --worker-connections)",
             room / self.memory_limit.max(1)
@@ -59,12 +72,14 @@ impl Plan {
             room / self.instances.max(1) / mib
         ));
         bail!(
-            "the configuration does not fit --memory-budget {}: {} workers × ({} worker baseline + {} instances × {} --memory-limit) = {}. What fits with the other settings unchanged: {}",
+            "the configuration does not fit --memory-budget {}: {} workers × ({} worker baseline + {} instances × {} --memory-limit) + {} part buffers × {} --part-buffer = {}. What fits with the other settings unchanged: {}",
             human_size(budget),
             self.workers,
             human_size(self.baseline),
             self.instances,
             human_size(self.memory_limit),
+            self.buffers,
+            human_size(self.part_buffer),
             human_size(worst),
             fits.join(", ")
         )
@@ -140,12 +155,14 @@ mod tests {
             instances: 6,
             memory_limit: 64 << 20,
             baseline: 16 << 20,
+            buffers: 4,
+            part_buffer: 16 << 20,
         };
-        assert_eq!(plan.worst_case(), 4 * (16 + 6 * 64) << 20);
+        assert_eq!(plan.worst_case(), (4 * (16 + 6 * 64) + 4 * 16) << 20);
         let message = plan.check(512 << 20).unwrap_err().to_string();
-        assert!(message.contains("4 workers × (16 MiB worker baseline + 6 instances × 64 MiB --memory-limit) = 1600 MiB"), "{message}");
+        assert!(message.contains("4 workers × (16 MiB worker baseline + 6 instances × 64 MiB --memory-limit) + 4 part buffers × 16 MiB --part-buffer = 1664 MiB"), "{message}");
         assert!(message.contains("--workers 1"), "{message}");
-        assert!(message.contains("--memory-limit 18MiB"), "{message}");
+        assert!(message.contains("--memory-limit 16MiB"), "{message}");
         assert!(plan.check(2 << 30).is_ok());
     }
 }

@@ -202,9 +202,13 @@ pub fn sqlite_url(path: &Path) -> String {
 }
 
 /// Write-ahead logging lets readers in other workers go on during a write; writers wait for
-/// each other (30 s) rather than fail.
-pub const SQLITE_PRAGMAS: &str =
-    "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON;";
+/// each other (30 s) rather than fail. The page cache is kept small (SQLite's default is 2 MiB
+/// a connection): the host's tables are small, and memory is what a 512 MiB plan runs out of.
+pub const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 30000; \
+     PRAGMA foreign_keys = ON; PRAGMA cache_size = -256;";
+
+/// The page cache of an app's SQLite connection, in KiB.
+pub const SQLITE_APP_CACHE_KIB: i64 = 512;
 
 /// Whether an error means the database could not be used at all (as opposed to refusing a
 /// statement).

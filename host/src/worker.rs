@@ -83,6 +83,9 @@ pub fn run(
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("worker")
+        // File work and SQLite run on blocking threads; tokio's default of 512 lets a busy
+        // worker grow hundreds of threads, each keeping its own allocator pages.
+        .max_blocking_threads(2 * settings.concurrency.min(64) + 4)
         .build()
         .context("cannot start the async runtime")
         .map_err(StartError::Boot)?;

@@ -187,9 +187,8 @@ impl Crypto {
     }
 }
 
-/// Applies the keystream to each chunk that passes, in a slot of the host-wide bound: on the
-/// async thread when a slot is free at once (a chunk takes microseconds), else on a blocking
-/// thread that waits for one.
+/// Applies the keystream to each chunk that passes, in a slot of the host-wide bound (a chunk
+/// takes microseconds, so it is done on the async thread once the slot is taken).
 struct Encrypting {
     keystream: Arc<Keystream>,
     offset: u64,
@@ -203,25 +202,11 @@ impl Change for Encrypting {
             .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
         let offset = self.offset;
         self.offset += data.len() as u64;
-        let slot = match &self.slots {
-            Some(slots) => slots.try_take(Bound::Encryption).map(Some),
-            None => Some(None),
+        let _slot = match &self.slots {
+            Some(slots) => Some(slots.take_async(Bound::Encryption).await),
+            None => None,
         };
-        let data = match slot {
-            Some(_slot) => {
-                apply_logged(&self.keystream, offset, &mut data)?;
-                data
-            }
-            None => {
-                let (slots, keystream) = (self.slots, Arc::clone(&self.keystream));
-                tokio::task::spawn_blocking(move || {
-                    let _slot = slots.map(|slots| slots.take(Bound::Encryption));
-                    apply_logged(&keystream, offset, &mut data).map(|()| data)
-                })
-                .await
-                .context("the encryption task was lost")??
-            }
-        };
+        apply_logged(&self.keystream, offset, &mut data)?;
         Ok(Some(data.freeze()))
     }
 }

@@ -74,16 +74,15 @@ impl HostWideSlots {
             .then(|| Slot { id: self.id, bound })
     }
 
-    /// Waits for a slot without blocking an async thread.
+    /// Waits for a slot without holding a thread: slots are held for a chunk's worth of work,
+    /// so a waiter tries again each millisecond rather than parking a blocking thread (which,
+    /// one per waiter, is what a busy host would run out of).
     pub async fn take_async(&self, bound: Bound) -> Slot {
-        if let Some(slot) = self.try_take(bound) {
-            return slot;
-        }
-        let slots = *self;
-        match tokio::task::spawn_blocking(move || slots.take(bound)).await {
-            Ok(slot) => slot,
-            // The blocking pool is shutting down with the worker: go on without the bound.
-            Err(_) => Slot { id: -1, bound },
+        loop {
+            if let Some(slot) = self.try_take(bound) {
+                return slot;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
     }
 

@@ -242,7 +242,8 @@ fn sqlite_pool(
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .busy_timeout(std::time::Duration::from_secs(30))
-        .foreign_keys(true);
+        .foreign_keys(true)
+        .pragma("cache_size", format!("-{}", database::SQLITE_APP_CACHE_KIB));
     SqlitePoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(acquire_timeout)

@@ -246,6 +246,7 @@ fn bulk_threads() -> &'static tokio::runtime::Handle {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
+            .max_blocking_threads(2 * threads + 4)
             .thread_name("bulk")
             .enable_all()
             .build()
