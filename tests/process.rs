@@ -301,7 +301,7 @@ fn a_config_over_the_memory_budget_is_refused_with_the_arithmetic() {
     );
     assert!(stderr.contains("4 workers × ("), "stderr:\n{stderr}");
     assert!(
-        stderr.contains("6 instances × 64 MiB --memory-limit"),
+        stderr.contains("6 instances × (64 MiB --memory-limit + 4 MiB host memory)"),
         "stderr:\n{stderr}"
     );
     assert!(

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
-use crate::budget::{Plan, resident_bytes};
+use crate::budget::{Baseline, Plan};
 use crate::capabilities::crypto;
 use crate::capabilities::slots::HostWideSlots;
 use crate::compile_cache;
@@ -51,7 +51,7 @@ struct Master {
     exits: mpsc::UnboundedSender<(u64, ExitStatus)>,
     error_log: LogFile,
     /// Resident memory of a loaded worker, for `--memory-budget`.
-    baseline: u64,
+    baseline: Baseline,
 }
 
 /// How the master ended: the process's exit code.
@@ -141,7 +141,7 @@ pub fn check(settings: &Settings) -> Result<()> {
     check_budget(settings, settings.workers, baseline)
 }
 
-fn check_budget(settings: &Settings, workers: usize, baseline: u64) -> Result<()> {
+fn check_budget(settings: &Settings, workers: usize, baseline: Baseline) -> Result<()> {
     let Some(budget) = settings.memory_budget else {
         return Ok(());
     };
@@ -149,13 +149,15 @@ fn check_budget(settings: &Settings, workers: usize, baseline: u64) -> Result<()
     plan.check(budget)
         .map_err(|error| anyhow::anyhow!(Refusal::Budget(error.to_string())))?;
     tracing::info!(
-        "memory budget: worst case {} of {} ({} workers × ({} baseline + {} instances × {}) + {} part buffers × {})",
+        "memory budget: worst case {} of {} ({} shared + {} workers × ({} baseline + {} instances × ({} + {})) + {} part buffers × {})",
         human_size(plan.worst_case()),
         human_size(budget),
+        human_size(plan.shared),
         plan.workers,
         human_size(plan.baseline),
         plan.instances,
         human_size(plan.memory_limit),
+        human_size(crate::budget::HOST_MEMORY_PER_INSTANCE),
         plan.buffers,
         human_size(plan.part_buffer)
     );
@@ -166,12 +168,13 @@ fn check_budget(settings: &Settings, workers: usize, baseline: u64) -> Result<()
 /// returns the resident memory of a process that has loaded it as a worker does. The work is
 /// done by a short-lived child (`host prepare`), so the compiler's memory never stays in the
 /// long-lived master.
-fn precompile(settings: &Settings) -> Result<u64> {
+fn precompile(settings: &Settings) -> Result<Baseline> {
     let settings_json = serde_json::to_string(settings).context("cannot pass the settings on")?;
     let output =
         std::process::Command::new(std::env::current_exe().context("cannot find the host binary")?)
             .arg("prepare")
             .env(WORKER_SETTINGS_ENV, settings_json)
+            .envs(allocator_settings())
             .stdin(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit())
             .output()
@@ -192,12 +195,12 @@ fn precompile(settings: &Settings) -> Result<u64> {
     }
 }
 
-/// What `host prepare` prints: `prepared <baseline bytes>` or `failed <reason>`.
+/// What `host prepare` prints: `prepared <private bytes> <shared bytes>` or `failed <reason>`.
 pub const PREPARED: &str = "prepared ";
 pub const PREPARE_FAILED: &str = "failed ";
 
 /// `host prepare`: loads the component as a worker would and reports the resident memory.
-pub fn prepare(settings: &Settings) -> Result<u64> {
+pub fn prepare(settings: &Settings) -> Result<Baseline> {
     let engine = engine::build(EngineSizing {
         instances: settings.concurrency,
         memory_limit: settings.memory_limit,
@@ -211,7 +214,7 @@ pub fn prepare(settings: &Settings) -> Result<u64> {
         crate::capabilities::AppCapabilities::for_linking(settings)?,
     )
     .with_context(|| format!("cannot load {}", settings.component.display()))?;
-    Ok(resident_bytes())
+    Ok(Baseline::measure())
 }
 
 /// Binds every address of `settings`, reusing the listeners of `keep` that are still wanted.
@@ -378,18 +381,7 @@ impl Master {
         command
             .arg("worker")
             .env(WORKER_SETTINGS_ENV, settings)
-            // mimalloc commits an 8 MiB arena up front by default: most of an idle worker's
-            // memory. Committing on demand costs nothing measurable in throughput. And it keeps
-            // freed pages for 10 ms before giving them back, which under a stream of 10 MiB
-            // parts is always: a worker then holds twice the memory it uses.
-            .env(
-                "MIMALLOC_ARENA_EAGER_COMMIT",
-                std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").unwrap_or("0".into()),
-            )
-            .env(
-                "MIMALLOC_PURGE_DELAY",
-                std::env::var_os("MIMALLOC_PURGE_DELAY").unwrap_or("0".into()),
-            )
+            .envs(allocator_settings())
             .stdin(std::process::Stdio::null());
         // SAFETY: the closure runs in the child between fork and exec and only calls fcntl and
         // dup2, which are async-signal-safe.
@@ -595,6 +587,22 @@ impl Master {
             let _ = std::fs::remove_file(pidfile);
         }
     }
+}
+
+/// The allocator's settings for workers and the compile step (unless the environment sets
+/// them). mimalloc commits an 8 MiB arena up front by default: most of an idle worker's memory;
+/// committing on demand costs nothing measurable. It keeps freed pages for a second before
+/// giving them back, which under a stream of 10 MiB parts is always: a worker then holds twice
+/// the memory it uses, and the compile step reports the compiler's leftovers as the baseline.
+/// And it collects the pages other threads freed into a thread's heap only every 10,000 slow
+/// allocations: chunks of a stream cross threads, so a worker kept ~5 MiB more under load.
+fn allocator_settings() -> [(&'static str, std::ffi::OsString); 3] {
+    let setting = |name: &str, value: &str| std::env::var_os(name).unwrap_or_else(|| value.into());
+    [
+        ("MIMALLOC_ARENA_EAGER_COMMIT", setting("MIMALLOC_ARENA_EAGER_COMMIT", "0")),
+        ("MIMALLOC_PURGE_DELAY", setting("MIMALLOC_PURGE_DELAY", "0")),
+        ("MIMALLOC_GENERIC_COLLECT", setting("MIMALLOC_GENERIC_COLLECT", "10")),
+    ]
 }
 
 fn retire(worker: &mut WorkerProcess) {

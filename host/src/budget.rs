@@ -2,11 +2,13 @@
 //! config that cannot fit is refused with the arithmetic instead of being found out by an
 //! out-of-memory kill in production.
 //!
-//! worst case = workers × (worker baseline + instances per worker × `--memory-limit`)
+//! worst case = shared pages (the binary and the compiled app, mapped once by every worker)
+//!              + workers × (worker baseline + instances per worker × (`--memory-limit` + 4 MiB))
 //!              + part buffers (`--encrypt-concurrency` × `--part-buffer`, host-wide)
 //!
-//! The baseline is measured, not guessed: the master's resident memory once it has built the
-//! engine and loaded and linked the component exactly as a worker does. At run time the worst
+//! The baseline is measured, not guessed: the private resident memory of a process that has
+//! built the engine and loaded and linked the component exactly as a worker does; what it maps
+//! from files (the binary's code, the compiled component) is counted once, as the machine does. At run time the worst
 //! case cannot be exceeded: a worker never runs more than its instance slots, each capped by
 //! the limiter, and requests beyond the slots wait in the queue; TTIN that would break the
 //! budget is refused.
@@ -15,27 +17,91 @@ use anyhow::{Result, bail};
 
 use crate::settings::{Settings, human_size};
 
+/// A loaded worker's resident memory: its own, and what it shares with the other workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Baseline {
+    pub private: u64,
+    pub shared: u64,
+}
+
+impl Baseline {
+    /// This process's, from /proc/self/statm.
+    pub fn measure() -> Baseline {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+        let pages: Vec<u64> = statm
+            .split_whitespace()
+            .filter_map(|field| field.parse().ok())
+            .collect();
+        let page = page_size();
+        let (resident, shared) = (
+            pages.get(1).copied().unwrap_or(0),
+            pages.get(2).copied().unwrap_or(0),
+        );
+        Baseline {
+            private: resident.saturating_sub(shared) * page,
+            shared: shared * page,
+        }
+    }
+}
+
+impl std::fmt::Display for Baseline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.private, self.shared)
+    }
+}
+
+impl std::str::FromStr for Baseline {
+    type Err = anyhow::Error;
+
+    fn from_str(text: &str) -> Result<Baseline> {
+        let mut fields = text.split_whitespace().map(str::parse::<u64>);
+        match (fields.next(), fields.next()) {
+            (Some(Ok(private)), Some(Ok(shared))) => Ok(Baseline { private, shared }),
+            _ => bail!("not a baseline: {text:?}"),
+        }
+    }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64
+}
+
+/// What a running instance costs the host beyond its linear memory: its stack, its stores and
+/// resources, the chunks of the streams it reads (a few a stage). Measured under the seed's
+/// load (four 10 MiB parts at once through Lenzeye): a worker's private memory grew by about
+/// 4 MiB per busy instance besides the instances' linear memory.
+pub const HOST_MEMORY_PER_INSTANCE: u64 = 4 << 20;
+
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
     pub workers: u64,
     pub instances: u64,
     pub memory_limit: u64,
+    /// A worker's private memory, loaded and idle.
     pub baseline: u64,
+    /// Memory every worker maps from the same files, counted once.
+    pub shared: u64,
     /// Part buffers held at once across the host, and the most each holds in memory.
     pub buffers: u64,
     pub part_buffer: u64,
 }
 
 impl Plan {
-    pub fn of(settings: &Settings, workers: usize, baseline: u64) -> Plan {
+    pub fn of(settings: &Settings, workers: usize, baseline: Baseline) -> Plan {
         Plan {
             workers: workers as u64,
             instances: settings.concurrency as u64,
             memory_limit: settings.memory_limit,
-            baseline,
+            baseline: baseline.private,
+            shared: baseline.shared,
             buffers: u64::from(settings.encrypt_concurrency),
             part_buffer: settings.part_buffer,
         }
+    }
+
+    fn per_instance(&self) -> u64 {
+        self.memory_limit.saturating_add(HOST_MEMORY_PER_INSTANCE)
     }
 
     fn buffer_memory(&self) -> u64 {
@@ -46,9 +112,10 @@ impl Plan {
         self.workers
             .saturating_mul(
                 self.baseline
-                    .saturating_add(self.instances.saturating_mul(self.memory_limit)),
+                    .saturating_add(self.instances.saturating_mul(self.per_instance())),
             )
             .saturating_add(self.buffer_memory())
+            .saturating_add(self.shared)
     }
 
     /// Refuses a plan that does not fit `budget`, saying why and what would fit.
@@ -57,27 +124,31 @@ impl Plan {
         if worst <= budget {
             return Ok(());
         }
-        let per_worker = self.baseline + self.instances * self.memory_limit;
-        let for_workers = budget.saturating_sub(self.buffer_memory());
+        let per_worker = self.baseline + self.instances * self.per_instance();
+        let for_workers = budget
+            .saturating_sub(self.buffer_memory())
+            .saturating_sub(self.shared);
         let share = for_workers / self.workers.max(1);
         let room = share.saturating_sub(self.baseline);
         let mut fits = vec![format!("--workers {}", for_workers / per_worker.max(1))];
         fits.push(format!(
             "or {} instances per worker (--threads / --worker-connections)",
-            room / self.memory_limit.max(1)
+            room / self.per_instance().max(1)
         ));
         let mib = 1 << 20;
         fits.push(format!(
             "or --memory-limit {}MiB",
-            room / self.instances.max(1) / mib
+            (room / self.instances.max(1)).saturating_sub(HOST_MEMORY_PER_INSTANCE) / mib
         ));
         bail!(
-            "the configuration does not fit --memory-budget {}: {} workers × ({} worker baseline + {} instances × {} --memory-limit) + {} part buffers × {} --part-buffer = {}. What fits with the other settings unchanged: {}",
+            "the configuration does not fit --memory-budget {}: {} shared by the workers + {} workers × ({} worker baseline + {} instances × ({} --memory-limit + {} host memory)) + {} part buffers × {} --part-buffer = {}. What fits with the other settings unchanged: {}",
             human_size(budget),
+            human_size(self.shared),
             self.workers,
             human_size(self.baseline),
             self.instances,
             human_size(self.memory_limit),
+            human_size(HOST_MEMORY_PER_INSTANCE),
             self.buffers,
             human_size(self.part_buffer),
             human_size(worst),
@@ -139,9 +210,7 @@ pub fn machine_memory_limit() -> u64 {
 fn process_resident_bytes(pid: &str) -> Option<u64> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    Some(pages * page)
+    Some(pages * page_size())
 }
 
 #[cfg(test)]
@@ -154,15 +223,16 @@ mod tests {
             workers: 4,
             instances: 6,
             memory_limit: 64 << 20,
-            baseline: 16 << 20,
+            baseline: 8 << 20,
+            shared: 16 << 20,
             buffers: 4,
             part_buffer: 16 << 20,
         };
-        assert_eq!(plan.worst_case(), (4 * (16 + 6 * 64) + 4 * 16) << 20);
+        assert_eq!(plan.worst_case(), (16 + 4 * (8 + 6 * (64 + 4)) + 4 * 16) << 20);
         let message = plan.check(512 << 20).unwrap_err().to_string();
-        assert!(message.contains("4 workers × (16 MiB worker baseline + 6 instances × 64 MiB --memory-limit) + 4 part buffers × 16 MiB --part-buffer = 1664 MiB"), "{message}");
+        assert!(message.contains("16 MiB shared by the workers + 4 workers × (8 MiB worker baseline + 6 instances × (64 MiB --memory-limit + 4 MiB host memory)) + 4 part buffers × 16 MiB --part-buffer = 1744 MiB"), "{message}");
         assert!(message.contains("--workers 1"), "{message}");
-        assert!(message.contains("--memory-limit 16MiB"), "{message}");
+        assert!(message.contains("--memory-limit 12MiB"), "{message}");
         assert!(plan.check(2 << 30).is_ok());
     }
 }

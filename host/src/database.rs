@@ -88,8 +88,11 @@ impl HostDatabase {
     /// A lazy pool: nothing connects until the first query.
     pub fn new(backend: &Backend) -> Result<Arc<HostDatabase>> {
         sqlx::any::install_default_drivers();
+        // SQLite runs one writer at a time whatever the pool; each connection costs a thread
+        // and its page cache.
+        let connections = if backend.is_postgres() { 4 } else { 2 };
         let options = AnyPoolOptions::new()
-            .max_connections(4)
+            .max_connections(connections)
             .acquire_timeout(backend.acquire_timeout)
             .max_lifetime(MAX_LIFETIME)
             .test_before_acquire(true);
@@ -208,7 +211,7 @@ pub const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA busy_timeout
      PRAGMA foreign_keys = ON; PRAGMA cache_size = -256;";
 
 /// The page cache of an app's SQLite connection, in KiB.
-pub const SQLITE_APP_CACHE_KIB: i64 = 512;
+pub const SQLITE_APP_CACHE_KIB: i64 = 256;
 
 /// Whether an error means the database could not be used at all (as opposed to refusing a
 /// statement).

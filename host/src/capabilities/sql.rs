@@ -71,6 +71,9 @@ impl AppDatabase {
         let pool_size = max_connections.clamp(1, 10);
         match &backend.kind {
             BackendKind::Sqlite(data_dir) => {
+                // One writer at a time whatever the pool; readers are quick. Each connection
+                // costs a thread and its page cache.
+                let pool_size = pool_size.min(4);
                 let dir = data_dir.join("apps").join(app);
                 std::fs::create_dir_all(&dir)
                     .with_context(|| format!("cannot create {}", dir.display()))?;

@@ -1,8 +1,9 @@
 //! `wasi:io` input streams made inside the host, so that bulk bytes flow from one capability to
 //! the next (request body → encryption → MAC → storage) without entering guest memory.
 //!
-//! A stream here is pulled: nothing is read from its source until its reader asks, so memory
-//! stays at one chunk per stage, and a slow reader slows the source.
+//! A stream here is pulled: nothing is read from its source until its reader asks (or, for a
+//! stage run `Ahead`, until a few chunks wait for the reader), so memory stays at a few chunks
+//! per stage whatever the size of the stream, and a slow reader slows the source.
 
 use std::future::Future;
 use std::pin::Pin;
