@@ -2,59 +2,12 @@
 //! match an independent AES-CTR (the openssl command), key ids are the documented wrapping and
 //! belong to their app, and the encryption bound holds across all workers.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
-use base64::Engine;
-use blackbox::{HostProcess, guest, http_client};
-
-const MASTER_KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+use blackbox::{HostProcess, MASTER_KEY, guest, http_client, openssl_ctr, unwrap_key_id};
 
 fn master_key_file(dir: &tempfile::TempDir) -> String {
     let path = dir.path().join("master.key");
     std::fs::write(&path, MASTER_KEY).unwrap();
     path.to_string_lossy().into_owned()
-}
-
-/// The README's construction: base64url(nonce[12] || AES-256-GCM(key)) with AAD `host:crypto:v1:<app>`.
-fn unwrap_key_id(key_id: &str, app: &str) -> Vec<u8> {
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(key_id)
-        .unwrap();
-    let (nonce, wrapped) = bytes.split_at(12);
-    let master: [u8; 32] = hex::decode(MASTER_KEY).unwrap().try_into().unwrap();
-    let nonce: [u8; 12] = nonce.try_into().unwrap();
-    let aad = format!("host:crypto:v1:{app}");
-    Aes256Gcm::new(&master.into())
-        .decrypt(
-            &Nonce::from(nonce),
-            Payload {
-                msg: wrapped,
-                aad: aad.as_bytes(),
-            },
-        )
-        .expect("the key id does not unwrap as documented")
-}
-
-fn openssl_ctr(key: &[u8], iv: &str, plaintext: &[u8]) -> Vec<u8> {
-    let mut child = Command::new("openssl")
-        .args([
-            "enc",
-            "-aes-256-ctr",
-            "-nosalt",
-            "-K",
-            &hex::encode(key),
-            "-iv",
-            iv,
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the openssl command is needed as the independent AES-CTR");
-    child.stdin.take().unwrap().write_all(plaintext).unwrap();
-    child.wait_with_output().unwrap().stdout
 }
 
 #[tokio::test]
@@ -164,7 +117,9 @@ async fn burn(host: &HostProcess, requests: usize) {
         let request = if index % 2 == 0 {
             client.get(host.url("/crypto/burn?mb=16"))
         } else {
-            client.post(host.url("/crypto/stream")).body(vec![7u8; 16 << 20])
+            client
+                .post(host.url("/crypto/stream"))
+                .body(vec![7u8; 16 << 20])
         }
         .send();
         async move { request.await.map(|r| r.status().as_u16()).unwrap_or(0) }

@@ -3,7 +3,7 @@
 //! names, registry entries and key ids, on both backend pairs, and the owner's data is intact
 //! afterwards.
 
-use blackbox::{AppCopy, Backends, AppHost, Services, unique_name};
+use blackbox::{AppCopy, AppHost, Backends, Services, unique_name};
 use serde_json::{Value, json};
 
 async fn sql(probe: &AppHost, route: &str, statement: &str, params: Value) -> (u16, Value) {
@@ -21,35 +21,128 @@ async fn a_hostile_app_reaches_nothing_of_another(backends: Backends) {
     let owner_name = owner.app.app.clone();
 
     // The owner's data: an object, an upload in progress, a table, a registry entry, a key.
-    assert_eq!(owner.call("PUT", "/objects/put?key=secret", "owner's bytes").await.0, 200);
-    let (_, created) = owner.call("POST", "/objects/multipart?key=pending", "").await;
+    assert_eq!(
+        owner
+            .call("PUT", "/objects/put?key=secret", "owner's bytes")
+            .await
+            .0,
+        200
+    );
+    let (_, created) = owner
+        .call("POST", "/objects/multipart?key=pending", "")
+        .await;
     let upload = created["upload_id"].as_str().unwrap().to_owned();
-    assert_eq!(owner.call("PUT", &format!("/objects/part?key=pending&upload_id={upload}&part=1"), "part").await.0, 200);
-    assert_eq!(sql(&owner, "execute", "CREATE TABLE secrets (v TEXT)", json!([])).await.0, 200);
-    assert_eq!(sql(&owner, "execute", "INSERT INTO secrets (v) VALUES ($1)", json!(["hidden"])).await.0, 200);
+    assert_eq!(
+        owner
+            .call(
+                "PUT",
+                &format!("/objects/part?key=pending&upload_id={upload}&part=1"),
+                "part"
+            )
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        sql(
+            &owner,
+            "execute",
+            "CREATE TABLE secrets (v TEXT)",
+            json!([])
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        sql(
+            &owner,
+            "execute",
+            "INSERT INTO secrets (v) VALUES ($1)",
+            json!(["hidden"])
+        )
+        .await
+        .0,
+        200
+    );
     let (_, key) = owner.call("GET", "/crypto/key", "").await;
     let key_id = key["key_id"].as_str().unwrap().to_owned();
-    assert_eq!(owner.call("POST", &format!("/registry/begin?name=entry&key_id={key_id}"), "").await.0, 200);
-    assert_eq!(owner.call("POST", "/registry/add-bytes?name=entry&part=1&etag=e", "data").await.0, 200);
+    assert_eq!(
+        owner
+            .call(
+                "POST",
+                &format!("/registry/begin?name=entry&key_id={key_id}"),
+                ""
+            )
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        owner
+            .call(
+                "POST",
+                "/registry/add-bytes?name=entry&part=1&etag=e",
+                "data"
+            )
+            .await
+            .0,
+        200
+    );
 
     // Objects: by the same key, by a path out of its own place, by listing, by the upload id.
     let (status, _) = intruder.call("GET", "/objects/get?key=secret", "").await;
     assert_eq!(status, 404);
-    for key in [format!("../{owner_name}/objects/secret%2Eo"), format!("../../{owner_name}/secret")] {
-        let (status, answer) = intruder.call("GET", &format!("/objects/get?key={key}"), "").await;
+    for key in [
+        format!("../{owner_name}/objects/secret%2Eo"),
+        format!("../../{owner_name}/secret"),
+    ] {
+        let (status, answer) = intruder
+            .call("GET", &format!("/objects/get?key={key}"), "")
+            .await;
         assert_eq!(status, 400, "{key}: {answer}");
     }
     let (_, listed) = intruder.call("GET", "/objects/list?prefix=", "").await;
     assert_eq!(listed, json!([]), "the intruder lists the owner's objects");
-    let (status, _) = intruder.call("GET", &format!("/objects/parts?key=pending&upload_id={upload}"), "").await;
+    let (status, _) = intruder
+        .call(
+            "GET",
+            &format!("/objects/parts?key=pending&upload_id={upload}"),
+            "",
+        )
+        .await;
     assert_eq!(status, 404, "the intruder reads the owner's upload");
-    let (status, _) = intruder.call("PUT", &format!("/objects/part?key=pending&upload_id={upload}&part=1"), "evil").await;
+    let (status, _) = intruder
+        .call(
+            "PUT",
+            &format!("/objects/part?key=pending&upload_id={upload}&part=1"),
+            "evil",
+        )
+        .await;
     assert_eq!(status, 404, "the intruder writes into the owner's upload");
-    let (status, _) = intruder.call("POST", &format!("/objects/abort?key=pending&upload_id={upload}"), "").await;
+    let (status, _) = intruder
+        .call(
+            "POST",
+            &format!("/objects/abort?key=pending&upload_id={upload}"),
+            "",
+        )
+        .await;
     assert_eq!(status, 404, "the intruder aborts the owner's upload");
     // Writing and deleting "secret" touches only the intruder's own object of that name.
-    assert_eq!(intruder.call("PUT", "/objects/put?key=secret", "intruder's bytes").await.0, 200);
-    assert_eq!(intruder.call("DELETE", "/objects/delete?key=secret", "").await.0, 200);
+    assert_eq!(
+        intruder
+            .call("PUT", "/objects/put?key=secret", "intruder's bytes")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        intruder
+            .call("DELETE", "/objects/delete?key=secret", "")
+            .await
+            .0,
+        200
+    );
 
     // SQL: the same table name, the owner's schema or file by name, and lifting its rights.
     let (status, answer) = sql(&intruder, "query", "SELECT v FROM secrets", json!([])).await;
@@ -68,17 +161,47 @@ async fn a_hostile_app_reaches_nothing_of_another(backends: Backends) {
                 assert_eq!(status, 400, "{statement}: {answer}");
                 assert_eq!(answer["error"]["code"], "42501", "{statement}: {answer}");
             }
-            let (_, rows) = sql(&intruder, "query", "SELECT current_user::text, session_user::text", json!([])).await;
-            assert!(rows["rows"][0][0].as_str().unwrap().starts_with("host_app_intruder"), "{rows}");
+            let (_, rows) = sql(
+                &intruder,
+                "query",
+                "SELECT current_user::text, session_user::text",
+                json!([]),
+            )
+            .await;
+            assert!(
+                rows["rows"][0][0]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("host_app_intruder"),
+                "{rows}"
+            );
         }
         Backends::SqliteLocal => {
-            let file = owner.host_data_dir().join("apps").join(&owner_name).join("app.sqlite");
+            let file = owner
+                .host_data_dir()
+                .join("apps")
+                .join(&owner_name)
+                .join("app.sqlite");
             for statement in ["ATTACH DATABASE $1 AS owner", "VACUUM INTO $1"] {
-                let (status, answer) =
-                    sql(&intruder, "execute", statement, json!([file.to_string_lossy()])).await;
+                let (status, answer) = sql(
+                    &intruder,
+                    "execute",
+                    statement,
+                    json!([file.to_string_lossy()]),
+                )
+                .await;
                 assert_eq!(status, 400, "{statement}: {answer}");
-                assert!(answer["error"]["message"].as_str().unwrap().contains("not authorized")
-                    || answer["error"]["message"].as_str().unwrap().contains("denied"), "{answer}");
+                assert!(
+                    answer["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("not authorized")
+                        || answer["error"]["message"]
+                            .as_str()
+                            .unwrap()
+                            .contains("denied"),
+                    "{answer}"
+                );
             }
         }
     }
@@ -86,20 +209,48 @@ async fn a_hostile_app_reaches_nothing_of_another(backends: Backends) {
     // The registry: the owner's entry by name, and the owner's key id.
     let (status, _) = intruder.call("GET", "/registry/tag?name=entry", "").await;
     assert_eq!(status, 404);
-    let (status, answer) = intruder.call("POST", &format!("/registry/begin?name=taken&key_id={key_id}"), "").await;
-    assert_eq!(status, 400, "the owner's key id works for the intruder: {answer}");
-    assert!(answer["error"].as_str().unwrap().contains("InvalidKey"), "{answer}");
-    assert_eq!(intruder.call("POST", "/registry/discard?name=entry", "").await.0, 200);
+    let (status, answer) = intruder
+        .call(
+            "POST",
+            &format!("/registry/begin?name=taken&key_id={key_id}"),
+            "",
+        )
+        .await;
+    assert_eq!(
+        status, 400,
+        "the owner's key id works for the intruder: {answer}"
+    );
+    assert!(
+        answer["error"].as_str().unwrap().contains("InvalidKey"),
+        "{answer}"
+    );
+    assert_eq!(
+        intruder
+            .call("POST", "/registry/discard?name=entry", "")
+            .await
+            .0,
+        200
+    );
 
     // Everything of the owner's is as it was.
     let (status, bytes) = owner.bytes("GET", "/objects/get?key=secret", "").await;
     assert_eq!((status, bytes.as_slice()), (200, &b"owner's bytes"[..]));
-    let (_, parts) = owner.call("GET", &format!("/objects/parts?key=pending&upload_id={upload}"), "").await;
+    let (_, parts) = owner
+        .call(
+            "GET",
+            &format!("/objects/parts?key=pending&upload_id={upload}"),
+            "",
+        )
+        .await;
     assert_eq!(parts[0]["size"], 4, "{parts}");
     let (_, rows) = sql(&owner, "query", "SELECT v FROM secrets", json!([])).await;
     assert_eq!(rows["rows"], json!([["hidden"]]));
     let (status, recorded) = owner.call("GET", "/registry/parts?name=entry", "").await;
-    assert_eq!((status, recorded[0]["size"].as_u64()), (200, Some(4)), "{recorded}");
+    assert_eq!(
+        (status, recorded[0]["size"].as_u64()),
+        (200, Some(4)),
+        "{recorded}"
+    );
 }
 
 #[tokio::test]

@@ -55,12 +55,18 @@ impl<'a> User<'a> {
             .unwrap_or_else(|error| panic!("{method} {path}: {error}"));
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     async fn initiate(&self, filename: &str, size: usize) -> (String, String) {
-        let body = json!({"filename": filename, "size": size, "content_type": "application/x-test"});
-        let (status, answer) = self.call("POST", "/upload/initiate", body.to_string()).await;
+        let body =
+            json!({"filename": filename, "size": size, "content_type": "application/x-test"});
+        let (status, answer) = self
+            .call("POST", "/upload/initiate", body.to_string())
+            .await;
         assert_eq!(status, 201, "{answer}");
         assert_eq!(answer["part_size"], PART, "{answer}");
         assert_eq!(answer["parts"], size.div_ceil(PART), "{answer}");
@@ -71,15 +77,28 @@ impl<'a> User<'a> {
     }
 
     async fn part(&self, upload_id: &str, number: usize, bytes: Vec<u8>) -> (u16, Value) {
-        self.call("PUT", &format!("/upload/part?upload_id={upload_id}&part_number={number}"), bytes)
-            .await
+        self.call(
+            "PUT",
+            &format!("/upload/part?upload_id={upload_id}&part_number={number}"),
+            bytes,
+        )
+        .await
     }
 
     async fn complete(&self, upload_id: &str) -> (u16, Value) {
-        self.call("POST", &format!("/upload/complete?upload_id={upload_id}"), "").await
+        self.call(
+            "POST",
+            &format!("/upload/complete?upload_id={upload_id}"),
+            "",
+        )
+        .await
     }
 
-    async fn download(&self, file_id: &str, range: Option<&str>) -> (u16, Vec<u8>, reqwest::header::HeaderMap) {
+    async fn download(
+        &self,
+        file_id: &str,
+        range: Option<&str>,
+    ) -> (u16, Vec<u8>, reqwest::header::HeaderMap) {
         let mut request = self.request("GET", &format!("/files/{file_id}"));
         if let Some(range) = range {
             request = request.header("range", range);
@@ -115,7 +134,16 @@ async fn uploads_and_downloads(backends: Backends) {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_string_lossy().into_owned();
     let app = AppCopy::new("lenzeye", &unique_name("lenzeye"));
-    let args = ["--data-dir", &data_dir, "-k", "gthread", "--threads", "6", "--workers", "2"];
+    let args = [
+        "--data-dir",
+        &data_dir,
+        "-k",
+        "gthread",
+        "--threads",
+        "6",
+        "--workers",
+        "2",
+    ];
     let file = random_bytes(64 * MIB + 123, 64);
 
     // The first host takes half the parts, out of order, four at a time.
@@ -132,7 +160,9 @@ async fn uploads_and_downloads(backends: Backends) {
     assert_eq!(answer["missing_parts"], json!([4, 6]), "{answer}");
 
     // A restart between parts: the second host finishes the upload.
-    let AppHost { host: process, app, .. } = host;
+    let AppHost {
+        host: process, app, ..
+    } = host;
     drop(process);
     let host = AppHost::serve(&mut services, app, &args);
     let user = User { host: &host, key };
@@ -142,20 +172,31 @@ async fn uploads_and_downloads(backends: Backends) {
     assert_eq!(done["size"], file.len(), "{done}");
     assert_eq!(done["hmac"].as_str().unwrap().len(), 64, "{done}");
     let (status, again) = user.complete(&upload_id).await;
-    assert_eq!((status, &again), (200, &done), "completing again answers the same");
+    assert_eq!(
+        (status, &again),
+        (200, &done),
+        "completing again answers the same"
+    );
 
     let (status, whole, headers) = user.download(&file_id, None).await;
     assert_eq!(status, 200);
     assert!(whole == file, "the download is not the file uploaded");
     assert_eq!(headers["content-type"], "application/x-test");
     // A range across a part boundary, and the last bytes.
-    let (status, range, headers) = user.download(&file_id, Some("bytes=10485700-10485899")).await;
+    let (status, range, headers) = user
+        .download(&file_id, Some("bytes=10485700-10485899"))
+        .await;
     assert_eq!(status, 206);
     assert!(range == file[10_485_700..10_485_900], "the range differs");
-    assert_eq!(headers["content-range"], format!("bytes 10485700-10485899/{}", file.len()));
+    assert_eq!(
+        headers["content-range"],
+        format!("bytes 10485700-10485899/{}", file.len())
+    );
     let (status, tail, _) = user.download(&file_id, Some("bytes=-123")).await;
     assert_eq!((status, tail.as_slice()), (206, &file[file.len() - 123..]));
-    let (status, _, _) = user.download(&file_id, Some(&format!("bytes={}-", file.len()))).await;
+    let (status, _, _) = user
+        .download(&file_id, Some(&format!("bytes={}-", file.len())))
+        .await;
     assert_eq!(status, 416);
 
     let (status, listed) = user.call("GET", "/files", "").await;
@@ -169,7 +210,9 @@ async fn uploads_and_downloads(backends: Backends) {
     assert_eq!(status, 404, "another user's file was served");
     let (status, listed) = stranger.call("GET", "/files", "").await;
     assert_eq!((status, &listed["files"]), (200, &json!([])));
-    let (status, _) = stranger.call("DELETE", &format!("/files/{file_id}"), "").await;
+    let (status, _) = stranger
+        .call("DELETE", &format!("/files/{file_id}"), "")
+        .await;
     assert_eq!(status, 404, "another user's file was deleted");
     let (status, _) = stranger.complete(&upload_id).await;
     assert_eq!(status, 404);
@@ -177,20 +220,32 @@ async fn uploads_and_downloads(backends: Backends) {
     // An aborted upload leaves nothing in storage or in the registry.
     let (upload_id, aborted_id) = user.initiate("aborted.bin", 2 * PART).await;
     send_parts(&user, &upload_id, &file[..2 * PART], &[1, 2]).await;
-    let (status, _) = stranger.call("POST", &format!("/upload/abort?upload_id={upload_id}"), "").await;
+    let (status, _) = stranger
+        .call("POST", &format!("/upload/abort?upload_id={upload_id}"), "")
+        .await;
     assert_eq!(status, 404, "another user aborted the upload");
-    let (status, _) = user.call("POST", &format!("/upload/abort?upload_id={upload_id}"), "").await;
+    let (status, _) = user
+        .call("POST", &format!("/upload/abort?upload_id={upload_id}"), "")
+        .await;
     assert_eq!(status, 204);
     let (status, _) = user.part(&upload_id, 1, part_of(&file, 1)).await;
     assert_eq!(status, 404, "an aborted upload takes parts");
-    assert_eq!(leftovers(&services, &host, &aborted_id), 0, "the aborted upload left something");
+    assert_eq!(
+        leftovers(&services, &host, &aborted_id),
+        0,
+        "the aborted upload left something"
+    );
 
     // Deleting the finished file removes it too.
     let (status, _) = user.call("DELETE", &format!("/files/{file_id}"), "").await;
     assert_eq!(status, 204);
     let (status, _, _) = user.download(&file_id, None).await;
     assert_eq!(status, 404);
-    assert_eq!(leftovers(&services, &host, &file_id), 0, "the deleted file left something");
+    assert_eq!(
+        leftovers(&services, &host, &file_id),
+        0,
+        "the deleted file left something"
+    );
     assert!(!host.host.log().contains("[ERROR]"), "{}", host.host.log());
 }
 
@@ -213,7 +268,12 @@ fn leftovers(services: &Services, host: &AppHost, file_id: &str) -> usize {
             let key = format!("files/{file_id}");
             let uploads = std::fs::read_dir(root.join("uploads")).map_or(0, |dir| {
                 dir.flatten()
-                    .filter(|upload| std::fs::read_to_string(upload.path().join("key")).ok().as_deref() == Some(key.as_str()))
+                    .filter(|upload| {
+                        std::fs::read_to_string(upload.path().join("key"))
+                            .ok()
+                            .as_deref()
+                            == Some(key.as_str())
+                    })
                     .count()
             });
             let objects = usize::from(root.join(format!("objects/files/{file_id}.o")).exists());
@@ -221,8 +281,14 @@ fn leftovers(services: &Services, host: &AppHost, file_id: &str) -> usize {
                 "import sqlite3; db = sqlite3.connect('{}'); print(sum(db.execute(q, ('{app}', '{file_id}')).fetchone()[0] for q in ['SELECT count(*) FROM hmac_entries WHERE app = ? AND name = ?', 'SELECT count(*) FROM hmac_parts WHERE app = ? AND name = ?']))",
                 host.host_data_dir().join("host.sqlite").display()
             );
-            let output = Command::new("python3").args(["-c", &script]).output().unwrap();
-            let rows: usize = String::from_utf8_lossy(&output.stdout).trim().parse().unwrap();
+            let output = Command::new("python3")
+                .args(["-c", &script])
+                .output()
+                .unwrap();
+            let rows: usize = String::from_utf8_lossy(&output.stdout)
+                .trim()
+                .parse()
+                .unwrap();
             uploads + objects + rows
         }
     }
@@ -245,10 +311,18 @@ async fn bad_requests_are_answered_and_change_nothing() {
     let user = User::create(&host).await;
     let (status, answer) = host.call("GET", "/files", "").await;
     assert_eq!(status, 401, "no key: {answer}");
-    let wrong = User { host: &host, key: "lz_nope".into() };
+    let wrong = User {
+        host: &host,
+        key: "lz_nope".into(),
+    };
     assert_eq!(wrong.call("GET", "/files", "").await.0, 401);
 
-    for body in ["not json", r#"{"size": 10}"#, r#"{"filename": "x", "size": -1}"#, r#"{"filename": "x", "size": "10"}"#] {
+    for body in [
+        "not json",
+        r#"{"size": 10}"#,
+        r#"{"filename": "x", "size": -1}"#,
+        r#"{"filename": "x", "size": "10"}"#,
+    ] {
         let (status, answer) = user.call("POST", "/upload/initiate", body).await;
         assert_eq!(status, 400, "{body}: {answer}");
         assert!(answer["error"].is_string(), "{answer}");
@@ -267,20 +341,35 @@ async fn bad_requests_are_answered_and_change_nothing() {
     let (status, _) = user.part("no-such-upload", 1, vec![0; 10]).await;
     assert_eq!(status, 404);
     // No Content-Length: a chunked body.
-    let chunked = reqwest::Body::wrap_stream(futures::stream::iter([Ok::<_, std::io::Error>(vec![0u8; 10])]));
+    let chunked =
+        reqwest::Body::wrap_stream(futures::stream::iter([Ok::<_, std::io::Error>(vec![
+            0u8;
+            10
+        ])]));
     let (status, answer) = user
-        .call("PUT", &format!("/upload/part?upload_id={upload_id}&part_number=2"), chunked)
+        .call(
+            "PUT",
+            &format!("/upload/part?upload_id={upload_id}&part_number=2"),
+            chunked,
+        )
         .await;
     assert_eq!(status, 411, "{answer}");
     let (status, answer) = user.complete(&upload_id).await;
-    assert_eq!((status, &answer["missing_parts"]), (409, &json!([1, 2])), "{answer}");
+    assert_eq!(
+        (status, &answer["missing_parts"]),
+        (409, &json!([1, 2])),
+        "{answer}"
+    );
     let (status, _, _) = user.download(&file_id, None).await;
     assert_eq!(status, 409, "an incomplete file was served");
     // None of it changed anything: the upload still completes from scratch.
     send_parts(&user, &upload_id, &file, &[2, 1]).await;
     assert_eq!(user.complete(&upload_id).await.0, 200);
     let (status, whole, _) = user.download(&file_id, None).await;
-    assert!(status == 200 && whole == file, "the file came back different");
+    assert!(
+        status == 200 && whole == file,
+        "the file came back different"
+    );
     let (status, answer) = user.part(&upload_id, 1, part_of(&file, 1)).await;
     assert_eq!(status, 409, "a completed upload took a part: {answer}");
 
@@ -296,12 +385,25 @@ async fn bad_requests_are_answered_and_change_nothing() {
     let (status, body, _) = user.download(&file_id, None).await;
     assert_eq!(status, 500, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("failed verification"));
-    assert!(host.host.log().contains("does not match its MAC"), "{}", host.host.log());
+    assert!(
+        host.host.log().contains("does not match its MAC"),
+        "{}",
+        host.host.log()
+    );
     let (status, _) = host.call("GET", "/upload/ram-status", "").await;
-    assert_eq!(status, 401, "ram-status needs a key like every route but /users");
+    assert_eq!(
+        status, 401,
+        "ram-status needs a key like every route but /users"
+    );
     let (status, figures) = user.call("GET", "/upload/ram-status", "").await;
     assert_eq!(status, 200);
-    for field in ["ram_used_mb", "ram_limit_mb", "ram_free_mb", "instance_memory_mb", "instance_memory_limit_mb"] {
+    for field in [
+        "ram_used_mb",
+        "ram_limit_mb",
+        "ram_free_mb",
+        "instance_memory_mb",
+        "instance_memory_limit_mb",
+    ] {
         assert!(figures[field].is_number(), "{field}: {figures}");
     }
 }
@@ -311,7 +413,21 @@ async fn a_gigabyte_through_a_guest_capped_at_16_mib() {
     const PARTS: usize = 103;
     const SIZE: usize = 1 << 30;
     let mut services = Services::start(Backends::SqliteLocal);
-    let host = AppHost::start(&mut services, "lenzeye", "gigabyte", &["--memory-limit", "16MiB", "-k", "gthread", "--threads", "4", "--timeout", "120"]);
+    let host = AppHost::start(
+        &mut services,
+        "lenzeye",
+        "gigabyte",
+        &[
+            "--memory-limit",
+            "16MiB",
+            "-k",
+            "gthread",
+            "--threads",
+            "4",
+            "--timeout",
+            "120",
+        ],
+    );
     let user = User::create(&host).await;
     let (upload_id, file_id) = user.initiate("big.bin", SIZE).await;
     // Parts are made on the fly from a seed, so the test holds at most four of them.
@@ -335,7 +451,11 @@ async fn a_gigabyte_through_a_guest_capped_at_16_mib() {
     for number in 1..=PARTS {
         expected.update(part(number));
     }
-    let response = user.request("GET", &format!("/files/{file_id}")).send().await.unwrap();
+    let response = user
+        .request("GET", &format!("/files/{file_id}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     let mut received = Sha256::new();
     let mut length = 0usize;
@@ -346,7 +466,11 @@ async fn a_gigabyte_through_a_guest_capped_at_16_mib() {
         received.update(&chunk);
     }
     assert_eq!(length, SIZE);
-    assert_eq!(received.finalize(), expected.finalize(), "the gigabyte came back different");
+    assert_eq!(
+        received.finalize(),
+        expected.finalize(),
+        "the gigabyte came back different"
+    );
     let (_, figures) = user.call("GET", "/upload/ram-status", "").await;
     assert_eq!(figures["instance_memory_limit_mb"], 16.0, "{figures}");
 }
@@ -354,7 +478,13 @@ async fn a_gigabyte_through_a_guest_capped_at_16_mib() {
 #[test]
 fn the_readme_and_the_procfile_serve_lenzeye() {
     let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
-    assert!(readme.contains("serve guests/lenzeye.wasm"), "the README's first command must serve Lenzeye");
+    assert!(
+        readme.contains("serve guests/lenzeye.wasm"),
+        "the README's first command must serve Lenzeye"
+    );
     let procfile = std::fs::read_to_string(repo_root().join("Procfile")).unwrap();
-    assert!(procfile.starts_with("web: host serve guests/lenzeye.wasm "), "{procfile}");
+    assert!(
+        procfile.starts_with("web: host serve guests/lenzeye.wasm "),
+        "{procfile}"
+    );
 }

@@ -2,7 +2,7 @@
 //! multipart uploads out of order with a re-sent part, ranged reads, S3's part rules with the
 //! same answers on both, a stream of the wrong length storing nothing, aborts leaving nothing.
 
-use blackbox::{Backends, AppHost, Services};
+use blackbox::{AppHost, Backends, Services};
 use serde_json::Value;
 
 const MIB: usize = 1 << 20;
@@ -14,18 +14,29 @@ fn random_bytes(length: usize, seed: u64) -> Vec<u8> {
 }
 
 async fn create(probe: &AppHost, key: &str) -> String {
-    let (status, answer) = probe.call("POST", &format!("/objects/multipart?key={key}"), "").await;
+    let (status, answer) = probe
+        .call("POST", &format!("/objects/multipart?key={key}"), "")
+        .await;
     assert_eq!(status, 200, "{answer}");
     answer["upload_id"].as_str().unwrap().to_owned()
 }
 
 async fn multipart_round_trip(backends: Backends) {
     let mut services = Services::start(backends);
-    let probe = AppHost::start(&mut services, "probe", "objects", &["--workers", "2", "-k", "gthread", "--threads", "4"]);
+    let probe = AppHost::start(
+        &mut services,
+        "probe",
+        "objects",
+        &["--workers", "2", "-k", "gthread", "--threads", "4"],
+    );
     let key = "files/2024/report%20final.bin";
     let upload = create(&probe, key).await;
     // Parts 3, 1 and 2 (5 MiB, 5 MiB, 1 MiB + 7), sent out of order and at once.
-    let parts = [random_bytes(5 * MIB, 1), random_bytes(5 * MIB, 2), random_bytes(MIB + 7, 3)];
+    let parts = [
+        random_bytes(5 * MIB, 1),
+        random_bytes(5 * MIB, 2),
+        random_bytes(MIB + 7, 3),
+    ];
     let sends = [3usize, 1, 2].map(|number| {
         let body = parts[number - 1].clone();
         let path = format!("/objects/part?key={key}&upload_id={upload}&part={number}");
@@ -38,43 +49,107 @@ async fn multipart_round_trip(backends: Backends) {
     // Part 2 sent again with other bytes replaces the first.
     let replacement = random_bytes(5 * MIB, 4);
     let (status, answer) = probe
-        .call("PUT", &format!("/objects/part?key={key}&upload_id={upload}&part=2"), replacement.clone())
+        .call(
+            "PUT",
+            &format!("/objects/part?key={key}&upload_id={upload}&part=2"),
+            replacement.clone(),
+        )
         .await;
     assert_eq!(status, 200, "{answer}");
-    let (_, listed) = probe.call("GET", &format!("/objects/parts?key={key}&upload_id={upload}"), "").await;
-    let numbers: Vec<u64> = listed.as_array().unwrap().iter().map(|p| p["number"].as_u64().unwrap()).collect();
+    let (_, listed) = probe
+        .call(
+            "GET",
+            &format!("/objects/parts?key={key}&upload_id={upload}"),
+            "",
+        )
+        .await;
+    let numbers: Vec<u64> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["number"].as_u64().unwrap())
+        .collect();
     assert_eq!(numbers, [1, 2, 3], "{listed}");
-    let (status, info) = probe.call("POST", &format!("/objects/complete?key={key}&upload_id={upload}"), "").await;
+    let (status, info) = probe
+        .call(
+            "POST",
+            &format!("/objects/complete?key={key}&upload_id={upload}"),
+            "",
+        )
+        .await;
     assert_eq!(status, 200, "{info}");
     let whole: Vec<u8> = [&parts[0][..], &replacement, &parts[2]].concat();
     assert_eq!(info["size"].as_u64(), Some(whole.len() as u64));
 
-    let (status, read) = probe.bytes("GET", &format!("/objects/get?key={key}"), "").await;
-    assert_eq!(status, 200);
-    assert!(read == whole, "the object read back differs from what was uploaded");
-    let (status, range) = probe
-        .bytes("GET", &format!("/objects/get?key={key}&start={}&length=1000", 5 * MIB - 10), "")
+    let (status, read) = probe
+        .bytes("GET", &format!("/objects/get?key={key}"), "")
         .await;
     assert_eq!(status, 200);
-    assert!(range == whole[5 * MIB - 10..5 * MIB + 990], "the range differs");
-    let (status, tail) = probe.bytes("GET", &format!("/objects/get?key={key}&start={}", whole.len()), "").await;
-    assert_eq!((status, tail.len()), (200, 0), "a range from the end is empty");
-    let (status, answer) = probe.call("GET", &format!("/objects/get?key={key}&start={}", whole.len() + 1), "").await;
+    assert!(
+        read == whole,
+        "the object read back differs from what was uploaded"
+    );
+    let (status, range) = probe
+        .bytes(
+            "GET",
+            &format!("/objects/get?key={key}&start={}&length=1000", 5 * MIB - 10),
+            "",
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        range == whole[5 * MIB - 10..5 * MIB + 990],
+        "the range differs"
+    );
+    let (status, tail) = probe
+        .bytes(
+            "GET",
+            &format!("/objects/get?key={key}&start={}", whole.len()),
+            "",
+        )
+        .await;
+    assert_eq!(
+        (status, tail.len()),
+        (200, 0),
+        "a range from the end is empty"
+    );
+    let (status, answer) = probe
+        .call(
+            "GET",
+            &format!("/objects/get?key={key}&start={}", whole.len() + 1),
+            "",
+        )
+        .await;
     assert_eq!(status, 416, "a range beyond the end: {answer}");
 
     // Listing by prefix, deleting, and a missing object.
-    let (_, small) = probe.call("PUT", "/objects/put?key=files/2025/note", "hello").await;
+    let (_, small) = probe
+        .call("PUT", "/objects/put?key=files/2025/note", "hello")
+        .await;
     assert_eq!(small["size"], 5, "{small}");
-    let (_, listed) = probe.call("GET", "/objects/list?prefix=files/2024/", "").await;
-    let keys: Vec<&str> = listed.as_array().unwrap().iter().map(|o| o["key"].as_str().unwrap()).collect();
+    let (_, listed) = probe
+        .call("GET", "/objects/list?prefix=files/2024/", "")
+        .await;
+    let keys: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["key"].as_str().unwrap())
+        .collect();
     assert_eq!(keys, ["files/2024/report final.bin"], "{listed}");
     let (_, listed) = probe.call("GET", "/objects/list?prefix=files/", "").await;
     assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
-    let (status, _) = probe.call("DELETE", &format!("/objects/delete?key={key}"), "").await;
+    let (status, _) = probe
+        .call("DELETE", &format!("/objects/delete?key={key}"), "")
+        .await;
     assert_eq!(status, 200);
-    let (status, _) = probe.call("GET", &format!("/objects/get?key={key}"), "").await;
+    let (status, _) = probe
+        .call("GET", &format!("/objects/get?key={key}"), "")
+        .await;
     assert_eq!(status, 404);
-    let (status, head) = probe.call("GET", "/objects/head?key=files/2025/note", "").await;
+    let (status, head) = probe
+        .call("GET", "/objects/head?key=files/2025/note", "")
+        .await;
     assert_eq!((status, head["size"].as_u64()), (200, Some(5)));
 }
 
@@ -101,45 +176,108 @@ async fn rules_and_refusals(backends: Backends) {
     for number in [0, 10_001] {
         let (status, answer) = part(number, b"x".to_vec()).await;
         assert_eq!(status, 400, "part {number}: {answer}");
-        assert!(answer["error"].as_str().unwrap().contains("1 to 10000"), "{answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains("1 to 10000"),
+            "{answer}"
+        );
     }
     // A small part that is not the last cannot be completed: S3's 5 MiB rule, same words on both.
     assert_eq!(part(1, vec![1; 1000]).await.0, 200);
     assert_eq!(part(2, vec![2; 1000]).await.0, 200);
-    let (status, answer) = probe.call("POST", &format!("/objects/complete?key=k&upload_id={upload}"), "").await;
+    let (status, answer) = probe
+        .call(
+            "POST",
+            &format!("/objects/complete?key=k&upload_id={upload}"),
+            "",
+        )
+        .await;
     assert_eq!(status, 400, "{answer}");
-    assert!(answer["error"].as_str().unwrap().contains("at least 5 MiB"), "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("at least 5 MiB"),
+        "{answer}"
+    );
     // A stream shorter or longer than declared stores nothing.
     for declared in [2000, 10] {
         let (status, answer) = probe
-            .call("PUT", &format!("/objects/part?key=k&upload_id={upload}&part=3&length={declared}"), vec![3; 1000])
+            .call(
+                "PUT",
+                &format!("/objects/part?key=k&upload_id={upload}&part=3&length={declared}"),
+                vec![3; 1000],
+            )
             .await;
         assert_eq!(status, 400, "{answer}");
-        assert!(answer["error"].as_str().unwrap().contains("LengthMismatch"), "{answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains("LengthMismatch"),
+            "{answer}"
+        );
     }
-    let (_, listed) = probe.call("GET", &format!("/objects/parts?key=k&upload_id={upload}"), "").await;
-    assert_eq!(listed.as_array().unwrap().len(), 2, "a refused part was stored: {listed}");
+    let (_, listed) = probe
+        .call(
+            "GET",
+            &format!("/objects/parts?key=k&upload_id={upload}"),
+            "",
+        )
+        .await;
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        2,
+        "a refused part was stored: {listed}"
+    );
     // Keys that could leave the app's place, and an upload id that is not this key's.
     for key in ["../other/x", "a//b", "/abs", "a/./b"] {
-        let (status, answer) = probe.call("POST", &format!("/objects/multipart?key={key}"), "").await;
+        let (status, answer) = probe
+            .call("POST", &format!("/objects/multipart?key={key}"), "")
+            .await;
         assert_eq!(status, 400, "{key}: {answer}");
-        assert!(answer["error"].as_str().unwrap().contains("InvalidKey"), "{answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains("InvalidKey"),
+            "{answer}"
+        );
     }
-    let (status, _) = probe.call("GET", &format!("/objects/parts?key=other&upload_id={upload}"), "").await;
+    let (status, _) = probe
+        .call(
+            "GET",
+            &format!("/objects/parts?key=other&upload_id={upload}"),
+            "",
+        )
+        .await;
     assert_eq!(status, 404);
     // An abort leaves nothing behind.
-    let (status, answer) = probe.call("POST", &format!("/objects/abort?key=k&upload_id={upload}"), "").await;
+    let (status, answer) = probe
+        .call(
+            "POST",
+            &format!("/objects/abort?key=k&upload_id={upload}"),
+            "",
+        )
+        .await;
     assert_eq!(status, 200, "{answer}");
-    let (status, _) = probe.call("GET", &format!("/objects/parts?key=k&upload_id={upload}"), "").await;
+    let (status, _) = probe
+        .call(
+            "GET",
+            &format!("/objects/parts?key=k&upload_id={upload}"),
+            "",
+        )
+        .await;
     assert_eq!(status, 404, "the aborted upload is still listed");
     match &services.s3 {
         Some(s3) => {
-            assert!(s3.uploads().is_empty(), "S3 still has uploads: {:?}", s3.uploads());
+            assert!(
+                s3.uploads().is_empty(),
+                "S3 still has uploads: {:?}",
+                s3.uploads()
+            );
             let s3_upload_id = upload.rsplit_once('.').unwrap().0;
-            assert!(s3.parts(&format!("tests/{}/k", probe.app.app), s3_upload_id).is_empty());
+            assert!(
+                s3.parts(&format!("tests/{}/k", probe.app.app), s3_upload_id)
+                    .is_empty()
+            );
         }
         None => {
-            let uploads = probe.host_data_dir().join("apps").join(&probe.app.app).join("uploads");
+            let uploads = probe
+                .host_data_dir()
+                .join("apps")
+                .join(&probe.app.app)
+                .join("uploads");
             let left: Vec<_> = std::fs::read_dir(&uploads).unwrap().collect();
             assert!(left.is_empty(), "the local store kept {left:?}");
         }
@@ -186,7 +324,10 @@ async fn send_in_halves(
     let (response, ()) = futures::join!(request, feeding);
     let response = response.unwrap();
     let status = response.status().as_u16();
-    (status, serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or(Value::Null),
+    )
 }
 
 #[tokio::test]
@@ -205,15 +346,26 @@ async fn an_s3_outage_mid_part_fails_that_part_and_the_host_goes_on() {
     .await;
     assert_eq!(status, 503, "{answer}");
     let error = answer["error"].as_str().unwrap();
-    assert!(error.contains("S3 upload part failed after 3 attempts"), "{answer}");
-    assert!(started.elapsed().as_secs() < 30, "the retries took {:?}", started.elapsed());
+    assert!(
+        error.contains("S3 upload part failed after 3 attempts"),
+        "{answer}"
+    );
+    assert!(
+        started.elapsed().as_secs() < 30,
+        "the retries took {:?}",
+        started.elapsed()
+    );
     // The host goes on, and works again once S3 is back (moto comes back empty).
     let (status, _) = probe.call("GET", "/", "").await;
     assert_eq!(status, 200);
     s3.restart();
     let upload = create(&probe, "again").await;
     let (status, answer) = probe
-        .call("PUT", &format!("/objects/part?key=again&upload_id={upload}&part=1"), vec![1u8; 1000])
+        .call(
+            "PUT",
+            &format!("/objects/part?key=again&upload_id={upload}&part=1"),
+            vec![1u8; 1000],
+        )
         .await;
     assert_eq!(status, 200, "{answer}");
     services.s3 = Some(s3);
@@ -225,13 +377,22 @@ async fn s3_requests_are_tried_three_times_then_answered() {
     let s3_addr = services.s3.as_ref().unwrap().addr;
     let relay = blackbox::Relay::start(s3_addr, blackbox::RelayMode::Forward);
     let endpoint = format!("http://{}", relay.addr);
-    let probe = AppHost::start(&mut services, "probe", "retries", &["--s3-endpoint", &endpoint]);
+    let probe = AppHost::start(
+        &mut services,
+        "probe",
+        "retries",
+        &["--s3-endpoint", &endpoint],
+    );
     let upload = create(&probe, "k").await;
     // From now on S3 drops every connection: each attempt is one connection.
     relay.set_mode(blackbox::RelayMode::Drop);
     let before = relay.accepted();
     let (status, answer) = probe
-        .call("PUT", &format!("/objects/part?key=k&upload_id={upload}&part=1"), vec![0u8; 1000])
+        .call(
+            "PUT",
+            &format!("/objects/part?key=k&upload_id={upload}&part=1"),
+            vec![0u8; 1000],
+        )
         .await;
     assert_eq!(status, 503, "{answer}");
     assert_eq!(relay.accepted() - before, 3, "attempts at S3: {answer}");

@@ -529,7 +529,11 @@ async fn the_procfile_command_serves_lenzeye_as_written() {
     let port = blackbox::free_port();
     let home = tempfile::tempdir().unwrap();
     let bin_dir = host_bin().parent().unwrap().to_path_buf();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let log = home.path().join("log");
     let mut child = Command::new("sh")
         .args(["-c", &format!("exec {command}")])
@@ -547,15 +551,24 @@ async fn the_procfile_command_serves_lenzeye_as_written() {
     let url = format!("http://127.0.0.1:{port}");
     let client = http_client();
     let started = poll_until(Duration::from_secs(120), Duration::from_millis(50), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| ())
     });
-    assert!(started.is_some(), "{}", std::fs::read_to_string(&log).unwrap());
+    assert!(
+        started.is_some(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
 
     let json = |response: reqwest::Response| async move {
         serde_json::from_str::<serde_json::Value>(&response.text().await.unwrap()).unwrap()
     };
     let user = json(client.post(format!("{url}/users")).send().await.unwrap()).await;
-    let key = user["api_key"].as_str().expect("a user was created").to_owned();
+    let key = user["api_key"]
+        .as_str()
+        .expect("a user was created")
+        .to_owned();
     let file = b"a file uploaded through the Procfile's host".to_vec();
     let initiated = json(
         client
@@ -570,7 +583,9 @@ async fn the_procfile_command_serves_lenzeye_as_written() {
     let upload_id = initiated["upload_id"].as_str().unwrap();
     let file_id = initiated["file_id"].as_str().unwrap();
     let part = client
-        .put(format!("{url}/upload/part?upload_id={upload_id}&part_number=1"))
+        .put(format!(
+            "{url}/upload/part?upload_id={upload_id}&part_number=1"
+        ))
         .bearer_auth(&key)
         .body(file.clone())
         .send()
@@ -584,7 +599,12 @@ async fn the_procfile_command_serves_lenzeye_as_written() {
         .await
         .unwrap();
     assert_eq!(completed.status(), 200);
-    let download = client.get(format!("{url}/files/{file_id}")).bearer_auth(&key).send().await.unwrap();
+    let download = client
+        .get(format!("{url}/files/{file_id}"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(download.bytes().await.unwrap().to_vec(), file);
 
     // The seed's flags are in force: gthread with 6 threads, the heartbeat under /dev/shm.
@@ -594,4 +614,25 @@ async fn the_procfile_command_serves_lenzeye_as_written() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     assert!(status.success(), "the Procfile's host exited with {status}");
+}
+
+/// The example config file holds only settings the host knows, with values it takes.
+#[test]
+fn the_example_config_file_is_valid() {
+    let data = tempfile::tempdir().unwrap();
+    let output = Command::new(host_bin())
+        .current_dir(blackbox::repo_root())
+        .args(["serve", "-c", "examples/host.toml", "--check-config", "--data-dir"])
+        .arg(data.path())
+        .arg("--cache-dir")
+        .arg(blackbox::cache_dir())
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("configuration OK"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

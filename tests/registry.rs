@@ -3,10 +3,11 @@
 //! again, across a restart; the tag checked against the README's construction computed by
 //! Python; downloads verified part by part, a tampered object never passed on as good.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use blackbox::{AppCopy, Backends, AppHost, Services, repo_root, unique_name, unwrap_key_id};
-use std::io::Write;
+use blackbox::{
+    AppCopy, AppHost, Backends, Services, openssl_ctr, repo_root, unique_name, unwrap_key_id,
+};
 
 const MIB: usize = 1 << 20;
 const PART: usize = 5 * MIB;
@@ -24,26 +25,19 @@ fn python_tag(key: &[u8], part_size: usize, data: &[u8]) -> String {
     std::fs::write(file.path(), data).unwrap();
     let output = Command::new("python3")
         .arg(repo_root().join("tests/support/object_tag.py"))
-        .args([hex::encode(key), part_size.to_string(), file.path().to_string_lossy().into_owned()])
+        .args([
+            hex::encode(key),
+            part_size.to_string(),
+            file.path().to_string_lossy().into_owned(),
+        ])
         .output()
         .expect("python3 computes the independent tag");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
-}
-
-fn openssl_ctr(key: &[u8], plaintext: &[u8]) -> Vec<u8> {
-    let mut child = Command::new("openssl")
-        .args(["enc", "-aes-256-ctr", "-nosalt", "-K", &hex::encode(key), "-iv", IV])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("openssl is the independent AES-CTR");
-    let mut stdin = child.stdin.take().unwrap();
-    let input = plaintext.to_vec();
-    let writer = std::thread::spawn(move || stdin.write_all(&input));
-    let output = child.wait_with_output().unwrap();
-    writer.join().unwrap().unwrap();
-    output.stdout
 }
 
 struct Upload<'a> {
@@ -85,9 +79,19 @@ async fn parts_in_any_order_make_the_documented_tag(backends: Backends) {
     let data_dir = data.path().to_string_lossy().into_owned();
     let app = AppCopy::new("probe", &unique_name("registry"));
     let app_name = app.app.clone();
-    let args = ["--data-dir", &data_dir, "--workers", "3", "-k", "gthread", "--threads", "4"];
+    let args = [
+        "--data-dir",
+        &data_dir,
+        "--workers",
+        "3",
+        "-k",
+        "gthread",
+        "--threads",
+        "4",
+    ];
     let plaintext = random_bytes(2 * PART + MIB + 13, 7);
-    let part = |number: usize| &plaintext[(number - 1) * PART..(number * PART).min(plaintext.len())];
+    let part =
+        |number: usize| &plaintext[(number - 1) * PART..(number * PART).min(plaintext.len())];
 
     // First host: the entry begins, parts 3 and 1 arrive at once.
     let probe = AppHost::serve(&mut services, app, &args);
@@ -99,7 +103,13 @@ async fn parts_in_any_order_make_the_documented_tag(backends: Backends) {
         upload: created["upload_id"].as_str().unwrap().into(),
         enc: enc.clone(),
     };
-    let (status, answer) = probe.call("POST", &format!("/registry/begin?name=doc&key_id={mac}"), "").await;
+    let (status, answer) = probe
+        .call(
+            "POST",
+            &format!("/registry/begin?name=doc&key_id={mac}"),
+            "",
+        )
+        .await;
     assert_eq!(status, 200, "{answer}");
     let (first, third) = futures::join!(upload.part(1, part(1)), upload.part(3, part(3)));
     assert_eq!(first.0, 200, "{}", first.1);
@@ -121,7 +131,14 @@ async fn parts_in_any_order_make_the_documented_tag(backends: Backends) {
     assert_eq!(upload.part(2, &random_bytes(PART, 99)).await.0, 200);
     assert_eq!(upload.part(2, part(2)).await.0, 200);
     let (status, finished) = probe
-        .call("POST", &format!("/registry/finish?key=doc&upload_id={}&name=doc", upload.upload), "")
+        .call(
+            "POST",
+            &format!(
+                "/registry/finish?key=doc&upload_id={}&name=doc",
+                upload.upload
+            ),
+            "",
+        )
         .await;
     assert_eq!(status, 200, "{finished}");
     let tag = finished["tag"].as_str().unwrap().to_owned();
@@ -130,16 +147,29 @@ async fn parts_in_any_order_make_the_documented_tag(backends: Backends) {
     // README's construction, computed by Python from the stored bytes and the unwrapped key.
     let (_, ciphertext) = probe.bytes("GET", "/objects/get?key=doc", "").await;
     let enc_key = unwrap_key_id(&enc, &app_name);
-    assert!(ciphertext == openssl_ctr(&enc_key, &plaintext), "the stored bytes are not the file's AES-256-CTR");
-    assert_eq!(python_tag(&unwrap_key_id(&mac, &app_name), PART, &ciphertext), tag);
+    assert!(
+        ciphertext == openssl_ctr(&enc_key, IV, &plaintext),
+        "the stored bytes are not the file's AES-256-CTR"
+    );
+    assert_eq!(
+        python_tag(&unwrap_key_id(&mac, &app_name), PART, &ciphertext),
+        tag
+    );
 
     // Downloads: the whole file, and a range across a part boundary.
-    let (status, whole) = probe.bytes("GET", &upload.read_path(1, 0, plaintext.len()), "").await;
+    let (status, whole) = probe
+        .bytes("GET", &upload.read_path(1, 0, plaintext.len()), "")
+        .await;
     assert_eq!(status, 200);
     assert!(whole == plaintext, "the download differs from the upload");
-    let (status, range) = probe.bytes("GET", &upload.read_path(2, PART - 100, 300), "").await;
+    let (status, range) = probe
+        .bytes("GET", &upload.read_path(2, PART - 100, 300), "")
+        .await;
     assert_eq!(status, 200);
-    assert!(range == plaintext[2 * PART - 100..2 * PART + 200], "the range differs");
+    assert!(
+        range == plaintext[2 * PART - 100..2 * PART + 200],
+        "the range differs"
+    );
 
     // Tampering: a changed byte in part 2 makes a read from part 2 an error answer, and a
     // read from part 1 a broken body; no changed byte is ever passed on.
@@ -149,12 +179,34 @@ async fn parts_in_any_order_make_the_documented_tag(backends: Backends) {
     assert_eq!(status, 200);
     let (status, answer) = probe.call("GET", &upload.read_path(2, 0, 10), "").await;
     assert_eq!(status, 500, "{answer}");
-    assert!(answer["error"].as_str().unwrap().contains("Tampered(2)"), "{answer}");
-    let response = probe.client.get(probe.host.url(&upload.read_path(1, 0, plaintext.len()))).send().await.unwrap();
-    assert_eq!(response.status(), 200, "part 1 is good, so the answer starts");
+    assert!(
+        answer["error"].as_str().unwrap().contains("Tampered(2)"),
+        "{answer}"
+    );
+    let response = probe
+        .client
+        .get(probe.host.url(&upload.read_path(1, 0, plaintext.len())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "part 1 is good, so the answer starts"
+    );
     let body = response.bytes().await;
-    assert!(body.is_err(), "a download through a tampered part ended as if it were whole");
-    assert!(probe.host.log().contains("part 2 of \"doc\" does not match its MAC"), "{}", probe.host.log());
+    assert!(
+        body.is_err(),
+        "a download through a tampered part ended as if it were whole"
+    );
+    assert!(
+        probe
+            .host
+            .log()
+            .contains("part 2 of \"doc\" does not match its MAC"),
+        "{}",
+        probe.host.log()
+    );
 }
 
 #[tokio::test]
@@ -179,27 +231,64 @@ async fn finishing_checks_the_registry_against_the_store(backends: Backends) {
         enc,
     };
     let finish = format!("/registry/finish?key=f&upload_id={}&name=f", upload.upload);
-    assert_eq!(probe.call("POST", &format!("/registry/begin?name=f&key_id={mac}"), "").await.0, 200);
+    assert_eq!(
+        probe
+            .call("POST", &format!("/registry/begin?name=f&key_id={mac}"), "")
+            .await
+            .0,
+        200
+    );
     // Another key for the same name is refused; the same key again is fine.
     let other = key_id(&probe).await;
-    let (status, answer) = probe.call("POST", &format!("/registry/begin?name=f&key_id={other}"), "").await;
+    let (status, answer) = probe
+        .call(
+            "POST",
+            &format!("/registry/begin?name=f&key_id={other}"),
+            "",
+        )
+        .await;
     assert_eq!(status, 400, "{answer}");
-    assert!(answer["error"].as_str().unwrap().contains("EntryExists"), "{answer}");
-    assert_eq!(probe.call("POST", &format!("/registry/begin?name=f&key_id={mac}"), "").await.0, 200);
+    assert!(
+        answer["error"].as_str().unwrap().contains("EntryExists"),
+        "{answer}"
+    );
+    assert_eq!(
+        probe
+            .call("POST", &format!("/registry/begin?name=f&key_id={mac}"), "")
+            .await
+            .0,
+        200
+    );
 
     assert_eq!(upload.part(1, &random_bytes(PART, 1)).await.0, 200);
     assert_eq!(upload.part(3, b"last").await.0, 200);
     let (status, answer) = probe.call("POST", &finish, "").await;
     assert_eq!(status, 409, "{answer}");
-    assert!(answer["error"].as_str().unwrap().contains("MissingParts([2])"), "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("MissingParts([2])"),
+        "{answer}"
+    );
     // Part 2 stored without passing the registry: the registry does not know it.
     let (status, _) = probe
-        .call("PUT", &format!("/objects/part?key=f&upload_id={}&part=2", upload.upload), random_bytes(PART, 2))
+        .call(
+            "PUT",
+            &format!("/objects/part?key=f&upload_id={}&part=2", upload.upload),
+            random_bytes(PART, 2),
+        )
         .await;
     assert_eq!(status, 200);
     let (status, answer) = probe.call("POST", &finish, "").await;
     assert_eq!(status, 409, "{answer}");
-    assert!(answer["error"].as_str().unwrap().contains("MismatchedParts([2])"), "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("MismatchedParts([2])"),
+        "{answer}"
+    );
     // Sent properly, the object finishes; a late part is refused; finishing again is the same tag.
     assert_eq!(upload.part(2, &random_bytes(PART, 3)).await.0, 200);
     let (status, first) = probe.call("POST", &finish, "").await;
@@ -210,7 +299,10 @@ async fn finishing_checks_the_registry_against_the_store(backends: Backends) {
         .call("POST", "/registry/add-bytes?name=f&part=4&etag=x", "late")
         .await;
     assert_eq!(status, 400, "{answer}");
-    assert!(answer["error"].as_str().unwrap().contains("Finished"), "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("Finished"),
+        "{answer}"
+    );
     let (status, _) = probe.call("GET", "/registry/tag?name=nothing", "").await;
     assert_eq!(status, 404);
     let (status, _) = probe.call("POST", "/registry/discard?name=f", "").await;
@@ -240,7 +332,13 @@ fn the_readme_documents_the_construction_the_tests_check() {
         .map(|(_, rest)| format!("def object_tag{rest}"))
         .unwrap();
     // The README indents its code blocks; compare line by line, without the indentation.
-    let lines = |text: &str| text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("\n");
+    let lines = |text: &str| {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     assert!(
         lines(&readme).contains(&lines(&function)),
         "README.md must show the construction exactly as tests/support/object_tag.py has it"

@@ -3,9 +3,7 @@
 //! and message, transactions, and an outage that fails requests with `unavailable` while the
 //! host keeps serving, and is over when the database is back.
 
-use blackbox::{
-    Backends, AppHost, Relay, RelayMode, Services, database_addr, database_url_via,
-};
+use blackbox::{AppHost, Backends, Relay, RelayMode, Services, database_addr, database_url_via};
 use serde_json::{Value, json};
 
 async fn sql(probe: &AppHost, route: &str, statement: &str, params: Value) -> (u16, Value) {
@@ -32,7 +30,11 @@ async fn same_statements_on_both(backends: Backends) {
         json!([3, "thïrd 'quoted'", {"blob": ""}, -1e10, false]),
     ] {
         let (status, answer) = sql(&probe, "execute", insert, params).await;
-        assert_eq!((status, &answer["rows_affected"]), (200, &json!(1)), "{answer}");
+        assert_eq!(
+            (status, &answer["rows_affected"]),
+            (200, &json!(1)),
+            "{answer}"
+        );
     }
     // Parameters out of order and repeated.
     let (status, rows) = sql(
@@ -49,19 +51,50 @@ async fn same_statements_on_both(backends: Backends) {
         json!([[1, "first", {"blob": "00ff10"}, 2.5], [3, "thïrd 'quoted'", {"blob": ""}, -1e10]])
     );
     // Booleans are booleans on PostgreSQL, 0 and 1 on SQLite.
-    let (_, done) = sql(&probe, "query", "SELECT done FROM notes WHERE id = $1", json!([1])).await;
-    let expected = if backends == Backends::PostgresS3 { json!(true) } else { json!(1) };
+    let (_, done) = sql(
+        &probe,
+        "query",
+        "SELECT done FROM notes WHERE id = $1",
+        json!([1]),
+    )
+    .await;
+    let expected = if backends == Backends::PostgresS3 {
+        json!(true)
+    } else {
+        json!(1)
+    };
     assert_eq!(done["rows"][0][0], expected, "{done}");
 
     // Typed errors, with the database's code and message.
-    let (status, answer) = sql(&probe, "execute", insert, json!([1, "again", null, null, null])).await;
+    let (status, answer) = sql(
+        &probe,
+        "execute",
+        insert,
+        json!([1, "again", null, null, null]),
+    )
+    .await;
     assert_eq!(status, 400, "{answer}");
     let code = answer["error"]["code"].as_str().unwrap_or_default();
-    let expected_code = if backends == Backends::PostgresS3 { "23505" } else { "1555" };
+    let expected_code = if backends == Backends::PostgresS3 {
+        "23505"
+    } else {
+        "1555"
+    };
     assert_eq!(code, expected_code, "{answer}");
-    assert!(answer["error"]["message"].as_str().unwrap().to_lowercase().contains("unique"), "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("unique"),
+        "{answer}"
+    );
     let (status, answer) = sql(&probe, "query", "SELEC 1", json!([])).await;
-    assert_eq!((status, answer["error"]["kind"].as_str()), (400, Some("database")), "{answer}");
+    assert_eq!(
+        (status, answer["error"]["kind"].as_str()),
+        (400, Some("database")),
+        "{answer}"
+    );
 
     // A transaction rolled back leaves nothing; committed, it stays.
     let steps = json!([
@@ -71,23 +104,45 @@ async fn same_statements_on_both(backends: Backends) {
     .to_string();
     let (status, inside) = probe.call("POST", "/sql/transaction", steps.clone()).await;
     assert_eq!(status, 200, "{inside}");
-    assert_eq!(inside[1]["rows"][0][0], json!(4), "the transaction sees its own insert");
+    assert_eq!(
+        inside[1]["rows"][0][0],
+        json!(4),
+        "the transaction sees its own insert"
+    );
     let (_, count) = sql(&probe, "query", "SELECT count(*) FROM notes", json!([])).await;
     assert_eq!(count["rows"][0][0], json!(3), "a rolled-back insert stayed");
-    let (status, _) = probe.call("POST", "/sql/transaction?commit=true", steps).await;
+    let (status, _) = probe
+        .call("POST", "/sql/transaction?commit=true", steps)
+        .await;
     assert_eq!(status, 200);
     let (_, count) = sql(&probe, "query", "SELECT count(*) FROM notes", json!([])).await;
-    assert_eq!(count["rows"][0][0], json!(4), "a committed insert is missing");
+    assert_eq!(
+        count["rows"][0][0],
+        json!(4),
+        "a committed insert is missing"
+    );
     // A failing statement fails the transaction, which is rolled back when dropped.
     let failing = json!([
         {"statement": "INSERT INTO notes (id, title) VALUES ($1, $2)", "params": [11, "eleven"]},
         {"statement": "INSERT INTO notes (id, title) VALUES ($1, $2)", "params": [11, "again"]},
     ])
     .to_string();
-    let (status, _) = probe.call("POST", "/sql/transaction?commit=true", failing).await;
+    let (status, _) = probe
+        .call("POST", "/sql/transaction?commit=true", failing)
+        .await;
     assert_eq!(status, 400);
-    let (_, count) = sql(&probe, "query", "SELECT count(*) FROM notes WHERE id = 11", json!([])).await;
-    assert_eq!(count["rows"][0][0], json!(0), "half a failed transaction stayed");
+    let (_, count) = sql(
+        &probe,
+        "query",
+        "SELECT count(*) FROM notes WHERE id = 11",
+        json!([]),
+    )
+    .await;
+    assert_eq!(
+        count["rows"][0][0],
+        json!(0),
+        "half a failed transaction stayed"
+    );
 }
 
 #[tokio::test]
@@ -106,8 +161,20 @@ async fn postgres_types_outside_the_interface_say_how_to_cast() {
     let probe = AppHost::start(&mut services, "probe", "types", &[]);
     let (status, answer) = sql(&probe, "query", "SELECT now() AS at", json!([])).await;
     assert_eq!(status, 400, "{answer}");
-    assert!(answer["error"]["kind"].as_str().unwrap().contains("at::text"), "{answer}");
-    let (status, answer) = sql(&probe, "query", "SELECT now()::text AS at, 1.5::numeric::float8 AS n", json!([])).await;
+    assert!(
+        answer["error"]["kind"]
+            .as_str()
+            .unwrap()
+            .contains("at::text"),
+        "{answer}"
+    );
+    let (status, answer) = sql(
+        &probe,
+        "query",
+        "SELECT now()::text AS at, 1.5::numeric::float8 AS n",
+        json!([]),
+    )
+    .await;
     assert_eq!(status, 200, "{answer}");
 }
 
@@ -116,7 +183,12 @@ async fn a_database_outage_fails_requests_with_unavailable_and_passes() {
     let relay = Relay::start(database_addr(), RelayMode::Forward);
     let url = database_url_via(relay.addr);
     let mut services = Services::start(Backends::SqliteLocal);
-    let probe = AppHost::start(&mut services, "probe", "outage", &["--database-url", &url, "--database-timeout", "2"]);
+    let probe = AppHost::start(
+        &mut services,
+        "probe",
+        "outage",
+        &["--database-url", &url, "--database-timeout", "2"],
+    );
     blackbox::drop_postgres_app(&probe.app.app);
     let (status, answer) = sql(&probe, "execute", "CREATE TABLE t (id BIGINT)", json!([])).await;
     assert_eq!(status, 200, "{answer}");
@@ -125,8 +197,18 @@ async fn a_database_outage_fails_requests_with_unavailable_and_passes() {
     let started = std::time::Instant::now();
     let (status, answer) = sql(&probe, "query", "SELECT count(*) FROM t", json!([])).await;
     assert_eq!(status, 503, "{answer}");
-    assert!(answer["error"]["kind"].as_str().unwrap().contains("Unavailable"), "{answer}");
-    assert!(started.elapsed().as_secs() < 10, "the outage answer took {:?}", started.elapsed());
+    assert!(
+        answer["error"]["kind"]
+            .as_str()
+            .unwrap()
+            .contains("Unavailable"),
+        "{answer}"
+    );
+    assert!(
+        started.elapsed().as_secs() < 10,
+        "the outage answer took {:?}",
+        started.elapsed()
+    );
     // The host keeps serving what does not need the database.
     let (status, _) = probe.call("PUT", "/objects/put?key=still", "here").await;
     assert_eq!(status, 200);

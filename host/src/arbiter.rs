@@ -599,9 +599,15 @@ impl Master {
 fn allocator_settings() -> [(&'static str, std::ffi::OsString); 3] {
     let setting = |name: &str, value: &str| std::env::var_os(name).unwrap_or_else(|| value.into());
     [
-        ("MIMALLOC_ARENA_EAGER_COMMIT", setting("MIMALLOC_ARENA_EAGER_COMMIT", "0")),
+        (
+            "MIMALLOC_ARENA_EAGER_COMMIT",
+            setting("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
+        ),
         ("MIMALLOC_PURGE_DELAY", setting("MIMALLOC_PURGE_DELAY", "0")),
-        ("MIMALLOC_GENERIC_COLLECT", setting("MIMALLOC_GENERIC_COLLECT", "10")),
+        (
+            "MIMALLOC_GENERIC_COLLECT",
+            setting("MIMALLOC_GENERIC_COLLECT", "10"),
+        ),
     ]
 }
 

@@ -195,12 +195,20 @@ pub fn machine_memory_limit() -> u64 {
     let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
         .ok()
         .and_then(|text| text.trim().parse::<u64>().ok());
-    let machine = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
-        text.lines()
-            .find_map(|line| line.strip_prefix("MemTotal:"))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|kib| kib * 1024)
-    });
+    let machine = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("MemTotal:"))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+                .map(|kib| kib * 1024)
+        });
     match (cgroup, machine) {
         (Some(cgroup), Some(machine)) => cgroup.min(machine),
         (cgroup, machine) => cgroup.or(machine).unwrap_or(0),
@@ -228,7 +236,10 @@ mod tests {
             buffers: 4,
             part_buffer: 16 << 20,
         };
-        assert_eq!(plan.worst_case(), (16 + 4 * (8 + 6 * (64 + 4)) + 4 * 16) << 20);
+        assert_eq!(
+            plan.worst_case(),
+            (16 + 4 * (8 + 6 * (64 + 4)) + 4 * 16) << 20
+        );
         let message = plan.check(512 << 20).unwrap_err().to_string();
         assert!(message.contains("16 MiB shared by the workers + 4 workers × (8 MiB worker baseline + 6 instances × (64 MiB --memory-limit + 4 MiB host memory)) + 4 part buffers × 16 MiB --part-buffer = 1744 MiB"), "{message}");
         assert!(message.contains("--workers 1"), "{message}");

@@ -152,9 +152,8 @@ impl HostDatabase {
                 }
                 let blob = if self.is_postgres() { "BYTEA" } else { "BLOB" };
                 transaction
-                    .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(
-                        format!(
-                            "CREATE TABLE IF NOT EXISTS hmac_entries (
+                    .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "CREATE TABLE IF NOT EXISTS hmac_entries (
                                 app TEXT NOT NULL,
                                 name TEXT NOT NULL,
                                 key_id TEXT NOT NULL,
@@ -170,8 +169,7 @@ impl HostDatabase {
                                 etag TEXT NOT NULL,
                                 PRIMARY KEY (app, name, number)
                             );"
-                        ),
-                    )))
+                    ))))
                     .await?;
                 transaction.commit().await?;
                 Ok::<(), sqlx::Error>(())
@@ -183,9 +181,7 @@ impl HostDatabase {
     /// A transaction that will write. On SQLite it takes the write lock at once: a transaction
     /// that reads first and writes later can find another writer got in between, and SQLite
     /// then fails it at once instead of waiting.
-    pub async fn begin_write(
-        &self,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
         let pool = self.pool().await?;
         if self.is_postgres() {
             pool.begin().await
@@ -196,7 +192,11 @@ impl HostDatabase {
 
     /// `FOR UPDATE` where the database has it (SQLite serialises writers anyway).
     pub fn lock_rows(&self) -> &'static str {
-        if self.is_postgres() { " FOR UPDATE" } else { "" }
+        if self.is_postgres() {
+            " FOR UPDATE"
+        } else {
+            ""
+        }
     }
 }
 

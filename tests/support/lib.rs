@@ -202,8 +202,13 @@ impl HostProcess {
         for (name, _) in std::env::vars_os() {
             let name_text = name.to_string_lossy();
             if name_text.starts_with("HOST_")
-                || ["PORT", "WEB_CONCURRENCY", "FORWARDED_ALLOW_IPS", "DATABASE_URL"]
-                    .contains(&name_text.as_ref())
+                || [
+                    "PORT",
+                    "WEB_CONCURRENCY",
+                    "FORWARDED_ALLOW_IPS",
+                    "DATABASE_URL",
+                ]
+                .contains(&name_text.as_ref())
             {
                 command.env_remove(&name);
             }
@@ -837,7 +842,17 @@ pub fn database_url() -> String {
 /// Runs SQL on the tests' PostgreSQL as its administrator, with psql; returns the output rows.
 pub fn psql(sql: &str) -> String {
     let output = Command::new("psql")
-        .args([&database_url(), "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .args([
+            &database_url(),
+            "-X",
+            "-q",
+            "-t",
+            "-A",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
         .output()
         .expect("psql is needed to look into the tests' PostgreSQL");
     assert!(
@@ -946,6 +961,34 @@ pub fn unwrap_key_id(key_id: &str, app: &str) -> Vec<u8> {
             },
         )
         .expect("the key id does not unwrap as documented")
+}
+
+/// `openssl enc -aes-256-ctr` of `plaintext`: the independent AES-CTR the tests compare with.
+pub fn openssl_ctr(key: &[u8], iv_hex: &str, plaintext: &[u8]) -> Vec<u8> {
+    let mut child = Command::new("openssl")
+        .args([
+            "enc",
+            "-aes-256-ctr",
+            "-nosalt",
+            "-K",
+            &hex::encode(key),
+            "-iv",
+            iv_hex,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the openssl command is needed as the independent AES-CTR");
+    let mut stdin = child.stdin.take().expect("a piped stdin");
+    let input = plaintext.to_vec();
+    // Written from another thread, so a large input cannot fill both pipes.
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let output = child.wait_with_output().expect("openssl ran");
+    writer
+        .join()
+        .expect("the writer thread")
+        .expect("openssl took the input");
+    output.stdout
 }
 
 /// A host serving a copy of a guest (the probe guest puts every capability behind a route) on
@@ -1115,9 +1158,18 @@ impl S3Server {
                 .ok()
                 .map(|_| ())
         });
-        assert!(answers.is_some(), "the S3 API server did not start: {}", self.log_text());
+        assert!(
+            answers.is_some(),
+            "the S3 API server did not start: {}",
+            self.log_text()
+        );
         let created = self.request("PUT", &format!("/{}", self.bucket));
-        assert_eq!(created.status, 200, "cannot create the bucket: {}", created.body_text());
+        assert_eq!(
+            created.status,
+            200,
+            "cannot create the bucket: {}",
+            created.body_text()
+        );
     }
 
     fn log_text(&self) -> String {
@@ -1149,7 +1201,10 @@ impl S3Server {
 
     /// The parts stored for an upload (empty when the upload is gone).
     pub fn parts(&self, key: &str, upload_id: &str) -> Vec<String> {
-        let listing = self.request("GET", &format!("/{}/{key}?uploadId={upload_id}", self.bucket));
+        let listing = self.request(
+            "GET",
+            &format!("/{}/{key}?uploadId={upload_id}", self.bucket),
+        );
         xml_values(&listing.body_text(), "PartNumber")
     }
 }
@@ -1197,7 +1252,9 @@ impl Relay {
     pub fn start(target: SocketAddr, mode: RelayMode) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind the relay");
         let relay = Relay {
-            addr: listener.local_addr().expect("a bound socket has an address"),
+            addr: listener
+                .local_addr()
+                .expect("a bound socket has an address"),
             target,
             state: std::sync::Arc::new(RelayState {
                 mode: std::sync::Mutex::new(mode),
@@ -1263,12 +1320,16 @@ impl Relay {
 
     /// Connections accepted so far.
     pub fn accepted(&self) -> usize {
-        self.state.accepted.load(std::sync::atomic::Ordering::Acquire)
+        self.state
+            .accepted
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Closes every connection and the listener: the server is unreachable.
     pub fn cut(&self) {
-        self.state.up.store(false, std::sync::atomic::Ordering::Release);
+        self.state
+            .up
+            .store(false, std::sync::atomic::Ordering::Release);
         for stream in self.state.open.lock().unwrap().drain(..) {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
@@ -1283,15 +1344,20 @@ impl Relay {
 
     /// Listens again on the same port.
     pub fn resume(&self) {
-        let listener = TcpListener::bind(self.addr).expect("cannot listen on the relay's port again");
-        self.state.up.store(true, std::sync::atomic::Ordering::Release);
+        let listener =
+            TcpListener::bind(self.addr).expect("cannot listen on the relay's port again");
+        self.state
+            .up
+            .store(true, std::sync::atomic::Ordering::Release);
         self.serve(listener);
     }
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        self.state.up.store(false, std::sync::atomic::Ordering::Release);
+        self.state
+            .up
+            .store(false, std::sync::atomic::Ordering::Release);
         for stream in self.state.open.lock().unwrap().drain(..) {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
@@ -1302,7 +1368,9 @@ impl Drop for Relay {
 fn database_authority() -> String {
     let url = database_url();
     let after_scheme = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
-    let after_user = after_scheme.split_once('@').map_or(after_scheme, |(_, rest)| rest);
+    let after_user = after_scheme
+        .split_once('@')
+        .map_or(after_scheme, |(_, rest)| rest);
     after_user.split('/').next().unwrap_or_default().to_owned()
 }
 

@@ -14,3 +14,15 @@ wit_bindgen::generate!({
 });
 
 pub use host::capabilities::{crypto, hmac_registry, objects, sql, status};
+
+/// The object store's parts as the registry's `finish` takes them.
+pub fn registry_parts(stored: &[objects::PartInfo]) -> Vec<hmac_registry::Part> {
+    stored
+        .iter()
+        .map(|part| hmac_registry::Part {
+            number: part.number,
+            size: part.size,
+            etag: part.etag.clone(),
+        })
+        .collect()
+}

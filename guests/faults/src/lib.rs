@@ -7,7 +7,8 @@ use std::hint::black_box;
 use wasip2::http::types::{
     Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam, Scheme,
 };
-use wasip2::io::streams::{OutputStream, StreamError};
+use wasip2::io::streams::StreamError;
+use web::{hex, respond, write_all};
 
 /// The largest read from the request body: memory use stays flat whatever the body size.
 const ECHO_CHUNK: u64 = 64 * 1024;
@@ -111,31 +112,6 @@ impl wasip2::exports::http::incoming_handler::Guest for Faults {
 
 wasip2::http::proxy::export!(Faults);
 
-fn respond(out: ResponseOutparam, status: u16, content_type: &str, body: &[u8]) {
-    let headers = Fields::from_list(&[
-        ("content-type".to_owned(), content_type.as_bytes().to_vec()),
-        (
-            "content-length".to_owned(),
-            body.len().to_string().into_bytes(),
-        ),
-    ])
-    .expect("valid headers");
-    let response = OutgoingResponse::new(headers);
-    response.set_status_code(status).expect("valid status");
-    let outgoing = response.body().expect("a fresh response has a body");
-    ResponseOutparam::set(out, Ok(response));
-    let stream = outgoing.write().expect("a fresh body has a stream");
-    // A client that goes away mid-response is nothing to fail over.
-    if write_all(&stream, body)
-        .and_then(|()| stream.blocking_flush())
-        .is_err()
-    {
-        return;
-    }
-    drop(stream);
-    let _ = OutgoingBody::finish(outgoing, None);
-}
-
 fn param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query
         .split('&')
@@ -195,20 +171,6 @@ fn echo(request: IncomingRequest, out: ResponseOutparam) {
     drop(output);
     drop(input);
     OutgoingBody::finish(outgoing, None).expect("body complete");
-}
-
-fn write_all(stream: &OutputStream, mut data: &[u8]) -> Result<(), StreamError> {
-    while !data.is_empty() {
-        let permitted = stream.check_write()? as usize;
-        if permitted == 0 {
-            stream.subscribe().block();
-            continue;
-        }
-        let now = permitted.min(data.len());
-        stream.write(&data[..now])?;
-        data = &data[now..];
-    }
-    Ok(())
 }
 
 fn info(request: &IncomingRequest, path_with_query: &str) -> String {
@@ -311,7 +273,7 @@ fn crypto_parts(request: IncomingRequest, out: ResponseOutparam, sizes: &str) {
 /// Decrypts the body with the key id and IV given: 403 when the host refuses the key.
 fn crypto_apply(request: IncomingRequest, out: ResponseOutparam, query: &str) {
     let key = param(query, "key").unwrap_or_default().to_owned();
-    let iv = unhex(param(query, "iv").unwrap_or_default());
+    let iv = web::unhex(param(query, "iv").unwrap_or_default()).unwrap_or_default();
     let offset = param(query, "offset")
         .and_then(|o| o.parse().ok())
         .unwrap_or(0);
@@ -320,14 +282,4 @@ fn crypto_apply(request: IncomingRequest, out: ResponseOutparam, query: &str) {
         Ok(plaintext) => respond(out, 200, "application/octet-stream", &plaintext),
         Err(error) => respond(out, 403, "text/plain", format!("{error:?}\n").as_bytes()),
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len() / 2)
-        .filter_map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok())
-        .collect()
 }

@@ -73,12 +73,16 @@ impl Row {
 /// 500 when it refused the statement (a fault of this app).
 fn refusal(error: SqlError) -> Refusal {
     match error {
-        SqlError::Unavailable(why) => {
-            Refusal::new(503, format!("the database is unavailable, try again: {why}"))
-        }
+        SqlError::Unavailable(why) => Refusal::new(
+            503,
+            format!("the database is unavailable, try again: {why}"),
+        ),
         SqlError::Database(refused) => {
             eprintln!("the database refused a statement: {}", refused.message);
-            Refusal::new(500, format!("the database refused the request: {}", refused.message))
+            Refusal::new(
+                500,
+                format!("the database refused the request: {}", refused.message),
+            )
         }
         other => Refusal::new(500, format!("the database failed: {other:?}")),
     }

@@ -85,7 +85,10 @@ fn stream_file(
         Err(refusal) => return refuse(refusal, out),
     };
     if !file.ready {
-        return refuse(Refusal::new(409, "the upload of this file is not complete"), out);
+        return refuse(
+            Refusal::new(409, "the upload of this file is not complete"),
+            out,
+        );
     }
     let (status, start, end) = match byte_range(request.header("range").as_deref(), file.size) {
         Ok(None) => (200, 0, file.size - 1),
@@ -109,31 +112,50 @@ fn stream_file(
         Err(error) => return refuse(object_refusal(error), out),
     };
     let take = end - start + 1;
-    let verified = match hmac_registry::verify_stream(&file.id, first as u32, source, start - read_from, take) {
-        Ok(verified) => verified,
-        Err(RegistryError::Tampered(part)) => {
-            eprintln!("file {} failed verification at part {part}: not served", file.id);
-            let refusal = Refusal::new(
-                500,
-                format!("the stored file failed verification (part {part}); it is not served"),
-            );
-            return refuse(refusal, out);
-        }
-        Err(error) => return refuse(registry_refusal(error), out),
-    };
+    let verified =
+        match hmac_registry::verify_stream(&file.id, first as u32, source, start - read_from, take)
+        {
+            Ok(verified) => verified,
+            Err(RegistryError::Tampered(part)) => {
+                eprintln!(
+                    "file {} failed verification at part {part}: not served",
+                    file.id
+                );
+                let refusal = Refusal::new(
+                    500,
+                    format!("the stored file failed verification (part {part}); it is not served"),
+                );
+                return refuse(refusal, out);
+            }
+            Err(error) => return refuse(registry_refusal(error), out),
+        };
     let plaintext = match crypto::decrypt_stream(&file.enc_key_id, &file.iv, start, verified) {
         Ok(plaintext) => plaintext,
-        Err(error) => return refuse(Refusal::new(500, format!("the file's key is unusable: {error:?}")), out),
+        Err(error) => {
+            return refuse(
+                Refusal::new(500, format!("the file's key is unusable: {error:?}")),
+                out,
+            );
+        }
     };
     let mut headers = vec![
         ("content-type", file.content_type.clone()),
         ("content-length", take.to_string()),
         ("accept-ranges", "bytes".to_owned()),
-        ("etag", format!("\"{}\"", file.hmac.clone().unwrap_or_default())),
-        ("content-disposition", format!("attachment; filename=\"{}\"", quoted(&file.filename))),
+        (
+            "etag",
+            format!("\"{}\"", file.hmac.clone().unwrap_or_default()),
+        ),
+        (
+            "content-disposition",
+            format!("attachment; filename=\"{}\"", quoted(&file.filename)),
+        ),
     ];
     if status == 206 {
-        headers.push(("content-range", format!("bytes {start}-{end}/{}", file.size)));
+        headers.push((
+            "content-range",
+            format!("bytes {start}-{end}/{}", file.size),
+        ));
     }
     if let Err(error) = respond_stream(out, status, &headers, plaintext) {
         // A later part failed verification, or the client went away: the body is cut.
@@ -145,7 +167,13 @@ fn stream_file(
 /// A file name fit for a quoted header parameter.
 fn quoted(name: &str) -> String {
     name.chars()
-        .map(|c| if c == '"' || c == '\\' || c.is_control() || !c.is_ascii() { '_' } else { c })
+        .map(|c| {
+            if c == '"' || c == '\\' || c.is_control() || !c.is_ascii() {
+                '_'
+            } else {
+                c
+            }
+        })
         .collect()
 }
 

@@ -2,7 +2,7 @@
 //! streams through `crypto.encrypt-stream` (AES-256-CTR at the part's offset in the file), a
 //! registry `tap` (its HMAC) and `objects.upload-part` inside the host.
 
-use capabilities::hmac_registry::{self, Part, RegistryError};
+use capabilities::hmac_registry::{self, RegistryError};
 use capabilities::objects::{self, ObjectError};
 use capabilities::{crypto, sql::Value};
 use serde_json::{Value as Json, json};
@@ -117,8 +117,12 @@ pub fn object_refusal(error: ObjectError) -> Refusal {
         ObjectError::Unavailable(why) => {
             Refusal::new(503, format!("the storage is unavailable, try again: {why}"))
         }
-        ObjectError::LengthMismatch(why) => Refusal::new(400, format!("the part's body is not its size: {why}")),
-        ObjectError::SourceFailed(why) => Refusal::new(400, format!("the part's body could not be read: {why}")),
+        ObjectError::LengthMismatch(why) => {
+            Refusal::new(400, format!("the part's body is not its size: {why}"))
+        }
+        ObjectError::SourceFailed(why) => {
+            Refusal::new(400, format!("the part's body could not be read: {why}"))
+        }
         ObjectError::NoSuchUpload => Refusal::new(404, "the storage no longer has this upload"),
         ObjectError::NotFound => Refusal::new(404, "the stored file is missing"),
         other => Refusal::new(500, format!("the storage refused: {other:?}")),
@@ -127,10 +131,13 @@ pub fn object_refusal(error: ObjectError) -> Refusal {
 
 pub fn registry_refusal(error: RegistryError) -> Refusal {
     match error {
-        RegistryError::Unavailable(why) => {
-            Refusal::new(503, format!("the HMAC registry is unavailable, try again: {why}"))
+        RegistryError::Unavailable(why) => Refusal::new(
+            503,
+            format!("the HMAC registry is unavailable, try again: {why}"),
+        ),
+        RegistryError::Finished => {
+            Refusal::new(409, "the upload is complete: it takes no more parts")
         }
-        RegistryError::Finished => Refusal::new(409, "the upload is complete: it takes no more parts"),
         RegistryError::MismatchedParts(parts) => Refusal::with(
             409,
             "these parts changed or were not recorded; send them again",
@@ -148,20 +155,37 @@ pub fn initiate(request: &Request, user: &User) -> Answer {
     let body: Json = request
         .body(64 * 1024)
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .ok_or_else(|| Refusal::new(400, "the body must be JSON: {\"filename\", \"size\", \"content_type\"?}"))?;
+        .ok_or_else(|| {
+            Refusal::new(
+                400,
+                "the body must be JSON: {\"filename\", \"size\", \"content_type\"?}",
+            )
+        })?;
     let filename = body["filename"]
         .as_str()
         .map(str::trim)
         .filter(|name| !name.is_empty() && name.len() <= MAX_FILENAME)
-        .ok_or_else(|| Refusal::new(400, format!("filename must be a non-empty string of at most {MAX_FILENAME} bytes")))?;
+        .ok_or_else(|| {
+            Refusal::new(
+                400,
+                format!("filename must be a non-empty string of at most {MAX_FILENAME} bytes"),
+            )
+        })?;
     let size = body["size"]
         .as_u64()
         .filter(|size| *size >= 1)
         .ok_or_else(|| Refusal::new(400, "size must be a whole number of bytes, at least 1"))?;
     let content_type = match &body["content_type"] {
         Json::Null => "application/octet-stream",
-        Json::String(content_type) if !content_type.is_empty() && content_type.len() <= 255 => content_type,
-        _ => return Err(Refusal::new(400, "content_type must be a string of at most 255 bytes")),
+        Json::String(content_type) if !content_type.is_empty() && content_type.len() <= 255 => {
+            content_type
+        }
+        _ => {
+            return Err(Refusal::new(
+                400,
+                "content_type must be a string of at most 255 bytes",
+            ));
+        }
     };
     let part_size = part_size();
     let parts = size.div_ceil(part_size);
@@ -223,19 +247,31 @@ pub fn initiate(request: &Request, user: &User) -> Answer {
 pub fn part(request: &Request, user: &User) -> Answer {
     let file = FileRecord::by_upload(request, user)?;
     if file.ready {
-        return Err(Refusal::new(409, "the upload is complete: it takes no more parts"));
+        return Err(Refusal::new(
+            409,
+            "the upload is complete: it takes no more parts",
+        ));
     }
     let number = request
         .param("part_number")
         .and_then(|number| number.parse::<u64>().ok())
         .filter(|number| (1..=file.parts).contains(number))
         .ok_or_else(|| {
-            Refusal::new(400, format!("part_number must be a whole number from 1 to {}", file.parts))
+            Refusal::new(
+                400,
+                format!(
+                    "part_number must be a whole number from 1 to {}",
+                    file.parts
+                ),
+            )
         })?;
     let expected = file.part_length(number);
-    let length = request
-        .content_length()
-        .ok_or_else(|| Refusal::new(411, format!("a part needs a Content-Length ({expected} bytes for part {number})")))?;
+    let length = request.content_length().ok_or_else(|| {
+        Refusal::new(
+            411,
+            format!("a part needs a Content-Length ({expected} bytes for part {number})"),
+        )
+    })?;
     if length != expected {
         return Err(Refusal::new(
             400,
@@ -250,8 +286,14 @@ pub fn part(request: &Request, user: &User) -> Answer {
         .map_err(|error| Refusal::new(500, format!("the file's key is unusable: {error:?}")))?;
     let (tapped, mac) =
         hmac_registry::tap(&file.id, number as u32, ciphertext).map_err(registry_refusal)?;
-    let stored = objects::upload_part(&file.object_key, &file.store_upload_id, number as u32, tapped, expected)
-        .map_err(object_refusal)?;
+    let stored = objects::upload_part(
+        &file.object_key,
+        &file.store_upload_id,
+        number as u32,
+        tapped,
+        expected,
+    )
+    .map_err(object_refusal)?;
     hmac_registry::add_part(&file.id, mac, &stored.etag).map_err(registry_refusal)?;
     Ok((200, json!({"part_number": number, "size": expected})))
 }
@@ -259,7 +301,12 @@ pub fn part(request: &Request, user: &User) -> Answer {
 /// `POST /upload/complete?upload_id=U`
 pub fn complete(request: &Request, user: &User) -> Answer {
     let file = FileRecord::by_upload(request, user)?;
-    let done = |hmac: &str| (200, json!({"file_id": file.id, "size": file.size, "hmac": hmac}));
+    let done = |hmac: &str| {
+        (
+            200,
+            json!({"file_id": file.id, "size": file.size, "hmac": hmac}),
+        )
+    };
     if let (true, Some(hmac)) = (file.ready, &file.hmac) {
         return Ok(done(hmac));
     }
@@ -285,17 +332,14 @@ pub fn complete(request: &Request, user: &User) -> Answer {
         .map(|part| part.number)
         .collect();
     if !wrong.is_empty() {
-        return Err(Refusal::with(409, "these parts have the wrong size; send them again", json!({"resend_parts": wrong})));
+        return Err(Refusal::with(
+            409,
+            "these parts have the wrong size; send them again",
+            json!({"resend_parts": wrong}),
+        ));
     }
-    let recorded: Vec<Part> = stored
-        .iter()
-        .map(|part| Part {
-            number: part.number,
-            size: part.size,
-            etag: part.etag.clone(),
-        })
-        .collect();
-    let hmac = hmac_registry::finish(&file.id, &recorded).map_err(registry_refusal)?;
+    let hmac = hmac_registry::finish(&file.id, &capabilities::registry_parts(&stored))
+        .map_err(registry_refusal)?;
     objects::complete_multipart(&file.object_key, &file.store_upload_id, &stored)
         .map_err(object_refusal)?;
     mark_ready(&file, &hmac)?;
@@ -311,7 +355,10 @@ fn recover_completed(file: &FileRecord) -> Result<String, Refusal> {
             mark_ready(file, &hmac)?;
             Ok(hmac)
         }
-        _ => Err(Refusal::new(409, "the upload is gone from the storage; start it again")),
+        _ => Err(Refusal::new(
+            409,
+            "the upload is gone from the storage; start it again",
+        )),
     }
 }
 
@@ -329,7 +376,10 @@ pub fn abort(request: &Request, user: &User) -> Answer {
     if file.ready {
         return Err(Refusal::new(
             409,
-            format!("the upload is complete; DELETE /files/{} removes the file", file.id),
+            format!(
+                "the upload is complete; DELETE /files/{} removes the file",
+                file.id
+            ),
         ));
     }
     remove(&file)?;

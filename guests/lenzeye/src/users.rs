@@ -23,7 +23,11 @@ pub fn create() -> Answer {
     let api_key = format!("lz_{}", crate::random_hex(32));
     database::execute(
         "INSERT INTO users (id, key_hash, created) VALUES ($1, $2, $3)",
-        &[text(&user_id), text(&key_hash(&api_key)), Value::Integer(crate::now())],
+        &[
+            text(&user_id),
+            text(&key_hash(&api_key)),
+            Value::Integer(crate::now()),
+        ],
     )?;
     Ok((201, json!({"user_id": user_id, "api_key": api_key})))
 }
@@ -43,7 +47,5 @@ pub fn authenticate(request: &Request) -> Result<User, Refusal> {
         &[text(&key_hash(api_key))],
     )?
     .ok_or_else(|| Refusal::new(401, "unknown API key"))?;
-    Ok(User {
-        id: row.text("id"),
-    })
+    Ok(User { id: row.text("id") })
 }

@@ -29,12 +29,16 @@ impl wasip2::exports::http::incoming_handler::Guest for Probe {
                 .map(|parts| json!(parts.iter().map(part_json).collect::<Vec<_>>()))
                 .map_err(object_error),
             "/objects/complete" => complete(&request),
-            "/objects/abort" => objects::abort_multipart(key(&request), param(&request, "upload_id"))
-                .map(|()| json!({"aborted": true}))
-                .map_err(object_error),
-            "/objects/put" => objects::put(key(&request), &request.body(64 << 20).unwrap_or_default())
-                .map(|info| info_json(&info))
-                .map_err(object_error),
+            "/objects/abort" => {
+                objects::abort_multipart(key(&request), param(&request, "upload_id"))
+                    .map(|()| json!({"aborted": true}))
+                    .map_err(object_error)
+            }
+            "/objects/put" => {
+                objects::put(key(&request), &request.body(64 << 20).unwrap_or_default())
+                    .map(|info| info_json(&info))
+                    .map_err(object_error)
+            }
             "/objects/get" => return get(request, out),
             "/objects/head" => objects::head(key(&request))
                 .map(|info| info.map_or(Json::Null, |info| info_json(&info)))
@@ -45,9 +49,11 @@ impl wasip2::exports::http::incoming_handler::Guest for Probe {
             "/objects/list" => objects::list_objects(param(&request, "prefix"))
                 .map(|list| json!(list.iter().map(info_json).collect::<Vec<_>>()))
                 .map_err(object_error),
-            "/registry/begin" => hmac_registry::begin(param(&request, "name"), param(&request, "key_id"))
-                .map(|()| json!({"begun": true}))
-                .map_err(registry_error),
+            "/registry/begin" => {
+                hmac_registry::begin(param(&request, "name"), param(&request, "key_id"))
+                    .map(|()| json!({"begun": true}))
+                    .map_err(registry_error)
+            }
             "/registry/add-bytes" => hmac_registry::add_part_bytes(
                 param(&request, "name"),
                 number(&request, "part") as u32,
@@ -138,7 +144,9 @@ fn upload_part(request: &Request) -> Answer {
         .and_then(|length| length.parse().ok())
         .or(request.content_length())
         .ok_or((411, json!({"error": "no content-length"})))?;
-    let (_body, stream) = request.body_stream().ok_or((400, json!({"error": "no body"})))?;
+    let (_body, stream) = request
+        .body_stream()
+        .ok_or((400, json!({"error": "no body"})))?;
     objects::upload_part(
         key(request),
         param(request, "upload_id"),
@@ -178,32 +186,39 @@ fn get(request: Request, out: ResponseOutparam) {
 /// Lenzeye's upload path: body → encrypt-stream → tap → upload-part → add-part, with the
 /// plaintext at `offset` of the file.
 fn pipeline_part(request: &Request) -> Answer {
-    let length = request.content_length().ok_or((411, json!({"error": "no content-length"})))?;
+    let length = request
+        .content_length()
+        .ok_or((411, json!({"error": "no content-length"})))?;
     let iv = web::unhex(param(request, "iv")).unwrap_or_default();
-    let (key, upload_id, name) = (key(request), param(request, "upload_id"), param(request, "name"));
+    let (key, upload_id, name) = (
+        key(request),
+        param(request, "upload_id"),
+        param(request, "name"),
+    );
     let part = number(request, "part") as u32;
-    let (_body, body) = request.body_stream().ok_or((400, json!({"error": "no body"})))?;
-    let ciphertext = crypto::encrypt_stream(param(request, "enc"), &iv, number(request, "offset"), body)
-        .map_err(|error| (400, json!({"error": format!("{error:?}")})))?;
+    let (_body, body) = request
+        .body_stream()
+        .ok_or((400, json!({"error": "no body"})))?;
+    let ciphertext =
+        crypto::encrypt_stream(param(request, "enc"), &iv, number(request, "offset"), body)
+            .map_err(|error| (400, json!({"error": format!("{error:?}")})))?;
     let (tapped, mac) = hmac_registry::tap(name, part, ciphertext).map_err(registry_error)?;
-    let stored = objects::upload_part(key, upload_id, part, tapped, length).map_err(object_error)?;
+    let stored =
+        objects::upload_part(key, upload_id, part, tapped, length).map_err(object_error)?;
     let recorded = hmac_registry::add_part(name, mac, &stored.etag).map_err(registry_error)?;
     Ok(json!({"stored": part_json(&stored), "recorded": registry_part_json(&recorded)}))
 }
 
 /// Completes the object and finishes its tag, checked against the stored parts.
 fn finish(request: &Request) -> Answer {
-    let (key, upload_id, name) = (key(request), param(request, "upload_id"), param(request, "name"));
+    let (key, upload_id, name) = (
+        key(request),
+        param(request, "upload_id"),
+        param(request, "name"),
+    );
     let parts = objects::list_parts(key, upload_id).map_err(object_error)?;
-    let stored: Vec<Part> = parts
-        .iter()
-        .map(|part| Part {
-            number: part.number,
-            size: part.size,
-            etag: part.etag.clone(),
-        })
-        .collect();
-    let tag = hmac_registry::finish(name, &stored).map_err(registry_error)?;
+    let tag = hmac_registry::finish(name, &capabilities::registry_parts(&parts))
+        .map_err(registry_error)?;
     let info = objects::complete_multipart(key, upload_id, &parts).map_err(object_error)?;
     Ok(json!({"tag": tag, "object": info_json(&info)}))
 }
@@ -223,7 +238,13 @@ fn pipeline_read(request: Request, out: ResponseOutparam) {
             return respond_json(out, status, &body);
         }
     };
-    let verified = match hmac_registry::verify_stream(param(&request, "name"), first as u32, source, skip, take) {
+    let verified = match hmac_registry::verify_stream(
+        param(&request, "name"),
+        first as u32,
+        source,
+        skip,
+        take,
+    ) {
         Ok(stream) => stream,
         Err(error) => {
             let (status, body) = registry_error(error);
@@ -319,7 +340,9 @@ fn run_sql(request: &Request, execute: bool) -> Answer {
             .map(|changed| json!({"rows_affected": changed}))
             .map_err(sql_error)
     } else {
-        sql::query(&text, &params).map(|rows| rows_json(&rows)).map_err(sql_error)
+        sql::query(&text, &params)
+            .map(|rows| rows_json(&rows))
+            .map_err(sql_error)
     }
 }
 
@@ -357,7 +380,8 @@ fn bench_seal(request: &Request) -> Answer {
     }
     let mut _mac = None;
     if stages == "seal" || stages == "mac" {
-        let (tapped, mac) = hmac_registry::tap(param(request, "name"), 1, stream).map_err(registry_error)?;
+        let (tapped, mac) =
+            hmac_registry::tap(param(request, "name"), 1, stream).map_err(registry_error)?;
         stream = tapped;
         _mac = Some(mac);
     }

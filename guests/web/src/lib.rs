@@ -3,8 +3,7 @@
 //! with a body, JSON, or a stream spliced through inside the host.
 
 use wasip2::http::types::{
-    Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingResponse,
-    ResponseOutparam,
+    Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
 };
 use wasip2::io::streams::{InputStream, OutputStream, StreamError};
 

@@ -48,7 +48,8 @@ pub struct Keystream {
 
 impl Keystream {
     pub fn new(key: &[u8; KEY_LENGTH], iv: &[u8; IV_LENGTH]) -> Result<Keystream> {
-        let key = UnboundCipherKey::new(&AES_256, key).map_err(|_| anyhow!("not an AES-256 key"))?;
+        let key =
+            UnboundCipherKey::new(&AES_256, key).map_err(|_| anyhow!("not an AES-256 key"))?;
         Ok(Keystream {
             key: EncryptingKey::ctr(key).map_err(|_| anyhow!("cannot make an AES-CTR key"))?,
             iv: u128::from_be_bytes(*iv),
@@ -88,8 +89,8 @@ impl Keystream {
 
 impl Crypto {
     pub fn new(master_key: &[u8; KEY_LENGTH], app: &str, slots: Option<HostWideSlots>) -> Crypto {
-        let master = UnboundKey::new(&AES_256_GCM, master_key)
-            .expect("a 32-byte key is an AES-256-GCM key");
+        let master =
+            UnboundKey::new(&AES_256_GCM, master_key).expect("a 32-byte key is an AES-256-GCM key");
         Crypto {
             master: LessSafeKey::new(master),
             app: app.to_owned(),
@@ -108,7 +109,11 @@ impl Crypto {
         getrandom::fill(&mut nonce).context("no randomness for a nonce")?;
         let mut wrapped = key.to_vec();
         self.master
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), self.aad(), &mut wrapped)
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                self.aad(),
+                &mut wrapped,
+            )
             .map_err(|_| anyhow!("cannot wrap a data key"))?;
         let mut id = nonce.to_vec();
         id.extend_from_slice(&wrapped);

@@ -9,8 +9,8 @@
 use std::sync::{Arc, Mutex};
 
 use anyhow::anyhow;
-use bytes::Bytes;
 use aws_lc_rs::hmac;
+use bytes::Bytes;
 use sqlx::Row;
 use wasmtime::component::Resource;
 use wasmtime_wasi::p2::DynInputStream;
@@ -115,6 +115,24 @@ impl Registry {
         Ok((row.try_get(0)?, row.try_get(1)?))
     }
 
+    /// The entry's key id and tag, its row locked for the rest of `transaction`.
+    async fn locked_entry(
+        &self,
+        transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+        name: &str,
+    ) -> Answer<(String, Option<String>)> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT key_id, tag FROM hmac_entries WHERE app = $1 AND name = $2{}",
+            self.database.lock_rows()
+        )))
+        .bind(&self.app)
+        .bind(name)
+        .fetch_optional(&mut **transaction)
+        .await?
+        .ok_or(RegistryError::UnknownEntry)?;
+        Ok((row.try_get(0)?, row.try_get(1)?))
+    }
+
     async fn recorded(&self, name: &str) -> Answer<Vec<Recorded>> {
         let pool = self.database.pool().await?;
         let rows = sqlx::query(
@@ -146,7 +164,12 @@ impl Registry {
         Ok(())
     }
 
-    pub async fn tap(&self, name: &str, number: u32, source: DynInputStream) -> Answer<(DynInputStream, PartMac)> {
+    pub async fn tap(
+        &self,
+        name: &str,
+        number: u32,
+        source: DynInputStream,
+    ) -> Answer<(DynInputStream, PartMac)> {
         check_number(number)?;
         let (key_id, tag) = self.entry(name).await?;
         if tag.is_some() {
@@ -169,19 +192,17 @@ impl Registry {
     }
 
     /// Records part `number` with its MAC, unless the entry is finished.
-    async fn record(&self, name: &str, number: u32, size: u64, mac: &[u8], etag: &str) -> Answer<Part> {
+    async fn record(
+        &self,
+        name: &str,
+        number: u32,
+        size: u64,
+        mac: &[u8],
+        etag: &str,
+    ) -> Answer<Part> {
         Self::check_name(name)?;
         let mut transaction = self.database.begin_write().await?;
-        let entry = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT tag FROM hmac_entries WHERE app = $1 AND name = $2{}",
-            self.database.lock_rows()
-        )))
-        .bind(&self.app)
-        .bind(name)
-        .fetch_optional(&mut *transaction)
-        .await?
-        .ok_or(RegistryError::UnknownEntry)?;
-        let tag: Option<String> = entry.try_get(0)?;
+        let (_, tag) = self.locked_entry(&mut transaction, name).await?;
         if tag.is_some() {
             return Err(RegistryError::Finished);
         }
@@ -207,20 +228,33 @@ impl Registry {
 
     pub async fn add_tapped(&self, name: &str, tapped: PartMac, etag: &str) -> Answer<Part> {
         let (digest, size) = {
-            let state = tapped.state.lock().map_err(|_| RegistryError::IncompletePart)?;
-            (state.digest.ok_or(RegistryError::IncompletePart)?, state.size)
+            let state = tapped
+                .state
+                .lock()
+                .map_err(|_| RegistryError::IncompletePart)?;
+            (
+                state.digest.ok_or(RegistryError::IncompletePart)?,
+                state.size,
+            )
         };
         self.record(name, tapped.number, size, &digest, etag).await
     }
 
-    pub async fn add_bytes(&self, name: &str, number: u32, data: &[u8], etag: &str) -> Answer<Part> {
+    pub async fn add_bytes(
+        &self,
+        name: &str,
+        number: u32,
+        data: &[u8],
+        etag: &str,
+    ) -> Answer<Part> {
         check_number(number)?;
         let (key_id, _) = self.entry(name).await?;
         let mut mac = hmac::Context::with_key(&self.mac_for(&key_id)?);
         mac.update(&number.to_be_bytes());
         mac.update(data);
         let digest = mac.sign();
-        self.record(name, number, data.len() as u64, digest.as_ref(), etag).await
+        self.record(name, number, data.len() as u64, digest.as_ref(), etag)
+            .await
     }
 
     pub async fn parts(&self, name: &str) -> Answer<Vec<Part>> {
@@ -240,17 +274,8 @@ impl Registry {
     pub async fn finish(&self, name: &str, stored: &[Part]) -> Answer<String> {
         Self::check_name(name)?;
         let mut transaction = self.database.begin_write().await?;
-        let entry = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT key_id, tag FROM hmac_entries WHERE app = $1 AND name = $2{}",
-            self.database.lock_rows()
-        )))
-        .bind(&self.app)
-        .bind(name)
-        .fetch_optional(&mut *transaction)
-        .await?
-        .ok_or(RegistryError::UnknownEntry)?;
-        let key_id: String = entry.try_get(0)?;
-        if let Some(tag) = entry.try_get::<Option<String>, _>(1)? {
+        let (key_id, tag) = self.locked_entry(&mut transaction, name).await?;
+        if let Some(tag) = tag {
             return Ok(tag);
         }
         let mut stored: Vec<&Part> = stored.iter().collect();
@@ -277,9 +302,9 @@ impl Registry {
         let mismatched: Vec<u32> = stored
             .iter()
             .filter(|part| {
-                !recorded.iter().any(|r| {
-                    r.number == part.number && r.size == part.size && r.etag == part.etag
-                })
+                !recorded
+                    .iter()
+                    .any(|r| r.number == part.number && r.size == part.size && r.etag == part.etag)
             })
             .map(|part| part.number)
             .chain(
@@ -324,7 +349,10 @@ impl Registry {
             tracing::error!("hmac registry: the recorded parts of {name:?} no longer make its tag");
             return Err(RegistryError::Tampered(0));
         }
-        let parts: Vec<Recorded> = recorded.into_iter().filter(|part| part.number >= first).collect();
+        let parts: Vec<Recorded> = recorded
+            .into_iter()
+            .filter(|part| part.number >= first)
+            .collect();
         if parts.first().map(|part| part.number) != Some(first) {
             return Err(RegistryError::InvalidPartNumber);
         }
@@ -345,7 +373,9 @@ impl Registry {
         match verify.load_next_part().await {
             Ok(()) => Ok(Produced::boxed(verify)),
             Err(VerifyFailure::Tampered(number)) => Err(RegistryError::Tampered(number)),
-            Err(VerifyFailure::Other(error)) => Err(RegistryError::Unavailable(format!("{error:#}"))),
+            Err(VerifyFailure::Other(error)) => {
+                Err(RegistryError::Unavailable(format!("{error:#}")))
+            }
         }
     }
 
@@ -356,10 +386,10 @@ impl Registry {
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DELETE FROM {table} WHERE app = $1 AND name = $2"
             )))
-                .bind(&self.app)
-                .bind(name)
-                .execute(&mut *transaction)
-                .await?;
+            .bind(&self.app)
+            .bind(name)
+            .execute(&mut *transaction)
+            .await?;
         }
         transaction.commit().await?;
         Ok(())
@@ -470,7 +500,11 @@ impl Verify {
             let want = (part.size - read).min(streams::CHUNK as u64) as usize;
             match streams::read_chunk(&mut self.source, want).await {
                 Ok(Some(bytes)) => {
-                    let bytes = if bytes.len() > want { bytes.slice(..want) } else { bytes };
+                    let bytes = if bytes.len() > want {
+                        bytes.slice(..want)
+                    } else {
+                        bytes
+                    };
                     read += bytes.len() as u64;
                     mac.update(&bytes);
                     buffer.write(&bytes).await.map_err(VerifyFailure::Other)?;
@@ -485,7 +519,9 @@ impl Verify {
                 Err(error) => return Err(VerifyFailure::Other(error)),
             }
         }
-        if aws_lc_rs::constant_time::verify_slices_are_equal(mac.sign().as_ref(), &part.mac).is_err() {
+        if aws_lc_rs::constant_time::verify_slices_are_equal(mac.sign().as_ref(), &part.mac)
+            .is_err()
+        {
             tracing::error!(
                 "hmac registry: part {} of {:?} does not match its MAC: the stored bytes were changed",
                 part.number,
@@ -591,14 +627,21 @@ impl Host for GuestState {
         data: Vec<u8>,
         etag: String,
     ) -> wasmtime::Result<Answer<Part>> {
-        Ok(self.registry_or_trap()?.add_bytes(&name, number, &data, &etag).await)
+        Ok(self
+            .registry_or_trap()?
+            .add_bytes(&name, number, &data, &etag)
+            .await)
     }
 
     async fn parts(&mut self, name: String) -> wasmtime::Result<Answer<Vec<Part>>> {
         Ok(self.registry_or_trap()?.parts(&name).await)
     }
 
-    async fn finish(&mut self, name: String, stored: Vec<Part>) -> wasmtime::Result<Answer<String>> {
+    async fn finish(
+        &mut self,
+        name: String,
+        stored: Vec<Part>,
+    ) -> wasmtime::Result<Answer<String>> {
         Ok(self.registry_or_trap()?.finish(&name, &stored).await)
     }
 

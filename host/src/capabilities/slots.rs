@@ -125,12 +125,23 @@ mod tests {
         let slots = HostWideSlots::create(1).unwrap();
         let held = slots.try_take(Bound::Encryption).expect("one slot is free");
         for _ in 0..3 {
-            assert!(slots.try_take(Bound::Encryption).is_none(), "a second slot was free");
+            assert!(
+                slots.try_take(Bound::Encryption).is_none(),
+                "a second slot was free"
+            );
         }
-        assert!(slots.try_take(Bound::Buffers).is_some(), "the bounds are separate");
+        assert!(
+            slots.try_take(Bound::Buffers).is_some(),
+            "the bounds are separate"
+        );
         drop(held);
-        let again = slots.try_take(Bound::Encryption).expect("the slot came back");
-        assert!(slots.try_take(Bound::Encryption).is_none(), "the slot came back twice");
+        let again = slots
+            .try_take(Bound::Encryption)
+            .expect("the slot came back");
+        assert!(
+            slots.try_take(Bound::Encryption).is_none(),
+            "the slot came back twice"
+        );
         drop(again);
         slots.remove();
     }

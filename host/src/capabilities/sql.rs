@@ -35,14 +35,17 @@ type Answer<T> = Result<T, SqlError>;
 /// One app's database.
 pub enum AppDatabase {
     Sqlite(SqlitePool),
-    Postgres {
-        admin: Arc<HostDatabase>,
-        options: PgConnectOptions,
-        names: PostgresNames,
-        pool: OnceCell<PgPool>,
-        max_connections: u32,
-        acquire_timeout: std::time::Duration,
-    },
+    Postgres(Box<PostgresApp>),
+}
+
+/// An app's schema of the host's PostgreSQL, reached as the app's own role.
+pub struct PostgresApp {
+    admin: Arc<HostDatabase>,
+    options: PgConnectOptions,
+    names: PostgresNames,
+    pool: OnceCell<PgPool>,
+    max_connections: u32,
+    acquire_timeout: std::time::Duration,
 }
 
 /// The app's schema and role on PostgreSQL. Roles belong to the whole server, schemas to one
@@ -84,9 +87,9 @@ impl AppDatabase {
                 )))
             }
             BackendKind::Postgres(url) => {
-                let options: PgConnectOptions = url
-                    .parse()
-                    .with_context(|| format!("invalid --database-url {}", database::redacted(url)))?;
+                let options: PgConnectOptions = url.parse().with_context(|| {
+                    format!("invalid --database-url {}", database::redacted(url))
+                })?;
                 let database = options
                     .get_database()
                     .or(options.get_username().into())
@@ -97,31 +100,31 @@ impl AppDatabase {
                     .username(&names.role)
                     .password(&names.password)
                     .options([("search_path", names.schema.as_str())]);
-                Ok(AppDatabase::Postgres {
+                Ok(AppDatabase::Postgres(Box::new(PostgresApp {
                     admin: Arc::clone(admin),
                     options,
                     names,
                     pool: OnceCell::new(),
                     max_connections: pool_size,
                     acquire_timeout: backend.acquire_timeout,
-                })
+                })))
             }
         }
     }
 
     /// The PostgreSQL pool, once the app's role and schema exist.
     async fn postgres(&self) -> Answer<&PgPool> {
-        let AppDatabase::Postgres {
+        let AppDatabase::Postgres(app) = self else {
+            unreachable!("called on a PostgreSQL database only");
+        };
+        let PostgresApp {
             admin,
             options,
             names,
             pool,
             max_connections,
             acquire_timeout,
-        } = self
-        else {
-            unreachable!("called on a PostgreSQL database only");
-        };
+        } = &**app;
         pool.get_or_try_init(|| async {
             provision(admin, names).await.map_err(|error| {
                 SqlError::Unavailable(format!(
@@ -144,7 +147,7 @@ impl AppDatabase {
     pub async fn query(&self, statement: &str, params: Vec<Value>, limit: u64) -> Answer<Rows> {
         match self {
             AppDatabase::Sqlite(pool) => sqlite_rows(pool, statement, params, limit).await,
-            AppDatabase::Postgres { .. } => {
+            AppDatabase::Postgres(_) => {
                 postgres_rows(self.postgres().await?, statement, params, limit).await
             }
         }
@@ -153,7 +156,7 @@ impl AppDatabase {
     pub async fn execute(&self, statement: &str, params: Vec<Value>) -> Answer<u64> {
         match self {
             AppDatabase::Sqlite(pool) => sqlite_execute(pool, statement, params).await,
-            AppDatabase::Postgres { .. } => {
+            AppDatabase::Postgres(_) => {
                 postgres_execute(self.postgres().await?, statement, params).await
             }
         }
@@ -165,10 +168,12 @@ impl AppDatabase {
                 // Taking the write lock at once: a transaction that reads, then writes after
                 // another writer, would be failed by SQLite instead of waiting.
                 OpenTransaction::Sqlite(Some(
-                    pool.begin_with("BEGIN IMMEDIATE").await.map_err(sql_error)?,
+                    pool.begin_with("BEGIN IMMEDIATE")
+                        .await
+                        .map_err(sql_error)?,
                 ))
             }
-            AppDatabase::Postgres { .. } => OpenTransaction::Postgres(Some(
+            AppDatabase::Postgres(_) => OpenTransaction::Postgres(Some(
                 self.postgres().await?.begin().await.map_err(sql_error)?,
             )),
         })
@@ -182,8 +187,9 @@ impl PostgresNames {
     /// the database's name.
     fn for_app(app: &str, database: &str, master_key: &[u8; 32]) -> PostgresNames {
         use aws_lc_rs::{digest, hmac};
-        let short_hash =
-            |text: &str| hex::encode(&digest::digest(&digest::SHA256, text.as_bytes()).as_ref()[..4]);
+        let short_hash = |text: &str| {
+            hex::encode(&digest::digest(&digest::SHA256, text.as_bytes()).as_ref()[..4])
+        };
         let mut name: String = app
             .chars()
             .map(|c| match c.to_ascii_lowercase() {
@@ -287,7 +293,9 @@ fn confine(db: *mut libsqlite3_sys::sqlite3) {
 
 fn sql_error(error: sqlx::Error) -> SqlError {
     match &error {
-        sqlx::Error::Database(refused) => SqlError::Database(guest_database_error(refused.as_ref())),
+        sqlx::Error::Database(refused) => {
+            SqlError::Database(guest_database_error(refused.as_ref()))
+        }
         _ if database::is_unavailable(&error) => {
             SqlError::Unavailable(format!("the database is unreachable: {error}"))
         }
@@ -514,6 +522,25 @@ async fn sqlite_execute<'e>(
         .rows_affected())
 }
 
+impl OpenTransaction {
+    /// Commits or rolls back; a transaction ends once.
+    async fn end(&mut self, commit: bool) -> Answer<()> {
+        let ended = match self {
+            OpenTransaction::Sqlite(open) => match open.take() {
+                Some(open) if commit => open.commit().await,
+                Some(open) => open.rollback().await,
+                None => return Err(SqlError::TransactionFinished),
+            },
+            OpenTransaction::Postgres(open) => match open.take() {
+                Some(open) if commit => open.commit().await,
+                Some(open) => open.rollback().await,
+                None => return Err(SqlError::TransactionFinished),
+            },
+        };
+        ended.map_err(sql_error)
+    }
+}
+
 impl GuestState {
     fn database(&self) -> wasmtime::Result<&AppDatabase> {
         self.capabilities().sql()
@@ -526,12 +553,20 @@ impl GuestState {
 }
 
 impl Host for GuestState {
-    async fn query(&mut self, statement: String, params: Vec<Value>) -> wasmtime::Result<Answer<Rows>> {
+    async fn query(
+        &mut self,
+        statement: String,
+        params: Vec<Value>,
+    ) -> wasmtime::Result<Answer<Rows>> {
         let limit = self.result_limit();
         Ok(self.database()?.query(&statement, params, limit).await)
     }
 
-    async fn execute(&mut self, statement: String, params: Vec<Value>) -> wasmtime::Result<Answer<u64>> {
+    async fn execute(
+        &mut self,
+        statement: String,
+        params: Vec<Value>,
+    ) -> wasmtime::Result<Answer<u64>> {
         Ok(self.database()?.execute(&statement, params).await)
     }
 
@@ -552,7 +587,9 @@ impl HostTransaction for GuestState {
     ) -> wasmtime::Result<Answer<Rows>> {
         let limit = self.result_limit();
         Ok(match self.table().get_mut(&transaction)? {
-            OpenTransaction::Sqlite(Some(open)) => sqlite_rows(&mut **open, &statement, params, limit).await,
+            OpenTransaction::Sqlite(Some(open)) => {
+                sqlite_rows(&mut **open, &statement, params, limit).await
+            }
             OpenTransaction::Postgres(Some(open)) => {
                 postgres_rows(&mut **open, &statement, params, limit).await
             }
@@ -567,7 +604,9 @@ impl HostTransaction for GuestState {
         params: Vec<Value>,
     ) -> wasmtime::Result<Answer<u64>> {
         Ok(match self.table().get_mut(&transaction)? {
-            OpenTransaction::Sqlite(Some(open)) => sqlite_execute(&mut **open, &statement, params).await,
+            OpenTransaction::Sqlite(Some(open)) => {
+                sqlite_execute(&mut **open, &statement, params).await
+            }
             OpenTransaction::Postgres(Some(open)) => {
                 postgres_execute(&mut **open, &statement, params).await
             }
@@ -575,30 +614,18 @@ impl HostTransaction for GuestState {
         })
     }
 
-    async fn commit(&mut self, transaction: Resource<OpenTransaction>) -> wasmtime::Result<Answer<()>> {
-        Ok(match self.table().get_mut(&transaction)? {
-            OpenTransaction::Sqlite(open) => match open.take() {
-                Some(open) => open.commit().await.map_err(sql_error),
-                None => Err(SqlError::TransactionFinished),
-            },
-            OpenTransaction::Postgres(open) => match open.take() {
-                Some(open) => open.commit().await.map_err(sql_error),
-                None => Err(SqlError::TransactionFinished),
-            },
-        })
+    async fn commit(
+        &mut self,
+        transaction: Resource<OpenTransaction>,
+    ) -> wasmtime::Result<Answer<()>> {
+        Ok(self.table().get_mut(&transaction)?.end(true).await)
     }
 
-    async fn rollback(&mut self, transaction: Resource<OpenTransaction>) -> wasmtime::Result<Answer<()>> {
-        Ok(match self.table().get_mut(&transaction)? {
-            OpenTransaction::Sqlite(open) => match open.take() {
-                Some(open) => open.rollback().await.map_err(sql_error),
-                None => Err(SqlError::TransactionFinished),
-            },
-            OpenTransaction::Postgres(open) => match open.take() {
-                Some(open) => open.rollback().await.map_err(sql_error),
-                None => Err(SqlError::TransactionFinished),
-            },
-        })
+    async fn rollback(
+        &mut self,
+        transaction: Resource<OpenTransaction>,
+    ) -> wasmtime::Result<Answer<()>> {
+        Ok(self.table().get_mut(&transaction)?.end(false).await)
     }
 
     async fn drop(&mut self, transaction: Resource<OpenTransaction>) -> wasmtime::Result<()> {
@@ -617,14 +644,26 @@ mod tests {
         let key = [1u8; 32];
         let plain = PostgresNames::for_app("lenzeye", "prod", &key);
         assert_eq!(plain.schema, "app_lenzeye");
-        assert!(plain.role.starts_with("host_app_lenzeye_"), "{}", plain.role);
-        assert_ne!(plain.role, PostgresNames::for_app("lenzeye", "staging", &key).role);
+        assert!(
+            plain.role.starts_with("host_app_lenzeye_"),
+            "{}",
+            plain.role
+        );
+        assert_ne!(
+            plain.role,
+            PostgresNames::for_app("lenzeye", "staging", &key).role
+        );
         let dashed = PostgresNames::for_app("my-app", "prod", &key);
         let underscored = PostgresNames::for_app("my_app", "prod", &key);
         assert_ne!(dashed.schema, underscored.schema);
         assert!(dashed.schema.starts_with("app_my_app_"));
         let hostile = PostgresNames::for_app("x'; DROP TABLE y; --", "prod", &key);
-        assert!(hostile.role.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+        assert!(
+            hostile
+                .role
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        );
         assert!(hostile.role.len() <= 63);
         let other_key = PostgresNames::for_app("lenzeye", "prod", &[2u8; 32]);
         assert_ne!(plain.password, other_key.password);

@@ -199,7 +199,8 @@ impl<P: Produce> Ahead<P> {
 impl<P: Produce> Produce for Ahead<P> {
     async fn next(mut self) -> (Self, Next) {
         if let AheadState::Idle(_) = self.state {
-            let AheadState::Idle(mut producer) = std::mem::replace(&mut self.state, AheadState::Done)
+            let AheadState::Idle(mut producer) =
+                std::mem::replace(&mut self.state, AheadState::Done)
             else {
                 unreachable!("matched just above")
             };

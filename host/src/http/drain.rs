@@ -70,7 +70,11 @@ impl Drop for DrainedIfDropped {
         if self.ended || body.is_end_stream() {
             return;
         }
-        if body.size_hint().upper().is_some_and(|upper| upper > DRAIN_LIMIT) {
+        if body
+            .size_hint()
+            .upper()
+            .is_some_and(|upper| upper > DRAIN_LIMIT)
+        {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {

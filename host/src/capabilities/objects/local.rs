@@ -320,9 +320,8 @@ impl LocalStore {
                     if let Some(segment) = decode_segment(&name) {
                         pending.push((entry.path(), format!("{key_prefix}{segment}/")));
                     }
-                } else if let Some(segment) = name
-                    .strip_suffix(OBJECT_SUFFIX)
-                    .and_then(decode_segment)
+                } else if let Some(segment) =
+                    name.strip_suffix(OBJECT_SUFFIX).and_then(decode_segment)
                 {
                     let key = format!("{key_prefix}{segment}");
                     if key.starts_with(prefix) {
@@ -330,7 +329,9 @@ impl LocalStore {
                             Ok(metadata) => found.push(info(&key, &metadata)),
                             // Deleted since the directory was read.
                             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                            Err(error) => return Err(unavailable("cannot list the objects", error)),
+                            Err(error) => {
+                                return Err(unavailable("cannot list the objects", error));
+                            }
                         }
                     }
                 }
@@ -456,7 +457,9 @@ impl Produce for FileChunks {
         })
         .await;
         let next = match read {
-            Ok(chunk) if chunk.is_empty() => Err(anyhow::anyhow!("the object is shorter than it was")),
+            Ok(chunk) if chunk.is_empty() => {
+                Err(anyhow::anyhow!("the object is shorter than it was"))
+            }
             Ok(chunk) => {
                 self.position += chunk.len() as u64;
                 self.remaining -= chunk.len() as u64;
@@ -474,7 +477,11 @@ async fn blocking<T: Send + 'static>(
 ) -> std::io::Result<T> {
     tokio::task::spawn_blocking(work)
         .await
-        .unwrap_or_else(|error| Err(std::io::Error::other(format!("a file task was lost: {error}"))))
+        .unwrap_or_else(|error| {
+            Err(std::io::Error::other(format!(
+                "a file task was lost: {error}"
+            )))
+        })
 }
 
 fn random_token() -> Result<String, getrandom::Error> {

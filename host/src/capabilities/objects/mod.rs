@@ -44,7 +44,9 @@ impl Storage {
         if let Some(rest) = text.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
-                bail!("--storage {text:?}: an S3 location needs a bucket, as in s3://my-bucket/some/prefix");
+                bail!(
+                    "--storage {text:?}: an S3 location needs a bucket, as in s3://my-bucket/some/prefix"
+                );
             }
             let prefix = prefix.trim_matches('/');
             return Ok(Storage::S3(S3Location {
@@ -74,7 +76,7 @@ pub struct S3Settings {
 /// One app's object store.
 pub enum ObjectStore {
     Local(LocalStore),
-    S3(S3Store),
+    S3(Box<S3Store>),
 }
 
 impl ObjectStore {
@@ -97,8 +99,16 @@ impl ObjectStore {
         check_key(key)?;
         check_part(number, length)?;
         match self {
-            ObjectStore::Local(store) => store.upload_part(key, upload_id, number, source, length).await,
-            ObjectStore::S3(store) => store.upload_part(key, upload_id, number, source, length).await,
+            ObjectStore::Local(store) => {
+                store
+                    .upload_part(key, upload_id, number, source, length)
+                    .await
+            }
+            ObjectStore::S3(store) => {
+                store
+                    .upload_part(key, upload_id, number, source, length)
+                    .await
+            }
         }
     }
 
@@ -198,11 +208,19 @@ pub async fn for_app(
             let root = root.clone().unwrap_or_else(|| data_dir.join("apps"));
             ObjectStore::Local(LocalStore::new(root.join(app)))
         }
-        Storage::S3(location) => ObjectStore::S3(
-            S3Store::new(location, s3, app, master_key, slots, part_buffer, data_dir.join("tmp"))
-                .await
-                .context("cannot set up the S3 client")?,
-        ),
+        Storage::S3(location) => ObjectStore::S3(Box::new(
+            S3Store::new(
+                location,
+                s3,
+                app,
+                master_key,
+                slots,
+                part_buffer,
+                data_dir.join("tmp"),
+            )
+            .await
+            .context("cannot set up the S3 client")?,
+        )),
     })
 }
 
@@ -383,7 +401,11 @@ impl Host for GuestState {
         key: String,
         upload_id: String,
     ) -> wasmtime::Result<Answer<Vec<PartInfo>>> {
-        Ok(self.capabilities().objects()?.list_parts(&key, &upload_id).await)
+        Ok(self
+            .capabilities()
+            .objects()?
+            .list_parts(&key, &upload_id)
+            .await)
     }
 
     async fn complete_multipart(
@@ -404,7 +426,11 @@ impl Host for GuestState {
         key: String,
         upload_id: String,
     ) -> wasmtime::Result<Answer<()>> {
-        Ok(self.capabilities().objects()?.abort_multipart(&key, &upload_id).await)
+        Ok(self
+            .capabilities()
+            .objects()?
+            .abort_multipart(&key, &upload_id)
+            .await)
     }
 
     async fn put(&mut self, key: String, data: Vec<u8>) -> wasmtime::Result<Answer<ObjectInfo>> {
@@ -417,7 +443,11 @@ impl Host for GuestState {
         start: u64,
         length: Option<u64>,
     ) -> wasmtime::Result<Answer<(ObjectInfo, Resource<DynInputStream>)>> {
-        let got = self.capabilities().objects()?.get(&key, start, length).await;
+        let got = self
+            .capabilities()
+            .objects()?
+            .get(&key, start, length)
+            .await;
         Ok(match got {
             Ok((info, stream)) => Ok((info, self.table().push(stream)?)),
             Err(error) => Err(error),

@@ -67,9 +67,9 @@ where
                 "NoSuchUpload" => ObjectError::NoSuchUpload,
                 "NoSuchKey" | "NotFound" => ObjectError::NotFound,
                 "InvalidRange" => ObjectError::InvalidRange,
-                "EntityTooSmall" | "InvalidPart" | "InvalidPartOrder" => ObjectError::InvalidPart(
-                    service.err().message().unwrap_or(code).to_owned(),
-                ),
+                "EntityTooSmall" | "InvalidPart" | "InvalidPartOrder" => {
+                    ObjectError::InvalidPart(service.err().message().unwrap_or(code).to_owned())
+                }
                 _ => ObjectError::Unavailable(format!(
                     "S3 {what} failed: {code}: {}",
                     service.err().message().unwrap_or("no message")
@@ -390,7 +390,10 @@ impl S3Store {
                 return Err(ObjectError::InvalidRange);
             }
             if start == info.size || length == Some(0) {
-                return Ok((info, crate::capabilities::streams::from_bytes(Default::default())));
+                return Ok((
+                    info,
+                    crate::capabilities::streams::from_bytes(Default::default()),
+                ));
             }
         }
         let permit = self.permit().await;
@@ -403,7 +406,10 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| failure("get object", e))?;
-        let size = match object.content_range().and_then(|range| range.rsplit_once('/')) {
+        let size = match object
+            .content_range()
+            .and_then(|range| range.rsplit_once('/'))
+        {
             Some((_, total)) => total.parse().unwrap_or_default(),
             None => object.content_length().unwrap_or_default() as u64,
         };
@@ -438,7 +444,9 @@ impl S3Store {
                 key: key.to_owned(),
                 size: head.content_length().unwrap_or_default() as u64,
                 etag: head.e_tag().unwrap_or_default().to_owned(),
-                modified: head.last_modified().map_or(0, |time| time.secs().max(0) as u64),
+                modified: head
+                    .last_modified()
+                    .map_or(0, |time| time.secs().max(0) as u64),
             })),
             Err(SdkError::ServiceError(service)) if service.err().is_not_found() => Ok(None),
             Err(error) => Err(failure("head object", error)),
@@ -506,7 +514,9 @@ impl Produce for Body {
     async fn next(mut self) -> (Self, Next) {
         let next = match self.body.next().await {
             Some(Ok(bytes)) => Ok(Some(bytes)),
-            Some(Err(error)) => Err(anyhow::Error::from(error).context("reading the object from S3 failed")),
+            Some(Err(error)) => {
+                Err(anyhow::Error::from(error).context("reading the object from S3 failed"))
+            }
             None => Ok(None),
         };
         (self, next)
