@@ -122,10 +122,23 @@ async fn burn(host: &HostProcess, requests: usize) {
                 .body(vec![7u8; 16 << 20])
         }
         .send();
-        async move { request.await.map(|r| r.status().as_u16()).unwrap_or(0) }
+        async move {
+            match request.await {
+                Ok(response) => (
+                    response.status().as_u16(),
+                    response.text().await.unwrap_or_default(),
+                ),
+                Err(error) => (0, error.to_string()),
+            }
+        }
     });
-    let statuses = futures::future::join_all(calls).await;
-    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let answers = futures::future::join_all(calls).await;
+    assert!(
+        answers
+            .iter()
+            .all(|(status, body)| *status == 200 && body.contains("16777216 bytes")),
+        "{answers:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

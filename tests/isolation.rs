@@ -116,7 +116,7 @@ async fn a_hostile_app_reaches_nothing_of_another(backends: Backends) {
         .call(
             "PUT",
             &format!("/objects/part?key=pending&upload_id={upload}&part=1"),
-            "evil",
+            "the intruder's part, longer than the owner's",
         )
         .await;
     assert_eq!(status, 404, "the intruder writes into the owner's upload");

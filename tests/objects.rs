@@ -296,37 +296,34 @@ async fn rules_and_refusals_on_s3() {
     rules_and_refusals(Backends::PostgresS3).await;
 }
 
-/// A body sent in two halves, with `between` run after the first has been read.
+/// A body sent in two halves, with `between` run once the host has read the first.
 async fn send_in_halves(
     probe: &AppHost,
     path: &str,
     body: Vec<u8>,
     between: impl FnOnce(),
 ) -> (u16, Value) {
-    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
-    let stream = futures::stream::unfold(receiver, |mut receiver| async move {
-        receiver.recv().await.map(|chunk| (chunk, receiver))
-    });
-    let request = probe
-        .client
-        .put(probe.host.url(path))
-        .header("content-length", body.len().to_string())
-        .body(reqwest::Body::wrap_stream(stream))
-        .send();
+    use std::io::Write;
+    let addr = probe.host.addr();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
     let half = body.len() / 2;
-    let feeding = async move {
-        sender.send(Ok(body[..half].to_vec())).await.unwrap();
-        // Let the host take in the first half before the outage starts.
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        between();
-        sender.send(Ok(body[half..].to_vec())).await.unwrap();
-    };
-    let (response, ()) = futures::join!(request, feeding);
-    let response = response.unwrap();
-    let status = response.status().as_u16();
+    let head = format!(
+        "PUT {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body[..half]).unwrap();
+    assert!(
+        blackbox::wait_until_server_read(&stream, std::time::Duration::from_secs(10)),
+        "the host did not take in the first half"
+    );
+    between();
+    // The host may answer and close before it has the rest.
+    let _ = stream.write_all(&body[half..]);
+    let response = blackbox::read_response(&mut stream).unwrap();
     (
-        status,
-        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or(Value::Null),
+        response.status,
+        serde_json::from_slice(&response.body).unwrap_or(Value::Null),
     )
 }
 

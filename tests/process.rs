@@ -618,21 +618,39 @@ async fn the_procfile_command_serves_lenzeye_as_written() {
 
 /// The example config file holds only settings the host knows, with values it takes.
 #[test]
-fn the_example_config_file_is_valid() {
-    let data = tempfile::tempdir().unwrap();
+fn the_example_config_files_are_valid() {
+    for (file, apps) in [("examples/host.toml", 1), ("examples/multi-app.toml", 3)] {
+        let data = tempfile::tempdir().unwrap();
+        let output = Command::new(host_bin())
+            .current_dir(blackbox::repo_root())
+            .args(["serve", "-c", file, "--check-config", "--data-dir"])
+            .arg(data.path())
+            .arg("--cache-dir")
+            .arg(blackbox::cache_dir())
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.matches("configuration OK").count() == apps,
+            "{file}: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    // --print-config shows each app with the host's settings and its own overrides.
     let output = Command::new(host_bin())
         .current_dir(blackbox::repo_root())
-        .args(["serve", "-c", "examples/host.toml", "--check-config", "--data-dir"])
-        .arg(data.path())
-        .arg("--cache-dir")
-        .arg(blackbox::cache_dir())
-        .env_remove("DATABASE_URL")
+        .args(["serve", "-c", "examples/multi-app.toml", "--print-config"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && stdout.contains("configuration OK"),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    for line in [
+        "name = \"dns-proxy\"",
+        "allow_outbound = [\"ccp.netcup.net\"]",
+        "timeout = 90",
+        "capabilities = [\"status\"]",
+        "# 4 instances at once per worker, 1000 more waiting",
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
+    }
 }

@@ -8,11 +8,14 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::metrics::AppMetrics;
+
 pub struct Admission {
     slots: Arc<Semaphore>,
     waiting: AtomicUsize,
     queue_limit: usize,
     max_wait: Option<Duration>,
+    metrics: AppMetrics,
 }
 
 /// A running slot, held until the guest instance is gone.
@@ -41,12 +44,18 @@ impl std::fmt::Display for Busy {
 }
 
 impl Admission {
-    pub fn new(concurrency: usize, queue_limit: usize, max_wait: Option<Duration>) -> Admission {
+    pub fn new(
+        concurrency: usize,
+        queue_limit: usize,
+        max_wait: Option<Duration>,
+        metrics: AppMetrics,
+    ) -> Admission {
         Admission {
             slots: Arc::new(Semaphore::new(concurrency)),
             waiting: AtomicUsize::new(0),
             queue_limit,
             max_wait,
+            metrics,
         }
     }
 
@@ -56,16 +65,19 @@ impl Admission {
         }
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.queue_limit {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.busy();
             return Err(Busy::QueueFull {
                 queue_limit: self.queue_limit,
             });
         }
-        let _waiting = WaitingGuard(&self.waiting);
+        let _waiting = WaitingGuard(&self.waiting, &self.metrics);
+        self.metrics.queued();
         let acquire = Arc::clone(&self.slots).acquire_owned();
         let slot = match self.max_wait {
-            Some(max_wait) => tokio::time::timeout(max_wait, acquire)
-                .await
-                .map_err(|_| Busy::WaitedTooLong { waited: max_wait })?,
+            Some(max_wait) => tokio::time::timeout(max_wait, acquire).await.map_err(|_| {
+                self.metrics.busy();
+                Busy::WaitedTooLong { waited: max_wait }
+            })?,
             None => acquire.await,
         };
         // The semaphore is never closed.
@@ -78,11 +90,12 @@ impl Admission {
     }
 }
 
-struct WaitingGuard<'a>(&'a AtomicUsize);
+struct WaitingGuard<'a>(&'a AtomicUsize, &'a AppMetrics);
 
 impl Drop for WaitingGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+        self.1.dequeued();
     }
 }
 
@@ -92,7 +105,12 @@ mod tests {
 
     #[tokio::test]
     async fn queue_is_bounded_and_waits_are_timed() {
-        let admission = Arc::new(Admission::new(1, 1, Some(Duration::from_millis(50))));
+        let admission = Arc::new(Admission::new(
+            1,
+            1,
+            Some(Duration::from_millis(50)),
+            AppMetrics::detached(),
+        ));
         let running = admission.admit().await.unwrap();
         let waiter = tokio::spawn({
             let admission = Arc::clone(&admission);

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -19,6 +20,7 @@ use crate::engine::{self, EngineSizing};
 use crate::heartbeat::Heartbeat;
 use crate::hooks;
 use crate::logging::LogFile;
+use crate::metrics::MetricsCollector;
 use crate::server::Listener;
 use crate::settings::{BindAddress, Settings, human_size};
 use crate::worker::{EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR};
@@ -52,6 +54,14 @@ struct Master {
     error_log: LogFile,
     /// Resident memory of a loaded worker, for `--memory-budget`.
     baseline: Baseline,
+    /// The workers' counters, for `--metrics-bind`.
+    metrics: Option<Arc<Mutex<WorkerCounters>>>,
+}
+
+/// What the metrics endpoint reads: the collector, and which workers are alive.
+struct WorkerCounters {
+    collector: MetricsCollector,
+    live: Vec<u32>,
 }
 
 /// How the master ended: the process's exit code.
@@ -100,8 +110,13 @@ fn run_with(
         .enable_all()
         .build()
         .context("cannot start the master's runtime")?;
+    let metrics = match settings.metrics_bind {
+        Some(address) => Some(runtime.block_on(serve_metrics(address, &settings))?),
+        None => None,
+    };
     let (exits, exited) = mpsc::unbounded_channel();
     let mut master = Master {
+        metrics,
         target: settings.workers,
         settings,
         listeners,
@@ -114,6 +129,43 @@ fn run_with(
     let code = runtime.block_on(master.supervise(exited, reload));
     master.cleanup();
     code
+}
+
+/// Binds `--metrics-bind` and serves the workers' counters there, summed per app.
+async fn serve_metrics(
+    address: std::net::SocketAddr,
+    settings: &Settings,
+) -> Result<Arc<Mutex<WorkerCounters>>> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot bind --metrics-bind {address}"))?;
+    let collector = MetricsCollector::new(settings.worker_tmp_dir.clone());
+    collector.remove_stale();
+    let counters = Arc::new(Mutex::new(WorkerCounters {
+        collector,
+        live: Vec::new(),
+    }));
+    tracing::info!("Metrics at: http://{address}/metrics");
+    let render = {
+        let counters = Arc::clone(&counters);
+        move || {
+            let counters = lock(&counters);
+            counters.collector.render(&counters.live)
+        }
+    };
+    tokio::spawn(async move {
+        if let Err(error) = crate::metrics::serve_metrics(listener, render).await {
+            tracing::error!("the metrics endpoint stopped: {error:#}");
+        }
+    });
+    Ok(counters)
+}
+
+/// The counters stay usable after a panic elsewhere: they hold no invariant a panic can break.
+fn lock(counters: &Mutex<WorkerCounters>) -> std::sync::MutexGuard<'_, WorkerCounters> {
+    counters
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Why the master refused to start; `main` turns it into the exit code.
@@ -149,15 +201,13 @@ fn check_budget(settings: &Settings, workers: usize, baseline: Baseline) -> Resu
     plan.check(budget)
         .map_err(|error| anyhow::anyhow!(Refusal::Budget(error.to_string())))?;
     tracing::info!(
-        "memory budget: worst case {} of {} ({} shared + {} workers × ({} baseline + {} instances × ({} + {})) + {} part buffers × {})",
+        "memory budget: worst case {} of {} ({} shared + {} workers × ({} baseline + {}) + {} part buffers × {})",
         human_size(plan.worst_case()),
         human_size(budget),
         human_size(plan.shared),
         plan.workers,
         human_size(plan.baseline),
-        plan.instances,
-        human_size(plan.memory_limit),
-        human_size(crate::budget::HOST_MEMORY_PER_INSTANCE),
+        plan.instances_arithmetic(),
         plan.buffers,
         human_size(plan.part_buffer)
     );
@@ -199,21 +249,24 @@ fn precompile(settings: &Settings) -> Result<Baseline> {
 pub const PREPARED: &str = "prepared ";
 pub const PREPARE_FAILED: &str = "failed ";
 
-/// `host prepare`: loads the component as a worker would and reports the resident memory.
+/// `host prepare`: loads the components as a worker would and reports the resident memory.
 pub fn prepare(settings: &Settings) -> Result<Baseline> {
-    let engine = engine::build(EngineSizing {
-        instances: settings.concurrency,
-        memory_limit: settings.memory_limit,
-    })?;
-    let component =
-        compile_cache::load_component(&engine, &settings.component, &settings.cache_dir)?;
-    let _guest = crate::guest::Guest::new(
-        &engine,
-        &component,
-        settings,
-        crate::capabilities::AppCapabilities::for_linking(settings)?,
-    )
-    .with_context(|| format!("cannot load {}", settings.component.display()))?;
+    let engine = engine::build(EngineSizing::for_apps(&settings.apps))?;
+    let mut guests = Vec::new();
+    for app in &settings.apps {
+        let component = compile_cache::load_component(&engine, &app.component, &settings.cache_dir)
+            .with_context(|| format!("app `{}`", app.name))?;
+        let guest = crate::guest::Guest::new(
+            &engine,
+            &component,
+            settings,
+            app,
+            crate::capabilities::AppCapabilities::for_linking(settings, app)?,
+            crate::metrics::AppMetrics::detached(),
+        )
+        .with_context(|| format!("cannot load {}", app.component.display()))?;
+        guests.push(guest);
+    }
     Ok(Baseline::measure())
 }
 
@@ -397,6 +450,11 @@ impl Master {
             }
         });
         hooks::event("post_fork", &[("pid", pid.to_string())]);
+        if let Some(metrics) = &self.metrics {
+            let mut counters = lock(metrics);
+            counters.collector.worker_started(pid);
+            counters.live.push(pid);
+        }
         self.workers.insert(
             age,
             WorkerProcess {
@@ -415,6 +473,11 @@ impl Master {
     fn reap(&mut self, age: u64, status: ExitStatus) -> Option<ExitCode> {
         let worker = self.workers.remove(&age)?;
         let pid = worker.pid;
+        if let Some(metrics) = &self.metrics {
+            let mut counters = lock(metrics);
+            counters.live.retain(|live| *live != pid);
+            counters.collector.worker_exited(pid);
+        }
         match (status.code(), status.signal()) {
             (Some(0), _) => {}
             (Some(code), _)
@@ -502,6 +565,14 @@ impl Master {
                 settings.encrypt_concurrency = self.settings.encrypt_concurrency;
             }
             settings.host_slots = self.settings.host_slots;
+            if settings.metrics_bind != self.settings.metrics_bind {
+                tracing::warn!("--metrics-bind changes only on a restart; keeping the old address");
+                settings.metrics_bind = self.settings.metrics_bind;
+            }
+            if self.metrics.is_some() {
+                // The metrics files of old and new workers must be where the master reads them.
+                settings.worker_tmp_dir = self.settings.worker_tmp_dir.clone();
+            }
             let baseline = precompile(&settings)?;
             check_budget(&settings, settings.workers, baseline)?;
             Ok((settings, baseline))

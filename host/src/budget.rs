@@ -27,19 +27,10 @@ pub struct Baseline {
 impl Baseline {
     /// This process's, from /proc/self/statm.
     pub fn measure() -> Baseline {
-        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-        let pages: Vec<u64> = statm
-            .split_whitespace()
-            .filter_map(|field| field.parse().ok())
-            .collect();
-        let page = page_size();
-        let (resident, shared) = (
-            pages.get(1).copied().unwrap_or(0),
-            pages.get(2).copied().unwrap_or(0),
-        );
+        let (resident, shared) = statm("self").unwrap_or_default();
         Baseline {
-            private: resident.saturating_sub(shared) * page,
-            shared: shared * page,
+            private: resident.saturating_sub(shared),
+            shared,
         }
     }
 }
@@ -73,11 +64,28 @@ fn page_size() -> u64 {
 /// 4 MiB per busy instance besides the instances' linear memory.
 pub const HOST_MEMORY_PER_INSTANCE: u64 = 4 << 20;
 
-#[derive(Debug, Clone, Copy)]
-pub struct Plan {
-    pub workers: u64,
+/// One app's share of a worker: its instances, each up to its memory cap.
+#[derive(Debug, Clone)]
+pub struct AppShare {
+    pub name: String,
     pub instances: u64,
     pub memory_limit: u64,
+}
+
+impl AppShare {
+    fn worst_case(&self) -> u64 {
+        self.instances
+            .saturating_mul(self.memory_limit.saturating_add(HOST_MEMORY_PER_INSTANCE))
+    }
+}
+
+/// The worst case of a configuration. Apps do not share their instance memory: each worker
+/// reserves every app's instances at its own cap, so an app at its limit can never take memory
+/// another app was promised (its admission queue waits instead).
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub workers: u64,
+    pub apps: Vec<AppShare>,
     /// A worker's private memory, loaded and idle.
     pub baseline: u64,
     /// Memory every worker maps from the same files, counted once.
@@ -91,8 +99,15 @@ impl Plan {
     pub fn of(settings: &Settings, workers: usize, baseline: Baseline) -> Plan {
         Plan {
             workers: workers as u64,
-            instances: settings.concurrency as u64,
-            memory_limit: settings.memory_limit,
+            apps: settings
+                .apps
+                .iter()
+                .map(|app| AppShare {
+                    name: app.name.clone(),
+                    instances: app.concurrency as u64,
+                    memory_limit: app.memory_limit,
+                })
+                .collect(),
             baseline: baseline.private,
             shared: baseline.shared,
             buffers: u64::from(settings.encrypt_concurrency),
@@ -100,22 +115,41 @@ impl Plan {
         }
     }
 
-    fn per_instance(&self) -> u64 {
-        self.memory_limit.saturating_add(HOST_MEMORY_PER_INSTANCE)
-    }
-
     fn buffer_memory(&self) -> u64 {
         self.buffers.saturating_mul(self.part_buffer)
     }
 
+    fn per_worker(&self) -> u64 {
+        self.apps.iter().fold(self.baseline, |sum, app| {
+            sum.saturating_add(app.worst_case())
+        })
+    }
+
     pub fn worst_case(&self) -> u64 {
         self.workers
-            .saturating_mul(
-                self.baseline
-                    .saturating_add(self.instances.saturating_mul(self.per_instance())),
-            )
+            .saturating_mul(self.per_worker())
             .saturating_add(self.buffer_memory())
             .saturating_add(self.shared)
+    }
+
+    /// The instances of a worker, as the arithmetic is printed.
+    pub fn instances_arithmetic(&self) -> String {
+        let term = |app: &AppShare| {
+            format!(
+                "{} instances × ({} --memory-limit + {} host memory)",
+                app.instances,
+                human_size(app.memory_limit),
+                human_size(HOST_MEMORY_PER_INSTANCE)
+            )
+        };
+        match self.apps.as_slice() {
+            [one] => term(one),
+            many => many
+                .iter()
+                .map(|app| format!("{}: {}", app.name, term(app)))
+                .collect::<Vec<_>>()
+                .join(" + "),
+        }
     }
 
     /// Refuses a plan that does not fit `budget`, saying why and what would fit.
@@ -124,31 +158,34 @@ impl Plan {
         if worst <= budget {
             return Ok(());
         }
-        let per_worker = self.baseline + self.instances * self.per_instance();
         let for_workers = budget
             .saturating_sub(self.buffer_memory())
             .saturating_sub(self.shared);
-        let share = for_workers / self.workers.max(1);
-        let room = share.saturating_sub(self.baseline);
-        let mut fits = vec![format!("--workers {}", for_workers / per_worker.max(1))];
-        fits.push(format!(
-            "or {} instances per worker (--threads / --worker-connections)",
-            room / self.per_instance().max(1)
-        ));
-        let mib = 1 << 20;
-        fits.push(format!(
-            "or --memory-limit {}MiB",
-            (room / self.instances.max(1)).saturating_sub(HOST_MEMORY_PER_INSTANCE) / mib
-        ));
+        let mut fits = vec![format!(
+            "--workers {}",
+            for_workers / self.per_worker().max(1)
+        )];
+        if let [app] = self.apps.as_slice() {
+            let share = for_workers / self.workers.max(1);
+            let room = share.saturating_sub(self.baseline);
+            let per_instance = app.memory_limit.saturating_add(HOST_MEMORY_PER_INSTANCE);
+            fits.push(format!(
+                "or {} instances per worker (--threads / --worker-connections)",
+                room / per_instance.max(1)
+            ));
+            let mib = 1 << 20;
+            fits.push(format!(
+                "or --memory-limit {}MiB",
+                (room / app.instances.max(1)).saturating_sub(HOST_MEMORY_PER_INSTANCE) / mib
+            ));
+        }
         bail!(
-            "the configuration does not fit --memory-budget {}: {} shared by the workers + {} workers × ({} worker baseline + {} instances × ({} --memory-limit + {} host memory)) + {} part buffers × {} --part-buffer = {}. What fits with the other settings unchanged: {}",
+            "the configuration does not fit --memory-budget {}: {} shared by the workers + {} workers × ({} worker baseline + {}) + {} part buffers × {} --part-buffer = {}. What fits with the other settings unchanged: {}",
             human_size(budget),
             human_size(self.shared),
             self.workers,
             human_size(self.baseline),
-            self.instances,
-            human_size(self.memory_limit),
-            human_size(HOST_MEMORY_PER_INSTANCE),
+            self.instances_arithmetic(),
             self.buffers,
             human_size(self.part_buffer),
             human_size(worst),
@@ -216,9 +253,17 @@ pub fn machine_memory_limit() -> u64 {
 }
 
 fn process_resident_bytes(pid: &str) -> Option<u64> {
+    statm(pid).map(|(resident, _)| resident)
+}
+
+/// A process's resident and shared (file-backed) memory in bytes, from /proc/<pid>/statm.
+fn statm(pid: &str) -> Option<(u64, u64)> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * page_size())
+    let mut pages = statm.split_whitespace().skip(1).map(str::parse::<u64>);
+    let (Some(Ok(resident)), Some(Ok(shared))) = (pages.next(), pages.next()) else {
+        return None;
+    };
+    Some((resident * page_size(), shared * page_size()))
 }
 
 #[cfg(test)]
@@ -229,8 +274,11 @@ mod tests {
     fn refuses_with_the_arithmetic_and_what_fits() {
         let plan = Plan {
             workers: 4,
-            instances: 6,
-            memory_limit: 64 << 20,
+            apps: vec![AppShare {
+                name: "app".to_owned(),
+                instances: 6,
+                memory_limit: 64 << 20,
+            }],
             baseline: 8 << 20,
             shared: 16 << 20,
             buffers: 4,
@@ -245,5 +293,32 @@ mod tests {
         assert!(message.contains("--workers 1"), "{message}");
         assert!(message.contains("--memory-limit 12MiB"), "{message}");
         assert!(plan.check(2 << 30).is_ok());
+    }
+
+    #[test]
+    fn each_app_is_reserved_at_its_own_cap() {
+        let app = |name: &str, instances, memory_limit| AppShare {
+            name: name.to_owned(),
+            instances,
+            memory_limit,
+        };
+        let plan = Plan {
+            workers: 2,
+            apps: vec![app("lenzeye", 6, 14 << 20), app("hello", 4, 8 << 20)],
+            baseline: 10 << 20,
+            shared: 20 << 20,
+            buffers: 4,
+            part_buffer: 10 << 20,
+        };
+        assert_eq!(
+            plan.worst_case(),
+            (20 + 2 * (10 + 6 * (14 + 4) + 4 * (8 + 4)) + 4 * 10) << 20
+        );
+        let message = plan.check(256 << 20).unwrap_err().to_string();
+        assert!(message.contains("2 workers × (10 MiB worker baseline + lenzeye: 6 instances × (14 MiB --memory-limit + 4 MiB host memory) + hello: 4 instances × (8 MiB --memory-limit + 4 MiB host memory))"), "{message}");
+        assert!(
+            message.contains("What fits with the other settings unchanged: --workers 1"),
+            "{message}"
+        );
     }
 }

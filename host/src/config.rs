@@ -28,7 +28,28 @@ pub struct Layered {
     pub args: ServeArgs,
     /// Setting name → (its values as arguments, where they came from).
     pub provenance: BTreeMap<String, (Vec<String>, String)>,
-    pub config_file: Option<PathBuf>,
+    pub config: Option<ConfigFile>,
+    /// The winning values of every source, as arguments of the settings table.
+    pub arguments: Vec<OsString>,
+}
+
+/// The config file, read and parsed once.
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub document: toml::Table,
+}
+
+impl ConfigFile {
+    fn read(path: &Path) -> Result<ConfigFile> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the config file {}", path.display()))?;
+        let document = toml::from_str(&text)
+            .with_context(|| format!("{} is not valid TOML", path.display()))?;
+        Ok(ConfigFile {
+            path: path.to_owned(),
+            document,
+        })
+    }
 }
 
 fn table() -> clap::Command {
@@ -48,18 +69,20 @@ pub fn load(command_line: &[OsString]) -> Result<Layered> {
     let cmd_args: Vec<OsString> = cmd_args.into_iter().map(OsString::from).collect();
     let from_cmd_args = parse(&table, &cmd_args, "HOST_CMD_ARGS")?;
 
-    let config_file = config_path(&cli)
+    let config = config_path(&cli)
         .or_else(|| config_path(&from_cmd_args))
         .or_else(|| {
             let default = PathBuf::from(DEFAULT_CONFIG_FILE);
             default.exists().then_some(default)
-        });
+        })
+        .map(|path| ConfigFile::read(&path))
+        .transpose()?;
 
     // Lowest precedence first; each later source replaces a setting wholesale.
     let mut sources = Vec::new();
-    if let Some(path) = &config_file {
-        let arguments = config_file_arguments(&table, path)?;
-        let label = format!("config file {}", path.display());
+    if let Some(config) = &config {
+        let arguments = config_file_arguments(&table, config)?;
+        let label = format!("config file {}", config.path.display());
         sources.push((parse(&table, &arguments, &label)?, label));
     }
     let (environment, labels) = environment_arguments(&table)?;
@@ -97,6 +120,9 @@ pub fn load(command_line: &[OsString]) -> Result<Layered> {
         }
     }
     let matches = parse(&table, &final_arguments, "the combined settings")?;
+    final_arguments.retain(|argument| {
+        !["--print-config", "--check-config"].contains(&argument.to_string_lossy().as_ref())
+    });
     let args =
         ServeArgs::from_arg_matches(&matches).context("cannot read the combined settings")?;
 
@@ -127,8 +153,21 @@ pub fn load(command_line: &[OsString]) -> Result<Layered> {
     Ok(Layered {
         args,
         provenance,
-        config_file,
+        config,
+        arguments: final_arguments,
     })
+}
+
+/// The effective settings with `overrides` (arguments, such as an app's) applied last.
+pub fn with_overrides(
+    layered: &Layered,
+    overrides: &[OsString],
+    source: &str,
+) -> Result<ServeArgs> {
+    let mut arguments = layered.arguments.clone();
+    arguments.extend_from_slice(overrides);
+    let matches = parse(&table(), &arguments, source)?;
+    ServeArgs::from_arg_matches(&matches).with_context(|| format!("cannot read {source}"))
 }
 
 fn parse(table: &clap::Command, arguments: &[OsString], source: &str) -> Result<ArgMatches> {
@@ -166,37 +205,57 @@ fn tokens(arg: &clap::Arg, matches: &ArgMatches) -> Vec<String> {
 
 /// The config file's keys are the settings' names (`workers`, `limit_request_line`, …; dashes
 /// are accepted too); arrays give repeatable settings several values.
-fn config_file_arguments(table: &clap::Command, path: &Path) -> Result<Vec<OsString>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the config file {}", path.display()))?;
-    let document: toml::Table =
-        toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+fn config_file_arguments(table: &clap::Command, config: &ConfigFile) -> Result<Vec<OsString>> {
     let mut arguments = Vec::new();
-    for (key, value) in &document {
+    for (key, value) in &config.document {
         let id = key.replace('-', "_");
-        if id == "hooks" {
+        if id == "hooks" || id == "app" {
             continue;
         }
-        let arg = table
-            .get_arguments()
-            .find(|arg| arg.get_id().as_str() == id && !NOT_SETTINGS.contains(&id.as_str()))
-            .with_context(|| {
-                format!(
-                    "unknown setting `{key}` in {}; the settings are: {}",
-                    path.display(),
-                    setting_names(table)
-                )
-            })?;
-        let values = match value {
-            toml::Value::Array(items) => items
-                .iter()
-                .map(|item| scalar(key, item))
-                .collect::<Result<Vec<_>>>()?,
-            other => vec![scalar(key, other)?],
-        };
-        arguments.extend(values.into_iter().flat_map(|value| argument(arg, value)));
+        let values = setting_arguments(table, key, value)?.with_context(|| {
+            format!(
+                "unknown setting `{key}` in {}; the settings are: {}",
+                config.path.display(),
+                setting_names(table)
+            )
+        })?;
+        arguments.extend(values);
     }
     Ok(arguments)
+}
+
+/// A config file's `key = value` as arguments of the settings table (`--key=value`, one per
+/// value of an array); `None` if no setting has that name.
+pub fn setting_arguments(
+    table: &clap::Command,
+    key: &str,
+    value: &toml::Value,
+) -> Result<Option<Vec<OsString>>> {
+    let id = key.replace('-', "_");
+    let Some(arg) = table
+        .get_arguments()
+        .find(|arg| arg.get_id().as_str() == id && !NOT_SETTINGS.contains(&id.as_str()))
+    else {
+        return Ok(None);
+    };
+    let values = match value {
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|item| scalar(key, item))
+            .collect::<Result<Vec<_>>>()?,
+        other => vec![scalar(key, other)?],
+    };
+    Ok(Some(
+        values
+            .into_iter()
+            .flat_map(|value| argument(arg, value))
+            .collect(),
+    ))
+}
+
+/// The table of settings, for reading values given elsewhere (an app's overrides).
+pub fn settings_table() -> clap::Command {
+    table()
 }
 
 fn scalar(key: &str, value: &toml::Value) -> Result<String> {
@@ -269,14 +328,10 @@ fn setting_names(table: &clap::Command) -> String {
 }
 
 /// The hook commands of the config file's `[hooks]` table: event name → shell command.
-pub fn hook_commands(config_file: Option<&Path>) -> Result<BTreeMap<String, String>> {
-    let Some(path) = config_file else {
+pub fn hook_commands(config: Option<&ConfigFile>) -> Result<BTreeMap<String, String>> {
+    let Some(ConfigFile { path, document }) = config else {
         return Ok(BTreeMap::new());
     };
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the config file {}", path.display()))?;
-    let document: toml::Table =
-        toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
     let Some(hooks) = document.get("hooks") else {
         return Ok(BTreeMap::new());
     };

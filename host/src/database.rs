@@ -39,14 +39,15 @@ pub enum BackendKind {
 }
 
 impl Backend {
-    pub fn of(settings: &Settings) -> Result<Backend> {
+    /// The database of `database_url` (an app's own, or the host's), else SQLite files.
+    pub fn of(settings: &Settings, database_url: Option<&str>) -> Result<Backend> {
         let kind = |kind| {
             Ok(Backend {
                 kind,
                 acquire_timeout: settings.database_timeout,
             })
         };
-        match settings.database_url.as_deref() {
+        match database_url {
             None | Some("") => kind(BackendKind::Sqlite(settings.data_dir.clone())),
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
                 kind(BackendKind::Postgres(url.to_owned()))

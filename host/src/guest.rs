@@ -1,14 +1,14 @@
 //! The guest component: compiled once, instantiated fresh for every request, run under its
 //! memory cap and deadline, with only the imports of the `wasi:http/proxy` world, the `wasi:cli`
-//! pieces that language runtimes pull in (no preopened files, no sockets, and outbound HTTP
-//! refused) and the host capabilities; its stdout and stderr become log lines of the request.
+//! pieces that language runtimes pull in (no preopened files, no sockets, outbound HTTP only as
+//! its app is granted) and the host capabilities it is granted; its stdout and stderr become log
+//! lines of the request.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -20,11 +20,14 @@ use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
+use crate::apps::AppSettings;
 use crate::capabilities::AppCapabilities;
 use crate::capabilities::crypto::Crypto;
 use crate::guest_output::GuestOutput;
 use crate::http::drain::DrainedIfDropped;
 use crate::limits::MemoryLimiter;
+use crate::metrics::AppMetrics;
+use crate::outbound::OutboundClient;
 use crate::settings::{Settings, human_size};
 
 pub struct Guest {
@@ -34,8 +37,10 @@ pub struct Guest {
     memory_budget: Option<u64>,
     timeout: Option<Duration>,
     capabilities: Arc<AppCapabilities>,
-    /// `-e KEY=VALUE` pairs: the app's environment, as gunicorn's app sees them.
+    /// `-e KEY=VALUE` pairs, the app's own and its secrets: its environment.
     env: Vec<(String, String)>,
+    outbound: Arc<OutboundClient>,
+    metrics: AppMetrics,
 }
 
 /// Why a guest gave no response.
@@ -95,8 +100,11 @@ impl Guest {
         engine: &Engine,
         component: &wasmtime::component::Component,
         settings: &Settings,
+        app: &AppSettings,
         capabilities: Arc<AppCapabilities>,
+        metrics: AppMetrics,
     ) -> Result<Guest> {
+        crate::capabilities::check_grants(engine, component, app)?;
         let mut linker = Linker::<GuestState>::new(engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)
@@ -104,7 +112,7 @@ impl Guest {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)
             .context("cannot link wasi:http")?;
-        crate::capabilities::add_to_linker(&mut linker)?;
+        crate::capabilities::add_to_linker(&mut linker, &app.capabilities)?;
         let pre = linker
             .instantiate_pre(component)
             .map_err(anyhow::Error::from)
@@ -112,14 +120,21 @@ impl Guest {
         let pre = ProxyPre::new(pre)
             .map_err(anyhow::Error::from)
             .context("the component does not export wasi:http/incoming-handler (is it built for the wasi:http/proxy world?)")?;
+        metrics.set_memory_cap(app.memory_limit.saturating_mul(app.concurrency as u64));
         Ok(Guest {
             engine: engine.clone(),
             pre,
-            memory_limit: settings.memory_limit,
+            memory_limit: app.memory_limit,
             memory_budget: settings.memory_budget,
-            timeout: settings.timeout,
+            timeout: app.timeout,
             capabilities,
-            env: settings.env.clone(),
+            env: app.guest_env()?,
+            outbound: Arc::new(OutboundClient::new(
+                &app.name,
+                &app.outbound,
+                metrics.clone(),
+            )?),
+            metrics,
         })
     }
 
@@ -128,7 +143,7 @@ impl Guest {
     /// is done.
     pub async fn serve(
         self: &Arc<Self>,
-        request: hyper::Request<Incoming>,
+        request: hyper::Request<DrainedIfDropped>,
         scheme: Scheme,
         slot: impl Send + 'static,
     ) -> Result<hyper::Response<HyperOutgoingBody>, GuestFailure> {
@@ -140,7 +155,9 @@ impl Guest {
         let run = tokio::spawn({
             let responded = Arc::clone(&responded);
             async move {
+                guest.metrics.instance_started();
                 let outcome = guest.run(request, scheme, sender, deadline).await;
+                guest.metrics.instance_finished();
                 drop(slot);
                 if let Err(failure) = &outcome
                     && responded.load(Ordering::Acquire)
@@ -169,17 +186,18 @@ impl Guest {
 
     async fn run(
         &self,
-        request: hyper::Request<Incoming>,
+        request: hyper::Request<DrainedIfDropped>,
         scheme: Scheme,
         sender: oneshot::Sender<Result<hyper::Response<HyperOutgoingBody>, ErrorCode>>,
         deadline: Option<Instant>,
     ) -> Result<(), GuestFailure> {
+        let _running = crate::engine::GuestRunning::start();
         let mut store = self.new_store(deadline);
         let call = async {
             let request = store
                 .data_mut()
                 .http()
-                .new_incoming_request(scheme, request.map(DrainedIfDropped::new))?;
+                .new_incoming_request(scheme, request)?;
             let response = store.data_mut().http().new_response_outparam(sender)?;
             let proxy = self.pre.instantiate_async(&mut store).await?;
             proxy
@@ -191,11 +209,20 @@ impl Guest {
             Some(deadline) => match tokio::time::timeout_at(deadline, call).await {
                 Ok(result) => result,
                 // The guest was waiting on I/O (a slow client, a sleep) when time ran out.
-                Err(_) => return Err(GuestFailure::Timeout(self.timeout.unwrap_or_default())),
+                Err(_) => Err(DeadlineExceeded.into()),
             },
             None => call.await,
         };
-        result.map_err(|error| self.failure(error, store.data().limiter.refused()))
+        self.metrics
+            .memory_released(store.data().limiter.in_use() as u64);
+        let failure = result.map_err(|error| self.failure(error, store.data().limiter.refused()));
+        match &failure {
+            Err(GuestFailure::Timeout(_)) => self.metrics.timed_out(),
+            Err(GuestFailure::MemoryLimit { .. }) => self.metrics.memory_refused(),
+            Err(GuestFailure::Trapped(_)) => self.metrics.trapped(),
+            _ => {}
+        }
+        failure
     }
 
     fn failure(&self, error: wasmtime::Error, memory_refused: Option<usize>) -> GuestFailure {
@@ -225,19 +252,26 @@ impl Guest {
                 .build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            hooks: OutboundHttpDenied,
-            limiter: MemoryLimiter::new(self.memory_limit),
+            hooks: OutboundHttp {
+                client: Arc::clone(&self.outbound),
+                deadline,
+            },
+            limiter: MemoryLimiter::new(self.memory_limit, self.metrics.clone()),
             memory_limit: self.memory_limit,
             memory_budget: self.memory_budget,
             capabilities: Arc::clone(&self.capabilities),
+            slices: Default::default(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         // Every epoch tick the guest yields its thread; past the deadline it is stopped.
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| match deadline {
-            Some(deadline) if Instant::now() >= deadline => Err(DeadlineExceeded.into()),
-            _ => Ok(UpdateDeadline::Yield(1)),
+        store.epoch_deadline_callback(move |mut context| {
+            context.data_mut().slices.slice_ended();
+            match deadline {
+                Some(deadline) if Instant::now() >= deadline => Err(DeadlineExceeded.into()),
+                _ => Ok(UpdateDeadline::Yield(1)),
+            }
         });
         store
     }
@@ -247,11 +281,12 @@ pub struct GuestState {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     table: ResourceTable,
-    hooks: OutboundHttpDenied,
+    hooks: OutboundHttp,
     limiter: MemoryLimiter,
     memory_limit: u64,
     memory_budget: Option<u64>,
     capabilities: Arc<AppCapabilities>,
+    slices: crate::engine::SliceWatch,
 }
 
 impl GuestState {
@@ -299,29 +334,27 @@ impl WasiHttpView for GuestState {
     }
 }
 
-/// Outbound HTTP is not granted: the guest gets `HTTP-request-denied` and no connection is made.
-struct OutboundHttpDenied;
+/// Outbound HTTP through the app's client, within the request's deadline.
+struct OutboundHttp {
+    client: Arc<OutboundClient>,
+    deadline: Option<Instant>,
+}
 
-impl WasiHttpHooks for OutboundHttpDenied {
+impl WasiHttpHooks for OutboundHttp {
     fn send_request(
         &mut self,
-        _request: http::Request<wasmtime_wasi_http::WasiBody>,
-        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
         _io: Box<
             dyn Future<Output = wasmtime_wasi_http::Result<(), wasmtime_wasi_http::Error>> + Send,
         >,
-    ) -> Box<
-        dyn Future<
-                Output = wasmtime_wasi_http::Result<(
-                    http::Response<wasmtime_wasi_http::WasiBody>,
-                    Box<
-                        dyn Future<
-                                Output = wasmtime_wasi_http::Result<(), wasmtime_wasi_http::Error>,
-                            > + Send,
-                    >,
-                )>,
-            > + Send,
-    > {
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    ) -> Box<dyn Future<Output = wasmtime_wasi_http::Result<crate::outbound::Sent>> + Send> {
+        let client = Arc::clone(&self.client);
+        let deadline = self.deadline;
+        Box::new(
+            client
+                .send(request, options, deadline)
+                .instrument(tracing::Span::current()),
+        )
     }
 }

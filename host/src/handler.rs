@@ -1,4 +1,5 @@
-//! One request's way through the host: limits → proxy headers → admission → guest → response.
+//! One request's way through the host: limits → proxy headers → the app it is routed to → that
+//! app's limits and admission → its guest → response.
 
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -14,18 +15,33 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use crate::access_log::AccessLog;
 use crate::admission::Admission;
+use crate::apps::{self, Router};
 use crate::guest::Guest;
 use crate::http::answers::{self, ResponseBody};
+use crate::http::drain::DrainedIfDropped;
 use crate::http::forwarded::TrustedPeers;
 use crate::http::limits::RequestLimits;
+use crate::metrics::AppMetrics;
 use crate::worker::Recycle;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// The path prefix an app is mounted at, which the host took off the path it sees.
+const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 
-pub struct RequestHandler {
+/// One app as a worker serves it.
+pub struct ServedApp {
+    pub name: String,
     pub guest: Arc<Guest>,
     pub admission: Admission,
+    /// The app's own request limits (the host's are applied while parsing).
     pub limits: RequestLimits,
+    pub body_limit: Option<u64>,
+    pub metrics: AppMetrics,
+}
+
+pub struct RequestHandler {
+    pub apps: Vec<ServedApp>,
+    pub router: Router,
     pub trusted_peers: TrustedPeers,
     pub access_log: Option<Arc<AccessLog>>,
     pub recycle: Option<Arc<Recycle>>,
@@ -62,7 +78,10 @@ impl RequestHandler {
             .access_log
             .as_ref()
             .map(|log| log.record(&request, &peer.label()));
-        let span = tracing::info_span!("request", request_id = %request_id);
+        let span =
+            tracing::info_span!("request", request_id = %request_id, app = tracing::field::Empty);
+        // From here on, a body left unread by an early answer is drained, not reset.
+        let request = request.map(DrainedIfDropped::new);
         let mut response = self
             .respond(request, &peer, &request_id)
             .instrument(span)
@@ -78,19 +97,12 @@ impl RequestHandler {
 
     async fn respond(
         &self,
-        mut request: Request<Incoming>,
+        mut request: Request<DrainedIfDropped>,
         peer: &Peer,
         request_id: &str,
     ) -> Response<ResponseBody> {
-        if let Err(exceeded) = self.limits.check(
-            request.method(),
-            request.uri(),
-            request.version(),
-            request.headers(),
-        ) {
-            tracing::info!("refused: {}", exceeded.message);
-            return answers::error(exceeded.status, &exceeded.message);
-        }
+        // As the client sent them, before the host adds its own.
+        let header_fields = request.headers().len();
         if request.uri().authority().is_none() && !request.headers().contains_key(HOST) {
             if request.version() == Version::HTTP_11 {
                 return answers::error(
@@ -106,19 +118,81 @@ impl RequestHandler {
         if let Ok(value) = HeaderValue::from_str(request_id) {
             request.headers_mut().insert(X_REQUEST_ID, value);
         }
-        let slot = match self.admission.admit().await {
+        let host = request
+            .uri()
+            .authority()
+            .map(|authority| authority.as_str())
+            .or_else(|| request.headers().get(HOST)?.to_str().ok());
+        let Some(route) = self.router.route(host, request.uri().path()) else {
+            let message = format!(
+                "not found: no app serves {}{}",
+                host.unwrap_or(""),
+                request.uri().path()
+            );
+            tracing::info!("{message}");
+            return answers::error(StatusCode::NOT_FOUND, &message);
+        };
+        let app = &self.apps[route.app];
+        if self.apps.len() > 1 {
+            tracing::Span::current().record("app", app.name.as_str());
+        }
+        let started = std::time::Instant::now();
+        let response = self
+            .respond_with(app, request, header_fields, route.prefix, origin.https)
+            .await;
+        app.metrics
+            .request_finished(response.status().as_u16(), started.elapsed());
+        response
+    }
+
+    async fn respond_with(
+        &self,
+        app: &ServedApp,
+        mut request: Request<DrainedIfDropped>,
+        header_fields: usize,
+        prefix: Option<&str>,
+        https: bool,
+    ) -> Response<ResponseBody> {
+        let within = app.limits.check_field_count(header_fields).and_then(|()| {
+            app.limits.check(
+                request.method(),
+                request.uri(),
+                request.version(),
+                request.headers(),
+            )
+        });
+        if let Err(exceeded) = within {
+            tracing::info!("refused: {}", exceeded.message);
+            return answers::error(exceeded.status, &exceeded.message);
+        }
+        if let Some(limit) = app.body_limit
+            && let Some(length) = declared_length(request.headers())
+            && length > limit
+        {
+            let message = format!(
+                "content too large: the body is {length} bytes, the limit is {limit} (--limit-request-body)"
+            );
+            tracing::info!("refused: {message}");
+            return answers::error(StatusCode::PAYLOAD_TOO_LARGE, &message);
+        }
+        request.body_mut().limit(app.body_limit);
+        if let Some(prefix) = prefix {
+            if let Some(uri) = apps::strip_prefix(request.uri(), prefix) {
+                *request.uri_mut() = uri;
+            }
+            if let Ok(value) = HeaderValue::from_str(prefix) {
+                request.headers_mut().insert(X_FORWARDED_PREFIX, value);
+            }
+        }
+        let slot = match app.admission.admit().await {
             Ok(slot) => slot,
             Err(busy) => {
                 tracing::warn!("{busy}");
                 return answers::busy(&busy.to_string());
             }
         };
-        let scheme = if origin.https {
-            Scheme::Https
-        } else {
-            Scheme::Http
-        };
-        match self.guest.serve(request, scheme, slot).await {
+        let scheme = if https { Scheme::Https } else { Scheme::Http };
+        match app.guest.serve(request, scheme, slot).await {
             Ok(response) => response,
             Err(failure) => {
                 tracing::error!("{failure}");
@@ -126,6 +200,16 @@ impl RequestHandler {
             }
         }
     }
+}
+
+fn declared_length(headers: &hyper::HeaderMap) -> Option<u64> {
+    headers
+        .get(hyper::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The id a request is known by in logs and in the `x-request-id` header: the one a trusted

@@ -7,23 +7,27 @@
 
 use wasmtime::{ResourceLimiter, Result};
 
+use crate::metrics::AppMetrics;
+
 /// Table elements an instance may grow to; far above what compilers emit, low enough that a
 /// runaway `table.grow` loop is stopped before it costs real memory.
 const TABLE_ELEMENT_LIMIT: usize = 1 << 20;
 
-#[derive(Debug)]
 pub struct MemoryLimiter {
     limit: usize,
     in_use: usize,
     refused: Option<usize>,
+    /// The app's memory in use, across its instances.
+    metrics: AppMetrics,
 }
 
 impl MemoryLimiter {
-    pub fn new(limit: u64) -> MemoryLimiter {
+    pub fn new(limit: u64, metrics: AppMetrics) -> MemoryLimiter {
         MemoryLimiter {
             limit: usize::try_from(limit).unwrap_or(usize::MAX),
             in_use: 0,
             refused: None,
+            metrics,
         }
     }
 
@@ -50,6 +54,8 @@ impl ResourceLimiter for MemoryLimiter {
             self.refused = Some(total);
             return Ok(false);
         }
+        self.metrics
+            .memory_grew(total.saturating_sub(self.in_use) as u64);
         self.in_use = total;
         Ok(true)
     }
@@ -70,7 +76,7 @@ mod tests {
 
     #[test]
     fn caps_the_sum_of_all_memories() {
-        let mut limiter = MemoryLimiter::new(10);
+        let mut limiter = MemoryLimiter::new(10, AppMetrics::detached());
         assert!(limiter.memory_growing(0, 6, None).unwrap()); // first memory
         assert!(limiter.memory_growing(0, 4, None).unwrap()); // second memory
         assert!(!limiter.memory_growing(4, 5, None).unwrap()); // would make 11

@@ -3,6 +3,7 @@
 
 mod access_log;
 mod admission;
+mod apps;
 mod arbiter;
 mod budget;
 mod capabilities;
@@ -18,6 +19,8 @@ mod hooks;
 mod http;
 mod limits;
 mod logging;
+mod metrics;
+mod outbound;
 mod server;
 mod settings;
 mod worker;
@@ -78,6 +81,20 @@ fn serve() -> ExitCode {
     };
     if layered.args.print_config {
         config::print(&layered);
+        let declares_apps = layered
+            .config
+            .as_ref()
+            .is_some_and(|config| config.document.contains_key("app"));
+        if declares_apps {
+            // The apps as they will run: the host's settings with each entry's overrides.
+            match settings_from(layered) {
+                Ok(settings) => apps::print(&settings.apps),
+                Err(error) => {
+                    eprintln!("Error: {error:#}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         return ExitCode::SUCCESS;
     }
     let check_only = layered.args.check_config;
@@ -99,10 +116,13 @@ fn serve() -> ExitCode {
     if check_only {
         return match arbiter::check(&settings) {
             Ok(()) => {
-                println!(
-                    "configuration OK: {} is a wasi:http component this host can serve",
-                    settings.component.display()
-                );
+                for app in &settings.apps {
+                    println!(
+                        "configuration OK: {} is a wasi:http component this host can serve (app `{}`)",
+                        app.component.display(),
+                        app.name
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(error)
@@ -135,9 +155,35 @@ fn serve() -> ExitCode {
 }
 
 fn settings_from(layered: config::Layered) -> Result<Settings> {
-    let config_file = layered.config_file.clone();
-    let mut settings = Settings::from_args(layered.args)?;
-    settings.hooks = config::hook_commands(config_file.as_deref())?;
+    let declarations = apps::declarations(layered.config.as_ref())?;
+    let component = layered.args.component.clone();
+    let mut settings = Settings::from_args(layered.args.clone())?;
+    settings.hooks = config::hook_commands(layered.config.as_ref())?;
+    settings.apps = match component {
+        Some(component) if declarations.is_empty() => {
+            vec![apps::AppSettings::single(component, &settings)?]
+        }
+        None if declarations.is_empty() => anyhow::bail!(
+            "no component to serve: host serve COMPONENT.wasm (or `component`, or [[app]] entries, in the config file)"
+        ),
+        Some(component) => anyhow::bail!(
+            "{} is given as the component, but the config file declares [[app]] entries: serve one or the other",
+            component.display()
+        ),
+        None => declarations
+            .iter()
+            .enumerate()
+            .map(|(index, declaration)| {
+                let source = format!("[[app]] entry {}", index + 1);
+                let overrides = declaration.override_arguments().context(source.clone())?;
+                let overridden =
+                    Settings::from_args(config::with_overrides(&layered, &overrides, &source)?)
+                        .context(source.clone())?;
+                declaration.resolve(&overridden).context(source)
+            })
+            .collect::<Result<Vec<_>>>()?,
+    };
+    apps::validate(&settings.apps)?;
     Ok(settings)
 }
 

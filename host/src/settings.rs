@@ -150,6 +150,39 @@ pub struct ServeArgs {
     )]
     pub limit_request_field_size: i64,
 
+    /// Largest request body an app is given, e.g. `100MiB` (0 = unlimited). A larger declared
+    /// body is answered 413; a chunked one is cut at the limit.
+    #[arg(long = "limit-request-body", default_value = "0", value_name = "SIZE", value_parser = parse_size)]
+    pub limit_request_body: u64,
+
+    /// A host the app may call over HTTP (`wasi:http/outgoing-handler`): `api.example.com`,
+    /// `*.example.com`, or with a port, `127.0.0.1:9000`. Repeatable; none by default, and a
+    /// call elsewhere is refused before any connection is made.
+    #[arg(long = "allow-outbound", value_name = "HOST")]
+    pub allow_outbound: Vec<String>,
+
+    /// Seconds an outbound request may take to connect (and to wait for a free connection).
+    #[arg(long = "outbound-connect-timeout", default_value = "10", value_name = "SECONDS", value_parser = parse_seconds)]
+    pub outbound_connect_timeout: f64,
+
+    /// Seconds an outbound request may wait for the upstream's response to begin.
+    /// 0 = until the request's --timeout.
+    #[arg(long = "outbound-timeout", default_value = "0", value_name = "SECONDS", value_parser = parse_seconds)]
+    pub outbound_timeout: f64,
+
+    /// Outbound connections open at once per app in a worker; further calls wait.
+    #[arg(
+        long = "outbound-connections",
+        default_value_t = 50,
+        value_name = "INT"
+    )]
+    pub outbound_connections: usize,
+
+    /// Where the Prometheus metrics (`/metrics`) and `/healthz` are served, e.g. `127.0.0.1:9100`.
+    /// Off unless set.
+    #[arg(long = "metrics-bind", value_name = "ADDRESS")]
+    pub metrics_bind: Option<String>,
+
     /// Peers trusted to set X-Forwarded-Proto/-Host/-For: comma-separated IPs or CIDR networks, `*` for all.
     #[arg(
         long = "forwarded-allow-ips",
@@ -298,7 +331,9 @@ impl std::fmt::Display for BindAddress {
 /// The validated settings the master and its workers run with.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Settings {
-    pub component: PathBuf,
+    /// The apps served: the one component of `host serve COMPONENT.wasm`, or the `[[app]]`
+    /// entries of the config file. The per-app fields below are their defaults.
+    pub apps: Vec<crate::apps::AppSettings>,
     pub workers: usize,
     pub worker_class: WorkerClass,
     pub max_requests: u64,
@@ -319,6 +354,9 @@ pub struct Settings {
     pub graceful_timeout: Duration,
     pub keep_alive: Option<Duration>,
     pub request_limits: RequestLimits,
+    pub body_limit: Option<u64>,
+    pub outbound: crate::apps::Outbound,
+    pub metrics_bind: Option<SocketAddr>,
     pub trusted_peers: TrustedPeers,
     pub memory_limit: u64,
     pub memory_budget: Option<u64>,
@@ -380,10 +418,18 @@ impl Settings {
         if args.workers == 0 {
             bail!("--workers must be at least 1");
         }
+        if args.outbound_connections == 0 {
+            bail!("--outbound-connections must be at least 1");
+        }
+        let metrics_bind = match &args.metrics_bind {
+            Some(text) => match parse_bind(text)? {
+                BindAddress::Tcp(addr) => Some(addr),
+                BindAddress::Unix(_) => bail!("--metrics-bind takes HOST:PORT, not a unix socket"),
+            },
+            None => None,
+        };
         Ok(Settings {
-            component: args
-                .component
-                .context("no component to serve: host serve COMPONENT.wasm (or `component` in the config file)")?,
+            apps: Vec::new(),
             workers: args.workers,
             worker_class,
             max_requests: args.max_requests,
@@ -405,6 +451,14 @@ impl Settings {
                 args.limit_request_fields,
                 args.limit_request_field_size,
             ),
+            body_limit: (args.limit_request_body > 0).then_some(args.limit_request_body),
+            outbound: crate::apps::Outbound {
+                allowed_hosts: args.allow_outbound,
+                connect_timeout: Duration::from_secs_f64(args.outbound_connect_timeout.max(0.001)),
+                first_byte_timeout: seconds_or_off(args.outbound_timeout),
+                connections: args.outbound_connections,
+            },
+            metrics_bind,
             trusted_peers: TrustedPeers::parse(&args.forwarded_allow_ips)
                 .context("invalid --forwarded-allow-ips")?,
             memory_limit,
@@ -512,16 +566,6 @@ fn default_data_dir() -> Result<PathBuf> {
         .join(".local")
         .join("share")
         .join("host"))
-}
-
-impl Settings {
-    /// The app's name, for scoping its data: the component's file name without `.wasm`.
-    pub fn app_name(&self) -> String {
-        self.component.file_stem().map_or_else(
-            || "app".to_owned(),
-            |stem| stem.to_string_lossy().into_owned(),
-        )
-    }
 }
 
 fn default_cache_dir() -> Result<PathBuf> {

@@ -15,10 +15,12 @@ use crate::capabilities::AppCapabilities;
 use crate::compile_cache;
 use crate::engine::{self, EngineSizing};
 use crate::guest::Guest;
-use crate::handler::RequestHandler;
+use crate::handler::{RequestHandler, ServedApp};
 use crate::heartbeat::Heartbeat;
 use crate::hooks;
+use crate::http::limits::RequestLimits;
 use crate::logging::LogFile;
+use crate::metrics::{AppMetrics, WorkerMetrics};
 use crate::server::{self, ConnectionSettings, Listener, Shutdown};
 use crate::settings::Settings;
 
@@ -75,28 +77,62 @@ pub fn run(
 ) -> Result<(), StartError> {
     let pid = std::process::id();
     tracing::info!("Booting worker with pid: {pid}");
-    let engine = engine::build(EngineSizing {
-        instances: settings.concurrency,
-        memory_limit: settings.memory_limit,
-    })
-    .map_err(StartError::Boot)?;
+    let engine = engine::build(EngineSizing::for_apps(&settings.apps)).map_err(StartError::Boot)?;
+    let instances: usize = settings.apps.iter().map(|app| app.concurrency).sum();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("worker")
         // File work and SQLite run on blocking threads; tokio's default of 512 lets a busy
         // worker grow hundreds of threads, each keeping its own allocator pages.
-        .max_blocking_threads(2 * settings.concurrency.min(64) + 4)
+        .max_blocking_threads(2 * instances.min(64) + 4)
         .build()
         .context("cannot start the async runtime")
         .map_err(StartError::Boot)?;
-    let capabilities = runtime
-        .block_on(AppCapabilities::for_app(settings))
-        .context("cannot set up the host capabilities")
-        .map_err(StartError::Boot)?;
-    let guest = compile_cache::load_component(&engine, &settings.component, &settings.cache_dir)
-        .and_then(|component| Guest::new(&engine, &component, settings, capabilities))
-        .with_context(|| format!("cannot load {}", settings.component.display()))
-        .map_err(StartError::App)?;
+    let names: Vec<String> = settings.apps.iter().map(|app| app.name.clone()).collect();
+    // Counters for the master's metrics endpoint, in a file it maps; none without one.
+    let worker_metrics = match settings.metrics_bind {
+        Some(_) => Some(
+            WorkerMetrics::create(&settings.worker_tmp_dir, pid, &names)
+                .map_err(StartError::Boot)?,
+        ),
+        None => None,
+    };
+    let mut apps = Vec::new();
+    for (index, app) in settings.apps.iter().enumerate() {
+        let metrics = worker_metrics
+            .as_ref()
+            .map_or_else(AppMetrics::detached, |metrics| metrics.app(index));
+        let capabilities = runtime
+            .block_on(AppCapabilities::for_app(settings, app))
+            .with_context(|| format!("cannot set up the host capabilities of app `{}`", app.name))
+            .map_err(StartError::Boot)?;
+        let guest = compile_cache::load_component(&engine, &app.component, &settings.cache_dir)
+            .and_then(|component| {
+                Guest::new(
+                    &engine,
+                    &component,
+                    settings,
+                    app,
+                    capabilities,
+                    metrics.clone(),
+                )
+            })
+            .with_context(|| format!("cannot load {}", app.component.display()))
+            .map_err(StartError::App)?;
+        apps.push(ServedApp {
+            name: app.name.clone(),
+            guest: Arc::new(guest),
+            admission: Admission::new(
+                app.concurrency,
+                app.queue_limit,
+                app.timeout,
+                metrics.clone(),
+            ),
+            limits: app.request_limits,
+            body_limit: app.body_limit,
+            metrics,
+        });
+    }
     let access_log = match &settings.access_logfile {
         Some(spec) => Some(Arc::new(AccessLog::new(
             &settings.access_logformat,
@@ -112,26 +148,22 @@ pub fn run(
             let heartbeat = Arc::new(heartbeat);
             keep_beating(Arc::clone(&heartbeat), settings.timeout);
             let handler = Arc::new(RequestHandler {
-                guest: Arc::new(guest),
-                admission: Admission::new(
-                    settings.concurrency,
-                    settings.queue_limit,
-                    settings.timeout,
-                ),
-                limits: settings.request_limits,
+                router: crate::apps::Router::new(&settings.apps),
+                apps,
                 trusted_peers: settings.trusted_peers.clone(),
                 access_log,
                 recycle: recycle.clone(),
             });
             let connections = ConnectionSettings {
                 keep_alive: settings.keep_alive,
-                limits: settings.request_limits,
+                limits: RequestLimits::loosest(settings.apps.iter().map(|app| app.request_limits)),
             };
             let stop = stop_signal(settings, recycle.clone(), heartbeat)?;
             hooks::event("post_worker_init", &[("pid", pid.to_string())]);
             server::serve(listeners, handler, connections, stop).await
         })
         .map_err(StartError::Boot)?;
+    drop(worker_metrics);
     hooks::event("worker_exit", &[("pid", pid.to_string())]);
     tracing::info!("Worker exiting (pid: {pid})");
     Ok(())

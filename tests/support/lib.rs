@@ -138,16 +138,25 @@ impl HostProcess {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> HostProcess {
+        HostProcess::start_serving(&[component], extra_args, env)
+    }
+
+    /// `start` for the apps of a config file: `host serve -c <config> …`.
+    pub fn start_with_config(config: &Path, extra_args: &[&str]) -> HostProcess {
+        let config = config.to_string_lossy();
+        HostProcess::start_serving(&["-c", &config], extra_args, &[])
+    }
+
+    /// `host serve <what> --bind 127.0.0.1:<free port> …`, with another port when another test
+    /// took the free one first.
+    fn start_serving(what: &[&str], extra_args: &[&str], env: &[(&str, &str)]) -> HostProcess {
         const ATTEMPTS: usize = 3;
         let mut last = String::new();
         for _ in 0..ATTEMPTS {
             let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let mut args: Vec<String> = vec![
-                "serve".into(),
-                component.into(),
-                "--bind".into(),
-                addr.to_string(),
-            ];
+            let mut args: Vec<String> = vec!["serve".into()];
+            args.extend(what.iter().map(|arg| arg.to_string()));
+            args.extend(["--bind".into(), addr.to_string()]);
             if !extra_args.contains(&"--cache-dir") {
                 args.push("--cache-dir".into());
                 args.push(cache_dir().to_string_lossy().into_owned());

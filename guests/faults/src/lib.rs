@@ -73,15 +73,30 @@ impl wasip2::exports::http::incoming_handler::Guest for Faults {
                 let sealed = capabilities::crypto::encrypt_stream(&key, &[0; 16], 0, source)
                     .expect("a fresh key works");
                 let mut total = 0;
-                while let Ok(chunk) = sealed.blocking_read(ECHO_CHUNK) {
-                    total += chunk.len();
+                let outcome = loop {
+                    match sealed.blocking_read(ECHO_CHUNK) {
+                        Ok(chunk) => total += chunk.len(),
+                        Err(StreamError::Closed) => break Ok(total),
+                        Err(StreamError::LastOperationFailed(error)) => {
+                            break Err(error.to_debug_string());
+                        }
+                    }
+                };
+                match outcome {
+                    Ok(total) => respond(
+                        response_out,
+                        200,
+                        "text/plain",
+                        format!("encrypted {total} bytes\n").as_bytes(),
+                    ),
+                    Err(error) => respond(
+                        response_out,
+                        500,
+                        "text/plain",
+                        format!("the encrypted stream failed after {total} bytes: {error}\n")
+                            .as_bytes(),
+                    ),
                 }
-                respond(
-                    response_out,
-                    200,
-                    "text/plain",
-                    format!("encrypted {total} bytes\n").as_bytes(),
-                );
             }
             "/status" => {
                 let mb = param(query, "grow")

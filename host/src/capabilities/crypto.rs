@@ -21,7 +21,7 @@ use wasmtime::component::Resource;
 use wasmtime_wasi::p2::DynInputStream;
 
 use crate::capabilities::host::capabilities::crypto::{CryptoError, Host};
-use crate::capabilities::slots::{Bound, HostWideSlots};
+use crate::capabilities::slots::{self, Bound, HostWideSlots};
 use crate::capabilities::streams::{self, Ahead, Change, Next, Produced};
 use crate::guest::GuestState;
 
@@ -35,7 +35,8 @@ const WRAPPING_CONTEXT: &str = "host:crypto:v1:";
 /// The crypto capability of one app, shared by its instances.
 pub struct Crypto {
     master: LessSafeKey,
-    app: String,
+    /// `host:crypto:v1:<app>`, the associated data of this app's wrapped keys.
+    wrapping_aad: Vec<u8>,
     slots: Option<HostWideSlots>,
 }
 
@@ -93,13 +94,18 @@ impl Crypto {
             UnboundKey::new(&AES_256_GCM, master_key).expect("a 32-byte key is an AES-256-GCM key");
         Crypto {
             master: LessSafeKey::new(master),
-            app: app.to_owned(),
+            wrapping_aad: format!("{WRAPPING_CONTEXT}{app}").into_bytes(),
             slots,
         }
     }
 
-    fn aad(&self) -> Aad<Vec<u8>> {
-        Aad::from(format!("{WRAPPING_CONTEXT}{}", self.app).into_bytes())
+    /// The host-wide bounds this app's work is counted in.
+    pub fn slots(&self) -> Option<HostWideSlots> {
+        self.slots
+    }
+
+    fn aad(&self) -> Aad<&[u8]> {
+        Aad::from(self.wrapping_aad.as_slice())
     }
 
     pub fn generate_key(&self) -> Result<String> {
@@ -148,9 +154,10 @@ impl Crypto {
     }
 
     /// The CTR keystream applied to `data` at `offset`, in a slot of the host-wide bound, off the
-    /// async threads.
+    /// async threads. The slot is waited for on the async thread, so waiters hold no blocking
+    /// thread.
     pub async fn apply(
-        self: &Arc<Self>,
+        &self,
         key_id: &str,
         iv: &[u8],
         offset: u64,
@@ -160,9 +167,9 @@ impl Crypto {
             Ok(keystream) => keystream,
             Err(error) => return Ok(Err(error)),
         };
-        let slots = self.slots;
+        let slot = slots::take_if_bounded(self.slots, Bound::Encryption).await;
         let work = tokio::task::spawn_blocking(move || {
-            let _slot = slots.map(|slots| slots.take(Bound::Encryption));
+            let _slot = slot;
             apply_logged(&keystream, offset, &mut data).map(|()| data)
         });
         Ok(Ok(work.await.context("the encryption task was lost")??))
@@ -184,7 +191,7 @@ impl Crypto {
         Ok(Ok(Produced::boxed(Ahead::new(streams::Map::new(
             source,
             Encrypting {
-                keystream: Arc::new(keystream),
+                keystream,
                 offset,
                 slots: self.slots,
             },
@@ -195,7 +202,7 @@ impl Crypto {
 /// Applies the keystream to each chunk that passes, in a slot of the host-wide bound (a chunk
 /// takes microseconds, so it is done on the async thread once the slot is taken).
 struct Encrypting {
-    keystream: Arc<Keystream>,
+    keystream: Keystream,
     offset: u64,
     slots: Option<HostWideSlots>,
 }
@@ -207,10 +214,7 @@ impl Change for Encrypting {
             .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
         let offset = self.offset;
         self.offset += data.len() as u64;
-        let _slot = match &self.slots {
-            Some(slots) => Some(slots.take_async(Bound::Encryption).await),
-            None => None,
-        };
+        let _slot = slots::take_if_bounded(self.slots, Bound::Encryption).await;
         apply_logged(&self.keystream, offset, &mut data)?;
         Ok(Some(data.freeze()))
     }
@@ -314,16 +318,19 @@ fn monotonic_nanos() -> u128 {
     now.tv_sec as u128 * 1_000_000_000 + now.tv_nsec as u128
 }
 
-/// The crypto capability of the app `settings` serves, in a worker (or a compile step, which
-/// has no slots).
-pub fn for_app(settings: &crate::settings::Settings) -> Result<Arc<Crypto>> {
+/// The crypto capability of `app`, in a worker (or a compile step, which has no slots), with
+/// the master key it was made from, which the other capabilities derive their keys from.
+pub fn for_app(
+    settings: &crate::settings::Settings,
+    app: &str,
+) -> Result<(Arc<Crypto>, [u8; KEY_LENGTH])> {
     let key = master_key(
         settings.master_key.as_deref(),
         settings.master_key_file.as_deref(),
         &settings.data_dir,
     )?;
     let slots = settings.host_slots.map(HostWideSlots::open);
-    Ok(Arc::new(Crypto::new(&key, &settings.app_name(), slots)))
+    Ok((Arc::new(Crypto::new(&key, app, slots)), key))
 }
 
 /// The master key: `--master-key` (hex, from `HOST_MASTER_KEY`), else `--master-key-file`, else

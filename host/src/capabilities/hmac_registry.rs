@@ -19,14 +19,15 @@ use crate::capabilities::crypto::Crypto;
 use crate::capabilities::host::capabilities::hmac_registry::{
     Host, HostPartMac, Part, RegistryError,
 };
+use crate::capabilities::objects::MAX_PART_NUMBER;
 use crate::capabilities::part_buffer::{PartBuffer, PartReader};
-use crate::capabilities::slots::{Bound, HostWideSlots};
+use crate::capabilities::slots::{self, Bound, HostWideSlots, Slot};
 use crate::capabilities::streams::{self, Ahead, Change, Next, Produce, Produced};
 use crate::database::{self, HostDatabase};
 use crate::guest::GuestState;
 
 const TAG_CONTEXT: &[u8] = b"host-hmac-v1";
-const MAX_PART_NUMBER: u32 = 10_000;
+/// Entry names are the app's own, not object keys, so their bound is the registry's.
 const MAX_NAME_LENGTH: usize = 1024;
 
 /// The registry of one app.
@@ -106,28 +107,24 @@ impl Registry {
     async fn entry(&self, name: &str) -> Answer<(String, Option<String>)> {
         Self::check_name(name)?;
         let pool = self.database.pool().await?;
-        let row = sqlx::query("SELECT key_id, tag FROM hmac_entries WHERE app = $1 AND name = $2")
-            .bind(&self.app)
-            .bind(name)
-            .fetch_optional(pool)
-            .await?
-            .ok_or(RegistryError::UnknownEntry)?;
-        Ok((row.try_get(0)?, row.try_get(1)?))
+        self.entry_in(pool, name, false).await
     }
 
-    /// The entry's key id and tag, its row locked for the rest of `transaction`.
-    async fn locked_entry(
+    /// The entry's key id and tag, read with `executor`; with `lock`, its row stays locked for
+    /// the rest of the transaction `executor` is in.
+    async fn entry_in<'e>(
         &self,
-        transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+        executor: impl sqlx::Executor<'e, Database = sqlx::Any>,
         name: &str,
+        lock: bool,
     ) -> Answer<(String, Option<String>)> {
+        let lock_rows = if lock { self.database.lock_rows() } else { "" };
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT key_id, tag FROM hmac_entries WHERE app = $1 AND name = $2{}",
-            self.database.lock_rows()
+            "SELECT key_id, tag FROM hmac_entries WHERE app = $1 AND name = $2{lock_rows}"
         )))
         .bind(&self.app)
         .bind(name)
-        .fetch_optional(&mut **transaction)
+        .fetch_optional(executor)
         .await?
         .ok_or(RegistryError::UnknownEntry)?;
         Ok((row.try_get(0)?, row.try_get(1)?))
@@ -135,12 +132,21 @@ impl Registry {
 
     async fn recorded(&self, name: &str) -> Answer<Vec<Recorded>> {
         let pool = self.database.pool().await?;
+        self.recorded_in(pool, name).await
+    }
+
+    /// The entry's recorded parts in order, read with `executor`.
+    async fn recorded_in<'e>(
+        &self,
+        executor: impl sqlx::Executor<'e, Database = sqlx::Any>,
+        name: &str,
+    ) -> Answer<Vec<Recorded>> {
         let rows = sqlx::query(
             "SELECT number, size, mac, etag FROM hmac_parts WHERE app = $1 AND name = $2 ORDER BY number",
         )
         .bind(&self.app)
         .bind(name)
-        .fetch_all(pool)
+        .fetch_all(executor)
         .await?;
         rows.iter().map(recorded_from).collect()
     }
@@ -202,7 +208,7 @@ impl Registry {
     ) -> Answer<Part> {
         Self::check_name(name)?;
         let mut transaction = self.database.begin_write().await?;
-        let (_, tag) = self.locked_entry(&mut transaction, name).await?;
+        let (_, tag) = self.entry_in(&mut *transaction, name, true).await?;
         if tag.is_some() {
             return Err(RegistryError::Finished);
         }
@@ -274,7 +280,7 @@ impl Registry {
     pub async fn finish(&self, name: &str, stored: &[Part]) -> Answer<String> {
         Self::check_name(name)?;
         let mut transaction = self.database.begin_write().await?;
-        let (key_id, tag) = self.locked_entry(&mut transaction, name).await?;
+        let (key_id, tag) = self.entry_in(&mut *transaction, name, true).await?;
         if let Some(tag) = tag {
             return Ok(tag);
         }
@@ -291,14 +297,7 @@ impl Registry {
                 missing
             }));
         }
-        let rows = sqlx::query(
-            "SELECT number, size, mac, etag FROM hmac_parts WHERE app = $1 AND name = $2 ORDER BY number",
-        )
-        .bind(&self.app)
-        .bind(name)
-        .fetch_all(&mut *transaction)
-        .await?;
-        let recorded = rows.iter().map(recorded_from).collect::<Answer<Vec<_>>>()?;
+        let recorded = self.recorded_in(&mut *transaction, name).await?;
         let mismatched: Vec<u32> = stored
             .iter()
             .filter(|part| {
@@ -365,6 +364,7 @@ impl Registry {
             skip,
             end: skip.saturating_add(take),
             current: PartReader::empty(),
+            slot: None,
             slots: self.slots,
             part_buffer: self.part_buffer,
             spill_dir: self.spill_dir.clone(),
@@ -473,6 +473,9 @@ struct Verify {
     end: u64,
     /// The current part's verified bytes still to pass on.
     current: PartReader,
+    /// The part-buffer slot `current` is held in, given back once it is passed on: the part
+    /// buffers alive are the slots taken.
+    slot: Option<Slot>,
     slots: Option<HostWideSlots>,
     part_buffer: u64,
     spill_dir: std::path::PathBuf,
@@ -480,17 +483,17 @@ struct Verify {
 
 impl Verify {
     async fn load_next_part(&mut self) -> Result<(), VerifyFailure> {
+        // The previous part's buffer and slot go first: a verifier never waits for a slot while
+        // holding one.
+        self.current = PartReader::empty();
+        self.slot = None;
         let Some(part) = self.parts.next() else {
-            self.current = PartReader::empty();
             return Ok(());
         };
         let start = self.position;
         self.position += part.size;
         // A part wholly before the range is read (to check it) but not kept.
-        let _slot = match self.slots {
-            Some(slots) => Some(slots.take_async(Bound::Buffers).await),
-            None => None,
-        };
+        let slot = slots::take_if_bounded(self.slots, Bound::Buffers).await;
         let mut mac = hmac::Context::with_key(&self.mac);
         mac.update(&part.number.to_be_bytes());
         let mut buffer = PartBuffer::new(part.size, self.part_buffer, &self.spill_dir)
@@ -536,6 +539,7 @@ impl Verify {
             .await
             .and_then(|filled| filled.reader(from, to))
             .map_err(VerifyFailure::Other)?;
+        self.slot = slot;
         Ok(())
     }
 }
@@ -545,7 +549,11 @@ impl Produce for Verify {
         loop {
             match self.current.next_chunk().await {
                 Ok(Some(chunk)) => return (self, Ok(Some(chunk))),
-                Ok(None) => {}
+                // The part is passed on: its buffer (a part file, say) goes, and its slot with it.
+                Ok(None) => {
+                    self.current = PartReader::empty();
+                    self.slot = None;
+                }
                 Err(error) => return (self, Err(error)),
             }
             if self.position >= self.end || self.parts.len() == 0 {

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use wasmtime::component::{HasSelf, Linker};
 
+use crate::apps::{AppSettings, Capability};
 use crate::database::{Backend, HostDatabase};
 use crate::guest::GuestState;
 use crate::settings::Settings;
@@ -31,19 +32,51 @@ wasmtime::component::bindgen!({
     },
 });
 
-/// Links every capability interface (the `wasi:io` they use is linked with WASI).
-pub fn add_to_linker(linker: &mut Linker<GuestState>) -> Result<()> {
+/// Links the capability interfaces `granted` (the `wasi:io` they use is linked with WASI). A
+/// capability not granted is not linked at all: a component importing it cannot be
+/// instantiated, which `check_grants` reports by name before linking is tried.
+pub fn add_to_linker(
+    linker: &mut Linker<GuestState>,
+    granted: &std::collections::BTreeSet<Capability>,
+) -> Result<()> {
     use host::capabilities::{crypto, hmac_registry, objects, sql, status};
     fn get(state: &mut GuestState) -> &mut GuestState {
         state
     }
-    status::add_to_linker::<_, HasSelf<GuestState>>(linker, get)
-        .and_then(|()| crypto::add_to_linker::<_, HasSelf<GuestState>>(linker, get))
-        .and_then(|()| hmac_registry::add_to_linker::<_, HasSelf<GuestState>>(linker, get))
-        .and_then(|()| objects::add_to_linker::<_, HasSelf<GuestState>>(linker, get))
-        .and_then(|()| sql::add_to_linker::<_, HasSelf<GuestState>>(linker, get))
+    for capability in granted {
+        match capability {
+            Capability::Status => status::add_to_linker::<_, HasSelf<GuestState>>(linker, get),
+            Capability::Crypto => crypto::add_to_linker::<_, HasSelf<GuestState>>(linker, get),
+            Capability::HmacRegistry => {
+                hmac_registry::add_to_linker::<_, HasSelf<GuestState>>(linker, get)
+            }
+            Capability::Objects => objects::add_to_linker::<_, HasSelf<GuestState>>(linker, get),
+            Capability::Sql => sql::add_to_linker::<_, HasSelf<GuestState>>(linker, get),
+        }
         .map_err(anyhow::Error::from)
-        .context("cannot link the host capabilities")
+        .with_context(|| format!("cannot link the {} capability", capability.name()))?;
+    }
+    Ok(())
+}
+
+/// Refuses a component that imports a capability its app is not granted, naming it.
+pub fn check_grants(
+    engine: &wasmtime::Engine,
+    component: &wasmtime::component::Component,
+    app: &AppSettings,
+) -> Result<()> {
+    for (import, _) in component.component_type().imports(engine) {
+        if let Some(capability) = Capability::of_import(import)
+            && !app.capabilities.contains(&capability)
+        {
+            anyhow::bail!(
+                "app `{}` imports {import} but is not granted the `{}` capability (add it to the app's `capabilities` in the config file)",
+                app.name,
+                capability.name()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The capabilities of one app, shared by its instances in a worker.
@@ -57,28 +90,26 @@ pub struct AppCapabilities {
 impl AppCapabilities {
     /// What a worker serves its app with. Databases and S3 are not contacted yet: they are
     /// connected on first use, so one that is down fails only the calls that need it.
-    pub async fn for_app(settings: &Settings) -> Result<Arc<AppCapabilities>> {
-        let app = settings.app_name();
-        let key = crypto::master_key(
-            settings.master_key.as_deref(),
-            settings.master_key_file.as_deref(),
-            &settings.data_dir,
-        )?;
-        let slots = settings.host_slots.map(slots::HostWideSlots::open);
-        let crypto = Arc::new(crypto::Crypto::new(&key, &app, slots));
-        let backend = Backend::of(settings)?;
+    pub async fn for_app(settings: &Settings, app: &AppSettings) -> Result<Arc<AppCapabilities>> {
+        let app_settings = app;
+        let app = app.name.clone();
+        let (crypto, key) = crypto::for_app(settings, &app)?;
+        let slots = crypto.slots();
+        let backend = Backend::of(settings, app_settings.database_url.as_deref())?;
         let host_database = HostDatabase::new(&backend)?;
+        let spill_dir = part_buffer::spill_dir(&settings.data_dir);
+        part_buffer::make_spill_dir(&spill_dir).await?;
         let registry = hmac_registry::Registry::new(
             Arc::clone(&host_database),
             &app,
             Arc::clone(&crypto),
             slots,
             settings.part_buffer,
-            settings.data_dir.join("tmp"),
+            spill_dir,
         );
         let objects = objects::for_app(
-            &settings.storage,
-            &settings.s3,
+            &app_settings.storage,
+            &app_settings.s3,
             &settings.data_dir,
             &app,
             &key,
@@ -92,7 +123,7 @@ impl AppCapabilities {
             &host_database,
             &app,
             &key,
-            settings.concurrency as u32,
+            app_settings.concurrency as u32,
         )?;
         Ok(Arc::new(AppCapabilities {
             crypto,
@@ -103,9 +134,9 @@ impl AppCapabilities {
     }
 
     /// Only what linking needs (the compile step instantiates nothing).
-    pub fn for_linking(settings: &Settings) -> Result<Arc<AppCapabilities>> {
+    pub fn for_linking(settings: &Settings, app: &AppSettings) -> Result<Arc<AppCapabilities>> {
         Ok(Arc::new(AppCapabilities {
-            crypto: crypto::for_app(settings)?,
+            crypto: crypto::for_app(settings, &app.name)?.0,
             registry: None,
             objects: None,
             sql: None,

@@ -27,13 +27,12 @@ pub enum Filled {
 }
 
 impl PartBuffer {
-    /// A buffer for a part of `size` bytes.
+    /// A buffer for a part of `size` bytes, spilling into `spill_dir`, which `make_spill_dir`
+    /// made when the app's capabilities were set up.
     pub fn new(size: u64, memory_limit: u64, spill_dir: &Path) -> Result<PartBuffer> {
         if size <= memory_limit {
             return Ok(PartBuffer::Memory(BytesMut::with_capacity(size as usize)));
         }
-        std::fs::create_dir_all(spill_dir)
-            .with_context(|| format!("cannot create {}", spill_dir.display()))?;
         let temporary = tempfile::Builder::new()
             .prefix("part-")
             .tempfile_in(spill_dir)
@@ -69,6 +68,18 @@ impl PartBuffer {
             }
         }
     }
+}
+
+/// Where part buffers beyond `--part-buffer` spill, for verified reads and S3 uploads.
+pub fn spill_dir(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("tmp")
+}
+
+/// Makes the directory part files spill into, once, rather than on every spill.
+pub async fn make_spill_dir(spill_dir: &Path) -> Result<()> {
+    tokio::fs::create_dir_all(spill_dir)
+        .await
+        .with_context(|| format!("cannot create {}", spill_dir.display()))
 }
 
 impl Filled {

@@ -61,12 +61,6 @@ impl HostWideSlots {
         unsafe { libc::semctl(self.id, 0, libc::IPC_RMID) };
     }
 
-    /// Waits for a slot, blocking the calling thread: call it off the async threads.
-    pub fn take(&self, bound: Bound) -> Slot {
-        self.op(bound, -1, 0);
-        Slot { id: self.id, bound }
-    }
-
     /// A slot if one is free now.
     pub fn try_take(&self, bound: Bound) -> Option<Slot> {
         // `then`, not `then_some`: a Slot made and dropped unused would give back a slot.
@@ -90,9 +84,6 @@ impl HostWideSlots {
     /// the semaphore is gone (the host is stopping), and the work goes on without the bound
     /// rather than failing.
     fn op(&self, bound: Bound, change: i16, flags: i16) -> bool {
-        if self.id < 0 {
-            return true;
-        }
         let mut operation = libc::sembuf {
             sem_num: bound as u16,
             sem_op: change,
@@ -107,6 +98,14 @@ impl HostWideSlots {
             }
         }
         true
+    }
+}
+
+/// A slot of `bound` once one is free, or none when the host has no bounds (a compile step).
+pub async fn take_if_bounded(slots: Option<HostWideSlots>, bound: Bound) -> Option<Slot> {
+    match slots {
+        Some(slots) => Some(slots.take_async(bound).await),
+        None => None,
     }
 }
 

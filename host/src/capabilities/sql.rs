@@ -112,11 +112,45 @@ impl AppDatabase {
         }
     }
 
-    /// The PostgreSQL pool, once the app's role and schema exist.
-    async fn postgres(&self) -> Answer<&PgPool> {
-        let AppDatabase::Postgres(app) = self else {
-            unreachable!("called on a PostgreSQL database only");
-        };
+    pub async fn query(&self, statement: &str, params: Vec<Value>, limit: u64) -> Answer<Rows> {
+        match self {
+            AppDatabase::Sqlite(pool) => sqlite_rows(pool, statement, params, limit).await,
+            AppDatabase::Postgres(app) => {
+                postgres_rows(app.pool().await?, statement, params, limit).await
+            }
+        }
+    }
+
+    pub async fn execute(&self, statement: &str, params: Vec<Value>) -> Answer<u64> {
+        match self {
+            AppDatabase::Sqlite(pool) => sqlite_execute(pool, statement, params).await,
+            AppDatabase::Postgres(app) => {
+                postgres_execute(app.pool().await?, statement, params).await
+            }
+        }
+    }
+
+    pub async fn begin(&self) -> Answer<OpenTransaction> {
+        Ok(match self {
+            AppDatabase::Sqlite(pool) => {
+                // Taking the write lock at once: a transaction that reads, then writes after
+                // another writer, would be failed by SQLite instead of waiting.
+                OpenTransaction::Sqlite(Some(
+                    pool.begin_with("BEGIN IMMEDIATE")
+                        .await
+                        .map_err(sql_error)?,
+                ))
+            }
+            AppDatabase::Postgres(app) => {
+                OpenTransaction::Postgres(Some(app.pool().await?.begin().await.map_err(sql_error)?))
+            }
+        })
+    }
+}
+
+impl PostgresApp {
+    /// The pool, once the app's role and schema exist.
+    async fn pool(&self) -> Answer<&PgPool> {
         let PostgresApp {
             admin,
             options,
@@ -124,7 +158,7 @@ impl AppDatabase {
             pool,
             max_connections,
             acquire_timeout,
-        } = &**app;
+        } = self;
         pool.get_or_try_init(|| async {
             provision(admin, names).await.map_err(|error| {
                 SqlError::Unavailable(format!(
@@ -142,41 +176,6 @@ impl AppDatabase {
             )
         })
         .await
-    }
-
-    pub async fn query(&self, statement: &str, params: Vec<Value>, limit: u64) -> Answer<Rows> {
-        match self {
-            AppDatabase::Sqlite(pool) => sqlite_rows(pool, statement, params, limit).await,
-            AppDatabase::Postgres(_) => {
-                postgres_rows(self.postgres().await?, statement, params, limit).await
-            }
-        }
-    }
-
-    pub async fn execute(&self, statement: &str, params: Vec<Value>) -> Answer<u64> {
-        match self {
-            AppDatabase::Sqlite(pool) => sqlite_execute(pool, statement, params).await,
-            AppDatabase::Postgres(_) => {
-                postgres_execute(self.postgres().await?, statement, params).await
-            }
-        }
-    }
-
-    pub async fn begin(&self) -> Answer<OpenTransaction> {
-        Ok(match self {
-            AppDatabase::Sqlite(pool) => {
-                // Taking the write lock at once: a transaction that reads, then writes after
-                // another writer, would be failed by SQLite instead of waiting.
-                OpenTransaction::Sqlite(Some(
-                    pool.begin_with("BEGIN IMMEDIATE")
-                        .await
-                        .map_err(sql_error)?,
-                ))
-            }
-            AppDatabase::Postgres(_) => OpenTransaction::Postgres(Some(
-                self.postgres().await?.begin().await.map_err(sql_error)?,
-            )),
-        })
     }
 }
 

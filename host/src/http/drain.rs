@@ -19,9 +19,13 @@ const DRAIN_LIMIT: u64 = 64 << 20;
 /// The longest a client gets to finish sending a body nobody reads.
 const DRAIN_TIME: Duration = Duration::from_secs(10);
 
+/// The request body as the app reads it: cut at the app's `--limit-request-body`, and drained
+/// if the app leaves it unread.
 pub struct DrainedIfDropped {
     inner: Option<Incoming>,
     ended: bool,
+    limit: Option<u64>,
+    read: u64,
 }
 
 impl DrainedIfDropped {
@@ -29,26 +33,49 @@ impl DrainedIfDropped {
         DrainedIfDropped {
             inner: Some(inner),
             ended: false,
+            limit: None,
+            read: 0,
         }
+    }
+
+    /// Cuts the body after `limit` bytes (the app's `--limit-request-body`).
+    pub fn limit(&mut self, limit: Option<u64>) {
+        self.limit = limit;
     }
 }
 
 impl Body for DrainedIfDropped {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = wasmtime_wasi_http::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         context: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let Some(inner) = self.inner.as_mut() else {
             return Poll::Ready(None);
         };
         let polled = Pin::new(inner).poll_frame(context);
-        if let Poll::Ready(None) = polled {
-            self.ended = true;
+        match &polled {
+            Poll::Ready(None) => self.ended = true,
+            Poll::Ready(Some(Ok(frame))) => {
+                self.read += frame.data_ref().map_or(0, |data| data.len() as u64);
+                if let Some(limit) = self.limit
+                    && self.read > limit
+                {
+                    tracing::warn!(
+                        "request body cut: more than the {limit} bytes of --limit-request-body"
+                    );
+                    // Not drained: the connection closes after the response.
+                    self.inner = None;
+                    return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpRequestBodySize(
+                        Some(self.read),
+                    ))));
+                }
+            }
+            _ => {}
         }
-        polled
+        polled.map(|frame| frame.map(|frame| frame.map_err(wasmtime_wasi_http::Error::Hyper)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -60,7 +60,35 @@ impl RequestLimits {
         head.clamp(16 * 1024, 64 * 1024 * 1024)
     }
 
-    /// Checks a parsed request against the line and field-size limits (hyper counts the fields).
+    /// The limits that let through what any of `all` lets through: what the connection's
+    /// parser must accept, before a request is routed to its app.
+    pub fn loosest(all: impl IntoIterator<Item = RequestLimits>) -> RequestLimits {
+        let loosest = |a: Option<usize>, b: Option<usize>| a.zip(b).map(|(a, b)| a.max(b));
+        all.into_iter()
+            .reduce(|a, b| RequestLimits {
+                request_line: loosest(a.request_line, b.request_line),
+                header_fields: a.header_fields.max(b.header_fields),
+                header_field_size: loosest(a.header_field_size, b.header_field_size),
+            })
+            .unwrap_or(RequestLimits::gunicorn(0, 0, 0))
+    }
+
+    /// Checks the number of header fields the client sent. hyper counts them against the
+    /// loosest app's limit while parsing; an app's own is checked once the request is routed.
+    pub fn check_field_count(&self, fields: usize) -> Result<(), LimitExceeded> {
+        if fields > self.header_fields {
+            return Err(LimitExceeded {
+                status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                message: format!(
+                    "too many header fields: {fields}, the limit is {} (--limit-request-fields)",
+                    self.header_fields
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks a parsed request against the line and field-size limits.
     pub fn check(
         &self,
         method: &Method,

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
+use anyhow::Context;
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use wasmtime_wasi::p2::DynInputStream;
@@ -31,6 +32,8 @@ const MAX_FILE_NAME: usize = 255;
 
 pub struct LocalStore {
     root: PathBuf,
+    /// `<root>/tmp`, made with the store.
+    tmp: PathBuf,
 }
 
 fn unavailable(what: &str, error: impl std::fmt::Display) -> ObjectError {
@@ -38,8 +41,13 @@ fn unavailable(what: &str, error: impl std::fmt::Display) -> ObjectError {
 }
 
 impl LocalStore {
-    pub fn new(root: PathBuf) -> LocalStore {
-        LocalStore { root }
+    /// The store at `root`, with its `tmp/` made now rather than on every write.
+    pub async fn new(root: PathBuf) -> anyhow::Result<LocalStore> {
+        let tmp = root.join("tmp");
+        tokio::fs::create_dir_all(&tmp)
+            .await
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        Ok(LocalStore { root, tmp })
     }
 
     fn objects(&self) -> PathBuf {
@@ -83,12 +91,15 @@ impl LocalStore {
 
     /// A new file under `tmp/`, removed if it is dropped before being renamed into place.
     fn temporary(&self) -> Answer<tempfile::NamedTempFile> {
-        let dir = self.root.join("tmp");
-        std::fs::create_dir_all(&dir).map_err(|e| unavailable("cannot create the store", e))?;
         tempfile::Builder::new()
             .prefix("write-")
-            .tempfile_in(&dir)
-            .map_err(|e| unavailable("cannot create a file in the store", e))
+            .tempfile_in(&self.tmp)
+            .map_err(|e| {
+                unavailable(
+                    &format!("cannot create a file in {}", self.tmp.display()),
+                    e,
+                )
+            })
     }
 
     pub async fn create_multipart(&self, key: &str) -> Answer<String> {

@@ -63,10 +63,25 @@ impl Storage {
         }
         Ok(Storage::Local(Some(PathBuf::from(text))))
     }
+
+    /// The location as `--storage` takes it.
+    pub fn describe(&self) -> String {
+        match self {
+            Storage::Local(None) => "local".to_owned(),
+            Storage::Local(Some(dir)) => dir.display().to_string(),
+            Storage::S3(location) => format!(
+                "s3://{}/{}",
+                location.bucket,
+                location.prefix.trim_end_matches('/')
+            )
+            .trim_end_matches('/')
+            .to_owned(),
+        }
+    }
 }
 
 /// Settings of the S3 client, as the seed configured boto3.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct S3Settings {
     pub endpoint: Option<String>,
     pub region: Option<String>,
@@ -206,7 +221,11 @@ pub async fn for_app(
     Ok(match storage {
         Storage::Local(root) => {
             let root = root.clone().unwrap_or_else(|| data_dir.join("apps"));
-            ObjectStore::Local(LocalStore::new(root.join(app)))
+            ObjectStore::Local(
+                LocalStore::new(root.join(app))
+                    .await
+                    .context("cannot set up the local object store")?,
+            )
         }
         Storage::S3(location) => ObjectStore::S3(Box::new(
             S3Store::new(
@@ -216,7 +235,7 @@ pub async fn for_app(
                 master_key,
                 slots,
                 part_buffer,
-                data_dir.join("tmp"),
+                crate::capabilities::part_buffer::spill_dir(data_dir),
             )
             .await
             .context("cannot set up the S3 client")?,

@@ -24,7 +24,7 @@ use wasmtime_wasi::p2::DynInputStream;
 use super::{Answer, Exact, S3Settings};
 use crate::capabilities::host::capabilities::objects::{ObjectError, ObjectInfo, PartInfo};
 use crate::capabilities::part_buffer::{Filled, PartBuffer};
-use crate::capabilities::slots::{Bound, HostWideSlots};
+use crate::capabilities::slots::{self, Bound, HostWideSlots};
 use crate::capabilities::streams::{Next, Produce, Produced};
 
 const MAX_ATTEMPTS: u32 = 3;
@@ -219,10 +219,7 @@ impl S3Store {
         length: u64,
     ) -> Answer<PartInfo> {
         let upload_id = self.unseal(key, upload_id)?;
-        let _slot = match self.slots {
-            Some(slots) => Some(slots.take_async(Bound::Buffers).await),
-            None => None,
-        };
+        let _slot = slots::take_if_bounded(self.slots, Bound::Buffers).await;
         let unavailable = |e: anyhow::Error| ObjectError::Unavailable(format!("{e:#}"));
         let mut buffer =
             PartBuffer::new(length, self.part_buffer, &self.spill_dir).map_err(unavailable)?;
@@ -376,12 +373,7 @@ impl S3Store {
         start: u64,
         length: Option<u64>,
     ) -> Answer<(ObjectInfo, DynInputStream)> {
-        let range = match length {
-            Some(0) => None,
-            Some(length) => Some(format!("bytes={start}-{}", start + length - 1)),
-            None if start > 0 => Some(format!("bytes={start}-")),
-            None => None,
-        };
+        let range = range_header(start, length);
         // An empty range, or one that starts at the end: S3 refuses those, the local store
         // gives an empty stream; the answer must be the same.
         if length == Some(0) || range.is_some() {
@@ -520,5 +512,43 @@ impl Produce for Body {
             None => Ok(None),
         };
         (self, next)
+    }
+}
+
+/// The `Range` of a read of `length` bytes (or the rest) from `start`; none for the whole
+/// object or no bytes. A range that would end past the largest offset reads to the end, as the
+/// local store does: the guest's numbers never overflow into a wrong range.
+fn range_header(start: u64, length: Option<u64>) -> Option<String> {
+    match length {
+        Some(0) => None,
+        Some(length) => Some(match start.checked_add(length - 1) {
+            Some(end) => format!("bytes={start}-{end}"),
+            None => format!("bytes={start}-"),
+        }),
+        None if start > 0 => Some(format!("bytes={start}-")),
+        None => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::range_header;
+
+    #[test]
+    fn ranges_name_the_bytes_asked_for_and_never_overflow() {
+        assert_eq!(range_header(0, None), None);
+        assert_eq!(range_header(5, Some(0)), None);
+        assert_eq!(range_header(5, None).as_deref(), Some("bytes=5-"));
+        assert_eq!(range_header(0, Some(1)).as_deref(), Some("bytes=0-0"));
+        assert_eq!(range_header(10, Some(5)).as_deref(), Some("bytes=10-14"));
+        assert_eq!(
+            range_header(u64::MAX - 4, Some(5)).as_deref(),
+            Some("bytes=18446744073709551611-18446744073709551615")
+        );
+        assert_eq!(range_header(2, Some(u64::MAX)).as_deref(), Some("bytes=2-"));
+        assert_eq!(
+            range_header(u64::MAX, Some(u64::MAX)).as_deref(),
+            Some("bytes=18446744073709551615-")
+        );
     }
 }
