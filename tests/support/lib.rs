@@ -71,6 +71,9 @@ pub fn free_port() -> u16 {
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
+        // The host closes a connection idle for its keep-alive (2 s by default); a client that
+        // keeps it longer may reuse it just as it closes, the race of every HTTP/1.1 server.
+        .pool_idle_timeout(Duration::from_secs(1))
         .build()
         .expect("cannot build the HTTP client")
 }
