@@ -284,11 +284,16 @@ fn leftovers(services: &Services, host: &AppHost, file_id: &str) -> usize {
             let output = Command::new("python3")
                 .args(["-c", &script])
                 .output()
-                .unwrap();
+                .expect("python3 runs");
+            assert!(
+                output.status.success(),
+                "counting the registry rows failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
             let rows: usize = String::from_utf8_lossy(&output.stdout)
                 .trim()
                 .parse()
-                .unwrap();
+                .expect("the script prints a count");
             uploads + objects + rows
         }
     }
