@@ -373,31 +373,30 @@ impl S3Store {
         start: u64,
         length: Option<u64>,
     ) -> Answer<(ObjectInfo, DynInputStream)> {
-        let range = range_header(start, length);
-        // An empty range, or one that starts at the end: S3 refuses those, the local store
-        // gives an empty stream; the answer must be the same.
-        if length == Some(0) || range.is_some() {
-            let info = self.head(key).await?.ok_or(ObjectError::NotFound)?;
-            if start > info.size {
-                return Err(ObjectError::InvalidRange);
-            }
-            if start == info.size || length == Some(0) {
-                return Ok((
-                    info,
-                    crate::capabilities::streams::from_bytes(Default::default()),
-                ));
-            }
+        if length == Some(0) {
+            return self.empty_read(key, start).await;
         }
         let permit = self.permit().await;
-        let object = self
+        let sent = self
             .client
             .get_object()
             .bucket(&self.bucket)
             .key(self.full_key(key))
-            .set_range(range)
+            .set_range(range_header(start, length))
             .send()
-            .await
-            .map_err(|e| failure("get object", e))?;
+            .await;
+        let object = match sent {
+            Ok(object) => object,
+            // S3 refuses a range that starts at the end, where the local store gives an empty
+            // stream; the answer must be the same, so only then is the size asked.
+            Err(SdkError::ServiceError(service))
+                if service.err().code() == Some("InvalidRange") =>
+            {
+                drop(permit);
+                return self.empty_read(key, start).await;
+            }
+            Err(error) => return Err(failure("get object", error)),
+        };
         let size = match object
             .content_range()
             .and_then(|range| range.rsplit_once('/'))
@@ -419,6 +418,18 @@ impl S3Store {
                 body: object.body,
                 _permit: permit,
             }),
+        ))
+    }
+
+    /// A read of nothing at `start`: empty at or before the end, refused past it.
+    async fn empty_read(&self, key: &str, start: u64) -> Answer<(ObjectInfo, DynInputStream)> {
+        let info = self.head(key).await?.ok_or(ObjectError::NotFound)?;
+        if start > info.size {
+            return Err(ObjectError::InvalidRange);
+        }
+        Ok((
+            info,
+            crate::capabilities::streams::from_bytes(Default::default()),
         ))
     }
 
