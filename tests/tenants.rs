@@ -79,47 +79,76 @@ capabilities = []
     )
 }
 
-/// An upstream that answers `GET /wait?ms=N` after N ms, counting the connections it takes.
+/// An upstream that answers `GET /wait?ms=N` after N ms, keeping connections open between
+/// requests, and counting the connections it takes, those still open, and the requests.
 struct SlowUpstream {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
 }
 
 impl SlowUpstream {
     fn start() -> SlowUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the upstream");
         let addr = listener.local_addr().expect("address");
-        let connections = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&connections);
+        let upstream = SlowUpstream {
+            addr,
+            connections: Arc::default(),
+            open: Arc::default(),
+            requests: Arc::default(),
+        };
+        let (connections, open, requests) = (
+            Arc::clone(&upstream.connections),
+            Arc::clone(&upstream.open),
+            Arc::clone(&upstream.requests),
+        );
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                counted.fetch_add(1, Ordering::SeqCst);
-                std::thread::spawn(move || answer_slowly(stream));
+                connections.fetch_add(1, Ordering::SeqCst);
+                open.fetch_add(1, Ordering::SeqCst);
+                let (open, requests) = (Arc::clone(&open), Arc::clone(&requests));
+                std::thread::spawn(move || {
+                    answer_slowly(stream, &requests);
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
             }
         });
-        SlowUpstream { addr, connections }
+        upstream
     }
 }
 
-fn answer_slowly(mut stream: std::net::TcpStream) {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
-        head.push(byte[0]);
+/// Answers the requests of one connection until the client closes it or asks to.
+fn answer_slowly(mut stream: std::net::TcpStream, requests: &AtomicUsize) {
+    loop {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).unwrap_or(0) != 1 {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        requests.fetch_add(1, Ordering::SeqCst);
+        let head = String::from_utf8_lossy(&head);
+        let target = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+        let ms: u64 = target
+            .split_once("ms=")
+            .and_then(|(_, ms)| ms.parse().ok())
+            .unwrap_or(0);
+        std::thread::sleep(Duration::from_millis(ms));
+        let close = head.to_ascii_lowercase().contains("\r\nconnection: close");
+        let body = format!("upstream saw {target}");
+        let answered = write!(
+            stream,
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: {}\r\n\r\n{body}",
+            body.len(),
+            if close { "close" } else { "keep-alive" }
+        );
+        if close || answered.is_err() {
+            return;
+        }
     }
-    let head = String::from_utf8_lossy(&head);
-    let target = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
-    let ms: u64 = target
-        .split_once("ms=")
-        .and_then(|(_, ms)| ms.parse().ok())
-        .unwrap_or(0);
-    std::thread::sleep(Duration::from_millis(ms));
-    let body = format!("upstream saw {target}");
-    let _ = write!(
-        stream,
-        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -185,7 +214,7 @@ async fn four_apps_are_routed_and_one_failing_app_does_not_slow_the_others() {
         }));
     }
     // The proxy's upstream takes 2 s: four callers wait on it without holding a CPU.
-    let connected = upstream.connections.load(Ordering::SeqCst);
+    let asked = upstream.requests.load(Ordering::SeqCst);
     let mut waiting = Vec::new();
     for _ in 0..4 {
         let url = host.url("/proxy/wait?ms=2000");
@@ -198,7 +227,7 @@ async fn four_apps_are_routed_and_one_failing_app_does_not_slow_the_others() {
         }));
     }
     until("the four proxied calls reach the upstream", || {
-        upstream.connections.load(Ordering::SeqCst) >= connected + 4
+        upstream.requests.load(Ordering::SeqCst) >= asked + 4
     })
     .await;
     let mut latencies = Vec::new();
@@ -330,13 +359,14 @@ name = "narrow"
 component = "{proxy}"
 path = "/narrow"
 secrets = {{ UPSTREAM_URL = "{secret}" }}
-allow_outbound = ["{upstream}"]
+allow_outbound = ["{upstream}", "{elsewhere}"]
 outbound_connections = 1
 outbound_connect_timeout = 0.5
 capabilities = []
 "#,
         proxy = guest("api-proxy"),
         upstream = upstream.addr,
+        elsewhere = elsewhere.addr,
         secret = secret.display()
     );
     let (host, _dir) = serve(&(four_apps(upstream.addr) + &narrow), &[]);
@@ -369,15 +399,45 @@ capabilities = []
         "the first-byte timeout did not apply: {took:?}"
     );
 
-    // The granted upstream is still reachable after the refusals.
-    let (status, _, _) = get(&host, "other.test", "/proxy/wait?ms=10").await;
-    assert_eq!(status, 200);
+    // The granted upstream is still reachable after the refusals, and calls one after another
+    // share one connection, closed once it has been idle for a second.
+    let connected = upstream.connections.load(Ordering::SeqCst);
+    for _ in 0..20 {
+        let (status, body, _) = get(&host, "other.test", "/proxy/wait?ms=0").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(
+        upstream.connections.load(Ordering::SeqCst) - connected,
+        1,
+        "20 calls one after another should go over one connection"
+    );
+    until("the idle connection is closed", || {
+        upstream.open.load(Ordering::SeqCst) == 0
+    })
+    .await;
+
+    // An app whose one connection is kept for one host can still call another granted host
+    // at once: the idle connection is closed for it.
+    let (status, body, _) = get(&host, "other.test", "/narrow/wait?ms=0").await;
+    assert_eq!(status, 200, "{body}");
+    let target = format!("http://{}/elsewhere", elsewhere.addr);
+    let (status, body, _) = get(
+        &host,
+        "other.test",
+        &format!("/narrow/__proxy/target?url={}", target.replace(':', "%3A")),
+    )
+    .await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "upstream saw /elsewhere"),
+        "{body}"
+    );
 
     // One connection at a time: a second call waits for it no longer than the connect timeout.
-    let connected = upstream.connections.load(Ordering::SeqCst);
+    let asked = upstream.requests.load(Ordering::SeqCst);
     let (first, second) = tokio::join!(get(&host, "other.test", "/narrow/wait?ms=1500"), async {
         until("the first call holds the connection", || {
-            upstream.connections.load(Ordering::SeqCst) > connected
+            upstream.requests.load(Ordering::SeqCst) > asked
         })
         .await;
         get(&host, "other.test", "/narrow/wait?ms=0").await

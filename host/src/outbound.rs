@@ -1,18 +1,24 @@
 //! Outbound HTTP (`wasi:http/outgoing-handler`) as an app is granted it: only to its allowed
 //! hosts (any other is refused before a connection is made), with its connect and first-byte
 //! timeouts, never past the request's own deadline, and at most `--outbound-connections`
-//! connections open at once per app in a worker. Waiting on an upstream is a suspended task,
-//! not a thread: a proxy whose upstream takes a minute holds its instance slot, not a CPU.
+//! connections open at once per app in a worker. A connection whose response was read to the
+//! end is kept for the next request to the same origin, briefly (`IDLE_TIMEOUT`). Waiting on an
+//! upstream is a suspended task, not a thread: a proxy whose upstream takes a minute holds its
+//! instance slot, not a CPU.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody};
 
@@ -23,9 +29,24 @@ use crate::metrics::AppMetrics;
 pub struct OutboundClient {
     app: String,
     grant: Outbound,
+    /// One permit per open connection, held by the task that drives it, so a connection
+    /// counts until it is really closed, idle or not.
     connections: Arc<Semaphore>,
+    idle: Arc<IdleConnections>,
     tls: Arc<rustls::ClientConfig>,
     metrics: AppMetrics,
+}
+
+/// How long a connection is kept for reuse after its response. Shorter than the shortest
+/// keep-alive of common servers (gunicorn's 2 s), so that an upstream does not close a
+/// connection just as it is reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Where a connection goes: the scheme and `host:port`.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Origin {
+    https: bool,
+    address: String,
 }
 
 /// What `send_request` hands back to wasmtime-wasi-http: the response, and a task that drives
@@ -51,6 +72,7 @@ impl OutboundClient {
             app: app.to_owned(),
             grant: grant.clone(),
             connections: Arc::new(Semaphore::new(grant.connections)),
+            idle: Arc::default(),
             tls: Arc::new(tls),
             metrics,
         })
@@ -93,40 +115,15 @@ impl OutboundClient {
             left(),
         )
         .unwrap_or(self.grant.connect_timeout);
-        let started = Instant::now();
-        // Waiting for a free connection counts against the connect timeout.
-        let permit = tokio::time::timeout(
-            connect_timeout,
-            Arc::clone(&self.connections).acquire_owned(),
-        )
-        .await
-        .map_err(|_| {
-            tracing::warn!(
-                "outbound request to {authority}: all {} connections stayed busy for {}s (--outbound-connections)",
-                self.grant.connections,
-                connect_timeout.as_secs_f64()
-            );
-            Error::ConnectionLimitReached
-        })?
-        .map_err(|_| Error::ConnectionLimitReached)?;
         let https = request.uri().scheme() == Some(&http::uri::Scheme::HTTPS);
-        let address = if request.uri().port().is_some() {
-            authority.clone()
-        } else {
-            format!("{authority}:{}", if https { 443 } else { 80 })
+        let origin = Origin {
+            https,
+            address: if request.uri().port().is_some() {
+                authority.clone()
+            } else {
+                format!("{authority}:{}", if https { 443 } else { 80 })
+            },
         };
-        let remaining = connect_timeout.saturating_sub(started.elapsed());
-        let stream = tokio::time::timeout(remaining, self.connect(&address, https))
-            .await
-            .map_err(|_| Error::ConnectionTimeout)??;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(Error::Hyper)?;
-        let first_byte_timeout = shortest(
-            shortest(self.grant.first_byte_timeout, guest.first_byte_timeout),
-            left(),
-        );
-        let mut request = request;
         // The request line carries only the path; the authority is in the Host header.
         let path = request
             .uri()
@@ -134,39 +131,122 @@ impl OutboundClient {
             .map_or("/", |path| path.as_str())
             .parse()
             .map_err(|_| Error::HttpRequestUriInvalid)?;
+        let mut request = request;
         *request.uri_mut() = path;
-        let mut connection = Box::pin(connection);
-        let response = {
-            let send = sender.send_request(request);
-            tokio::pin!(send);
-            let respond = async {
-                tokio::select! {
-                    response = &mut send => response.map_err(Error::Hyper),
-                    result = &mut connection => match result {
-                        Err(error) => Err(Error::Hyper(error)),
-                        Ok(()) => (&mut send).await.map_err(Error::Hyper),
-                    },
-                }
-            };
-            match first_byte_timeout {
+        let connect_by = Instant::now() + connect_timeout;
+        let (response, sender) = loop {
+            let (mut sender, reused) = self
+                .connection(&origin, connect_by, connect_timeout)
+                .await?;
+            let first_byte_timeout = shortest(
+                shortest(self.grant.first_byte_timeout, guest.first_byte_timeout),
+                left(),
+            );
+            let respond = sender.try_send_request(request);
+            let answer = match first_byte_timeout {
                 Some(timeout) => tokio::time::timeout(timeout, respond)
                     .await
-                    .map_err(|_| Error::ConnectionReadTimeout)??,
-                None => respond.await?,
+                    .map_err(|_| Error::ConnectionReadTimeout)?,
+                None => respond.await,
+            };
+            match answer {
+                Ok(response) => break (response, sender),
+                Err(mut error) => match error.take_message() {
+                    // A kept connection the upstream closed before the request went out: the
+                    // request comes back untouched and goes on another connection.
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(Error::Hyper(error.into_error())),
+                },
             }
         };
-        let between_bytes = guest.between_bytes_timeout;
-        let io = async move {
-            let _permit = permit;
-            connection.await.map_err(Error::Hyper)
-        };
-        Ok((
-            response.map(|body| match between_bytes {
+        let (head, body) = response.into_parts();
+        let body = ReturnsConnection {
+            body: match guest.between_bytes_timeout {
                 Some(timeout) => BetweenBytes::new(body, timeout).boxed_unsync(),
                 None => body.map_err(Error::Hyper).boxed_unsync(),
-            }),
-            Box::new(io),
-        ))
+            },
+            kept: Some((sender, origin, Arc::clone(&self.idle))),
+        };
+        let response = http::Response::from_parts(head, body.boxed_unsync());
+        // The connection is driven by a task of its own, so it outlives this response.
+        Ok((response, Box::new(async { Ok(()) })))
+    }
+
+    /// A connection to `origin`: a kept one if there is one, else a new one once fewer than
+    /// `--outbound-connections` are open, all by `connect_by` (`connect_timeout` after the
+    /// request started). Says whether it was kept.
+    async fn connection(
+        &self,
+        origin: &Origin,
+        connect_by: Instant,
+        connect_timeout: Duration,
+    ) -> Result<(SendRequest<WasiBody>, bool), Error> {
+        let permit = loop {
+            let returned = self.idle.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if let Some(mut sender) = self.idle.take(origin) {
+                // A kept connection that closed meanwhile is dropped, and the next one tried.
+                if tokio::time::timeout_at(connect_by, sender.ready())
+                    .await
+                    .is_ok_and(|ready| ready.is_ok())
+                {
+                    return Ok((sender, true));
+                }
+                continue;
+            }
+            if let Ok(permit) = Arc::clone(&self.connections).try_acquire_owned() {
+                break permit;
+            }
+            // All connections are open: close an idle one to another origin, whose permit
+            // comes back once its task has closed it, or wait for one to be returned.
+            self.idle.close_oldest();
+            let acquire = Arc::clone(&self.connections).acquire_owned();
+            match tokio::time::timeout_at(connect_by, async {
+                tokio::select! {
+                    permit = acquire => permit.ok(),
+                    () = &mut returned => None,
+                }
+            })
+            .await
+            {
+                Ok(Some(permit)) => break permit,
+                Ok(None) => continue,
+                Err(_) => {
+                    tracing::warn!(
+                        "outbound request to {}: all {} connections stayed busy for {}s (--outbound-connections)",
+                        origin.address,
+                        self.grant.connections,
+                        connect_timeout.as_secs_f64()
+                    );
+                    return Err(Error::ConnectionLimitReached);
+                }
+            }
+        };
+        let sender = tokio::time::timeout_at(connect_by, self.open(origin, permit))
+            .await
+            .map_err(|_| Error::ConnectionTimeout)??;
+        Ok((sender, false))
+    }
+
+    /// Opens a connection to `origin`, driven by a task that holds `permit` until it closes.
+    async fn open(
+        &self,
+        origin: &Origin,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<SendRequest<WasiBody>, Error> {
+        let stream = self.connect(&origin.address, origin.https).await?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(Error::Hyper)?;
+        let address = origin.address.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(error) = connection.await {
+                tracing::debug!("outbound connection to {address} ended: {error}");
+            }
+        });
+        Ok(sender)
     }
 
     async fn connect(&self, address: &str, https: bool) -> Result<Box<dyn Stream>, Error> {
@@ -193,6 +273,132 @@ impl OutboundClient {
             .await
             .map_err(Error::Tls)?;
         Ok(Box::new(tls))
+    }
+}
+
+/// Kept connections to one origin, each with the time it was kept, newest last.
+type Kept = Vec<(SendRequest<WasiBody>, Instant)>;
+
+/// The connections kept for reuse.
+#[derive(Default)]
+struct IdleConnections {
+    by_origin: Mutex<HashMap<Origin, Kept>>,
+    /// Wakes the requests waiting for a connection when one is kept.
+    returned: Notify,
+}
+
+impl IdleConnections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Origin, Kept>> {
+        self.by_origin
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps `sender` for the next request to `origin`, and closes it after `IDLE_TIMEOUT`
+    /// if nobody took it. Dropping a sender lets its connection's task close it.
+    fn keep(self: Arc<Self>, origin: Origin, sender: SendRequest<WasiBody>) {
+        // Without a runtime (a worker shutting down) there is nothing to reuse it for.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if sender.is_closed() {
+            return;
+        }
+        self.lock()
+            .entry(origin)
+            .or_default()
+            .push((sender, Instant::now()));
+        self.returned.notify_waiters();
+        runtime.spawn(async move {
+            tokio::time::sleep(IDLE_TIMEOUT).await;
+            self.lock().retain(|_, kept| {
+                kept.retain(|(sender, since)| {
+                    !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT
+                });
+                !kept.is_empty()
+            });
+        });
+    }
+
+    /// The newest kept connection to `origin` that is still open and not stale.
+    fn take(&self, origin: &Origin) -> Option<SendRequest<WasiBody>> {
+        let mut by_origin = self.lock();
+        let kept = by_origin.get_mut(origin)?;
+        let mut taken = None;
+        while let Some((sender, since)) = kept.pop() {
+            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+                taken = Some(sender);
+                break;
+            }
+        }
+        if kept.is_empty() {
+            by_origin.remove(origin);
+        }
+        taken
+    }
+
+    /// Closes the longest-kept connection, whatever its origin.
+    fn close_oldest(&self) {
+        let mut by_origin = self.lock();
+        let oldest = by_origin
+            .iter()
+            .filter_map(|(origin, kept)| kept.first().map(|(_, since)| (origin.clone(), *since)))
+            .min_by_key(|(_, since)| *since);
+        if let Some((origin, _)) = oldest
+            && let Some(kept) = by_origin.get_mut(&origin)
+        {
+            kept.remove(0);
+            if kept.is_empty() {
+                by_origin.remove(&origin);
+            }
+        }
+    }
+}
+
+/// A response body that hands its connection back for reuse once it has been read to the end.
+/// A body dropped before its end takes its connection with it: the rest of it is still on the
+/// wire.
+struct ReturnsConnection {
+    body: WasiBody,
+    kept: Option<(SendRequest<WasiBody>, Origin, Arc<IdleConnections>)>,
+}
+
+impl ReturnsConnection {
+    fn give_back(&mut self) {
+        if let Some((sender, origin, idle)) = self.kept.take() {
+            idle.keep(origin, sender);
+        }
+    }
+}
+
+impl hyper::body::Body for ReturnsConnection {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Error>>> {
+        let frame = Pin::new(&mut self.body).poll_frame(context);
+        match &frame {
+            Poll::Ready(None) => self.give_back(),
+            // A failed body leaves the connection in no state to reuse.
+            Poll::Ready(Some(Err(_))) => self.kept = None,
+            _ => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+}
+
+impl Drop for ReturnsConnection {
+    fn drop(&mut self) {
+        if hyper::body::Body::is_end_stream(&self.body) {
+            self.give_back();
+        }
     }
 }
 
