@@ -103,6 +103,42 @@ pub enum Ready {
     Unix(PathBuf),
 }
 
+impl Ready {
+    /// Whether process `pid` holds this listening socket: another test may have taken the
+    /// port, and answer on it, while this host fails to bind it.
+    fn held_by(&self, pid: u32) -> bool {
+        let Ready::Tcp(addr) = self else {
+            // A socket path is the test's own.
+            return true;
+        };
+        let listening: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .filter_map(|table| fs::read_to_string(table).ok())
+            .flat_map(|table| {
+                table
+                    .lines()
+                    .skip(1)
+                    .filter_map(|line| {
+                        // sl local_address rem_address st … inode
+                        let fields: Vec<&str> = line.split_whitespace().collect();
+                        let (_, port) = fields.get(1)?.rsplit_once(':')?;
+                        let listens = *fields.get(3)? == "0A"
+                            && u16::from_str_radix(port, 16).ok()? == addr.port();
+                        let inode = fields.get(9)?;
+                        listens.then(|| format!("socket:[{inode}]"))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.flatten().any(|fd| {
+                fs::read_link(fd.path())
+                    .is_ok_and(|target| listening.iter().any(|socket| target == Path::new(socket)))
+            })
+        })
+    }
+}
+
 /// A running `host serve`. Dropping it stops it: SIGTERM, up to 5 s, then SIGKILL.
 pub struct HostProcess {
     child: Child,
@@ -249,7 +285,7 @@ impl HostProcess {
                     log: host.log(),
                 });
             }
-            if host.answers() {
+            if host.answers() && host.ready.held_by(host.child.id()) {
                 return Ok(host);
             }
             if Instant::now() >= deadline {
