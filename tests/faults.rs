@@ -86,6 +86,28 @@ async fn memory_cap_gives_500_and_the_next_request_is_fine() {
 }
 
 #[tokio::test]
+async fn hoarding_host_resources_gives_500_and_the_next_request_is_fine() {
+    let host = HostProcess::start(&guest("faults"), &[]);
+    let client = http_client();
+    let answer = get(&client, &host.url("/hoard")).await;
+    assert_eq!(answer.status, 500, "/hoard: {:?}", answer.body);
+    assert!(
+        answer
+            .body
+            .contains("host resources exhausted: the app held 10000 host resources"),
+        "/hoard body should say which limit it reached: {:?}",
+        answer.body
+    );
+    let answer = get(&client, &host.url("/hoard?count=9000")).await;
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (200, "held 9000 header maps\n"),
+        "/hoard?count=9000 after a refused /hoard"
+    );
+    assert_healthy(&client, &host, "hoarded host resources").await;
+}
+
+#[tokio::test]
 async fn spinning_guest_is_stopped_at_the_deadline() {
     let host = HostProcess::start(&guest("faults"), &["--timeout", "1"]);
     let client = http_client();

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::Instrument;
-use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::component::{Linker, ResourceTable, ResourceTableError};
 use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
@@ -49,6 +49,7 @@ pub enum GuestFailure {
     Timeout(Duration),
     MemoryLimit { requested: usize, limit: u64 },
     Trapped(String),
+    TooManyResources,
     NoResponse,
     ErrorCode(String),
 }
@@ -77,11 +78,20 @@ impl std::fmt::Display for GuestFailure {
                 human_size(*limit)
             ),
             GuestFailure::Trapped(trap) => write!(f, "the app failed: it trapped ({trap})"),
+            GuestFailure::TooManyResources => write!(
+                f,
+                "host resources exhausted: the app held {MAX_HOST_RESOURCES} host resources (streams, headers, requests, handles) at once, the most an instance may"
+            ),
             GuestFailure::NoResponse => write!(f, "the app returned without sending a response"),
             GuestFailure::ErrorCode(code) => write!(f, "the app answered with an error: {code}"),
         }
     }
 }
+
+/// The host resources (streams, header maps, requests, capability handles) an instance may hold
+/// at once. Each costs host memory outside the guest's `--memory-limit`; wasmtime's default of a
+/// million would let one instance hold hundreds of MiB. Real guests hold tens.
+const MAX_HOST_RESOURCES: usize = 10_000;
 
 /// Raised from the epoch callback when a guest runs past its deadline.
 #[derive(Debug)]
@@ -219,7 +229,9 @@ impl Guest {
         match &failure {
             Err(GuestFailure::Timeout(_)) => self.metrics.timed_out(),
             Err(GuestFailure::MemoryLimit { .. }) => self.metrics.memory_refused(),
-            Err(GuestFailure::Trapped(_)) => self.metrics.trapped(),
+            Err(GuestFailure::Trapped(_) | GuestFailure::TooManyResources) => {
+                self.metrics.trapped()
+            }
             _ => {}
         }
         failure
@@ -237,6 +249,12 @@ impl Guest {
             };
         }
         tracing::debug!("guest error: {error:?}");
+        if error
+            .chain()
+            .any(|cause| cause.downcast_ref::<ResourceTableError>().is_some())
+        {
+            return GuestFailure::TooManyResources;
+        }
         match error.downcast_ref::<wasmtime::Trap>() {
             Some(trap) => GuestFailure::Trapped(trap.to_string()),
             None => GuestFailure::Trapped(format!("{error:#}")),
@@ -244,6 +262,8 @@ impl Guest {
     }
 
     fn new_store(&self, deadline: Option<Instant>) -> Store<GuestState> {
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_HOST_RESOURCES);
         let state = GuestState {
             wasi: WasiCtxBuilder::new()
                 .stdout(GuestOutput::new("stdout"))
@@ -251,7 +271,7 @@ impl Guest {
                 .envs(&self.env)
                 .build(),
             http: WasiHttpCtx::new(),
-            table: ResourceTable::new(),
+            table,
             hooks: OutboundHttp {
                 client: Arc::clone(&self.outbound),
                 deadline,

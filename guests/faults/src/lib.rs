@@ -1,6 +1,6 @@
-//! A guest that misbehaves on request, for the host's tests: it traps, eats memory, spins,
-//! sleeps, echoes bodies of any size, reports what it was told about the request, and reads
-//! the host's status capability.
+//! A guest that misbehaves on request, for the host's tests: it traps, eats memory, hoards
+//! host resources, spins, sleeps, echoes bodies of any size, reports what it was told about the
+//! request, and reads the host's status capability.
 
 use std::hint::black_box;
 
@@ -36,6 +36,23 @@ impl wasip2::exports::http::incoming_handler::Guest for Faults {
                 );
             }
             "/spin" => spin(),
+            "/hoard" => {
+                // Host resources held and never dropped: empty header maps, each a handle here
+                // and an entry in the host's resource table.
+                let count = param(query, "count")
+                    .and_then(|count| count.parse::<usize>().ok())
+                    .unwrap_or(usize::MAX);
+                let mut held = Vec::new();
+                while held.len() < count {
+                    held.push(Fields::new());
+                }
+                respond(
+                    response_out,
+                    200,
+                    "text/plain",
+                    format!("held {} header maps\n", held.len()).as_bytes(),
+                );
+            }
             "/sleep" => {
                 let ms = param(query, "ms")
                     .and_then(|ms| ms.parse::<u64>().ok())
