@@ -482,11 +482,25 @@ async fn a_gigabyte_through_a_guest_capped_at_16_mib() {
 
 #[test]
 fn the_readme_and_the_procfile_serve_lenzeye() {
+    // The README opens with two commands: set up and serve Lenzeye, and run the tests, which
+    // is what CI runs too.
     let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
-    assert!(
-        readme.contains("serve guests/lenzeye.wasm"),
-        "the README's first command must serve Lenzeye"
+    let blocks: Vec<&str> = readme
+        .split("```sh\n")
+        .skip(1)
+        .take(2)
+        .filter_map(|block| block.split_once("```").map(|(block, _)| block.trim()))
+        .collect();
+    assert_eq!(
+        blocks,
+        [
+            "guests/build && cargo build --release --workspace && target/release/host serve guests/lenzeye.wasm",
+            "tests/run"
+        ],
+        "the README's first two commands"
     );
+    let ci = std::fs::read_to_string(repo_root().join(".ci/run")).unwrap();
+    assert!(ci.contains("\nexec tests/run \"$@\"\n"), "{ci}");
     let procfile = std::fs::read_to_string(repo_root().join("Procfile")).unwrap();
     assert!(
         procfile.starts_with("web: host serve guests/lenzeye.wasm "),

@@ -638,6 +638,41 @@ fn the_example_config_files_are_valid() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+    // The host.toml of the Kubernetes example, its component where this checkout has it.
+    let manifest =
+        std::fs::read_to_string(blackbox::repo_root().join("examples/kubernetes.yaml")).unwrap();
+    let (_, config_map) = manifest
+        .split_once("  host.toml: |\n")
+        .expect("the ConfigMap holds a host.toml");
+    let embedded: String = config_map
+        .lines()
+        .take_while(|line| line.starts_with("    ") || line.is_empty())
+        .map(|line| format!("{}\n", line.trim_start_matches("    ")))
+        .collect();
+    assert!(embedded.contains("memory_budget"), "{embedded}");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("host.toml");
+    std::fs::write(
+        &config,
+        embedded.replace("/srv/guests/lenzeye.wasm", &guest("lenzeye")),
+    )
+    .unwrap();
+    let output = Command::new(host_bin())
+        .args(["serve", "--check-config", "-c"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--cache-dir")
+        .arg(blackbox::cache_dir())
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "examples/kubernetes.yaml's host.toml: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
     // --print-config shows each app with the host's settings and its own overrides.
     let output = Command::new(host_bin())
         .current_dir(blackbox::repo_root())
