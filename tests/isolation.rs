@@ -4,12 +4,7 @@
 //! afterwards.
 
 use blackbox::{AppCopy, AppHost, Backends, Services, unique_name};
-use serde_json::{Value, json};
-
-async fn sql(probe: &AppHost, route: &str, statement: &str, params: Value) -> (u16, Value) {
-    let body = json!({"statement": statement, "params": params}).to_string();
-    probe.call("POST", &format!("/sql/{route}"), body).await
-}
+use serde_json::json;
 
 async fn a_hostile_app_reaches_nothing_of_another(backends: Backends) {
     let mut services = Services::start(backends);
@@ -44,25 +39,21 @@ async fn a_hostile_app_reaches_nothing_of_another(backends: Backends) {
         200
     );
     assert_eq!(
-        sql(
-            &owner,
-            "execute",
-            "CREATE TABLE secrets (v TEXT)",
-            json!([])
-        )
-        .await
-        .0,
+        owner
+            .sql("execute", "CREATE TABLE secrets (v TEXT)", json!([]))
+            .await
+            .0,
         200
     );
     assert_eq!(
-        sql(
-            &owner,
-            "execute",
-            "INSERT INTO secrets (v) VALUES ($1)",
-            json!(["hidden"])
-        )
-        .await
-        .0,
+        owner
+            .sql(
+                "execute",
+                "INSERT INTO secrets (v) VALUES ($1)",
+                json!(["hidden"])
+            )
+            .await
+            .0,
         200
     );
     let (_, key) = owner.call("GET", "/crypto/key", "").await;
@@ -145,7 +136,9 @@ async fn a_hostile_app_reaches_nothing_of_another(backends: Backends) {
     );
 
     // SQL: the same table name, the owner's schema or file by name, and lifting its rights.
-    let (status, answer) = sql(&intruder, "query", "SELECT v FROM secrets", json!([])).await;
+    let (status, answer) = intruder
+        .sql("query", "SELECT v FROM secrets", json!([]))
+        .await;
     assert_eq!(status, 400, "{answer}");
     match backends {
         Backends::PostgresS3 => {
@@ -157,17 +150,17 @@ async fn a_hostile_app_reaches_nothing_of_another(backends: Backends) {
                 format!("DROP SCHEMA {schema} CASCADE"),
                 "CREATE SCHEMA intruder_escape".to_owned(),
             ] {
-                let (status, answer) = sql(&intruder, "execute", &statement, json!([])).await;
+                let (status, answer) = intruder.sql("execute", &statement, json!([])).await;
                 assert_eq!(status, 400, "{statement}: {answer}");
                 assert_eq!(answer["error"]["code"], "42501", "{statement}: {answer}");
             }
-            let (_, rows) = sql(
-                &intruder,
-                "query",
-                "SELECT current_user::text, session_user::text",
-                json!([]),
-            )
-            .await;
+            let (_, rows) = intruder
+                .sql(
+                    "query",
+                    "SELECT current_user::text, session_user::text",
+                    json!([]),
+                )
+                .await;
             assert!(
                 rows["rows"][0][0]
                     .as_str()
@@ -183,13 +176,9 @@ async fn a_hostile_app_reaches_nothing_of_another(backends: Backends) {
                 .join(&owner_name)
                 .join("app.sqlite");
             for statement in ["ATTACH DATABASE $1 AS owner", "VACUUM INTO $1"] {
-                let (status, answer) = sql(
-                    &intruder,
-                    "execute",
-                    statement,
-                    json!([file.to_string_lossy()]),
-                )
-                .await;
+                let (status, answer) = intruder
+                    .sql("execute", statement, json!([file.to_string_lossy()]))
+                    .await;
                 assert_eq!(status, 400, "{statement}: {answer}");
                 assert!(
                     answer["error"]["message"]
@@ -243,7 +232,7 @@ async fn a_hostile_app_reaches_nothing_of_another(backends: Backends) {
         )
         .await;
     assert_eq!(parts[0]["size"], 4, "{parts}");
-    let (_, rows) = sql(&owner, "query", "SELECT v FROM secrets", json!([])).await;
+    let (_, rows) = owner.sql("query", "SELECT v FROM secrets", json!([])).await;
     assert_eq!(rows["rows"], json!([["hidden"]]));
     let (status, recorded) = owner.call("GET", "/registry/parts?name=entry", "").await;
     assert_eq!(

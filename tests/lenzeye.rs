@@ -6,21 +6,13 @@
 
 use std::process::Command;
 
-use blackbox::{AppCopy, AppHost, Backends, Services, repo_root, unique_name};
+use blackbox::{AppCopy, AppHost, Backends, Services, random_bytes, repo_root, unique_name};
 use futures::StreamExt;
-use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 const MIB: usize = 1 << 20;
 const PART: usize = 10 * MIB;
-
-fn random_bytes(length: usize, seed: u64) -> Vec<u8> {
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-    let mut bytes = vec![0u8; length];
-    rng.fill(&mut bytes[..]);
-    bytes
-}
 
 /// A Lenzeye user: requests with its API key.
 struct User<'a> {

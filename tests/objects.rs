@@ -2,16 +2,10 @@
 //! multipart uploads out of order with a re-sent part, ranged reads, S3's part rules with the
 //! same answers on both, a stream of the wrong length storing nothing, aborts leaving nothing.
 
-use blackbox::{AppHost, Backends, Services};
+use blackbox::{AppHost, Backends, Services, random_bytes};
 use serde_json::Value;
 
 const MIB: usize = 1 << 20;
-
-fn random_bytes(length: usize, seed: u64) -> Vec<u8> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-    (0..length).map(|_| rng.random()).collect()
-}
 
 async fn create(probe: &AppHost, key: &str) -> String {
     let (status, answer) = probe

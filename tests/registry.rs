@@ -6,18 +6,13 @@
 use std::process::Command;
 
 use blackbox::{
-    AppCopy, AppHost, Backends, Services, openssl_ctr, repo_root, unique_name, unwrap_key_id,
+    AppCopy, AppHost, Backends, Services, openssl_ctr, random_bytes, repo_root, unique_name,
+    unwrap_key_id,
 };
 
 const MIB: usize = 1 << 20;
 const PART: usize = 5 * MIB;
 const IV: &str = "f0e1d2c3b4a5968778695a4b3c2d1e0f";
-
-fn random_bytes(length: usize, seed: u64) -> Vec<u8> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-    (0..length).map(|_| rng.random()).collect()
-}
 
 /// The README's Python construction of the tag (tests/support/object_tag.py).
 fn python_tag(key: &[u8], part_size: usize, data: &[u8]) -> String {

@@ -4,19 +4,12 @@
 //! host keeps serving, and is over when the database is back.
 
 use blackbox::{AppHost, Backends, Relay, RelayMode, Services, database_addr, database_url_via};
-use serde_json::{Value, json};
-
-async fn sql(probe: &AppHost, route: &str, statement: &str, params: Value) -> (u16, Value) {
-    let body = json!({"statement": statement, "params": params}).to_string();
-    probe.call("POST", &format!("/sql/{route}"), body).await
-}
+use serde_json::json;
 
 async fn same_statements_on_both(backends: Backends) {
     let mut services = Services::start(backends);
     let probe = AppHost::start(&mut services, "probe", "sql", &["--workers", "2"]);
-    let (status, answer) = sql(
-        &probe,
-        "execute",
+    let (status, answer) = probe.sql("execute",
         "CREATE TABLE notes (id BIGINT PRIMARY KEY, title TEXT NOT NULL, body BYTEA, score DOUBLE PRECISION, done BOOLEAN)",
         json!([]),
     )
@@ -29,7 +22,7 @@ async fn same_statements_on_both(backends: Backends) {
         json!([2, "second", null, null, null]),
         json!([3, "thïrd 'quoted'", {"blob": ""}, -1e10, false]),
     ] {
-        let (status, answer) = sql(&probe, "execute", insert, params).await;
+        let (status, answer) = probe.sql("execute", insert, params).await;
         assert_eq!(
             (status, &answer["rows_affected"]),
             (200, &json!(1)),
@@ -37,9 +30,7 @@ async fn same_statements_on_both(backends: Backends) {
         );
     }
     // Parameters out of order and repeated.
-    let (status, rows) = sql(
-        &probe,
-        "query",
+    let (status, rows) = probe.sql("query",
         "SELECT id, title, body, score FROM notes WHERE id >= $2 AND title <> $1 AND id <= $2 + 10 ORDER BY id",
         json!(["second", 1]),
     )
@@ -51,13 +42,9 @@ async fn same_statements_on_both(backends: Backends) {
         json!([[1, "first", {"blob": "00ff10"}, 2.5], [3, "thïrd 'quoted'", {"blob": ""}, -1e10]])
     );
     // Booleans are booleans on PostgreSQL, 0 and 1 on SQLite.
-    let (_, done) = sql(
-        &probe,
-        "query",
-        "SELECT done FROM notes WHERE id = $1",
-        json!([1]),
-    )
-    .await;
+    let (_, done) = probe
+        .sql("query", "SELECT done FROM notes WHERE id = $1", json!([1]))
+        .await;
     let expected = if backends == Backends::PostgresS3 {
         json!(true)
     } else {
@@ -66,13 +53,9 @@ async fn same_statements_on_both(backends: Backends) {
     assert_eq!(done["rows"][0][0], expected, "{done}");
 
     // Typed errors, with the database's code and message.
-    let (status, answer) = sql(
-        &probe,
-        "execute",
-        insert,
-        json!([1, "again", null, null, null]),
-    )
-    .await;
+    let (status, answer) = probe
+        .sql("execute", insert, json!([1, "again", null, null, null]))
+        .await;
     assert_eq!(status, 400, "{answer}");
     let code = answer["error"]["code"].as_str().unwrap_or_default();
     let expected_code = if backends == Backends::PostgresS3 {
@@ -89,7 +72,7 @@ async fn same_statements_on_both(backends: Backends) {
             .contains("unique"),
         "{answer}"
     );
-    let (status, answer) = sql(&probe, "query", "SELEC 1", json!([])).await;
+    let (status, answer) = probe.sql("query", "SELEC 1", json!([])).await;
     assert_eq!(
         (status, answer["error"]["kind"].as_str()),
         (400, Some("database")),
@@ -109,13 +92,17 @@ async fn same_statements_on_both(backends: Backends) {
         json!(4),
         "the transaction sees its own insert"
     );
-    let (_, count) = sql(&probe, "query", "SELECT count(*) FROM notes", json!([])).await;
+    let (_, count) = probe
+        .sql("query", "SELECT count(*) FROM notes", json!([]))
+        .await;
     assert_eq!(count["rows"][0][0], json!(3), "a rolled-back insert stayed");
     let (status, _) = probe
         .call("POST", "/sql/transaction?commit=true", steps)
         .await;
     assert_eq!(status, 200);
-    let (_, count) = sql(&probe, "query", "SELECT count(*) FROM notes", json!([])).await;
+    let (_, count) = probe
+        .sql("query", "SELECT count(*) FROM notes", json!([]))
+        .await;
     assert_eq!(
         count["rows"][0][0],
         json!(4),
@@ -131,13 +118,13 @@ async fn same_statements_on_both(backends: Backends) {
         .call("POST", "/sql/transaction?commit=true", failing)
         .await;
     assert_eq!(status, 400);
-    let (_, count) = sql(
-        &probe,
-        "query",
-        "SELECT count(*) FROM notes WHERE id = 11",
-        json!([]),
-    )
-    .await;
+    let (_, count) = probe
+        .sql(
+            "query",
+            "SELECT count(*) FROM notes WHERE id = 11",
+            json!([]),
+        )
+        .await;
     assert_eq!(
         count["rows"][0][0],
         json!(0),
@@ -159,7 +146,7 @@ async fn the_same_statements_run_on_postgres() {
 async fn postgres_types_outside_the_interface_say_how_to_cast() {
     let mut services = Services::start(Backends::PostgresS3);
     let probe = AppHost::start(&mut services, "probe", "types", &[]);
-    let (status, answer) = sql(&probe, "query", "SELECT now() AS at", json!([])).await;
+    let (status, answer) = probe.sql("query", "SELECT now() AS at", json!([])).await;
     assert_eq!(status, 400, "{answer}");
     assert!(
         answer["error"]["kind"]
@@ -168,13 +155,13 @@ async fn postgres_types_outside_the_interface_say_how_to_cast() {
             .contains("at::text"),
         "{answer}"
     );
-    let (status, answer) = sql(
-        &probe,
-        "query",
-        "SELECT now()::text AS at, 1.5::numeric::float8 AS n",
-        json!([]),
-    )
-    .await;
+    let (status, answer) = probe
+        .sql(
+            "query",
+            "SELECT now()::text AS at, 1.5::numeric::float8 AS n",
+            json!([]),
+        )
+        .await;
     assert_eq!(status, 200, "{answer}");
 }
 
@@ -190,12 +177,16 @@ async fn a_database_outage_fails_requests_with_unavailable_and_passes() {
         &["--database-url", &url, "--database-timeout", "2"],
     );
     blackbox::drop_postgres_app(&probe.app.app);
-    let (status, answer) = sql(&probe, "execute", "CREATE TABLE t (id BIGINT)", json!([])).await;
+    let (status, answer) = probe
+        .sql("execute", "CREATE TABLE t (id BIGINT)", json!([]))
+        .await;
     assert_eq!(status, 200, "{answer}");
 
     relay.cut();
     let started = std::time::Instant::now();
-    let (status, answer) = sql(&probe, "query", "SELECT count(*) FROM t", json!([])).await;
+    let (status, answer) = probe
+        .sql("query", "SELECT count(*) FROM t", json!([]))
+        .await;
     assert_eq!(status, 503, "{answer}");
     assert!(
         answer["error"]["kind"]
@@ -214,7 +205,9 @@ async fn a_database_outage_fails_requests_with_unavailable_and_passes() {
     assert_eq!(status, 200);
 
     relay.resume();
-    let (status, answer) = sql(&probe, "query", "SELECT count(*) FROM t", json!([])).await;
+    let (status, answer) = probe
+        .sql("query", "SELECT count(*) FROM t", json!([]))
+        .await;
     assert_eq!(status, 200, "after the outage: {answer}");
     blackbox::drop_postgres_app(&probe.app.app);
 }

@@ -78,6 +78,14 @@ pub fn http_client() -> reqwest::Client {
         .expect("cannot build the HTTP client")
 }
 
+/// `length` bytes that are the same for the same `seed`.
+pub fn random_bytes(length: usize, seed: u64) -> Vec<u8> {
+    use rand::{Rng, SeedableRng};
+    let mut bytes = vec![0u8; length];
+    rand::rngs::SmallRng::seed_from_u64(seed).fill(&mut bytes[..]);
+    bytes
+}
+
 /// Calls `check` every `interval` until it returns `Some`, or `None` once `timeout` has passed.
 pub fn poll_until<T>(
     timeout: Duration,
@@ -1100,6 +1108,17 @@ impl AppHost {
             serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
         });
         (status, json)
+    }
+
+    /// A statement through the probe guest's `/sql/<route>` (`query`, `execute`, …).
+    pub async fn sql(
+        &self,
+        route: &str,
+        statement: &str,
+        params: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let body = serde_json::json!({"statement": statement, "params": params}).to_string();
+        self.call("POST", &format!("/sql/{route}"), body).await
     }
 
     /// `method path` with `body`: the status and the raw answer.
