@@ -385,10 +385,20 @@ fn bench_seal(request: &Request) -> Answer {
         stream = tapped;
         _mac = Some(mac);
     }
+    // `skip` leaves the bytes in the host, as the store does when it takes a part's stream;
+    // `read` copies them into the guest.
+    let skip = request.param("consume") == Some("skip");
     let mut total = 0u64;
     loop {
-        match stream.blocking_read(web::CHUNK) {
-            Ok(chunk) => total += chunk.len() as u64,
+        let consumed = if skip {
+            stream.blocking_skip(web::CHUNK)
+        } else {
+            stream
+                .blocking_read(web::CHUNK)
+                .map(|chunk| chunk.len() as u64)
+        };
+        match consumed {
+            Ok(length) => total += length,
             Err(StreamError::Closed) => break,
             Err(StreamError::LastOperationFailed(error)) => {
                 return Err((500, json!({"error": error.to_debug_string()})));
