@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 
 use crate::access_log::AccessLog;
 use crate::admission::Admission;
-use crate::capabilities::AppCapabilities;
+use crate::capabilities::{AppCapabilities, HostDatabases};
 use crate::compile_cache;
 use crate::engine::{self, EngineSizing};
 use crate::guest::Guest;
@@ -98,12 +98,13 @@ pub fn run(
         None => None,
     };
     let mut apps = Vec::new();
+    let mut host_databases = HostDatabases::default();
     for (index, app) in settings.apps.iter().enumerate() {
         let metrics = worker_metrics
             .as_ref()
             .map_or_else(AppMetrics::detached, |metrics| metrics.app(index));
         let capabilities = runtime
-            .block_on(AppCapabilities::for_app(settings, app))
+            .block_on(AppCapabilities::for_app(settings, app, &mut host_databases))
             .with_context(|| format!("cannot set up the host capabilities of app `{}`", app.name))
             .map_err(StartError::Boot)?;
         let guest = compile_cache::load_component(&engine, &app.component, &settings.cache_dir)

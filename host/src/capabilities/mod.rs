@@ -11,13 +11,14 @@ pub mod sql;
 pub mod status;
 mod streams;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use wasmtime::component::{HasSelf, Linker};
 
 use crate::apps::{AppSettings, Capability};
-use crate::database::{Backend, HostDatabase};
+use crate::database::{Backend, BackendKind, HostDatabase};
 use crate::guest::GuestState;
 use crate::settings::Settings;
 
@@ -79,6 +80,26 @@ pub fn check_grants(
     Ok(())
 }
 
+/// A worker's pools of the host's own tables, one per database its apps use: apps on one
+/// database share a pool, so a worker holds a few connections to it however many apps it serves.
+#[derive(Default)]
+pub struct HostDatabases(HashMap<String, Arc<HostDatabase>>);
+
+impl HostDatabases {
+    fn of(&mut self, backend: &Backend) -> Result<Arc<HostDatabase>> {
+        let key = match &backend.kind {
+            BackendKind::Sqlite(dir) => dir.to_string_lossy().into_owned(),
+            BackendKind::Postgres(url) => url.clone(),
+        };
+        if let Some(database) = self.0.get(&key) {
+            return Ok(Arc::clone(database));
+        }
+        let database = HostDatabase::new(backend)?;
+        self.0.insert(key, Arc::clone(&database));
+        Ok(database)
+    }
+}
+
 /// The capabilities of one app, shared by its instances in a worker.
 pub struct AppCapabilities {
     pub crypto: Arc<crypto::Crypto>,
@@ -90,13 +111,17 @@ pub struct AppCapabilities {
 impl AppCapabilities {
     /// What a worker serves its app with. Databases and S3 are not contacted yet: they are
     /// connected on first use, so one that is down fails only the calls that need it.
-    pub async fn for_app(settings: &Settings, app: &AppSettings) -> Result<Arc<AppCapabilities>> {
+    pub async fn for_app(
+        settings: &Settings,
+        app: &AppSettings,
+        host_databases: &mut HostDatabases,
+    ) -> Result<Arc<AppCapabilities>> {
         let app_settings = app;
         let app = app.name.clone();
         let (crypto, key) = crypto::for_app(settings, &app)?;
         let slots = crypto.slots();
         let backend = Backend::of(settings, app_settings.database_url.as_deref())?;
-        let host_database = HostDatabase::new(&backend)?;
+        let host_database = host_databases.of(&backend)?;
         let spill_dir = part_buffer::spill_dir(&settings.data_dir);
         part_buffer::make_spill_dir(&spill_dir).await?;
         let registry = hmac_registry::Registry::new(
@@ -159,5 +184,28 @@ impl AppCapabilities {
         self.sql
             .as_ref()
             .ok_or_else(|| wasmtime::format_err!("SQL is not available here"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::HostDatabases;
+    use crate::database::{Backend, BackendKind};
+
+    #[tokio::test]
+    async fn apps_on_one_database_share_the_host_tables_pool() {
+        let backend = |url: &str| Backend {
+            kind: BackendKind::Postgres(url.to_owned()),
+            acquire_timeout: Duration::from_secs(1),
+        };
+        let mut databases = HostDatabases::default();
+        let first = databases.of(&backend("postgres://a@db/one")).unwrap();
+        let again = databases.of(&backend("postgres://a@db/one")).unwrap();
+        let other = databases.of(&backend("postgres://a@db/two")).unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert!(!Arc::ptr_eq(&first, &other));
     }
 }
