@@ -6,11 +6,10 @@
 
 use wasip2::http::outgoing_handler;
 use wasip2::http::types::{
-    ErrorCode, Fields, IncomingBody, IncomingRequest, IncomingResponse, Method, OutgoingBody,
-    OutgoingRequest, OutgoingResponse, ResponseOutparam, Scheme,
+    ErrorCode, Fields, IncomingBody, IncomingRequest, IncomingResponse, Method, OutgoingRequest,
+    OutgoingResponse, ResponseOutparam, Scheme,
 };
-use wasip2::io::streams::{InputStream, StreamError};
-use web::{CHUNK, Request, respond};
+use web::{Request, respond, splice};
 
 /// Where a request goes, in the parts `wasi:http` wants.
 struct Target {
@@ -159,7 +158,7 @@ fn send(
         let spliced = body
             .stream()
             .map_err(|()| "the request body has no stream".to_owned())
-            .and_then(|source| pipe(source, sink));
+            .and_then(|source| splice(source, sink));
         // Unfinished, the upstream request is cut, and the answer below says how it ended.
         if let Err(error) = spliced {
             eprintln!("the request body to {authority} was cut: {error}");
@@ -207,31 +206,9 @@ fn relay(response: IncomingResponse, head: bool, out: ResponseOutparam) {
         return respond(out, 502, "text/plain", b"upstream error: no body stream\n");
     };
     ResponseOutparam::set(out, Ok(answer));
-    if let Err(error) = pipe(source, sink) {
+    if let Err(error) = splice(source, sink) {
         eprintln!("the answer from upstream was cut: {error}");
     }
-}
-
-/// Splices `source` into `sink` to its end, then finishes `sink`. On a failure `sink` is left
-/// unfinished, so the far end sees a cut message, never a short one that looks whole.
-fn pipe(source: InputStream, sink: OutgoingBody) -> Result<(), String> {
-    let stream = sink
-        .write()
-        .map_err(|()| "the body has no stream".to_owned())?;
-    loop {
-        match stream.blocking_splice(&source, CHUNK) {
-            Ok(_) => {}
-            Err(StreamError::Closed) => break,
-            Err(StreamError::LastOperationFailed(error)) => return Err(error.to_debug_string()),
-        }
-    }
-    stream
-        .blocking_flush()
-        .map_err(|error| format!("{error:?}"))?;
-    // The stream is a child of the body: it goes first.
-    drop(stream);
-    drop(source);
-    OutgoingBody::finish(sink, None).map_err(|code| format!("{code:?}"))
 }
 
 wasip2::http::proxy::export!(ApiProxy);

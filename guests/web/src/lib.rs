@@ -180,8 +180,16 @@ pub fn respond_stream(
     headers: &[(&str, String)],
     source: InputStream,
 ) -> Result<(), String> {
-    let outgoing = start(out, status, headers);
-    let sink = outgoing.write().expect("a fresh body has a stream");
+    splice(source, start(out, status, headers))
+}
+
+/// Splices `source` into `body` inside the host to its end, then finishes `body`. On a failure
+/// `body` is left unfinished, so the far end sees a cut message, never a short one that looks
+/// whole; the error says why.
+pub fn splice(source: InputStream, body: OutgoingBody) -> Result<(), String> {
+    let sink = body
+        .write()
+        .map_err(|()| "the body has no stream".to_owned())?;
     loop {
         match sink.blocking_splice(&source, CHUNK) {
             Ok(_) => {}
@@ -192,9 +200,10 @@ pub fn respond_stream(
         }
     }
     sink.blocking_flush().map_err(|e| format!("{e:?}"))?;
+    // The stream is a child of the body: it goes first.
     drop(sink);
     drop(source);
-    OutgoingBody::finish(outgoing, None).map_err(|e| format!("{e:?}"))
+    OutgoingBody::finish(body, None).map_err(|e| format!("{e:?}"))
 }
 
 pub fn write_all(stream: &OutputStream, mut data: &[u8]) -> Result<(), StreamError> {
