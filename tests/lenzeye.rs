@@ -152,11 +152,7 @@ async fn uploads_and_downloads(backends: Backends) {
     assert_eq!(answer["missing_parts"], json!([4, 6]), "{answer}");
 
     // A restart between parts: the second host finishes the upload.
-    let AppHost {
-        host: process, app, ..
-    } = host;
-    drop(process);
-    let host = AppHost::serve(&mut services, app, &args);
+    let host = host.restart(&mut services, &args);
     let user = User { host: &host, key };
     send_parts(&user, &upload_id, &file, &[6, 3, 4]).await;
     let (status, done) = user.complete(&upload_id).await;

@@ -113,9 +113,7 @@ async fn parts_in_any_order_make_the_documented_tag(backends: Backends) {
     drop(upload);
 
     // A restart mid-upload: the registry and the stored parts are still there.
-    let AppHost { host, app, .. } = probe;
-    drop(host);
-    let probe = AppHost::serve(&mut services, app, &args);
+    let probe = probe.restart(&mut services, &args);
     let upload = Upload {
         probe: &probe,
         key: "doc".into(),

@@ -1091,6 +1091,13 @@ impl AppHost {
         }
     }
 
+    /// Stops this host and serves its app again: the same data, a new process.
+    pub fn restart(self, services: &mut Services, extra_args: &[&str]) -> AppHost {
+        let AppHost { host, app, .. } = self;
+        drop(host);
+        AppHost::serve(services, app, extra_args)
+    }
+
     /// The host's `--data-dir`.
     pub fn host_data_dir(&self) -> PathBuf {
         self.host.data_dir()
