@@ -251,7 +251,7 @@ impl Guest {
         tracing::debug!("guest error: {error:?}");
         if error
             .chain()
-            .any(|cause| cause.downcast_ref::<ResourceTableError>().is_some())
+            .any(|cause| matches!(cause.downcast_ref(), Some(ResourceTableError::Full)))
         {
             return GuestFailure::TooManyResources;
         }
