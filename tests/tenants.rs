@@ -20,17 +20,30 @@ fn serve(config: &str, args: &[&str]) -> (HostProcess, tempfile::TempDir) {
     (HostProcess::start_with_config(&config_path, args), dir)
 }
 
-async fn get(host: &HostProcess, host_header: &str, path: &str) -> (u16, String, Duration) {
+/// `method path` with `body` to the app behind `host_header`: the status, the body and the
+/// time the answer took.
+async fn request(
+    host: &HostProcess,
+    method: &str,
+    host_header: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String, Duration) {
     let started = Instant::now();
     let response = http_client()
-        .get(host.url(path))
+        .request(method.parse().expect("a method"), host.url(path))
         .header("host", host_header)
+        .body(body.to_owned())
         .send()
         .await
         .expect("the host answers");
     let status = response.status().as_u16();
     let body = response.text().await.unwrap_or_default();
     (status, body, started.elapsed())
+}
+
+async fn get(host: &HostProcess, host_header: &str, path: &str) -> (u16, String, Duration) {
+    request(host, "GET", host_header, path, "").await
 }
 
 fn four_apps(upstream: SocketAddr) -> String {
@@ -603,20 +616,16 @@ default = true
         probe = guest("probe"),
     );
     let (host, _dir) = serve(&config, &[]);
+    // The status and the JSON answer of the probe guest of `app`.
     let call = |app: &'static str, method: &'static str, path: String, body: String| {
-        let url = host.url(&path);
+        let host = &host;
         async move {
-            let response = http_client()
-                .request(method.parse().expect("method"), url)
-                .header("host", format!("{app}.test"))
-                .body(body)
-                .send()
-                .await
-                .expect("answer");
-            let status = response.status().as_u16();
-            let text = response.text().await.unwrap_or_default();
-            let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-            (status, value)
+            let (status, body, _) =
+                request(host, method, &format!("{app}.test"), &path, &body).await;
+            (
+                status,
+                serde_json::from_str::<Value>(&body).unwrap_or(Value::Null),
+            )
         }
     };
     let sql = |statement: &str| json!({"statement": statement, "params": []}).to_string();
