@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -285,6 +286,8 @@ struct IdleConnections {
     by_origin: Mutex<HashMap<Origin, Kept>>,
     /// Wakes the requests waiting for a connection when one is kept.
     returned: Notify,
+    /// Whether a task is closing the stale connections: one at a time, while any are kept.
+    closing_stale: AtomicBool,
 }
 
 impl IdleConnections {
@@ -294,8 +297,8 @@ impl IdleConnections {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Keeps `sender` for the next request to `origin`, and closes it after `IDLE_TIMEOUT`
-    /// if nobody took it. Dropping a sender lets its connection's task close it.
+    /// Keeps `sender` for the next request to `origin`; unless it is taken, it is closed
+    /// within two `IDLE_TIMEOUT`s. Dropping a sender lets its connection's task close it.
     fn keep(self: Arc<Self>, origin: Origin, sender: SendRequest<WasiBody>) {
         // Without a runtime (a worker shutting down) there is nothing to reuse it for.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -309,15 +312,29 @@ impl IdleConnections {
             .or_default()
             .push((sender, Instant::now()));
         self.returned.notify_waiters();
-        runtime.spawn(async move {
+        if !self.closing_stale.swap(true, Ordering::SeqCst) {
+            runtime.spawn(self.close_stale());
+        }
+    }
+
+    /// Every `IDLE_TIMEOUT`, closes the connections kept longer, until none is kept.
+    async fn close_stale(self: Arc<Self>) {
+        loop {
             tokio::time::sleep(IDLE_TIMEOUT).await;
-            self.lock().retain(|_, kept| {
+            let mut by_origin = self.lock();
+            by_origin.retain(|_, kept| {
                 kept.retain(|(sender, since)| {
                     !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT
                 });
                 !kept.is_empty()
             });
-        });
+            if by_origin.is_empty() {
+                // Under the lock, so a connection kept from now on finds the flag clear and
+                // starts another task.
+                self.closing_stale.store(false, Ordering::SeqCst);
+                return;
+            }
+        }
     }
 
     /// The newest kept connection to `origin` that is still open and not stale.
