@@ -146,6 +146,13 @@ fn default_header_line_limit_is_8190() {
         "an 8190-byte header line",
         &raw_answer(addr, &request_with_header_line(addr, 8190)),
     );
+    // The host appends the peer to X-Forwarded-For: the limit holds what the client sent.
+    let prefix = "X-Forwarded-For: ";
+    let forwarded = format!("{prefix}{}", "1".repeat(8190 - prefix.len()));
+    assert_ok(
+        "an 8190-byte X-Forwarded-For line",
+        &raw_answer(addr, &get_request("/", &addr.to_string(), &[forwarded])),
+    );
     assert_refused(
         "an 8191-byte header line",
         &raw_request(addr, &request_with_header_line(addr, 8191)),

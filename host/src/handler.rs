@@ -101,28 +101,25 @@ impl RequestHandler {
         peer: &Peer,
         request_id: &str,
     ) -> Response<ResponseBody> {
-        // As the client sent them, before the host adds its own.
-        let header_fields = request.headers().len();
-        if request.uri().authority().is_none() && !request.headers().contains_key(HOST) {
-            if request.version() == Version::HTTP_11 {
-                return answers::error(
-                    StatusCode::BAD_REQUEST,
-                    "bad request: HTTP/1.1 requires a Host header",
-                );
-            }
-            if let Ok(host) = HeaderValue::from_str(&peer.local_authority) {
-                request.headers_mut().insert(HOST, host);
-            }
+        let no_host = request.uri().authority().is_none() && !request.headers().contains_key(HOST);
+        if no_host && request.version() == Version::HTTP_11 {
+            return answers::error(
+                StatusCode::BAD_REQUEST,
+                "bad request: HTTP/1.1 requires a Host header",
+            );
         }
-        let origin = self.trusted_peers.resolve(peer.ip, request.headers_mut());
-        if let Ok(value) = HeaderValue::from_str(request_id) {
-            request.headers_mut().insert(X_REQUEST_ID, value);
-        }
-        let host = request
-            .uri()
-            .authority()
-            .map(|authority| authority.as_str())
-            .or_else(|| request.headers().get(HOST)?.to_str().ok());
+        // Routed and checked against the app's limits as the client sent it, before the host
+        // adds headers of its own.
+        let forwarded_host = self
+            .trusted_peers
+            .forwarded_host(peer.ip, request.headers());
+        let host = forwarded_host.as_deref().or_else(|| {
+            request
+                .uri()
+                .authority()
+                .map(|authority| authority.as_str())
+                .or_else(|| request.headers().get(HOST)?.to_str().ok())
+        });
         let Some(route) = self.router.route(host, request.uri().path()) else {
             let message = format!(
                 "not found: no app serves {}{}",
@@ -137,8 +134,27 @@ impl RequestHandler {
             tracing::Span::current().record("app", app.name.as_str());
         }
         let started = std::time::Instant::now();
+        if let Err(exceeded) = app.limits.check(
+            request.method(),
+            request.uri(),
+            request.version(),
+            request.headers(),
+        ) {
+            tracing::info!("refused: {}", exceeded.message);
+            let response = answers::error(exceeded.status, &exceeded.message);
+            app.metrics
+                .request_finished(response.status().as_u16(), started.elapsed());
+            return response;
+        }
+        if no_host && let Ok(host) = HeaderValue::from_str(&peer.local_authority) {
+            request.headers_mut().insert(HOST, host);
+        }
+        let origin = self.trusted_peers.resolve(peer.ip, request.headers_mut());
+        if let Ok(value) = HeaderValue::from_str(request_id) {
+            request.headers_mut().insert(X_REQUEST_ID, value);
+        }
         let response = self
-            .respond_with(app, request, header_fields, route.prefix, origin.https)
+            .respond_with(app, request, route.prefix, origin.https)
             .await;
         app.metrics
             .request_finished(response.status().as_u16(), started.elapsed());
@@ -149,22 +165,9 @@ impl RequestHandler {
         &self,
         app: &ServedApp,
         mut request: Request<DrainedIfDropped>,
-        header_fields: usize,
         prefix: Option<&str>,
         https: bool,
     ) -> Response<ResponseBody> {
-        let within = app.limits.check_field_count(header_fields).and_then(|()| {
-            app.limits.check(
-                request.method(),
-                request.uri(),
-                request.version(),
-                request.headers(),
-            )
-        });
-        if let Err(exceeded) = within {
-            tracing::info!("refused: {}", exceeded.message);
-            return answers::error(exceeded.status, &exceeded.message);
-        }
         if let Some(limit) = app.body_limit
             && let Some(length) = declared_length(request.headers())
             && length > limit

@@ -77,13 +77,7 @@ impl TrustedPeers {
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"));
         let authority = if trusted {
-            headers
-                .get(X_FORWARDED_HOST)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|hosts| hosts.split(',').next())
-                .map(str::trim)
-                .filter(|host| !host.is_empty() && host.parse::<http::uri::Authority>().is_ok())
-                .map(str::to_owned)
+            forwarded_host(headers)
         } else {
             None
         };
@@ -97,6 +91,27 @@ impl TrustedPeers {
         }
         Origin { https, authority }
     }
+}
+
+impl TrustedPeers {
+    /// The host a trusted proxy says the client asked for, without changing anything: what the
+    /// request is routed by before the host adds its own headers.
+    pub fn forwarded_host(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Option<String> {
+        peer.is_none_or(|peer| self.trusts(peer))
+            .then(|| forwarded_host(headers))
+            .flatten()
+    }
+}
+
+/// The first host of `X-Forwarded-Host`, if it is a valid authority.
+fn forwarded_host(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(X_FORWARDED_HOST)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|hosts| hosts.split(',').next())
+        .map(str::trim)
+        .filter(|host| !host.is_empty() && host.parse::<http::uri::Authority>().is_ok())
+        .map(str::to_owned)
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {

@@ -75,20 +75,8 @@ impl RequestLimits {
 
     /// Checks the number of header fields the client sent. hyper counts them against the
     /// loosest app's limit while parsing; an app's own is checked once the request is routed.
-    pub fn check_field_count(&self, fields: usize) -> Result<(), LimitExceeded> {
-        if fields > self.header_fields {
-            return Err(LimitExceeded {
-                status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                message: format!(
-                    "too many header fields: {fields}, the limit is {} (--limit-request-fields)",
-                    self.header_fields
-                ),
-            });
-        }
-        Ok(())
-    }
-
-    /// Checks a parsed request against the line and field-size limits.
+    /// Checks a parsed request, as the client sent it, against the line, field-count and
+    /// field-size limits.
     pub fn check(
         &self,
         method: &Method,
@@ -96,6 +84,16 @@ impl RequestLimits {
         version: Version,
         headers: &hyper::HeaderMap,
     ) -> Result<(), LimitExceeded> {
+        if headers.len() > self.header_fields {
+            return Err(LimitExceeded {
+                status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                message: format!(
+                    "too many header fields: {}, the limit is {} (--limit-request-fields)",
+                    headers.len(),
+                    self.header_fields
+                ),
+            });
+        }
         if let Some(limit) = self.request_line {
             let line = request_line_length(method, uri, version);
             if line > limit {
