@@ -93,6 +93,29 @@ impl std::fmt::Display for GuestFailure {
 /// million would let one instance hold hundreds of MiB. Real guests hold tens.
 const MAX_HOST_RESOURCES: usize = 10_000;
 
+/// An instance counted as running, by the epoch ticker and in the app's metrics, until dropped:
+/// also when its task panics or is dropped.
+struct InstanceRunning {
+    metrics: AppMetrics,
+    _epoch: crate::engine::GuestRunning,
+}
+
+impl InstanceRunning {
+    fn start(metrics: &AppMetrics) -> InstanceRunning {
+        metrics.instance_started();
+        InstanceRunning {
+            metrics: metrics.clone(),
+            _epoch: crate::engine::GuestRunning::start(),
+        }
+    }
+}
+
+impl Drop for InstanceRunning {
+    fn drop(&mut self) {
+        self.metrics.instance_finished();
+    }
+}
+
 /// Raised from the epoch callback when a guest runs past its deadline.
 #[derive(Debug)]
 struct DeadlineExceeded;
@@ -165,9 +188,7 @@ impl Guest {
         let run = tokio::spawn({
             let responded = Arc::clone(&responded);
             async move {
-                guest.metrics.instance_started();
                 let outcome = guest.run(request, scheme, sender, deadline).await;
-                guest.metrics.instance_finished();
                 drop(slot);
                 if let Err(failure) = &outcome
                     && responded.load(Ordering::Acquire)
@@ -201,7 +222,7 @@ impl Guest {
         sender: oneshot::Sender<Result<hyper::Response<HyperOutgoingBody>, ErrorCode>>,
         deadline: Option<Instant>,
     ) -> Result<(), GuestFailure> {
-        let _running = crate::engine::GuestRunning::start();
+        let _running = InstanceRunning::start(&self.metrics);
         let mut store = self.new_store(deadline);
         let call = async {
             let request = store
@@ -223,8 +244,6 @@ impl Guest {
             },
             None => call.await,
         };
-        self.metrics
-            .memory_released(store.data().limiter.in_use() as u64);
         let failure = result.map_err(|error| self.failure(error, store.data().limiter.refused()));
         match &failure {
             Err(GuestFailure::Timeout(_)) => self.metrics.timed_out(),

@@ -42,6 +42,13 @@ impl MemoryLimiter {
     }
 }
 
+/// The instance's memory goes with it, however its request ended.
+impl Drop for MemoryLimiter {
+    fn drop(&mut self) {
+        self.metrics.memory_released(self.in_use as u64);
+    }
+}
+
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
