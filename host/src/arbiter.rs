@@ -55,13 +55,7 @@ struct Master {
     /// Resident memory of a loaded worker, for `--memory-budget`.
     baseline: Baseline,
     /// The workers' counters, for `--metrics-bind`.
-    metrics: Option<Arc<Mutex<WorkerCounters>>>,
-}
-
-/// What the metrics endpoint reads: the collector, and which workers are alive.
-struct WorkerCounters {
-    collector: MetricsCollector,
-    live: Vec<u32>,
+    metrics: Option<Arc<Mutex<MetricsCollector>>>,
 }
 
 /// How the master ended: the process's exit code.
@@ -135,35 +129,29 @@ fn run_with(
 async fn serve_metrics(
     address: std::net::SocketAddr,
     settings: &Settings,
-) -> Result<Arc<Mutex<WorkerCounters>>> {
+) -> Result<Arc<Mutex<MetricsCollector>>> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot bind --metrics-bind {address}"))?;
     let collector = MetricsCollector::new(settings.worker_tmp_dir.clone());
     collector.remove_stale();
-    let counters = Arc::new(Mutex::new(WorkerCounters {
-        collector,
-        live: Vec::new(),
-    }));
+    let collector = Arc::new(Mutex::new(collector));
     tracing::info!("Metrics at: http://{address}/metrics");
     let render = {
-        let counters = Arc::clone(&counters);
-        move || {
-            let counters = lock(&counters);
-            counters.collector.render(&counters.live)
-        }
+        let collector = Arc::clone(&collector);
+        move || lock(&collector).render()
     };
     tokio::spawn(async move {
         if let Err(error) = crate::metrics::serve_metrics(listener, render).await {
             tracing::error!("the metrics endpoint stopped: {error:#}");
         }
     });
-    Ok(counters)
+    Ok(collector)
 }
 
 /// The counters stay usable after a panic elsewhere: they hold no invariant a panic can break.
-fn lock(counters: &Mutex<WorkerCounters>) -> std::sync::MutexGuard<'_, WorkerCounters> {
-    counters
+fn lock(collector: &Mutex<MetricsCollector>) -> std::sync::MutexGuard<'_, MetricsCollector> {
+    collector
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -451,9 +439,7 @@ impl Master {
         });
         hooks::event("post_fork", &[("pid", pid.to_string())]);
         if let Some(metrics) = &self.metrics {
-            let mut counters = lock(metrics);
-            counters.collector.worker_started(pid);
-            counters.live.push(pid);
+            lock(metrics).worker_started(pid);
         }
         self.workers.insert(
             age,
@@ -474,9 +460,7 @@ impl Master {
         let worker = self.workers.remove(&age)?;
         let pid = worker.pid;
         if let Some(metrics) = &self.metrics {
-            let mut counters = lock(metrics);
-            counters.live.retain(|live| *live != pid);
-            counters.collector.worker_exited(pid);
+            lock(metrics).worker_exited(pid);
         }
         match (status.code(), status.signal()) {
             (Some(0), _) => {}

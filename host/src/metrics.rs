@@ -5,7 +5,7 @@
 //! The master maps every live worker's file read-only and sums per app name at scrape time; when a
 //! worker exits it folds that worker's counters (not gauges) into retired totals and deletes the file.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{Display, Write as _};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -293,8 +293,8 @@ fn read_worker(path: &Path) -> anyhow::Result<Vec<(String, Values)>> {
 pub struct MetricsCollector {
     dir: PathBuf,
     retired: BTreeMap<String, Values>,
-    // Guards against double counting if an exited worker's file could not be removed.
-    exited: HashSet<u32>,
+    /// The workers whose files are read: from their start to their exit.
+    live: BTreeSet<u32>,
 }
 
 impl MetricsCollector {
@@ -305,13 +305,13 @@ impl MetricsCollector {
         }
     }
 
-    /// Only matters on pid reuse: un-marks a pid previously passed to `worker_exited`.
     pub fn worker_started(&mut self, pid: u32) {
-        self.exited.remove(&pid);
+        self.live.insert(pid);
     }
 
     /// Call after reaping the worker: folds its counters into the retired totals, deletes its file.
     pub fn worker_exited(&mut self, pid: u32) {
+        self.live.remove(&pid);
         let path = metrics_path(&self.dir, pid);
         match read_worker(&path) {
             Ok(apps) => {
@@ -329,7 +329,6 @@ impl MetricsCollector {
         {
             warn!(path = %path.display(), "removing metrics file: {e}");
         }
-        self.exited.insert(pid);
     }
 
     /// Deletes metrics files whose process no longer exists (left by a previous master).
@@ -368,16 +367,10 @@ impl MetricsCollector {
         removed
     }
 
-    /// Prometheus text format 0.0.4 for retired totals plus the given live workers.
-    pub fn render(&self, live_pids: &[u32]) -> String {
+    /// Prometheus text format 0.0.4 for retired totals plus the live workers.
+    pub fn render(&self) -> String {
         let mut apps = self.retired.clone();
-        // A set: a pid listed twice must not be counted twice.
-        let live: BTreeSet<u32> = live_pids
-            .iter()
-            .copied()
-            .filter(|p| !self.exited.contains(p))
-            .collect();
-        for &pid in &live {
+        for &pid in &self.live {
             let path = metrics_path(&self.dir, pid);
             match read_worker(&path) {
                 Ok(worker) => {
@@ -440,7 +433,7 @@ impl MetricsCollector {
             }
         }
         family(&mut o, "host_workers", "gauge", "Live worker processes.");
-        let _ = writeln!(o, "host_workers {}", live.len());
+        let _ = writeln!(o, "host_workers {}", self.live.len());
         o
     }
 }
@@ -469,9 +462,7 @@ pub async fn serve_metrics(
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                // Usually EMFILE: back off instead of spinning, keep serving afterwards.
-                warn!("metrics accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                crate::server::accept_failed(e).await;
                 continue;
             }
         };
@@ -515,12 +506,21 @@ fn respond(method: &Method, path: &str, render: &dyn Fn() -> String) -> Response
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     fn test_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("metrics-test-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+    /// A collector reading the files of the workers `pids` in `dir`.
+    fn collector(dir: &Path, pids: &[u32]) -> MetricsCollector {
+        let mut collector = MetricsCollector::new(dir.to_path_buf());
+        for &pid in pids {
+            collector.worker_started(pid);
+        }
+        collector
     }
     fn names(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
@@ -551,8 +551,8 @@ mod tests {
         bh.outbound(true);
         a.app(1).busy();
         b.app(0).request_finished(500, ms(1));
-        let c = MetricsCollector::new(dir.clone());
-        let out = c.render(&[1001, 1002]);
+        let mut c = collector(&dir, &[1001, 1002]);
+        let out = c.render();
         for line in [
             r#"host_requests_total{app="hello",code="2xx"} 3"#,
             r#"host_requests_total{app="hello",code="4xx"} 1"#,
@@ -577,10 +577,9 @@ mod tests {
             assert!(has(&out, line), "missing {line}\n{out}");
         }
 
-        let mut c = c;
         c.worker_exited(1002);
         assert!(!metrics_path(&dir, 1002).exists());
-        let out = c.render(&[1001, 1002]); // 1002 is ignored once exited
+        let out = c.render();
         for line in [
             r#"host_requests_total{app="hello",code="2xx"} 3"#,
             r#"host_requests_total{app="other",code="5xx"} 1"#,
@@ -602,7 +601,7 @@ mod tests {
         w.app(0).request_finished(200, Duration::from_micros(1));
         w.app(1).request_finished(503, Duration::from_secs(100_000));
         w.app(1).set_memory_cap(1 << 30);
-        let out = MetricsCollector::new(dir.clone()).render(&[7]);
+        let out = collector(&dir, &[7]).render();
         assert!(
             has(
                 &out,
@@ -679,7 +678,7 @@ mod tests {
             .unwrap();
         drop(w);
         f.set_len(file_len(1) as u64 - 8).unwrap();
-        let out = MetricsCollector::new(dir.clone()).render(&[1, 2, 3, 4, 5]);
+        let out = collector(&dir, &[1, 2, 3, 4, 5]).render();
         assert!(has(&out, r#"host_timeouts_total{app="good"} 1"#), "{out}");
         assert!(!out.contains("big"), "{out}");
         assert!(has(&out, "host_workers 5"));

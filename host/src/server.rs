@@ -319,7 +319,7 @@ fn log_connection_end(result: Result<(), hyper::Error>) {
 }
 
 /// Out of file descriptors or a similar passing condition: wait a little rather than spin.
-async fn accept_failed(error: std::io::Error) {
+pub(crate) async fn accept_failed(error: std::io::Error) {
     tracing::warn!("accept failed: {error}");
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
