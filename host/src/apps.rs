@@ -134,8 +134,7 @@ impl Outbound {
         let authority = authority.to_ascii_lowercase();
         let (host, port) = split_port(&authority);
         self.allowed_hosts.iter().any(|allowed| {
-            let allowed = allowed.to_ascii_lowercase();
-            let (allowed_host, allowed_port) = split_port(&allowed);
+            let (allowed_host, allowed_port) = split_port(allowed);
             host_matches(allowed_host, host) && (allowed_port.is_none() || allowed_port == port)
         })
     }
@@ -326,12 +325,7 @@ impl Declaration<'_> {
         let component = self.relative_to_config(&component);
         let mut app = AppSettings::from_settings(name.clone(), component, overridden);
         app.routes = Routes {
-            hosts: self
-                .strings("hosts")?
-                .unwrap_or_default()
-                .into_iter()
-                .map(|host| host.to_ascii_lowercase())
-                .collect(),
+            hosts: lowercase(self.strings("hosts")?.unwrap_or_default()),
             path: match self.string("path")? {
                 Some(path) => Some(normalized_prefix(&path)?),
                 None => None,
@@ -350,12 +344,10 @@ impl Declaration<'_> {
         }
         if let Some(pairs) = self.strings("env")? {
             for pair in pairs {
-                let (key, value) = pair
-                    .split_once('=')
-                    .filter(|(key, _)| !key.is_empty())
-                    .with_context(|| format!("`env`: expected KEY=VALUE, got {pair:?}"))?;
-                app.env.retain(|(existing, _)| existing != key);
-                app.env.push((key.to_owned(), value.to_owned()));
+                let (key, value) = crate::settings::parse_env_pair(&pair)
+                    .map_err(|error| anyhow::anyhow!("`env`: {error}"))?;
+                app.env.retain(|(existing, _)| *existing != key);
+                app.env.push((key, value));
             }
         }
         if let Some(secrets) = self.table.get("secrets") {
@@ -372,7 +364,7 @@ impl Declaration<'_> {
         }
         // A list replaces the host's list: an app is granted exactly the hosts its entry names.
         if let Some(hosts) = self.strings("allow_outbound")? {
-            app.outbound.allowed_hosts = hosts;
+            app.outbound.allowed_hosts = lowercase(hosts);
         }
         Ok(app)
     }
@@ -536,6 +528,14 @@ fn split_port(authority: &str) -> (&str, Option<&str>) {
 }
 
 /// `*.example.com` matches `a.example.com` and `b.a.example.com`, not `example.com`.
+/// Host names as they are compared: in lower case, once.
+pub fn lowercase(hosts: Vec<String>) -> Vec<String> {
+    hosts
+        .into_iter()
+        .map(|host| host.to_ascii_lowercase())
+        .collect()
+}
+
 fn host_matches(pattern: &str, host: &str) -> bool {
     match pattern.strip_prefix("*.") {
         Some(domain) => host

@@ -453,7 +453,7 @@ impl Settings {
             ),
             body_limit: (args.limit_request_body > 0).then_some(args.limit_request_body),
             outbound: crate::apps::Outbound {
-                allowed_hosts: args.allow_outbound,
+                allowed_hosts: crate::apps::lowercase(args.allow_outbound),
                 connect_timeout: Duration::from_secs_f64(args.outbound_connect_timeout.max(0.001)),
                 first_byte_timeout: seconds_or_off(args.outbound_timeout),
                 connections: args.outbound_connections,
@@ -549,7 +549,7 @@ fn default_worker_tmp_dir() -> PathBuf {
     if is_tmpfs { shm } else { std::env::temp_dir() }
 }
 
-fn parse_env_pair(text: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_env_pair(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
         _ => Err(format!("expected KEY=VALUE, got {text:?}")),

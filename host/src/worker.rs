@@ -164,7 +164,6 @@ pub fn run(
             server::serve(listeners, handler, connections, stop).await
         })
         .map_err(StartError::Boot)?;
-    drop(worker_metrics);
     hooks::event("worker_exit", &[("pid", pid.to_string())]);
     tracing::info!("Worker exiting (pid: {pid})");
     Ok(())
