@@ -30,7 +30,7 @@ pub struct Backend {
     pub acquire_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum BackendKind {
     /// SQLite files under this directory.
     Sqlite(PathBuf),

@@ -169,7 +169,7 @@ impl RequestHandler {
         https: bool,
     ) -> Response<ResponseBody> {
         if let Some(limit) = app.body_limit
-            && let Some(length) = declared_length(request.headers())
+            && let Some(length) = hyper::body::Body::size_hint(request.body()).exact()
             && length > limit
         {
             let message = format!(
@@ -203,16 +203,6 @@ impl RequestHandler {
             }
         }
     }
-}
-
-fn declared_length(headers: &hyper::HeaderMap) -> Option<u64> {
-    headers
-        .get(hyper::header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// The id a request is known by in logs and in the `x-request-id` header: the one a trusted

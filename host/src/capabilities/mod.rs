@@ -83,19 +83,15 @@ pub fn check_grants(
 /// A worker's pools of the host's own tables, one per database its apps use: apps on one
 /// database share a pool, so a worker holds a few connections to it however many apps it serves.
 #[derive(Default)]
-pub struct HostDatabases(HashMap<String, Arc<HostDatabase>>);
+pub struct HostDatabases(HashMap<BackendKind, Arc<HostDatabase>>);
 
 impl HostDatabases {
     fn of(&mut self, backend: &Backend) -> Result<Arc<HostDatabase>> {
-        let key = match &backend.kind {
-            BackendKind::Sqlite(dir) => dir.to_string_lossy().into_owned(),
-            BackendKind::Postgres(url) => url.clone(),
-        };
-        if let Some(database) = self.0.get(&key) {
+        if let Some(database) = self.0.get(&backend.kind) {
             return Ok(Arc::clone(database));
         }
         let database = HostDatabase::new(backend)?;
-        self.0.insert(key, Arc::clone(&database));
+        self.0.insert(backend.kind.clone(), Arc::clone(&database));
         Ok(database)
     }
 }
