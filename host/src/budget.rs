@@ -73,9 +73,13 @@ pub struct AppShare {
 }
 
 impl AppShare {
+    /// One instance: its memory cap and the host memory that serves it.
+    fn per_instance(&self) -> u64 {
+        self.memory_limit.saturating_add(HOST_MEMORY_PER_INSTANCE)
+    }
+
     fn worst_case(&self) -> u64 {
-        self.instances
-            .saturating_mul(self.memory_limit.saturating_add(HOST_MEMORY_PER_INSTANCE))
+        self.instances.saturating_mul(self.per_instance())
     }
 }
 
@@ -168,10 +172,9 @@ impl Plan {
         if let [app] = self.apps.as_slice() {
             let share = for_workers / self.workers.max(1);
             let room = share.saturating_sub(self.baseline);
-            let per_instance = app.memory_limit.saturating_add(HOST_MEMORY_PER_INSTANCE);
             fits.push(format!(
                 "or {} instances per worker (--threads / --worker-connections)",
-                room / per_instance.max(1)
+                room / app.per_instance().max(1)
             ));
             let mib = 1 << 20;
             fits.push(format!(

@@ -482,11 +482,9 @@ struct Verify {
 }
 
 impl Verify {
+    /// Called with the previous part's buffer and slot gone (see `next`): a verifier never
+    /// waits for a slot while holding one.
     async fn load_next_part(&mut self) -> Result<(), VerifyFailure> {
-        // The previous part's buffer and slot go first: a verifier never waits for a slot while
-        // holding one.
-        self.current = PartReader::empty();
-        self.slot = None;
         let Some(part) = self.parts.next() else {
             return Ok(());
         };
