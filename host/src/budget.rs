@@ -3,8 +3,14 @@
 //! out-of-memory kill in production.
 //!
 //! worst case = shared pages (the binary and the compiled app, mapped once by every worker)
-//!              + workers × (worker baseline + instances per worker × (`--memory-limit` + 4 MiB))
+//!              + workers × (worker baseline + instances per worker × (`--memory-limit` + 4 MiB)
+//!                           + SQLite heap)
 //!              + part buffers (`--encrypt-concurrency` × `--part-buffer`, host-wide)
+//!
+//! The SQLite heap is what SQLite may hold in a worker (its process-wide hard heap limit, set
+//! from the same figures): for each app granted SQL on SQLite files, two values of the longest
+//! it may make (half its `--memory-limit`) and 1 MiB per connection, and 2 MiB for the host's
+//! own tables.
 //!
 //! The baseline is measured, not guessed: the private resident memory of a process that has
 //! built the engine and loaded and linked the component exactly as a worker does; what it maps
@@ -15,6 +21,7 @@
 
 use anyhow::{Result, bail};
 
+use crate::capabilities::sql::SqlLimits;
 use crate::settings::{Settings, human_size};
 
 /// A loaded worker's resident memory: its own, and what it shares with the other workers.
@@ -70,6 +77,8 @@ pub struct AppShare {
     pub name: String,
     pub instances: u64,
     pub memory_limit: u64,
+    /// What SQLite may hold for the app in a worker (0 when it has no SQLite database).
+    pub sqlite_heap: u64,
 }
 
 impl AppShare {
@@ -79,7 +88,9 @@ impl AppShare {
     }
 
     fn worst_case(&self) -> u64 {
-        self.instances.saturating_mul(self.per_instance())
+        self.instances
+            .saturating_mul(self.per_instance())
+            .saturating_add(self.sqlite_heap)
     }
 }
 
@@ -92,6 +103,8 @@ pub struct Plan {
     pub apps: Vec<AppShare>,
     /// A worker's private memory, loaded and idle.
     pub baseline: u64,
+    /// What SQLite may hold for the host's own tables in a worker (0 on PostgreSQL).
+    pub host_tables_heap: u64,
     /// Memory every worker maps from the same files, counted once.
     pub shared: u64,
     /// Part buffers held at once across the host, and the most each holds in memory.
@@ -110,9 +123,19 @@ impl Plan {
                     name: app.name.clone(),
                     instances: app.concurrency as u64,
                     memory_limit: app.memory_limit,
+                    sqlite_heap: SqlLimits::sqlite_heap_of(settings, app),
                 })
                 .collect(),
             baseline: baseline.private,
+            host_tables_heap: if settings
+                .apps
+                .iter()
+                .any(|app| app.database_url.as_deref().is_none_or(str::is_empty))
+            {
+                crate::database::SQLITE_HOST_TABLES_HEAP
+            } else {
+                0
+            },
             shared: baseline.shared,
             buffers: u64::from(settings.encrypt_concurrency),
             part_buffer: settings.part_buffer,
@@ -124,9 +147,10 @@ impl Plan {
     }
 
     fn per_worker(&self) -> u64 {
-        self.apps.iter().fold(self.baseline, |sum, app| {
-            sum.saturating_add(app.worst_case())
-        })
+        self.apps.iter().fold(
+            self.baseline.saturating_add(self.host_tables_heap),
+            |sum, app| sum.saturating_add(app.worst_case()),
+        )
     }
 
     pub fn worst_case(&self) -> u64 {
@@ -139,20 +163,28 @@ impl Plan {
     /// The instances of a worker, as the arithmetic is printed.
     pub fn instances_arithmetic(&self) -> String {
         let term = |app: &AppShare| {
-            format!(
+            let instances = format!(
                 "{} instances × ({} --memory-limit + {} host memory)",
                 app.instances,
                 human_size(app.memory_limit),
                 human_size(HOST_MEMORY_PER_INSTANCE)
-            )
+            );
+            match app.sqlite_heap {
+                0 => instances,
+                heap => format!("{instances} + {} SQLite heap", human_size(heap)),
+            }
         };
-        match self.apps.as_slice() {
+        let apps = match self.apps.as_slice() {
             [one] => term(one),
             many => many
                 .iter()
                 .map(|app| format!("{}: {}", app.name, term(app)))
                 .collect::<Vec<_>>()
                 .join(" + "),
+        };
+        match self.host_tables_heap {
+            0 => apps,
+            heap => format!("{apps} + {} host tables' SQLite heap", human_size(heap)),
         }
     }
 
@@ -171,7 +203,10 @@ impl Plan {
         )];
         if let [app] = self.apps.as_slice() {
             let share = for_workers / self.workers.max(1);
-            let room = share.saturating_sub(self.baseline);
+            let room = share
+                .saturating_sub(self.baseline)
+                .saturating_sub(self.host_tables_heap)
+                .saturating_sub(app.sqlite_heap);
             fits.push(format!(
                 "or {} instances per worker (--threads / --worker-connections)",
                 room / app.per_instance().max(1)
@@ -281,8 +316,10 @@ mod tests {
                 name: "app".to_owned(),
                 instances: 6,
                 memory_limit: 64 << 20,
+                sqlite_heap: 0,
             }],
             baseline: 8 << 20,
+            host_tables_heap: 0,
             shared: 16 << 20,
             buffers: 4,
             part_buffer: 16 << 20,
@@ -304,11 +341,13 @@ mod tests {
             name: name.to_owned(),
             instances,
             memory_limit,
+            sqlite_heap: 0,
         };
         let plan = Plan {
             workers: 2,
             apps: vec![app("lenzeye", 6, 14 << 20), app("hello", 4, 8 << 20)],
             baseline: 10 << 20,
+            host_tables_heap: 0,
             shared: 20 << 20,
             buffers: 4,
             part_buffer: 10 << 20,
@@ -323,5 +362,29 @@ mod tests {
             message.contains("What fits with the other settings unchanged: --workers 1"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn sqlite_heap_is_counted_in_every_worker() {
+        let plan = Plan {
+            workers: 2,
+            apps: vec![AppShare {
+                name: "app".to_owned(),
+                instances: 4,
+                memory_limit: 16 << 20,
+                sqlite_heap: 20 << 20,
+            }],
+            baseline: 8 << 20,
+            host_tables_heap: 2 << 20,
+            shared: 10 << 20,
+            buffers: 4,
+            part_buffer: 10 << 20,
+        };
+        assert_eq!(
+            plan.worst_case(),
+            (10 + 2 * (8 + 2 + 4 * (16 + 4) + 20) + 4 * 10) << 20
+        );
+        let message = plan.check(128 << 20).unwrap_err().to_string();
+        assert!(message.contains("2 workers × (8 MiB worker baseline + 4 instances × (16 MiB --memory-limit + 4 MiB host memory) + 20 MiB SQLite heap + 2 MiB host tables' SQLite heap)"), "{message}");
     }
 }

@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -99,6 +100,7 @@ impl HostDatabase {
             .test_before_acquire(true);
         let pool = match &backend.kind {
             BackendKind::Sqlite(dir) => {
+                reserve_sqlite_heap(SQLITE_HOST_TABLES_HEAP);
                 std::fs::create_dir_all(dir).with_context(|| {
                     format!("cannot create the data directory {}", dir.display())
                 })?;
@@ -143,13 +145,35 @@ impl HostDatabase {
             .get_or_try_init(|| async {
                 let mut transaction = self.pool.begin().await?;
                 if self.is_postgres() {
-                    // Workers start together: one of them makes the tables, the others wait.
+                    // Workers start together: one of them makes the tables, the others wait,
+                    // on the lock of the host's own table `setup` (which no app role can
+                    // reach) once it exists, and before that, when no app role exists yet in
+                    // this database, on an advisory lock.
+                    let wait = self.backend.acquire_timeout.as_millis().max(1);
                     transaction
-                        .execute("SELECT pg_advisory_xact_lock(7283491623)")
+                        .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                            "SET LOCAL lock_timeout = '{wait}ms'"
+                        ))))
                         .await?;
-                    transaction
-                        .execute("CREATE SCHEMA IF NOT EXISTS host_state")
-                        .await?;
+                    let set_up: bool =
+                        sqlx::query_scalar("SELECT to_regclass('host_state.setup') IS NOT NULL")
+                            .fetch_one(&mut *transaction)
+                            .await?;
+                    if set_up {
+                        transaction
+                            .execute("LOCK TABLE host_state.setup IN EXCLUSIVE MODE")
+                            .await?;
+                    } else {
+                        transaction
+                            .execute("SELECT pg_advisory_xact_lock(7283491623)")
+                            .await?;
+                        transaction
+                            .execute(sqlx::raw_sql(
+                                "CREATE SCHEMA IF NOT EXISTS host_state; \
+                                 CREATE TABLE IF NOT EXISTS host_state.setup (done BOOLEAN)",
+                            ))
+                            .await?;
+                    }
                 }
                 let blob = if self.is_postgres() { "BYTEA" } else { "BLOB" };
                 transaction
@@ -213,6 +237,31 @@ pub const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA busy_timeout
 
 /// The page cache of an app's SQLite connection, in KiB.
 pub const SQLITE_APP_CACHE_KIB: i64 = 256;
+
+/// What one SQLite connection may hold besides the values it makes: its page cache and
+/// working memory (statements, lookaside, sorter).
+pub const SQLITE_CONNECTION_HEAP: u64 = 1 << 20;
+
+/// What SQLite may hold for the host's own tables (the registry) in a worker: its two
+/// connections' caches and working memory.
+pub const SQLITE_HOST_TABLES_HEAP: u64 = 2 * SQLITE_CONNECTION_HEAP;
+
+/// What SQLite may hold in this process so far (the sum of `reserve_sqlite_heap`).
+static SQLITE_HEAP: AtomicU64 = AtomicU64::new(0);
+
+/// Adds `bytes` to the heap SQLite may hold in this worker, for an app's connections. SQLite's
+/// limit is process-wide (`sqlite3_hard_heap_limit64`), so it bounds the worker, not one app:
+/// an allocation beyond it fails (`out of memory`) and its statement with it. Only the host
+/// sets it: no app may run `PRAGMA hard_heap_limit`.
+pub fn reserve_sqlite_heap(bytes: u64) {
+    let total = SQLITE_HEAP
+        .fetch_add(bytes, Ordering::Relaxed)
+        .saturating_add(bytes);
+    // SAFETY: sqlite3_hard_heap_limit64 may be called at any time, from any thread.
+    unsafe {
+        libsqlite3_sys::sqlite3_hard_heap_limit64(total.min(i64::MAX as u64) as i64);
+    }
+}
 
 /// Whether an error means the database could not be used at all (as opposed to refusing a
 /// statement).

@@ -352,6 +352,11 @@ impl GuestState {
     pub fn memory_budget(&self) -> Option<u64> {
         self.memory_budget
     }
+
+    /// When the request must be done (`--timeout` after it started), if it has a deadline.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.hooks.deadline
+    }
 }
 
 impl WasiView for GuestState {

@@ -144,7 +144,7 @@ impl AppCapabilities {
             &host_database,
             &app,
             &key,
-            app_settings.concurrency as u32,
+            sql::SqlLimits::of(settings, app_settings),
         )?;
         Ok(Arc::new(AppCapabilities {
             crypto,

@@ -1,10 +1,17 @@
 //! `host:capabilities/sql`: the app's own database through sqlx.
 //!
 //! - SQLite (the default): `<data-dir>/apps/<app>/app.sqlite`, opened with `ATTACH` refused (by
-//!   the connection's limit and an authorizer), so a statement reaches no other file.
+//!   the connection's limit and an authorizer), PRAGMAs on an allow-list and values no longer
+//!   than half the app's `--memory-limit`, so a statement reaches no other file and no
+//!   process-wide setting, and SQLite's heap stays within what `--memory-budget` counts.
 //! - PostgreSQL (`--database-url`): a schema and a login role per app, made on first use. The
 //!   app's statements run as its role, which owns its schema and has no rights on any other
-//!   (`SET ROLE`, `RESET ROLE` and `set_config` cannot lift a login role's own rights).
+//!   (`SET ROLE`, `RESET ROLE` and `set_config` cannot lift a login role's own rights), under
+//!   a connection limit; a session is reset when its connection goes back to the pool.
+//!
+//! Every statement is held to its request's deadline (see `Lent`): interrupted on SQLite,
+//! stopped by the server's own timeouts on PostgreSQL, and its connection closed rather than
+//! reused when the request is dropped under it.
 //!
 //! Parameters are typed by their value (`integer` as int8, `real` as float8, `text`, `blob` as
 //! bytea, `boolean`), and `null` as "unknown" so the server infers it. Because one statement may
@@ -14,14 +21,18 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures::TryStreamExt;
 use sqlx::error::DatabaseError;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow, PgTypeInfo, Postgres};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
-use sqlx::{Column, Database, Executor, PgPool, Row, SqlitePool, Transaction, TypeInfo, ValueRef};
+use sqlx::{Column, Connection, Database, Executor, PgPool, Row, SqlitePool, TypeInfo, ValueRef};
 use tokio::sync::OnceCell;
+use tokio::time::Instant;
 use wasmtime::component::Resource;
 
 use crate::capabilities::host::capabilities::sql::{
@@ -38,14 +49,86 @@ pub enum AppDatabase {
     Postgres(Box<PostgresApp>),
 }
 
+/// What bounds an app's SQL.
+#[derive(Debug, Clone, Copy)]
+pub struct SqlLimits {
+    /// Connections a worker opens for the app (its concurrency, at most 10; 4 on SQLite).
+    pub connections: u32,
+    /// The host's workers: with `connections`, the app role's connection limit on PostgreSQL.
+    pub workers: u32,
+    /// The app's `--timeout`: its role's default statement, lock and idle-in-transaction
+    /// timeouts on PostgreSQL (each request sets them to its remaining time).
+    pub timeout: Option<Duration>,
+    /// The app's `--memory-limit`, which bounds the values SQLite makes for it.
+    pub memory_limit: u64,
+    /// Whether the app is granted SQL (its SQLite heap is reserved only then).
+    pub granted: bool,
+}
+
+impl SqlLimits {
+    pub fn of(settings: &crate::settings::Settings, app: &crate::apps::AppSettings) -> SqlLimits {
+        SqlLimits {
+            connections: (app.concurrency as u32).clamp(1, 10),
+            workers: settings.workers.max(1) as u32,
+            timeout: app.timeout,
+            memory_limit: app.memory_limit,
+            granted: app.capabilities.contains(&crate::apps::Capability::Sql),
+        }
+    }
+
+    /// What SQLite may hold in a worker for `app`: its heap if it is granted SQL on SQLite
+    /// files, else nothing.
+    pub fn sqlite_heap_of(
+        settings: &crate::settings::Settings,
+        app: &crate::apps::AppSettings,
+    ) -> u64 {
+        let limits = SqlLimits::of(settings, app);
+        let on_sqlite = app.database_url.as_deref().is_none_or(str::is_empty);
+        if limits.granted && on_sqlite {
+            limits.sqlite_heap()
+        } else {
+            0
+        }
+    }
+
+    /// Connections a worker opens to the app's SQLite file: one writer at a time whatever the
+    /// pool, and each connection costs a thread and its page cache.
+    fn sqlite_connections(&self) -> u32 {
+        self.connections.min(4)
+    }
+
+    /// The longest string, blob or statement SQLite makes for the app: half its
+    /// `--memory-limit`, so that a value and its copy (a bound parameter and the record it is
+    /// stored in, a column and the expression made of it) fit in what is counted for it.
+    fn sqlite_longest(&self) -> u64 {
+        (self.memory_limit / 2).clamp(1 << 20, i32::MAX as u64)
+    }
+
+    /// What SQLite may hold in a worker for the app: two values of the longest it may make,
+    /// and each connection's cache and working memory.
+    pub fn sqlite_heap(&self) -> u64 {
+        (2 * self.sqlite_longest()).saturating_add(
+            u64::from(self.sqlite_connections()).saturating_mul(database::SQLITE_CONNECTION_HEAP),
+        )
+    }
+
+    /// The app role's `CONNECTION LIMIT`: twice what the workers open, for a worker that is
+    /// retiring while its replacement serves (`--max-requests`, HUP, TTIN).
+    fn role_connections(&self) -> u32 {
+        self.connections
+            .saturating_mul(self.workers)
+            .saturating_mul(2)
+    }
+}
+
 /// An app's schema of the host's PostgreSQL, reached as the app's own role.
 pub struct PostgresApp {
     admin: Arc<HostDatabase>,
     options: PgConnectOptions,
     names: PostgresNames,
     pool: OnceCell<PgPool>,
-    max_connections: u32,
-    acquire_timeout: std::time::Duration,
+    limits: SqlLimits,
+    acquire_timeout: Duration,
 }
 
 /// The app's schema and role on PostgreSQL. Roles belong to the whole server, schemas to one
@@ -57,10 +140,115 @@ pub struct PostgresNames {
     password: String,
 }
 
-/// An open transaction, as the guest holds it.
+/// A pooled connection lent to one statement, or one transaction, of a request.
+///
+/// A connection whose request is dropped while a statement runs (its deadline passed) or a
+/// transaction is open is closed, never pinged and put back: its state is unknown, and the
+/// next request would wait for the statement still running on it. On SQLite the statement is
+/// stopped at once through the progress handler (`stop`); PostgreSQL stops it itself at the
+/// statement timeout this request set, and its backend ends with the connection.
+pub struct Lent<DB: Database> {
+    connection: PoolConnection<DB>,
+    running: bool,
+    in_transaction: bool,
+    stop: Arc<AtomicBool>,
+}
+
+impl<DB: Database> Lent<DB> {
+    fn new(connection: PoolConnection<DB>) -> Lent<DB> {
+        Lent {
+            connection,
+            running: false,
+            in_transaction: false,
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The connection, for a statement: until `finished`, dropping this closes it.
+    fn start(&mut self) -> &mut DB::Connection {
+        self.running = true;
+        &mut *self.connection
+    }
+
+    fn finished(&mut self) {
+        self.running = false;
+    }
+}
+
+impl<DB: Database> Drop for Lent<DB> {
+    fn drop(&mut self) {
+        if self.running || self.in_transaction {
+            self.stop.store(true, Ordering::Release);
+            self.connection.close_on_drop();
+        }
+    }
+}
+
+/// An open transaction, as the guest holds it (`None` once it ended).
 pub enum OpenTransaction {
-    Sqlite(Option<Transaction<'static, sqlx::Sqlite>>),
-    Postgres(Option<Transaction<'static, Postgres>>),
+    Sqlite(Option<Lent<sqlx::Sqlite>>),
+    Postgres(Option<Lent<Postgres>>),
+}
+
+/// How long after the request's deadline the database stops a statement by itself. The host
+/// drops the request at the deadline, which stops the statement at once (the connection is
+/// closed, a SQLite statement interrupted); the database's own stop is for the statement the
+/// drop did not reach, and comes a little later so that the client gets the host's 504 rather
+/// than whatever the app makes of a timeout error.
+const DEADLINE_GRACE: Duration = Duration::from_millis(100);
+
+/// How often (in SQLite virtual machine instructions) a statement checks its deadline: a few
+/// microseconds of work.
+const SQLITE_PROGRESS_STEPS: i32 = 1000;
+
+/// How long a statement may wait for SQLite's write lock without a deadline.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A connection of the app's SQLite pool for a request that must be done by `deadline`: its
+/// statements are interrupted once the request is dropped, or past the deadline, and wait for
+/// the write lock no longer than that.
+async fn lend_sqlite(pool: &SqlitePool, deadline: Option<Instant>) -> Answer<Lent<sqlx::Sqlite>> {
+    let mut lent = Lent::new(pool.acquire().await.map_err(sql_error)?);
+    let stop = Arc::clone(&lent.stop);
+    let deadline = deadline.map(|deadline| (deadline + DEADLINE_GRACE).into_std());
+    let busy = deadline.map_or(SQLITE_BUSY_TIMEOUT, |deadline| {
+        deadline.saturating_duration_since(std::time::Instant::now())
+    });
+    let mut handle = lent.connection.lock_handle().await.map_err(sql_error)?;
+    handle.set_progress_handler(SQLITE_PROGRESS_STEPS, move || {
+        !stop.load(Ordering::Acquire)
+            && deadline.is_none_or(|deadline| std::time::Instant::now() < deadline)
+    });
+    // SAFETY: the handle is locked for this call.
+    unsafe {
+        libsqlite3_sys::sqlite3_busy_timeout(
+            handle.as_raw_handle().as_ptr(),
+            busy.min(SQLITE_BUSY_TIMEOUT).as_millis().max(1) as i32,
+        );
+    }
+    drop(handle);
+    Ok(lent)
+}
+
+/// A connection of the app's PostgreSQL pool for a request that must be done by `deadline`:
+/// the server stops a statement, a lock wait or an idle transaction of it past the deadline.
+async fn lend_postgres(pool: &PgPool, deadline: Option<Instant>) -> Answer<Lent<Postgres>> {
+    let mut lent = Lent::new(pool.acquire().await.map_err(sql_error)?);
+    if let Some(deadline) = deadline {
+        let left = (deadline + DEADLINE_GRACE).saturating_duration_since(Instant::now());
+        let milliseconds = left.as_millis().max(1).to_string();
+        sqlx::query(
+            "SELECT set_config('statement_timeout', $1, false), \
+             set_config('lock_timeout', $1, false), \
+             set_config('idle_in_transaction_session_timeout', $1, false)",
+        )
+        .bind(milliseconds)
+        .execute(lent.start())
+        .await
+        .map_err(sql_error)?;
+        lent.finished();
+    }
+    Ok(lent)
 }
 
 impl AppDatabase {
@@ -69,21 +257,21 @@ impl AppDatabase {
         admin: &Arc<HostDatabase>,
         app: &str,
         master_key: &[u8; 32],
-        max_connections: u32,
+        limits: SqlLimits,
     ) -> Result<AppDatabase> {
-        let pool_size = max_connections.clamp(1, 10);
         match &backend.kind {
             BackendKind::Sqlite(data_dir) => {
-                // One writer at a time whatever the pool; readers are quick. Each connection
-                // costs a thread and its page cache.
-                let pool_size = pool_size.min(4);
                 let dir = data_dir.join("apps").join(app);
                 std::fs::create_dir_all(&dir)
                     .with_context(|| format!("cannot create {}", dir.display()))?;
+                if limits.granted {
+                    database::reserve_sqlite_heap(limits.sqlite_heap());
+                }
                 Ok(AppDatabase::Sqlite(sqlite_pool(
                     &dir.join("app.sqlite"),
-                    pool_size,
+                    limits.sqlite_connections(),
                     backend.acquire_timeout,
+                    limits.sqlite_longest(),
                 )))
             }
             BackendKind::Postgres(url) => {
@@ -105,47 +293,87 @@ impl AppDatabase {
                     options,
                     names,
                     pool: OnceCell::new(),
-                    max_connections: pool_size,
+                    limits,
                     acquire_timeout: backend.acquire_timeout,
                 })))
             }
         }
     }
 
-    pub async fn query(&self, statement: &str, params: Vec<Value>, limit: u64) -> Answer<Rows> {
+    pub async fn query(
+        &self,
+        statement: &str,
+        params: Vec<Value>,
+        limit: u64,
+        deadline: Option<Instant>,
+    ) -> Answer<Rows> {
         match self {
-            AppDatabase::Sqlite(pool) => sqlite_rows(pool, statement, params, limit).await,
+            AppDatabase::Sqlite(pool) => {
+                let mut lent = lend_sqlite(pool, deadline).await?;
+                let rows = sqlite_rows(lent.start(), statement, params, limit).await;
+                lent.finished();
+                rows
+            }
             AppDatabase::Postgres(app) => {
-                postgres_rows(app.pool().await?, statement, params, limit).await
+                let mut lent = lend_postgres(app.pool().await?, deadline).await?;
+                let rows = postgres_rows(lent.start(), statement, params, limit).await;
+                lent.finished();
+                rows
             }
         }
     }
 
-    pub async fn execute(&self, statement: &str, params: Vec<Value>) -> Answer<u64> {
+    pub async fn execute(
+        &self,
+        statement: &str,
+        params: Vec<Value>,
+        deadline: Option<Instant>,
+    ) -> Answer<u64> {
         match self {
-            AppDatabase::Sqlite(pool) => sqlite_execute(pool, statement, params).await,
+            AppDatabase::Sqlite(pool) => {
+                let mut lent = lend_sqlite(pool, deadline).await?;
+                let done = sqlite_execute(lent.start(), statement, params).await;
+                lent.finished();
+                done
+            }
             AppDatabase::Postgres(app) => {
-                postgres_execute(app.pool().await?, statement, params).await
+                let mut lent = lend_postgres(app.pool().await?, deadline).await?;
+                let done = postgres_execute(lent.start(), statement, params).await;
+                lent.finished();
+                done
             }
         }
     }
 
-    pub async fn begin(&self) -> Answer<OpenTransaction> {
+    pub async fn begin(&self, deadline: Option<Instant>) -> Answer<OpenTransaction> {
         Ok(match self {
             AppDatabase::Sqlite(pool) => {
                 // Taking the write lock at once: a transaction that reads, then writes after
                 // another writer, would be failed by SQLite instead of waiting.
-                OpenTransaction::Sqlite(Some(
-                    pool.begin_with("BEGIN IMMEDIATE")
-                        .await
-                        .map_err(sql_error)?,
-                ))
+                let lent = lend_sqlite(pool, deadline).await?;
+                OpenTransaction::Sqlite(Some(begin(lent, "BEGIN IMMEDIATE").await?))
             }
             AppDatabase::Postgres(app) => {
-                OpenTransaction::Postgres(Some(app.pool().await?.begin().await.map_err(sql_error)?))
+                let lent = lend_postgres(app.pool().await?, deadline).await?;
+                OpenTransaction::Postgres(Some(begin(lent, "BEGIN").await?))
             }
         })
     }
+}
+
+/// Opens a transaction on `lent`; it stays open (and the connection is closed if it is
+/// dropped) until it is committed or rolled back.
+async fn begin<DB: Database>(mut lent: Lent<DB>, statement: &'static str) -> Answer<Lent<DB>>
+where
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+{
+    lent.in_transaction = true;
+    lent.start()
+        .execute(sqlx::raw_sql(statement))
+        .await
+        .map_err(sql_error)?;
+    lent.finished();
+    Ok(lent)
 }
 
 impl PostgresApp {
@@ -156,27 +384,45 @@ impl PostgresApp {
             options,
             names,
             pool,
-            max_connections,
+            limits,
             acquire_timeout,
         } = self;
         pool.get_or_try_init(|| async {
-            provision(admin, names).await.map_err(|error| {
-                SqlError::Unavailable(format!(
-                    "cannot set up the app's schema {} and role {} ({error:#}); the --database-url user needs CREATEROLE",
-                    names.schema, names.role
-                ))
-            })?;
+            provision(admin, names, limits, *acquire_timeout)
+                .await
+                .map_err(|error| {
+                    SqlError::Unavailable(format!(
+                        "cannot set up the app's schema {} and role {} ({error:#}); the --database-url user needs CREATEROLE",
+                        names.schema, names.role
+                    ))
+                })?;
             Ok::<_, SqlError>(
                 PgPoolOptions::new()
-                    .max_connections(*max_connections)
+                    .max_connections(limits.connections)
                     .acquire_timeout(*acquire_timeout)
                     .max_lifetime(database::MAX_LIFETIME)
                     .test_before_acquire(true)
+                    .after_release(|connection, _| {
+                        Box::pin(async move { Ok(reset_postgres_session(connection).await) })
+                    })
                     .connect_lazy_with(options.clone()),
             )
         })
         .await
     }
+}
+
+/// Makes a connection that comes back to the pool as a new one: settings (back to the role's
+/// and the connection's own, so the search path stays), `LISTEN`s, advisory locks, temporary
+/// tables, cursors and plans are gone, and sqlx's statement cache is cleared with the prepared
+/// statements `DISCARD ALL` removes. A connection still in a transaction (`DISCARD ALL` refuses
+/// to run there) is closed, which rolls it back.
+async fn reset_postgres_session(connection: &mut sqlx::PgConnection) -> bool {
+    (&mut *connection)
+        .execute(sqlx::raw_sql("DISCARD ALL"))
+        .await
+        .is_ok()
+        && connection.clear_cached_statements().await.is_ok()
 }
 
 impl PostgresNames {
@@ -213,8 +459,14 @@ impl PostgresNames {
 }
 
 /// Makes (or brings up to date) the app's role and schema. Several workers may do it at once:
-/// an advisory lock makes them take turns.
-async fn provision(admin: &HostDatabase, names: &PostgresNames) -> Result<()> {
+/// they take turns on a lock of the host's own table, which no app role can reach, and give up
+/// after the database timeout rather than hold a connection of the host's pool for longer.
+async fn provision(
+    admin: &HostDatabase,
+    names: &PostgresNames,
+    limits: &SqlLimits,
+    acquire_timeout: Duration,
+) -> Result<()> {
     let pool = admin.pool().await?;
     let mut transaction = pool.begin().await?;
     let PostgresNames {
@@ -222,16 +474,31 @@ async fn provision(admin: &HostDatabase, names: &PostgresNames) -> Result<()> {
         role,
         password,
     } = names;
+    let wait = acquire_timeout.as_millis().max(1);
+    let connections = limits.role_connections();
+    // The role's own defaults, for a statement of a request with no deadline; each request
+    // sets them to its remaining time. A backend whose connection was closed under a running
+    // statement notices within a second.
+    let timeout = match limits.timeout {
+        Some(timeout) => format!("'{}ms'", timeout.as_millis().max(1)),
+        None => "DEFAULT".to_owned(),
+    };
     let statements = format!(
-                "SELECT pg_advisory_xact_lock(7283491624);
-                DO $$ BEGIN
-                    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN
-                        CREATE ROLE {role} LOGIN;
-                    END IF;
-                END $$;
-                ALTER ROLE {role} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS NOINHERIT PASSWORD '{password}';
-                CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {role};
-                ALTER ROLE {role} SET search_path = {schema};"
+        "SET LOCAL lock_timeout = '{wait}ms';
+        SET LOCAL statement_timeout = '{wait}ms';
+        LOCK TABLE host_state.setup IN EXCLUSIVE MODE;
+        DO $$ BEGIN
+            IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN
+                CREATE ROLE {role} LOGIN;
+            END IF;
+        END $$;
+        ALTER ROLE {role} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS NOINHERIT CONNECTION LIMIT {connections} PASSWORD '{password}';
+        CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {role};
+        ALTER ROLE {role} SET search_path = {schema};
+        ALTER ROLE {role} SET statement_timeout = {timeout};
+        ALTER ROLE {role} SET lock_timeout = {timeout};
+        ALTER ROLE {role} SET idle_in_transaction_session_timeout = {timeout};
+        ALTER ROLE {role} SET client_connection_check_interval = '1s';"
     );
     transaction
         .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(statements)))
@@ -243,49 +510,158 @@ async fn provision(admin: &HostDatabase, names: &PostgresNames) -> Result<()> {
 fn sqlite_pool(
     path: &Path,
     max_connections: u32,
-    acquire_timeout: std::time::Duration,
+    acquire_timeout: Duration,
+    longest: u64,
 ) -> SqlitePool {
     let options = SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
-        .busy_timeout(std::time::Duration::from_secs(30))
+        .busy_timeout(SQLITE_BUSY_TIMEOUT)
         .foreign_keys(true)
         .pragma("cache_size", format!("-{}", database::SQLITE_APP_CACHE_KIB));
     SqlitePoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(acquire_timeout)
-        .after_connect(|connection, _| {
+        .after_connect(move |connection, _| {
             Box::pin(async move {
                 let mut handle = connection.lock_handle().await?;
-                confine(handle.as_raw_handle().as_ptr());
+                confine(handle.as_raw_handle().as_ptr(), longest);
                 Ok(())
+            })
+        })
+        .after_release(|connection, _| {
+            Box::pin(async move {
+                let mut handle = connection.lock_handle().await?;
+                handle.remove_progress_handler();
+                // A transaction the app began with a statement of its own and left open is
+                // rolled back by closing the connection.
+                // SAFETY: the handle is locked for this call.
+                let idle = unsafe {
+                    libsqlite3_sys::sqlite3_get_autocommit(handle.as_raw_handle().as_ptr())
+                } != 0;
+                Ok(idle)
             })
         })
         .connect_lazy_with(options)
 }
 
-/// No other database file can be attached to a connection: its limit of attached databases is
-/// 0, and an authorizer refuses ATTACH and DETACH (which `VACUUM INTO` needs too).
-fn confine(db: *mut libsqlite3_sys::sqlite3) {
+/// PRAGMAs an app may run with any argument: they read the schema or check the file.
+const SQLITE_QUERY_PRAGMAS: &[&str] = &[
+    "table_info",
+    "table_xinfo",
+    "table_list",
+    "index_list",
+    "index_info",
+    "index_xinfo",
+    "foreign_key_list",
+    "foreign_key_check",
+    "integrity_check",
+    "quick_check",
+    "optimize",
+];
+
+/// PRAGMAs an app may set: they change only its own file or its own connection's behaviour.
+const SQLITE_SETTABLE_PRAGMAS: &[&str] = &[
+    "user_version",
+    "application_id",
+    "foreign_keys",
+    "defer_foreign_keys",
+    "recursive_triggers",
+    "automatic_index",
+    "reverse_unordered_selects",
+];
+
+/// PRAGMAs an app may read but not set: the others change what the host decided (the journal,
+/// the cache, the busy timeout) or the whole process (`hard_heap_limit`,
+/// `temp_store_directory`), or tell it about the machine.
+const SQLITE_READABLE_PRAGMAS: &[&str] = &[
+    "page_count",
+    "page_size",
+    "freelist_count",
+    "max_page_count",
+    "schema_version",
+    "data_version",
+    "encoding",
+    "journal_mode",
+    "auto_vacuum",
+    "synchronous",
+    "cache_size",
+    "busy_timeout",
+    "collation_list",
+    "function_list",
+    "module_list",
+    "pragma_list",
+];
+
+/// Whether an app may run `PRAGMA name` (`argument` is `None`) or `PRAGMA name = argument`.
+fn pragma_allowed(name: &str, argument: Option<&str>) -> bool {
+    let name = name.to_ascii_lowercase();
+    let name = name.as_str();
+    SQLITE_QUERY_PRAGMAS.contains(&name)
+        || SQLITE_SETTABLE_PRAGMAS.contains(&name)
+        || (argument.is_none() && SQLITE_READABLE_PRAGMAS.contains(&name))
+}
+
+/// An app's SQLite connection reaches its own file and stays within its memory: no other
+/// database can be attached (the limit of attached databases is 0, and the authorizer refuses
+/// ATTACH and DETACH, which `VACUUM INTO` needs too), PRAGMAs are on an allow-list, no string,
+/// blob or statement may be longer than `longest` bytes, and the defensive mode keeps the
+/// schema from being written directly.
+fn confine(db: *mut libsqlite3_sys::sqlite3, longest: u64) {
     extern "C" fn authorize(
         _: *mut std::ffi::c_void,
         action: std::ffi::c_int,
-        _: *const std::ffi::c_char,
-        _: *const std::ffi::c_char,
+        first: *const std::ffi::c_char,
+        second: *const std::ffi::c_char,
         _: *const std::ffi::c_char,
         _: *const std::ffi::c_char,
     ) -> std::ffi::c_int {
+        let text = |pointer: *const std::ffi::c_char| {
+            // SAFETY: SQLite passes NULL or a NUL-terminated string valid for this call.
+            (!pointer.is_null())
+                .then(|| unsafe { std::ffi::CStr::from_ptr(pointer) }.to_string_lossy())
+        };
         match action {
             libsqlite3_sys::SQLITE_ATTACH | libsqlite3_sys::SQLITE_DETACH => {
                 libsqlite3_sys::SQLITE_DENY
             }
+            libsqlite3_sys::SQLITE_PRAGMA => {
+                let name = text(first).unwrap_or_default();
+                if pragma_allowed(&name, text(second).as_deref()) {
+                    libsqlite3_sys::SQLITE_OK
+                } else {
+                    libsqlite3_sys::SQLITE_DENY
+                }
+            }
             _ => libsqlite3_sys::SQLITE_OK,
         }
     }
+    let longest = longest.min(i32::MAX as u64) as std::ffi::c_int;
     // SAFETY: `db` is the open connection sqlx handed over, locked for this call.
     unsafe {
         libsqlite3_sys::sqlite3_limit(db, libsqlite3_sys::SQLITE_LIMIT_ATTACHED, 0);
+        libsqlite3_sys::sqlite3_limit(db, libsqlite3_sys::SQLITE_LIMIT_LENGTH, longest);
+        libsqlite3_sys::sqlite3_limit(db, libsqlite3_sys::SQLITE_LIMIT_SQL_LENGTH, longest);
+        libsqlite3_sys::sqlite3_limit(db, libsqlite3_sys::SQLITE_LIMIT_WORKER_THREADS, 0);
+        libsqlite3_sys::sqlite3_db_config(
+            db,
+            libsqlite3_sys::SQLITE_DBCONFIG_DEFENSIVE,
+            1 as std::ffi::c_int,
+            std::ptr::null_mut::<std::ffi::c_int>(),
+        );
+        libsqlite3_sys::sqlite3_db_config(
+            db,
+            libsqlite3_sys::SQLITE_DBCONFIG_TRUSTED_SCHEMA,
+            0 as std::ffi::c_int,
+            std::ptr::null_mut::<std::ffi::c_int>(),
+        );
+        libsqlite3_sys::sqlite3_db_config(
+            db,
+            libsqlite3_sys::SQLITE_DBCONFIG_ENABLE_LOAD_EXTENSION,
+            0 as std::ffi::c_int,
+            std::ptr::null_mut::<std::ffi::c_int>(),
+        );
         libsqlite3_sys::sqlite3_set_authorizer(db, Some(authorize), std::ptr::null_mut());
     }
 }
@@ -522,22 +898,31 @@ async fn sqlite_execute<'e>(
 }
 
 impl OpenTransaction {
-    /// Commits or rolls back; a transaction ends once.
+    /// Commits or rolls back; a transaction ends once. One that fails to end is closed with
+    /// its connection, which rolls it back.
     async fn end(&mut self, commit: bool) -> Answer<()> {
-        let ended = match self {
-            OpenTransaction::Sqlite(open) => match open.take() {
-                Some(open) if commit => open.commit().await,
-                Some(open) => open.rollback().await,
-                None => return Err(SqlError::TransactionFinished),
-            },
-            OpenTransaction::Postgres(open) => match open.take() {
-                Some(open) if commit => open.commit().await,
-                Some(open) => open.rollback().await,
-                None => return Err(SqlError::TransactionFinished),
-            },
-        };
-        ended.map_err(sql_error)
+        let statement = if commit { "COMMIT" } else { "ROLLBACK" };
+        match self {
+            OpenTransaction::Sqlite(open) => end(open.take(), statement).await,
+            OpenTransaction::Postgres(open) => end(open.take(), statement).await,
+        }
     }
+}
+
+async fn end<DB: Database>(open: Option<Lent<DB>>, statement: &'static str) -> Answer<()>
+where
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+{
+    let Some(mut lent) = open else {
+        return Err(SqlError::TransactionFinished);
+    };
+    lent.start()
+        .execute(sqlx::raw_sql(statement))
+        .await
+        .map_err(sql_error)?;
+    lent.finished();
+    lent.in_transaction = false;
+    Ok(())
 }
 
 impl GuestState {
@@ -558,7 +943,11 @@ impl Host for GuestState {
         params: Vec<Value>,
     ) -> wasmtime::Result<Answer<Rows>> {
         let limit = self.result_limit();
-        Ok(self.database()?.query(&statement, params, limit).await)
+        let deadline = self.deadline();
+        Ok(self
+            .database()?
+            .query(&statement, params, limit, deadline)
+            .await)
     }
 
     async fn execute(
@@ -566,11 +955,13 @@ impl Host for GuestState {
         statement: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Answer<u64>> {
-        Ok(self.database()?.execute(&statement, params).await)
+        let deadline = self.deadline();
+        Ok(self.database()?.execute(&statement, params, deadline).await)
     }
 
     async fn begin(&mut self) -> wasmtime::Result<Answer<Resource<OpenTransaction>>> {
-        Ok(match self.database()?.begin().await {
+        let deadline = self.deadline();
+        Ok(match self.database()?.begin(deadline).await {
             Ok(transaction) => Ok(self.table().push(transaction)?),
             Err(error) => Err(error),
         })
@@ -586,11 +977,15 @@ impl HostTransaction for GuestState {
     ) -> wasmtime::Result<Answer<Rows>> {
         let limit = self.result_limit();
         Ok(match self.table().get_mut(&transaction)? {
-            OpenTransaction::Sqlite(Some(open)) => {
-                sqlite_rows(&mut **open, &statement, params, limit).await
+            OpenTransaction::Sqlite(Some(lent)) => {
+                let rows = sqlite_rows(lent.start(), &statement, params, limit).await;
+                lent.finished();
+                rows
             }
-            OpenTransaction::Postgres(Some(open)) => {
-                postgres_rows(&mut **open, &statement, params, limit).await
+            OpenTransaction::Postgres(Some(lent)) => {
+                let rows = postgres_rows(lent.start(), &statement, params, limit).await;
+                lent.finished();
+                rows
             }
             _ => Err(SqlError::TransactionFinished),
         })
@@ -603,11 +998,15 @@ impl HostTransaction for GuestState {
         params: Vec<Value>,
     ) -> wasmtime::Result<Answer<u64>> {
         Ok(match self.table().get_mut(&transaction)? {
-            OpenTransaction::Sqlite(Some(open)) => {
-                sqlite_execute(&mut **open, &statement, params).await
+            OpenTransaction::Sqlite(Some(lent)) => {
+                let done = sqlite_execute(lent.start(), &statement, params).await;
+                lent.finished();
+                done
             }
-            OpenTransaction::Postgres(Some(open)) => {
-                postgres_execute(&mut **open, &statement, params).await
+            OpenTransaction::Postgres(Some(lent)) => {
+                let done = postgres_execute(lent.start(), &statement, params).await;
+                lent.finished();
+                done
             }
             _ => Err(SqlError::TransactionFinished),
         })
@@ -628,7 +1027,7 @@ impl HostTransaction for GuestState {
     }
 
     async fn drop(&mut self, transaction: Resource<OpenTransaction>) -> wasmtime::Result<()> {
-        // An open transaction is rolled back when sqlx drops it.
+        // A transaction still open is closed with its connection, which rolls it back.
         self.table().delete(transaction)?;
         Ok(())
     }
@@ -666,5 +1065,42 @@ mod tests {
         assert!(hostile.role.len() <= 63);
         let other_key = PostgresNames::for_app("lenzeye", "prod", &[2u8; 32]);
         assert_ne!(plain.password, other_key.password);
+    }
+
+    #[test]
+    fn sqlite_heap_is_two_of_the_longest_values_and_a_mebibyte_a_connection() {
+        let limits = |connections, memory_limit| SqlLimits {
+            connections,
+            workers: 1,
+            timeout: None,
+            memory_limit,
+            granted: true,
+        };
+        assert_eq!(limits(4, 16 << 20).sqlite_longest(), 8 << 20);
+        assert_eq!(limits(4, 16 << 20).sqlite_heap(), 20 << 20);
+        // At most 4 connections to a SQLite file; at least 1 MiB values.
+        assert_eq!(limits(10, 16 << 20).sqlite_heap(), 20 << 20);
+        assert_eq!(limits(1, 1 << 20).sqlite_heap(), 3 << 20);
+    }
+
+    #[test]
+    fn pragmas_that_reach_the_process_or_the_host_settings_are_refused() {
+        assert!(pragma_allowed("table_info", Some("notes")));
+        assert!(pragma_allowed("USER_VERSION", Some("3")));
+        assert!(pragma_allowed("journal_mode", None));
+        assert!(!pragma_allowed("journal_mode", Some("off")));
+        for refused in [
+            "hard_heap_limit",
+            "soft_heap_limit",
+            "temp_store_directory",
+            "data_store_directory",
+            "mmap_size",
+            "threads",
+            "writable_schema",
+            "cache_size",
+        ] {
+            assert!(!pragma_allowed(refused, Some("1")), "{refused}");
+        }
+        assert!(!pragma_allowed("temp_store_directory", None));
     }
 }
