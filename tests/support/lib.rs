@@ -406,6 +406,24 @@ impl HostProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// The CPU time (user and system) the host and the processes it started have used: utime
+    /// and stime in /proc/<pid>/stat, which count the threads that have exited too.
+    pub fn cpu_time(&self) -> Duration {
+        // SAFETY: sysconf has no preconditions.
+        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let ticks: u64 = process_tree(self.pid())
+            .iter()
+            .filter_map(|pid| {
+                let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                let (_, after_comm) = stat.rsplit_once(')')?;
+                let fields: Vec<&str> = after_comm.split_whitespace().collect();
+                // After the command: state (field 3) … utime (14), stime (15).
+                Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+            })
+            .sum();
+        Duration::from_millis(ticks * 1000 / ticks_per_second)
+    }
+
     /// The host's resident set size in KiB: VmRSS in /proc/<pid>/status, summed over the host
     /// process and any processes it started (worker processes, if the host forks them).
     pub fn rss_kib(&self) -> u64 {

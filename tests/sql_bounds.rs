@@ -1,0 +1,396 @@
+//! What one app's SQL can make the host and the database spend, tried by a hostile app next to
+//! a victim app in one host, on SQLite and on the machine's PostgreSQL: a statement stops at
+//! its request's deadline and burns nothing after it, SQLite's memory in the host stays near
+//! the app's `--memory-limit`, PRAGMAs that change the process are refused, and on PostgreSQL a
+//! session's locks and settings end with its request and no app can stall the host's set-up.
+
+use std::time::{Duration, Instant};
+
+use blackbox::{
+    HostProcess, database_url, drop_postgres_app, guest, http_client, poll_until, psql,
+};
+use serde_json::{Value, json};
+
+/// A hostile and a victim copy of the probe guest in one host, on SQLite files or on the
+/// tests' PostgreSQL; the apps' PostgreSQL schemas and roles are removed when it is dropped.
+struct TwoApps {
+    host: HostProcess,
+    postgres: bool,
+    hostile: String,
+    victim: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TwoApps {
+    /// `hostile` settings (TOML lines of its `[[app]]`) and the host's `args`.
+    fn start(postgres: bool, hostile_settings: &str, args: &[&str]) -> TwoApps {
+        let hostile = blackbox::unique_name("hostile");
+        let victim = blackbox::unique_name("victim");
+        if postgres {
+            drop_postgres_app(&hostile);
+            drop_postgres_app(&victim);
+        }
+        let config = format!(
+            r#"
+worker_class = "gthread"
+threads = 4
+
+[[app]]
+name = "{hostile}"
+component = "{probe}"
+hosts = ["{hostile}.test"]
+{hostile_settings}
+
+[[app]]
+name = "{victim}"
+component = "{probe}"
+hosts = ["{victim}.test"]
+"#,
+            probe = guest("probe"),
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("host.toml");
+        std::fs::write(&path, config).expect("write the config");
+        let url = database_url();
+        let mut all_args = args.to_vec();
+        if postgres {
+            all_args.extend(["--database-url", &url, "--database-timeout", "5"]);
+        }
+        TwoApps {
+            host: HostProcess::start_with_config(&path, &all_args),
+            postgres,
+            hostile,
+            victim,
+            _dir: dir,
+        }
+    }
+
+    /// `statement` through the probe's `/sql/<route>` of `app` (`hostile` or `victim`): the
+    /// status, the JSON answer and how long it took.
+    async fn sql(&self, app: &str, route: &str, statement: &str) -> (u16, Value, Duration) {
+        let body = json!({"statement": statement, "params": []}).to_string();
+        self.call(app, "POST", &format!("/sql/{route}"), body).await
+    }
+
+    /// `method path` with `body` to `app`: the status, the JSON answer and how long it took.
+    async fn call(
+        &self,
+        app: &str,
+        method: &str,
+        path: &str,
+        body: String,
+    ) -> (u16, Value, Duration) {
+        let started = Instant::now();
+        let response = http_client()
+            .request(method.parse().expect("a method"), self.host.url(path))
+            .header("host", format!("{app}.test"))
+            .body(body)
+            .send()
+            .await
+            .expect("the host answers");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, json, started.elapsed())
+    }
+
+    /// The hostile app's role on PostgreSQL.
+    fn hostile_role(&self) -> String {
+        psql(&format!(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE 'host\\_app\\_{}\\_%'",
+            self.hostile
+        ))
+    }
+}
+
+impl Drop for TwoApps {
+    fn drop(&mut self) {
+        if self.postgres {
+            drop_postgres_app(&self.hostile);
+            drop_postgres_app(&self.victim);
+        }
+    }
+}
+
+/// A statement that computes for a long time, and one that waits for a long time.
+fn runaway_statement(postgres: bool) -> &'static str {
+    if postgres {
+        "SELECT pg_sleep(12)"
+    } else {
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 500000000) \
+         SELECT count(*) FROM c"
+    }
+}
+
+async fn a_runaway_statement_stops_at_the_deadline(postgres: bool) {
+    let apps = TwoApps::start(postgres, "threads = 1", &["--timeout", "3"]);
+    for app in [&apps.hostile, &apps.victim] {
+        let (status, answer, _) = apps.sql(app, "query", "SELECT 1").await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let runaway = apps.sql(&apps.hostile, "query", runaway_statement(postgres));
+    // The victim answers while the hostile statement runs.
+    let victim = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        apps.sql(&apps.victim, "query", "SELECT 2").await
+    };
+    let ((status, answer, took), (victim_status, _, victim_took)) = tokio::join!(runaway, victim);
+    assert_eq!(status, 504, "{answer}");
+    assert!(took < Duration::from_secs(8), "the 504 took {took:?}");
+    assert_eq!(victim_status, 200);
+    assert!(
+        victim_took < Duration::from_secs(2),
+        "the victim waited {victim_took:?} beside the runaway statement"
+    );
+
+    // Nothing keeps running after the deadline: the worker's CPU, and the database's backend.
+    let cpu_before = apps.host.cpu_time();
+    let window = Instant::now();
+    if postgres {
+        let role = apps.hostile_role();
+        let stopped = poll_until(Duration::from_secs(5), Duration::from_millis(100), || {
+            psql(&format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}' AND state = 'active'"
+            ))
+            .eq("0")
+            .then_some(())
+        });
+        assert!(
+            stopped.is_some(),
+            "the hostile statement still runs on PostgreSQL after its deadline: {}",
+            psql(&format!(
+                "SELECT state, query FROM pg_stat_activity WHERE usename = '{role}'"
+            ))
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(window.elapsed())).await;
+    let burnt = apps.host.cpu_time().saturating_sub(cpu_before);
+    assert!(
+        burnt < Duration::from_millis(600),
+        "the host burnt {burnt:?} of CPU in the 2 s after the deadline"
+    );
+
+    // The app's next statements get a connection that is not busy with the old one.
+    for app in [&apps.hostile, &apps.victim] {
+        let (status, answer, took) = apps.sql(app, "query", "SELECT 3").await;
+        assert_eq!(status, 200, "{app}: {answer}");
+        assert!(took < Duration::from_secs(2), "{app} waited {took:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_runaway_sqlite_statement_stops_at_the_deadline() {
+    a_runaway_statement_stops_at_the_deadline(false).await;
+}
+
+#[tokio::test]
+async fn a_runaway_postgres_statement_stops_at_the_deadline() {
+    a_runaway_statement_stops_at_the_deadline(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_memory_in_the_host_stays_within_what_the_budget_counts() {
+    // Both apps at 16 MiB: SQLite makes no value longer than 8 MiB for them, and holds at most
+    // 2 × (2 × 8 MiB + 4 × 1 MiB) + 2 MiB in the worker.
+    let apps = TwoApps::start(false, "", &["--memory-limit", "16MiB"]);
+    let (status, _, _) = apps.sql(&apps.victim, "query", "SELECT 1").await;
+    assert_eq!(status, 200);
+    let idle = apps.host.rss_kib();
+    let wide_row = format!("SELECT {}", vec!["randomblob(8000000)"; 60].join(", "));
+    for (statement, refusal) in [
+        ("SELECT length(randomblob(400000000))", "too big"),
+        ("SELECT zeroblob(300000000)", "too big"),
+        (wide_row.as_str(), "out of memory"),
+    ] {
+        let (status, answer, _) = apps.sql(&apps.hostile, "query", statement).await;
+        let shown = &statement[..statement.len().min(60)];
+        assert_eq!(status, 400, "{shown}: {answer}");
+        assert_eq!(answer["error"]["kind"], "database", "{shown}: {answer}");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(refusal),
+            "{shown}: {answer}"
+        );
+        let grown = apps.host.rss_kib().saturating_sub(idle);
+        assert!(
+            grown < 96 * 1024,
+            "{shown} took the host from {idle} KiB to {} KiB",
+            idle + grown
+        );
+    }
+    // Within the limits is fine, and the victim is unaffected.
+    let (status, answer, _) = apps
+        .sql(
+            &apps.hostile,
+            "query",
+            "SELECT length(replace(hex(zeroblob(3500000)), '0', 'a'))",
+        )
+        .await;
+    assert_eq!(
+        (status, &answer["rows"]),
+        (200, &json!([[7000000]])),
+        "{answer}"
+    );
+    let (status, answer, _) = apps
+        .sql(&apps.victim, "query", "SELECT length(randomblob(4000000))")
+        .await;
+    assert_eq!(
+        (status, &answer["rows"]),
+        (200, &json!([[4000000]])),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_pragmas_that_change_the_process_are_refused() {
+    let apps = TwoApps::start(false, "", &[]);
+    let (status, answer, _) = apps
+        .sql(&apps.victim, "execute", "CREATE TABLE t (v TEXT)")
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    for statement in [
+        "PRAGMA hard_heap_limit = 100000",
+        "PRAGMA soft_heap_limit = 100000",
+        "SELECT * FROM pragma_hard_heap_limit",
+        "PRAGMA temp_store_directory = '/tmp'",
+        "PRAGMA temp_store_directory",
+        "PRAGMA cache_size = -1000000",
+        "PRAGMA journal_mode = OFF",
+        "PRAGMA writable_schema = ON",
+        "PRAGMA threads = 8",
+        "PRAGMA mmap_size = 1000000000",
+    ] {
+        let (status, answer, _) = apps.sql(&apps.hostile, "query", statement).await;
+        assert_eq!(status, 400, "{statement}: {answer}");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("not authorized"),
+            "{statement}: {answer}"
+        );
+    }
+    // What only reads the app's own schema, or sets its own file's fields, still works.
+    for statement in [
+        "PRAGMA user_version = 7",
+        "PRAGMA user_version",
+        "PRAGMA table_info(t)",
+        "SELECT name FROM pragma_table_list",
+        "PRAGMA integrity_check",
+        "PRAGMA journal_mode",
+    ] {
+        let (status, answer, _) = apps.sql(&apps.hostile, "query", statement).await;
+        assert_eq!(status, 200, "{statement}: {answer}");
+    }
+    // The victim's SQL and the host's own tables (the registry) are unaffected.
+    let (status, answer, _) = apps
+        .sql(
+            &apps.victim,
+            "execute",
+            "INSERT INTO t VALUES (hex(randomblob(100000)))",
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, key, _) = apps
+        .call(&apps.victim, "GET", "/crypto/key", String::new())
+        .await;
+    assert_eq!(status, 200, "{key}");
+    let key_id = key["key_id"].as_str().expect("a key id");
+    let (status, answer, _) = apps
+        .call(
+            &apps.victim,
+            "POST",
+            &format!("/registry/begin?name=entry&key_id={key_id}"),
+            String::new(),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+#[tokio::test]
+async fn a_postgres_session_ends_with_its_request_and_no_app_stalls_the_set_up() {
+    let apps = TwoApps::start(true, "threads = 1", &["--timeout", "20"]);
+    let (status, answer, _) = apps.sql(&apps.hostile, "query", "SELECT 1").await;
+    assert_eq!(status, 200, "{answer}");
+    let role = apps.hostile_role();
+
+    // The role is held to a connection limit and to timeouts of its own.
+    let limit: i64 = psql(&format!(
+        "SELECT rolconnlimit FROM pg_roles WHERE rolname = '{role}'"
+    ))
+    .parse()
+    .expect("a connection limit");
+    assert!(limit > 0, "the app role has no connection limit");
+    let config = psql(&format!(
+        "SELECT array_to_string(setconfig, ',') FROM pg_db_role_setting \
+         JOIN pg_roles ON pg_roles.oid = setrole WHERE rolname = '{role}'"
+    ));
+    for setting in [
+        "statement_timeout=20000ms",
+        "lock_timeout=20000ms",
+        "idle_in_transaction_session_timeout=20000ms",
+    ] {
+        assert!(config.contains(setting), "{setting} missing from {config}");
+    }
+
+    // A session's settings, LISTENs and locks do not outlive the request that made them.
+    for statement in [
+        "SELECT set_config('application_name', 'leaked', false)",
+        "LISTEN hostile_channel",
+        "SELECT pg_advisory_lock(7283491624)",
+    ] {
+        let (status, answer, _) = apps.sql(&apps.hostile, "execute", statement).await;
+        assert_eq!(status, 200, "{statement}: {answer}");
+    }
+    let (status, answer, _) = apps
+        .sql(
+            &apps.hostile,
+            "query",
+            "SELECT current_setting('application_name'), \
+             (SELECT count(*) FROM pg_listening_channels()), \
+             (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())",
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["rows"], json!([["", 0, 0]]), "{answer}");
+
+    // An app holding what used to be the host's set-up lock, in a transaction that stays
+    // open, does not stall the set-up of another app (its first statement).
+    let holder = apps.call(
+        &apps.hostile,
+        "POST",
+        "/sql/transaction",
+        json!([
+            {"statement": "SELECT pg_advisory_lock(7283491624)::text", "params": []},
+            {"statement": "SELECT pg_advisory_lock(7283491623)::text", "params": []},
+            {"statement": "SELECT pg_sleep(8)::text", "params": []},
+        ])
+        .to_string(),
+    );
+    let newcomer = async {
+        // Polled without blocking the thread the hostile request runs on.
+        let started = Instant::now();
+        while psql(&format!(
+            "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) \
+             WHERE locktype = 'advisory' AND usename = '{role}'"
+        )) != "2"
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the hostile app never held the locks"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        apps.sql(&apps.victim, "query", "SELECT 1").await
+    };
+    let ((holder_status, holder_answer, _), (status, answer, took)) =
+        tokio::join!(holder, newcomer);
+    assert_eq!(holder_status, 200, "{holder_answer}");
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        took < Duration::from_secs(4),
+        "the new app's first statement waited {took:?} for the hostile app's lock"
+    );
+}
