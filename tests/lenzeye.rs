@@ -6,7 +6,9 @@
 
 use std::process::Command;
 
-use blackbox::{AppCopy, AppHost, Backends, Services, random_bytes, repo_root, unique_name};
+use blackbox::{
+    AppCopy, AppHost, Backends, HostProcess, Services, random_bytes, repo_root, unique_name,
+};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -14,28 +16,48 @@ use sha2::{Digest, Sha256};
 const MIB: usize = 1 << 20;
 const PART: usize = 10 * MIB;
 
-/// A Lenzeye user: requests with its API key.
+/// A Lenzeye user: requests with its API key, to the app behind `app_host` (a `Host` header)
+/// when the host serves several.
 struct User<'a> {
-    host: &'a AppHost,
+    host: &'a HostProcess,
+    app_host: Option<String>,
     key: String,
 }
 
 impl<'a> User<'a> {
     async fn create(host: &'a AppHost) -> User<'a> {
-        let (status, answer) = host.call("POST", "/users", "").await;
-        assert_eq!(status, 201, "{answer}");
-        User {
+        User::create_at(&host.host, None).await
+    }
+
+    async fn create_at(host: &'a HostProcess, app_host: Option<&str>) -> User<'a> {
+        let mut user = User {
             host,
-            key: answer["api_key"].as_str().unwrap().to_owned(),
+            app_host: app_host.map(str::to_owned),
+            key: String::new(),
+        };
+        let (status, answer) = user.call("POST", "/users", "").await;
+        assert_eq!(status, 201, "{answer}");
+        user.key = answer["api_key"].as_str().unwrap().to_owned();
+        user
+    }
+
+    fn with_key(host: &'a AppHost, key: &str) -> User<'a> {
+        User {
+            host: &host.host,
+            app_host: None,
+            key: key.to_owned(),
         }
     }
 
     fn request(&self, method: &str, path: &str) -> reqwest::RequestBuilder {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        self.host
-            .client
-            .request(method, self.host.host.url(path))
-            .bearer_auth(&self.key)
+        let mut request = blackbox::http_client()
+            .request(method, self.host.url(path))
+            .bearer_auth(&self.key);
+        if let Some(app_host) = &self.app_host {
+            request = request.header("host", app_host);
+        }
+        request
     }
 
     async fn call(&self, method: &str, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
@@ -153,7 +175,7 @@ async fn uploads_and_downloads(backends: Backends) {
 
     // A restart between parts: the second host finishes the upload.
     let host = host.restart(&mut services, &args);
-    let user = User { host: &host, key };
+    let user = User::with_key(&host, &key);
     send_parts(&user, &upload_id, &file, &[6, 3, 4]).await;
     let (status, done) = user.complete(&upload_id).await;
     assert_eq!(status, 200, "{done}");
@@ -304,10 +326,7 @@ async fn bad_requests_are_answered_and_change_nothing() {
     let user = User::create(&host).await;
     let (status, answer) = host.call("GET", "/files", "").await;
     assert_eq!(status, 401, "no key: {answer}");
-    let wrong = User {
-        host: &host,
-        key: "lz_nope".into(),
-    };
+    let wrong = User::with_key(&host, "lz_nope");
     assert_eq!(wrong.call("GET", "/files", "").await.0, 401);
 
     for body in [
@@ -494,4 +513,132 @@ fn the_readme_and_the_procfile_serve_lenzeye() {
         procfile.starts_with("web: host serve guests/lenzeye.wasm "),
         "{procfile}"
     );
+}
+
+/// Uploads `file` for `user` in whole parts, four at a time: the file's id.
+async fn stored_file(user: &User<'_>, name: &str, file: &[u8]) -> String {
+    let (upload_id, file_id) = user.initiate(name, file.len()).await;
+    let numbers: Vec<usize> = (1..=file.len().div_ceil(PART)).collect();
+    send_parts(user, &upload_id, file, &numbers).await;
+    let (status, done) = user.complete(&upload_id).await;
+    assert_eq!(status, 200, "{done}");
+    file_id
+}
+
+/// A client that asks for a file, reads the answer's head (sent once the first part is
+/// checked, so its buffer is held) and then reads nothing more, with a receive buffer of a
+/// few KiB so that little of the body fits in flight.
+async fn stalled_download(
+    host: &HostProcess,
+    user: &User<'_>,
+    file_id: &str,
+) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(host.addr()).await.unwrap();
+    let request = format!(
+        "GET /files/{file_id} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\r\n",
+        user.app_host.as_deref().unwrap_or("localhost"),
+        user.key
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let read = tokio::time::timeout(std::time::Duration::from_secs(30), stream.read(&mut byte))
+            .await
+            .expect("the answer's head came in time")
+            .unwrap();
+        assert_eq!(
+            read,
+            1,
+            "closed before the head: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    stream
+}
+
+/// Four clients of one app start downloads and never read them: as many as the host's part
+/// buffers (`--encrypt-concurrency 4`). Another user of the same app and a user of another app
+/// in the same host still download their files, whole and in time: no part buffer waits on a
+/// client that does not read.
+async fn stalled_downloads_hold_no_part_buffer(backends: Backends) {
+    let mut services = Services::start(backends);
+    let (attacked, neighbour) = (unique_name("stalled"), unique_name("neighbour"));
+    let args = services.host_args(&attacked);
+    services.host_args(&neighbour);
+    let lenzeye = blackbox::guest("lenzeye");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("host.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+worker_class = "gthread"
+threads = 8
+timeout = 30
+
+[[app]]
+name = "{attacked}"
+component = "{lenzeye}"
+hosts = ["attacked.test"]
+
+[[app]]
+name = "{neighbour}"
+component = "{lenzeye}"
+hosts = ["neighbour.test"]
+"#
+        ),
+    )
+    .unwrap();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let host = HostProcess::start_with_config_and_env(&config, &args, &blackbox::S3_CREDENTIALS);
+    let attacker = User::create_at(&host, Some("attacked.test")).await;
+    let other_user = User::create_at(&host, Some("attacked.test")).await;
+    let other_app = User::create_at(&host, Some("neighbour.test")).await;
+    let file = random_bytes(3 * PART, 9);
+    let attacked_file = stored_file(&attacker, "a.bin", &file).await;
+    let victims = [
+        (&other_user, stored_file(&other_user, "u.bin", &file).await),
+        (&other_app, stored_file(&other_app, "n.bin", &file).await),
+    ];
+
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        stalled.push(stalled_download(&host, &attacker, &attacked_file).await);
+    }
+    for (user, file_id) in victims {
+        let started = std::time::Instant::now();
+        let (status, body, _) = user.download(&file_id, None).await;
+        let took = started.elapsed();
+        assert_eq!(status, 200);
+        assert!(body == file, "the download is not the file uploaded");
+        eprintln!(
+            "{backends:?}: 30 MiB for {:?} in {took:?} while four downloads stalled",
+            user.app_host
+        );
+        assert!(
+            took < std::time::Duration::from_secs(10),
+            "a download took {took:?} while four others stalled"
+        );
+    }
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn stalled_downloads_hold_no_part_buffer_sqlite_local() {
+    stalled_downloads_hold_no_part_buffer(Backends::SqliteLocal).await;
+}
+
+#[tokio::test]
+async fn stalled_downloads_hold_no_part_buffer_postgres_s3() {
+    stalled_downloads_hold_no_part_buffer(Backends::PostgresS3).await;
 }

@@ -388,3 +388,54 @@ async fn s3_requests_are_tried_three_times_then_answered() {
     assert_eq!(status, 503, "{answer}");
     assert_eq!(relay.accepted() - before, 3, "attempts at S3: {answer}");
 }
+
+/// What a host that stopped left half-written, a part buffer's spill file and a file of the
+/// local store's `tmp/`, is removed by the next host's master before its workers start.
+#[tokio::test]
+async fn leftovers_of_a_stopped_host_are_removed_at_start() {
+    let mut services = Services::start(Backends::SqliteLocal);
+    let data = tempfile::tempdir().unwrap();
+    let app = blackbox::AppCopy::new("probe", &blackbox::unique_name("leftovers"));
+    let leftovers = [
+        data.path().join("tmp/part-left"),
+        data.path().join(format!("apps/{}/tmp/.tmp-left", app.app)),
+    ];
+    for leftover in &leftovers {
+        std::fs::create_dir_all(leftover.parent().unwrap()).unwrap();
+        std::fs::write(leftover, random_bytes(MIB, 6)).unwrap();
+    }
+    let data_dir = data.path().to_string_lossy().into_owned();
+    let probe = AppHost::serve(&mut services, app, &["--data-dir", &data_dir]);
+    for leftover in &leftovers {
+        assert!(!leftover.exists(), "{} is still there", leftover.display());
+    }
+    let (status, answer) = probe.call("POST", "/objects/put?key=k", "v").await;
+    assert_eq!(status, 200, "the store no longer writes: {answer}");
+}
+
+/// An S3 part is buffered whole for retries; with every part beyond `--part-buffer` and
+/// `--spill-limit` smaller than a part, the part is refused at once with an answer that says
+/// why, and a part that fits is stored.
+#[tokio::test]
+async fn a_part_beyond_the_spill_limit_is_refused_at_once() {
+    let mut services = Services::start(Backends::PostgresS3);
+    let probe = AppHost::start(
+        &mut services,
+        "probe",
+        "spill",
+        &["--part-buffer", "64KiB", "--spill-limit", "1MiB"],
+    );
+    let upload = create(&probe, "s").await;
+    let part = |number: usize| format!("/objects/part?key=s&upload_id={upload}&part={number}");
+    let started = std::time::Instant::now();
+    let (status, answer) = probe.call("PUT", &part(1), random_bytes(2 * MIB, 7)).await;
+    assert_eq!(status, 503, "{answer}");
+    let text = answer["error"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("no part buffer is free") && text.contains("--spill-limit"),
+        "{answer}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let (status, answer) = probe.call("PUT", &part(1), random_bytes(MIB / 2, 8)).await;
+    assert_eq!(status, 200, "{answer}");
+}

@@ -69,7 +69,11 @@ pub fn run(
 ) -> Result<ExitCode> {
     hooks::event("on_starting", &[("pid", std::process::id().to_string())]);
     resolve_master_key(&mut settings)?;
-    let slots = HostWideSlots::create(settings.encrypt_concurrency)?;
+    crate::capabilities::remove_leftovers(&settings)?;
+    let slots = HostWideSlots::create(
+        settings.encrypt_concurrency,
+        (settings.spill_limit >> 20) as u32,
+    )?;
     settings.host_slots = Some(slots.id());
     let outcome = run_with(settings, error_log, reload);
     slots.remove();

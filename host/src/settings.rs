@@ -254,9 +254,14 @@ pub struct ServeArgs {
 
     /// A part held whole (checked before a download passes it on, or kept for an S3 retry) stays
     /// in memory up to this size, in a temporary file beyond it. At most
-    /// --encrypt-concurrency parts are held at once across the host.
+    /// --encrypt-concurrency parts are held in memory at once across the host.
     #[arg(long = "part-buffer", default_value = "16MiB", value_name = "SIZE", value_parser = parse_size)]
     pub part_buffer: u64,
+
+    /// The most disk the part buffers' temporary files (under <data-dir>/tmp) take at once,
+    /// across the host (at most 32767MiB); a part that finds no room is refused, not queued.
+    #[arg(long = "spill-limit", default_value = "1GiB", value_name = "SIZE", value_parser = parse_size)]
+    pub spill_limit: u64,
 
     /// debug, info, warning, error or critical.
     #[arg(long = "log-level", default_value = "info", value_name = "LEVEL")]
@@ -372,6 +377,7 @@ pub struct Settings {
     pub storage: Storage,
     pub s3: S3Settings,
     pub part_buffer: u64,
+    pub spill_limit: u64,
     pub log_level: LogLevel,
     pub error_logfile: String,
     pub access_logfile: Option<String>,
@@ -414,6 +420,12 @@ impl Settings {
         }
         if args.encrypt_concurrency == 0 {
             bail!("--encrypt-concurrency must be at least 1");
+        }
+        if args.spill_limit < 1 << 20 || args.spill_limit > u64::from(MAX_SPILL_MIB) << 20 {
+            bail!(
+                "--spill-limit must be from 1MiB to {MAX_SPILL_MIB}MiB, got {} bytes",
+                args.spill_limit
+            );
         }
         if args.workers == 0 {
             bail!("--workers must be at least 1");
@@ -480,6 +492,7 @@ impl Settings {
                 path_style: args.s3_path_style,
             },
             part_buffer: args.part_buffer,
+            spill_limit: args.spill_limit,
             log_level: args.log_level,
             error_logfile: args.error_logfile,
             access_logfile: args.access_logfile,
@@ -491,6 +504,9 @@ impl Settings {
         })
     }
 }
+
+/// `--spill-limit` is counted in MiB by a System V semaphore, which counts to 32767.
+const MAX_SPILL_MIB: u32 = crate::capabilities::slots::MAX_UNITS;
 
 fn seconds_or_off(seconds: f64) -> Option<Duration> {
     (seconds > 0.0).then(|| Duration::from_secs_f64(seconds))

@@ -190,8 +190,17 @@ impl HostProcess {
 
     /// `start` for the apps of a config file: `host serve -c <config> …`.
     pub fn start_with_config(config: &Path, extra_args: &[&str]) -> HostProcess {
+        HostProcess::start_with_config_and_env(config, extra_args, &[])
+    }
+
+    /// `start_with_config`, with `env` added to the host's environment.
+    pub fn start_with_config_and_env(
+        config: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> HostProcess {
         let config = config.to_string_lossy();
-        HostProcess::start_serving(&["-c", &config], extra_args, &[])
+        HostProcess::start_serving(&["-c", &config], extra_args, env)
     }
 
     /// `host serve <what> --bind 127.0.0.1:<free port> …`, with another port when another test

@@ -6,7 +6,9 @@
 //! `host:crypto:v1:<app>`, so a key id issued to one app is refused for every other.
 //!
 //! Every encryption takes a slot of the host-wide bound (`slots.rs`), a chunk at a time for
-//! streams, so a slow client never holds a slot while the host waits for its bytes.
+//! streams, so a slow client never holds a slot while the host waits for its bytes; and first a
+//! place in its app's share of those slots in the worker (a fair queue), so one app's many
+//! streams cannot keep every slot from another app.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -38,6 +40,8 @@ pub struct Crypto {
     /// `host:crypto:v1:<app>`, the associated data of this app's wrapped keys.
     wrapping_aad: Vec<u8>,
     slots: Option<HostWideSlots>,
+    /// The app's share of the encryption slots in this worker.
+    share: Arc<tokio::sync::Semaphore>,
 }
 
 /// AES-256-CTR of one object: the keystream at any offset, without state, so parts and chunks
@@ -89,13 +93,20 @@ impl Keystream {
 }
 
 impl Crypto {
-    pub fn new(master_key: &[u8; KEY_LENGTH], app: &str, slots: Option<HostWideSlots>) -> Crypto {
+    /// The crypto of `app`, which may run `share` encryptions at once in this worker.
+    pub fn new(
+        master_key: &[u8; KEY_LENGTH],
+        app: &str,
+        slots: Option<HostWideSlots>,
+        share: u32,
+    ) -> Crypto {
         let master =
             UnboundKey::new(&AES_256_GCM, master_key).expect("a 32-byte key is an AES-256-GCM key");
         Crypto {
             master: LessSafeKey::new(master),
             wrapping_aad: format!("{WRAPPING_CONTEXT}{app}").into_bytes(),
             slots,
+            share: Arc::new(tokio::sync::Semaphore::new(share.max(1) as usize)),
         }
     }
 
@@ -167,9 +178,10 @@ impl Crypto {
             Ok(keystream) => keystream,
             Err(error) => return Ok(Err(error)),
         };
+        let share = take_share(&self.share).await;
         let slot = slots::take_if_bounded(self.slots, Bound::Encryption).await;
         let work = tokio::task::spawn_blocking(move || {
-            let _slot = slot;
+            let _slots = (share, slot);
             apply_logged(&keystream, offset, &mut data).map(|()| data)
         });
         Ok(Ok(work.await.context("the encryption task was lost")??))
@@ -194,6 +206,7 @@ impl Crypto {
                 keystream,
                 offset,
                 slots: self.slots,
+                share: Arc::clone(&self.share),
             },
         )))))
     }
@@ -205,6 +218,14 @@ struct Encrypting {
     keystream: Keystream,
     offset: u64,
     slots: Option<HostWideSlots>,
+    share: Arc<tokio::sync::Semaphore>,
+}
+
+/// A place in the app's share of the encryption slots (the semaphore is never closed).
+async fn take_share(
+    share: &Arc<tokio::sync::Semaphore>,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    Arc::clone(share).acquire_owned().await.ok()
 }
 
 impl Change for Encrypting {
@@ -214,6 +235,7 @@ impl Change for Encrypting {
             .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
         let offset = self.offset;
         self.offset += data.len() as u64;
+        let _share = take_share(&self.share).await;
         let _slot = slots::take_if_bounded(self.slots, Bound::Encryption).await;
         apply_logged(&self.keystream, offset, &mut data)?;
         Ok(Some(data.freeze()))
@@ -330,7 +352,9 @@ pub fn for_app(
         &settings.data_dir,
     )?;
     let slots = settings.host_slots.map(HostWideSlots::open);
-    Ok((Arc::new(Crypto::new(&key, app, slots)), key))
+    let apps = settings.apps.len().max(1) as u32;
+    let share = settings.encrypt_concurrency / apps;
+    Ok((Arc::new(Crypto::new(&key, app, slots, share)), key))
 }
 
 /// The master key: `--master-key` (hex, from `HOST_MASTER_KEY`), else `--master-key-file`, else
@@ -427,8 +451,8 @@ mod tests {
     #[test]
     fn key_ids_belong_to_their_app() {
         let master = [9u8; 32];
-        let a = Crypto::new(&master, "a", None);
-        let b = Crypto::new(&master, "b", None);
+        let a = Crypto::new(&master, "a", None, 1);
+        let b = Crypto::new(&master, "b", None, 1);
         let id = a.generate_key().unwrap();
         assert!(a.unwrap_key(&id).is_some());
         assert!(b.unwrap_key(&id).is_none());

@@ -20,8 +20,7 @@ use crate::capabilities::host::capabilities::hmac_registry::{
     Host, HostPartMac, Part, RegistryError,
 };
 use crate::capabilities::objects::MAX_PART_NUMBER;
-use crate::capabilities::part_buffer::{PartBuffer, PartReader};
-use crate::capabilities::slots::{self, Bound, HostWideSlots, Slot};
+use crate::capabilities::part_buffer::{PartBuffers, PartReader};
 use crate::capabilities::streams::{self, Ahead, Change, Next, Produce, Produced};
 use crate::database::{self, HostDatabase};
 use crate::guest::GuestState;
@@ -35,9 +34,7 @@ pub struct Registry {
     database: Arc<HostDatabase>,
     app: String,
     crypto: Arc<Crypto>,
-    slots: Option<HostWideSlots>,
-    part_buffer: u64,
-    spill_dir: std::path::PathBuf,
+    buffers: Arc<PartBuffers>,
 }
 
 /// The MAC of a part as its bytes pass through a tap.
@@ -74,17 +71,13 @@ impl Registry {
         database: Arc<HostDatabase>,
         app: &str,
         crypto: Arc<Crypto>,
-        slots: Option<HostWideSlots>,
-        part_buffer: u64,
-        spill_dir: std::path::PathBuf,
+        buffers: Arc<PartBuffers>,
     ) -> Registry {
         Registry {
             database,
             app: app.to_owned(),
             crypto,
-            slots,
-            part_buffer,
-            spill_dir,
+            buffers,
         }
     }
 
@@ -364,10 +357,7 @@ impl Registry {
             skip,
             end: skip.saturating_add(take),
             current: PartReader::empty(),
-            slot: None,
-            slots: self.slots,
-            part_buffer: self.part_buffer,
-            spill_dir: self.spill_dir.clone(),
+            buffers: Arc::clone(&self.buffers),
         };
         // The first part is checked now, so a bad one is an answer, not a cut stream.
         match verify.load_next_part().await {
@@ -471,35 +461,34 @@ struct Verify {
     position: u64,
     skip: u64,
     end: u64,
-    /// The current part's verified bytes still to pass on.
+    /// The current part's verified bytes still to pass on, in its part buffer.
     current: PartReader,
-    /// The part-buffer slot `current` is held in, given back once it is passed on: the part
-    /// buffers alive are the slots taken.
-    slot: Option<Slot>,
-    slots: Option<HostWideSlots>,
-    part_buffer: u64,
-    spill_dir: std::path::PathBuf,
+    buffers: Arc<PartBuffers>,
 }
 
 impl Verify {
-    /// Called with the previous part's buffer and slot gone (see `next`): a verifier never
-    /// waits for a slot while holding one.
+    /// Called with the previous part's buffer gone (see `next`), so a verifier holds one part
+    /// buffer at a time.
     async fn load_next_part(&mut self) -> Result<(), VerifyFailure> {
         let Some(part) = self.parts.next() else {
             return Ok(());
         };
         let start = self.position;
         self.position += part.size;
-        // A part wholly before the range is read (to check it) but not kept.
-        let slot = slots::take_if_bounded(self.slots, Bound::Buffers).await;
         let mut mac = hmac::Context::with_key(&self.mac);
         mac.update(&part.number.to_be_bytes());
-        let mut buffer = PartBuffer::new(part.size, self.part_buffer, &self.spill_dir)
+        let mut buffer = self
+            .buffers
+            .buffer(part.size)
             .map_err(VerifyFailure::Other)?;
         let mut read = 0u64;
         while read < part.size {
             let want = (part.size - read).min(streams::CHUNK as u64) as usize;
-            match streams::read_chunk(&mut self.source, want).await {
+            let next = buffer
+                .wait_for(streams::read_chunk(&mut self.source, want))
+                .await
+                .map_err(VerifyFailure::Other)?;
+            match next {
                 Ok(Some(bytes)) => {
                     let bytes = if bytes.len() > want {
                         bytes.slice(..want)
@@ -532,12 +521,12 @@ impl Verify {
         }
         let from = self.skip.max(start).min(self.position) - start;
         let to = self.end.max(start).min(self.position) - start;
+        // A part wholly before the range was read (to check it) but none of it is kept.
         self.current = buffer
             .finish()
             .await
-            .and_then(|filled| filled.reader(from, to))
-            .map_err(VerifyFailure::Other)?;
-        self.slot = slot;
+            .map_err(VerifyFailure::Other)?
+            .reader(from, to);
         Ok(())
     }
 }
@@ -548,10 +537,7 @@ impl Produce for Verify {
             match self.current.next_chunk().await {
                 Ok(Some(chunk)) => return (self, Ok(Some(chunk))),
                 // The part is passed on: its buffer (a part file, say) goes, and its slot with it.
-                Ok(None) => {
-                    self.current = PartReader::empty();
-                    self.slot = None;
-                }
+                Ok(None) => self.current = PartReader::empty(),
                 Err(error) => return (self, Err(error)),
             }
             if self.position >= self.end || self.parts.len() == 0 {

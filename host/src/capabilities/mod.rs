@@ -5,11 +5,11 @@
 pub mod crypto;
 pub mod hmac_registry;
 pub mod objects;
-mod part_buffer;
+pub mod part_buffer;
 pub mod slots;
 pub mod sql;
 pub mod status;
-mod streams;
+pub(crate) mod streams;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -80,6 +80,46 @@ pub fn check_grants(
     Ok(())
 }
 
+/// Removes what a host that stopped (or crashed) left half-written: part buffers' spill files
+/// (`<data-dir>/tmp`) and each local store's `tmp/`. Run by the master before any worker
+/// starts, so no file of this host is in use; the directories are made again by the workers.
+pub fn remove_leftovers(settings: &Settings) -> Result<()> {
+    let mut directories = vec![part_buffer::spill_dir(&settings.data_dir)];
+    for app in &settings.apps {
+        if let objects::Storage::Local(root) = &app.storage {
+            let root = root
+                .clone()
+                .unwrap_or_else(|| settings.data_dir.join("apps"));
+            directories.push(objects::LocalStore::tmp_dir(&root.join(&app.name)));
+        }
+    }
+    for directory in directories {
+        match std::fs::remove_dir_all(&directory) {
+            Ok(()) => tracing::debug!("removed the leftovers in {}", directory.display()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                return Err(error).with_context(|| {
+                    format!("cannot remove the leftovers in {}", directory.display())
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An app's share, in a worker, of the host-wide part buffers: of the `--encrypt-concurrency`
+/// memory buffers and of the MiB of `--spill-limit`, each divided evenly among the apps (at
+/// least one buffer and one MiB each), so that one app holding all its share leaves every
+/// other app its own.
+pub fn part_buffer_shares(settings: &Settings) -> (u32, u32) {
+    let apps = settings.apps.len().max(1) as u32;
+    let spill_mib = (settings.spill_limit >> 20).min(u64::from(slots::MAX_UNITS)) as u32;
+    (
+        (settings.encrypt_concurrency / apps).max(1),
+        (spill_mib / apps).max(1),
+    )
+}
+
 /// A worker's pools of the host's own tables, one per database its apps use: apps on one
 /// database share a pool, so a worker holds a few connections to it however many apps it serves.
 #[derive(Default)]
@@ -120,13 +160,19 @@ impl AppCapabilities {
         let host_database = host_databases.of(&backend)?;
         let spill_dir = part_buffer::spill_dir(&settings.data_dir);
         part_buffer::make_spill_dir(&spill_dir).await?;
+        let (memory_share, spill_share_mib) = part_buffer_shares(settings);
+        let buffers = part_buffer::PartBuffers::new(
+            slots,
+            settings.part_buffer,
+            spill_dir,
+            memory_share,
+            spill_share_mib,
+        );
         let registry = hmac_registry::Registry::new(
             Arc::clone(&host_database),
             &app,
             Arc::clone(&crypto),
-            slots,
-            settings.part_buffer,
-            spill_dir,
+            Arc::clone(&buffers),
         );
         let objects = objects::for_app(
             &app_settings.storage,
@@ -134,8 +180,7 @@ impl AppCapabilities {
             &settings.data_dir,
             &app,
             &key,
-            slots,
-            settings.part_buffer,
+            buffers,
         )
         .await
         .context("cannot set up the object store")?;

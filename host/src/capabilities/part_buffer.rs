@@ -1,132 +1,390 @@
 //! A whole part held while it is checked (a verified download) or sent (an S3 upload, which
-//! must be replayable for retries): in memory up to `--part-buffer`, in an unnamed-on-close
-//! temporary file under the data directory beyond it, so memory stays bounded whatever the
-//! part size.
+//! must be replayable for retries): in memory up to `--part-buffer` when a memory slot is free,
+//! else in a temporary file under the data directory's `tmp/` (a spill file), so memory stays
+//! bounded whatever the part size.
+//!
+//! No slot is ever waited for, and none is held while the host waits on someone else:
+//! - a memory slot is taken only if one is free now (else the part goes to a spill file), and
+//!   only if the app holds less than its share of them in this worker;
+//! - a part in memory keeps its slot for at most `HOLD` of waiting on whoever fills it (a
+//!   client's body) and `HOLD` after it is ready for whoever reads it (a client's download);
+//!   past that its bytes move to a spill file and the slot is given back;
+//! - spill files count against `--spill-limit` (host-wide MiB, and the app's share of it in
+//!   this worker); a part that finds neither a memory slot nor room on disk is refused at once
+//!   with an error that says so, rather than waiting on what other clients hold.
 
 use std::io::SeekFrom;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
+use crate::capabilities::slots::{Bound, HostWideSlots, Slot};
 use crate::capabilities::streams::CHUNK;
 
-pub enum PartBuffer {
-    Memory(BytesMut),
-    File {
-        temporary: tempfile::NamedTempFile,
-        writer: tokio::fs::File,
-    },
+/// How long a part in memory may keep its slot while the host waits on the other side.
+pub const HOLD: Duration = Duration::from_secs(1);
+
+const MIB: u64 = 1 << 20;
+
+/// The part buffers of one app in a worker.
+pub struct PartBuffers {
+    slots: Option<HostWideSlots>,
+    memory_limit: u64,
+    spill_dir: PathBuf,
+    /// The app's share, in this worker, of the memory slots ...
+    memory_share: Arc<Semaphore>,
+    /// ... and of `--spill-limit`, in MiB.
+    spill_share: Arc<Semaphore>,
+    spill_share_mib: u32,
 }
 
-/// A buffer once all its bytes are in.
-pub enum Filled {
-    Memory(Bytes),
-    File(tempfile::NamedTempFile),
+/// What a buffer holds of the bounds: the app's share and the host-wide slot, given back on drop.
+struct Hold {
+    _app: OwnedSemaphorePermit,
+    _host: Option<Slot>,
 }
 
-impl PartBuffer {
-    /// A buffer for a part of `size` bytes, spilling into `spill_dir`, which `make_spill_dir`
-    /// made when the app's capabilities were set up.
-    pub fn new(size: u64, memory_limit: u64, spill_dir: &Path) -> Result<PartBuffer> {
-        if size <= memory_limit {
-            return Ok(PartBuffer::Memory(BytesMut::with_capacity(size as usize)));
+impl PartBuffers {
+    /// An app's buffers: parts up to `memory_limit` (`--part-buffer`) in memory, with at most
+    /// `memory_share` of them and `spill_share_mib` MiB of spill files at once in this worker.
+    pub fn new(
+        slots: Option<HostWideSlots>,
+        memory_limit: u64,
+        spill_dir: PathBuf,
+        memory_share: u32,
+        spill_share_mib: u32,
+    ) -> Arc<PartBuffers> {
+        Arc::new(PartBuffers {
+            slots,
+            memory_limit,
+            spill_dir,
+            memory_share: Arc::new(Semaphore::new(memory_share.max(1) as usize)),
+            spill_share: Arc::new(Semaphore::new(spill_share_mib as usize)),
+            spill_share_mib,
+        })
+    }
+
+    /// A buffer for a part of `size` bytes: in memory if it fits and a slot is free now, else a
+    /// spill file if there is room, else an error that says neither was free.
+    pub fn buffer(self: &Arc<Self>, size: u64) -> Result<PartBuffer> {
+        let store = match self.memory_hold(size) {
+            Some(hold) => Store::Memory {
+                bytes: BytesMut::with_capacity(size as usize),
+                hold,
+                until: Instant::now() + HOLD,
+            },
+            None => Store::File(self.spill_file(size)?),
+        };
+        Ok(PartBuffer {
+            owner: Arc::clone(self),
+            size,
+            store,
+        })
+    }
+
+    fn memory_hold(&self, size: u64) -> Option<Hold> {
+        if size > self.memory_limit {
+            return None;
         }
+        let app = Arc::clone(&self.memory_share).try_acquire_owned().ok()?;
+        let host = match self.slots {
+            Some(slots) => Some(slots.try_take(Bound::Buffers)?),
+            None => None,
+        };
+        Some(Hold {
+            _app: app,
+            _host: host,
+        })
+    }
+
+    /// A new spill file with room for `size` bytes taken from `--spill-limit`.
+    fn spill_file(&self, size: u64) -> Result<SpillFile> {
+        let mib = u32::try_from(size.div_ceil(MIB).max(1)).unwrap_or(u32::MAX);
+        let full = || {
+            anyhow!(
+                "no part buffer is free for a part of {size} bytes: the memory buffers \
+                 (--encrypt-concurrency × --part-buffer) are in use, and so is the room for \
+                 spill files (--spill-limit; this app's share in a worker is {} MiB); try again",
+                self.spill_share_mib
+            )
+        };
+        let app = Arc::clone(&self.spill_share)
+            .try_acquire_many_owned(mib)
+            .map_err(|_| full())?;
+        let host = match self.slots {
+            Some(slots) => Some(
+                slots
+                    .try_take_units(Bound::SpilledMib, mib)
+                    .ok_or_else(full)?,
+            ),
+            None => None,
+        };
         let temporary = tempfile::Builder::new()
             .prefix("part-")
-            .tempfile_in(spill_dir)
-            .with_context(|| format!("cannot create a part file in {}", spill_dir.display()))?;
+            .tempfile_in(&self.spill_dir)
+            .with_context(|| {
+                format!("cannot create a part file in {}", self.spill_dir.display())
+            })?;
         let writer = tokio::fs::File::from_std(
             temporary
                 .reopen()
                 .context("cannot open the part file for writing")?,
         );
-        Ok(PartBuffer::File { temporary, writer })
-    }
-
-    pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        match self {
-            PartBuffer::Memory(memory) => memory.extend_from_slice(bytes),
-            PartBuffer::File { writer, .. } => writer
-                .write_all(bytes)
-                .await
-                .context("cannot write the part file")?,
-        }
-        Ok(())
-    }
-
-    pub async fn finish(self) -> Result<Filled> {
-        match self {
-            PartBuffer::Memory(memory) => Ok(Filled::Memory(memory.freeze())),
-            PartBuffer::File {
-                temporary,
-                mut writer,
-            } => {
-                writer.flush().await.context("cannot write the part file")?;
-                Ok(Filled::File(temporary))
-            }
-        }
-    }
-}
-
-/// Where part buffers beyond `--part-buffer` spill, for verified reads and S3 uploads.
-pub fn spill_dir(data_dir: &Path) -> std::path::PathBuf {
-    data_dir.join("tmp")
-}
-
-/// Makes the directory part files spill into, once, rather than on every spill.
-pub async fn make_spill_dir(spill_dir: &Path) -> Result<()> {
-    tokio::fs::create_dir_all(spill_dir)
-        .await
-        .with_context(|| format!("cannot create {}", spill_dir.display()))
-}
-
-impl Filled {
-    /// Reads bytes `from..to` of the part.
-    pub fn reader(self, from: u64, to: u64) -> Result<PartReader> {
-        Ok(match self {
-            Filled::Memory(bytes) => {
-                let to = (to as usize).min(bytes.len());
-                let from = (from as usize).min(to);
-                PartReader::Memory(bytes.slice(from..to))
-            }
-            Filled::File(temporary) => PartReader::File {
-                file: None,
-                from,
-                remaining: to.saturating_sub(from),
-                temporary,
+        Ok(SpillFile {
+            temporary,
+            writer,
+            hold: Hold {
+                _app: app,
+                _host: host,
             },
         })
     }
 }
 
+/// A part being filled.
+pub struct PartBuffer {
+    owner: Arc<PartBuffers>,
+    size: u64,
+    store: Store,
+}
+
+enum Store {
+    Memory {
+        bytes: BytesMut,
+        hold: Hold,
+        /// When the slot must be given back if the part is still being filled.
+        until: Instant,
+    },
+    File(SpillFile),
+}
+
+struct SpillFile {
+    temporary: tempfile::NamedTempFile,
+    writer: tokio::fs::File,
+    hold: Hold,
+}
+
+impl SpillFile {
+    async fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.writer
+            .write_all(bytes)
+            .await
+            .context("cannot write the part file")
+    }
+}
+
+impl PartBuffer {
+    /// Awaits `work`, the next bytes from whoever fills the part: a part in memory keeps its
+    /// slot for at most `HOLD` of filling, then moves to a spill file and gives the slot back.
+    pub async fn wait_for<T>(&mut self, work: impl Future<Output = T>) -> Result<T> {
+        let mut work = std::pin::pin!(work);
+        if let Store::Memory { until, .. } = &self.store {
+            match tokio::time::timeout_at(*until, &mut work).await {
+                Ok(output) => return Ok(output),
+                Err(_) => self.spill().await?,
+            }
+        }
+        Ok(work.await)
+    }
+
+    /// Moves the bytes so far to a spill file, giving back the memory slot; without room on
+    /// disk the part stays in memory (still within the slots) and is tried again a `HOLD` later.
+    async fn spill(&mut self) -> Result<()> {
+        let Store::Memory { bytes, until, .. } = &mut self.store else {
+            return Ok(());
+        };
+        let Ok(mut file) = self.owner.spill_file(self.size) else {
+            *until = Instant::now() + HOLD;
+            return Ok(());
+        };
+        file.write(bytes).await?;
+        self.store = Store::File(file);
+        Ok(())
+    }
+
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        match &mut self.store {
+            Store::Memory { bytes: memory, .. } => memory.extend_from_slice(bytes),
+            Store::File(file) => file.write(bytes).await?,
+        }
+        Ok(())
+    }
+
+    pub async fn finish(self) -> Result<Filled> {
+        let content = match self.store {
+            Store::Memory { bytes, hold, .. } => Content::Memory(bytes.freeze(), hold),
+            Store::File(mut file) => {
+                file.writer
+                    .flush()
+                    .await
+                    .context("cannot write the part file")?;
+                Content::File(file.temporary, file.hold)
+            }
+        };
+        Ok(Filled {
+            owner: self.owner,
+            content,
+        })
+    }
+}
+
+/// A buffer once all its bytes are in.
+pub struct Filled {
+    owner: Arc<PartBuffers>,
+    content: Content,
+}
+
+enum Content {
+    Memory(Bytes, Hold),
+    File(tempfile::NamedTempFile, Hold),
+}
+
+/// Where a filled part's bytes are, for a consumer that takes them whole (an S3 request body).
+pub enum Whole<'a> {
+    Memory(&'a Bytes),
+    File(&'a Path),
+}
+
+impl Filled {
+    pub fn whole(&self) -> Whole<'_> {
+        match &self.content {
+            Content::Memory(bytes, _) => Whole::Memory(bytes),
+            Content::File(temporary, _) => Whole::File(temporary.path()),
+        }
+    }
+
+    /// Reads bytes `from..to` of the part. A part in memory is moved to a spill file if it is
+    /// not all read within `HOLD`, so a reader that stalls does not keep a memory slot.
+    pub fn reader(self, from: u64, to: u64) -> PartReader {
+        match self.content {
+            Content::Memory(bytes, hold) => {
+                let to = (to as usize).min(bytes.len());
+                let from = (from as usize).min(to);
+                let remaining = Arc::new(Mutex::new(Remaining::Memory {
+                    bytes: bytes.slice(from..to),
+                    _hold: Some(hold),
+                }));
+                let watchdog = tokio::spawn(spill_if_unread(
+                    Arc::downgrade(&remaining),
+                    self.owner,
+                    Instant::now() + HOLD,
+                ))
+                .abort_handle();
+                PartReader {
+                    remaining,
+                    watchdog: Some(watchdog),
+                }
+            }
+            Content::File(temporary, hold) => PartReader {
+                remaining: Arc::new(Mutex::new(Remaining::File {
+                    file: None,
+                    from,
+                    remaining: to.saturating_sub(from),
+                    temporary,
+                    _hold: hold,
+                })),
+                watchdog: None,
+            },
+        }
+    }
+}
+
+/// At `until`, moves what is left of a part in memory to a spill file, giving its slot back.
+async fn spill_if_unread(
+    remaining: Weak<Mutex<Remaining>>,
+    owner: Arc<PartBuffers>,
+    until: Instant,
+) {
+    tokio::time::sleep_until(until).await;
+    let Some(remaining) = remaining.upgrade() else {
+        return;
+    };
+    let mut remaining = remaining.lock().await;
+    let Remaining::Memory { bytes, .. } = &*remaining else {
+        return;
+    };
+    if bytes.is_empty() {
+        return;
+    }
+    let spilled = async {
+        let mut file = owner.spill_file(bytes.len() as u64)?;
+        file.write(bytes).await?;
+        file.writer
+            .flush()
+            .await
+            .context("cannot write the part file")?;
+        anyhow::Ok(Remaining::File {
+            file: None,
+            from: 0,
+            remaining: bytes.len() as u64,
+            temporary: file.temporary,
+            _hold: file.hold,
+        })
+    };
+    match spilled.await {
+        Ok(spilled) => *remaining = spilled,
+        // Without room on disk the part stays in memory, within the memory slots.
+        Err(error) => tracing::debug!("a part read slowly stays in memory: {error:#}"),
+    }
+}
+
 /// The bytes of a filled buffer, a chunk at a time.
-pub enum PartReader {
-    Memory(Bytes),
+pub struct PartReader {
+    remaining: Arc<Mutex<Remaining>>,
+    watchdog: Option<tokio::task::AbortHandle>,
+}
+
+enum Remaining {
+    Memory {
+        bytes: Bytes,
+        _hold: Option<Hold>,
+    },
     File {
         file: Option<tokio::fs::File>,
         from: u64,
         remaining: u64,
         temporary: tempfile::NamedTempFile,
+        _hold: Hold,
     },
+}
+
+impl Drop for PartReader {
+    fn drop(&mut self) {
+        if let Some(watchdog) = &self.watchdog {
+            watchdog.abort();
+        }
+    }
 }
 
 impl PartReader {
     pub fn empty() -> PartReader {
-        PartReader::Memory(Bytes::new())
+        PartReader {
+            remaining: Arc::new(Mutex::new(Remaining::Memory {
+                bytes: Bytes::new(),
+                _hold: None,
+            })),
+            watchdog: None,
+        }
     }
 
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
-        match self {
-            PartReader::Memory(bytes) if bytes.is_empty() => Ok(None),
-            PartReader::Memory(bytes) => Ok(Some(bytes.split_to(bytes.len().min(CHUNK)))),
-            PartReader::File { remaining: 0, .. } => Ok(None),
-            PartReader::File {
+        let mut remaining = self.remaining.lock().await;
+        match &mut *remaining {
+            Remaining::Memory { bytes, .. } if bytes.is_empty() => Ok(None),
+            Remaining::Memory { bytes, .. } => Ok(Some(bytes.split_to(bytes.len().min(CHUNK)))),
+            Remaining::File { remaining: 0, .. } => Ok(None),
+            Remaining::File {
                 file,
                 from,
                 remaining,
                 temporary,
+                ..
             } => {
                 if file.is_none() {
                     let mut opened = tokio::fs::File::from_std(
@@ -151,4 +409,16 @@ impl PartReader {
             }
         }
     }
+}
+
+/// Where part buffers beyond `--part-buffer` spill, for verified reads and S3 uploads.
+pub fn spill_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("tmp")
+}
+
+/// Makes the directory part files spill into, once, rather than on every spill.
+pub async fn make_spill_dir(spill_dir: &Path) -> Result<()> {
+    tokio::fs::create_dir_all(spill_dir)
+        .await
+        .with_context(|| format!("cannot create {}", spill_dir.display()))
 }

@@ -1,6 +1,7 @@
 //! Host-wide bounds on bulk work, shared by every worker process of a host: how many
-//! encryptions run at once (`--encrypt-concurrency`, the seed's `BoundedSemaphore(4)`), and how
-//! many part-sized buffers exist at once (the same number, each at most `--part-buffer`).
+//! encryptions run at once (`--encrypt-concurrency`, the seed's `BoundedSemaphore(4)`), how
+//! many part buffers are held in memory at once (the same number, each at most
+//! `--part-buffer`), and how many MiB of part buffers are spilled to files (`--spill-limit`).
 //!
 //! Both are System V semaphores, made by the master and taken by workers with `SEM_UNDO`: a
 //! worker that dies holding a slot gives it back, as the kernel undoes its operations.
@@ -12,9 +13,16 @@ use anyhow::{Context, Result};
 pub enum Bound {
     /// Encryption and decryption running at once.
     Encryption = 0,
-    /// Part buffers (an S3 part being uploaded, a part being verified) held at once.
+    /// Part buffers (an S3 part being uploaded, a part being verified) held in memory at once.
     Buffers = 1,
+    /// MiB of part buffers spilled to files, across the host.
+    SpilledMib = 2,
 }
+
+const BOUNDS: [Bound; 3] = [Bound::Encryption, Bound::Buffers, Bound::SpilledMib];
+
+/// The most a System V semaphore counts (`SEMVMX`), and so the most MiB `--spill-limit` counts.
+pub const MAX_UNITS: u32 = 32767;
 
 /// The semaphore set, by its System V id.
 #[derive(Debug, Clone, Copy)]
@@ -26,20 +34,33 @@ pub struct HostWideSlots {
 pub struct Slot {
     id: i32,
     bound: Bound,
+    units: i16,
 }
 
 impl HostWideSlots {
-    /// Made by the master with `slots` in each bound; `remove` it when the host stops.
-    pub fn create(slots: u32) -> Result<HostWideSlots> {
+    /// Made by the master with `slots` encryption and memory-buffer slots and `spill_mib` MiB of
+    /// spill files (each at most `MAX_UNITS`); `remove` it when the host stops.
+    pub fn create(slots: u32, spill_mib: u32) -> Result<HostWideSlots> {
         // SAFETY: semget/semctl with a private key and valid flags.
-        let id = unsafe { libc::semget(libc::IPC_PRIVATE, 2, libc::IPC_CREAT | 0o600) };
+        let id = unsafe {
+            libc::semget(
+                libc::IPC_PRIVATE,
+                BOUNDS.len() as i32,
+                libc::IPC_CREAT | 0o600,
+            )
+        };
         if id < 0 {
             return Err(std::io::Error::last_os_error())
                 .context("cannot create the host-wide semaphores");
         }
-        for bound in [Bound::Encryption, Bound::Buffers] {
+        for bound in BOUNDS {
+            let value = match bound {
+                Bound::SpilledMib => spill_mib,
+                _ => slots,
+            }
+            .min(MAX_UNITS);
             // SAFETY: SETVAL on a semaphore of the set just made.
-            if unsafe { libc::semctl(id, bound as i32, libc::SETVAL, slots as libc::c_int) } < 0 {
+            if unsafe { libc::semctl(id, bound as i32, libc::SETVAL, value as libc::c_int) } < 0 {
                 return Err(std::io::Error::last_os_error())
                     .context("cannot set the host-wide semaphores");
             }
@@ -63,9 +84,19 @@ impl HostWideSlots {
 
     /// A slot if one is free now.
     pub fn try_take(&self, bound: Bound) -> Option<Slot> {
+        self.try_take_units(bound, 1)
+    }
+
+    /// `units` of `bound` at once if they are free now (none if more than the bound holds).
+    pub fn try_take_units(&self, bound: Bound, units: u32) -> Option<Slot> {
+        let units = i16::try_from(units).ok()?;
         // `then`, not `then_some`: a Slot made and dropped unused would give back a slot.
-        self.op(bound, -1, libc::IPC_NOWAIT as i16)
-            .then(|| Slot { id: self.id, bound })
+        self.op(bound, -units, libc::IPC_NOWAIT as i16)
+            .then(|| Slot {
+                id: self.id,
+                bound,
+                units,
+            })
     }
 
     /// Waits for a slot without holding a thread: slots are held for a chunk's worth of work,
@@ -111,7 +142,7 @@ pub async fn take_if_bounded(slots: Option<HostWideSlots>, bound: Bound) -> Opti
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        HostWideSlots { id: self.id }.op(self.bound, 1, 0);
+        HostWideSlots { id: self.id }.op(self.bound, self.units, 0);
     }
 }
 
@@ -121,7 +152,7 @@ mod tests {
 
     #[test]
     fn a_slot_is_given_back_once_and_only_when_taken() {
-        let slots = HostWideSlots::create(1).unwrap();
+        let slots = HostWideSlots::create(1, 10).unwrap();
         let held = slots.try_take(Bound::Encryption).expect("one slot is free");
         for _ in 0..3 {
             assert!(
@@ -142,6 +173,17 @@ mod tests {
             "the slot came back twice"
         );
         drop(again);
+        let spilled = slots
+            .try_take_units(Bound::SpilledMib, 7)
+            .expect("7 of 10 MiB");
+        assert!(slots.try_take_units(Bound::SpilledMib, 4).is_none());
+        let rest = slots
+            .try_take_units(Bound::SpilledMib, 3)
+            .expect("the other 3 MiB");
+        drop(spilled);
+        assert!(slots.try_take_units(Bound::SpilledMib, 8).is_none());
+        drop(rest);
+        assert!(slots.try_take_units(Bound::SpilledMib, 10).is_some());
         slots.remove();
     }
 }

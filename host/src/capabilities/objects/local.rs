@@ -43,11 +43,16 @@ fn unavailable(what: &str, error: impl std::fmt::Display) -> ObjectError {
 impl LocalStore {
     /// The store at `root`, with its `tmp/` made now rather than on every write.
     pub async fn new(root: PathBuf) -> anyhow::Result<LocalStore> {
-        let tmp = root.join("tmp");
+        let tmp = LocalStore::tmp_dir(&root);
         tokio::fs::create_dir_all(&tmp)
             .await
             .with_context(|| format!("cannot create {}", tmp.display()))?;
         Ok(LocalStore { root, tmp })
+    }
+
+    /// Where the store at `root` writes files before they are renamed into place.
+    pub fn tmp_dir(root: &Path) -> PathBuf {
+        root.join("tmp")
     }
 
     fn objects(&self) -> PathBuf {

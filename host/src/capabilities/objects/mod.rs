@@ -13,7 +13,7 @@ use wasmtime::component::Resource;
 use wasmtime_wasi::p2::DynInputStream;
 
 use crate::capabilities::host::capabilities::objects::{Host, ObjectError, ObjectInfo, PartInfo};
-use crate::capabilities::slots::HostWideSlots;
+use crate::capabilities::part_buffer::PartBuffers;
 use crate::guest::GuestState;
 
 pub use local::LocalStore;
@@ -215,8 +215,7 @@ pub async fn for_app(
     data_dir: &std::path::Path,
     app: &str,
     master_key: &[u8; 32],
-    slots: Option<HostWideSlots>,
-    part_buffer: u64,
+    buffers: std::sync::Arc<PartBuffers>,
 ) -> Result<ObjectStore> {
     Ok(match storage {
         Storage::Local(root) => {
@@ -228,17 +227,9 @@ pub async fn for_app(
             )
         }
         Storage::S3(location) => ObjectStore::S3(Box::new(
-            S3Store::new(
-                location,
-                s3,
-                app,
-                master_key,
-                slots,
-                part_buffer,
-                crate::capabilities::part_buffer::spill_dir(data_dir),
-            )
-            .await
-            .context("cannot set up the S3 client")?,
+            S3Store::new(location, s3, app, master_key, buffers)
+                .await
+                .context("cannot set up the S3 client")?,
         )),
     })
 }

@@ -2,9 +2,9 @@
 //! any endpoint, region and addressing style, adaptive retries (3 attempts), 10 s to connect,
 //! 60 s to read, and at most 50 requests in flight per worker (so at most 50 connections).
 //!
-//! Each app's keys live under `<prefix><app>/`. A part is buffered (in memory up to
-//! `--part-buffer`, else in a temporary file) so that a retry can send it again; the buffer
-//! takes a slot of the host-wide bound, so buffers never exceed `--encrypt-concurrency` parts.
+//! Each app's keys live under `<prefix><app>/`. A part is buffered whole (a part buffer:
+//! `part_buffer.rs`) so that a retry can send it again; it is read from its source to the end
+//! before the request to S3 begins.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,8 +23,7 @@ use wasmtime_wasi::p2::DynInputStream;
 
 use super::{Answer, Exact, S3Settings};
 use crate::capabilities::host::capabilities::objects::{ObjectError, ObjectInfo, PartInfo};
-use crate::capabilities::part_buffer::{Filled, PartBuffer};
-use crate::capabilities::slots::{self, Bound, HostWideSlots};
+use crate::capabilities::part_buffer::{PartBuffers, Whole};
 use crate::capabilities::streams::{Next, Produce, Produced};
 
 const MAX_ATTEMPTS: u32 = 3;
@@ -49,9 +48,7 @@ pub struct S3Store {
     in_flight: Arc<Semaphore>,
     /// Seals the upload ids the guest gets (see `seal`).
     upload_ids: aws_lc_rs::hmac::Key,
-    slots: Option<HostWideSlots>,
-    part_buffer: u64,
-    spill_dir: std::path::PathBuf,
+    buffers: Arc<PartBuffers>,
 }
 
 /// What the guest is told when S3 fails: the service's code and message, or why no answer came.
@@ -101,9 +98,7 @@ impl S3Store {
         settings: &S3Settings,
         app: &str,
         master_key: &[u8; 32],
-        slots: Option<HostWideSlots>,
-        part_buffer: u64,
-        spill_dir: std::path::PathBuf,
+        buffers: Arc<PartBuffers>,
     ) -> Result<S3Store> {
         // The region is never looked up from instance metadata, which costs seconds off EC2.
         let region = settings
@@ -147,9 +142,7 @@ impl S3Store {
             app_prefix: format!("{}{app}/", location.prefix),
             in_flight: Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
             upload_ids,
-            slots,
-            part_buffer,
-            spill_dir,
+            buffers,
         })
     }
 
@@ -219,18 +212,16 @@ impl S3Store {
         length: u64,
     ) -> Answer<PartInfo> {
         let upload_id = self.unseal(key, upload_id)?;
-        let _slot = slots::take_if_bounded(self.slots, Bound::Buffers).await;
         let unavailable = |e: anyhow::Error| ObjectError::Unavailable(format!("{e:#}"));
-        let mut buffer =
-            PartBuffer::new(length, self.part_buffer, &self.spill_dir).map_err(unavailable)?;
+        let mut buffer = self.buffers.buffer(length).map_err(unavailable)?;
         let mut bytes = Exact::new(&mut source, length);
-        while let Some(chunk) = bytes.next().await? {
+        while let Some(chunk) = buffer.wait_for(bytes.next()).await.map_err(unavailable)?? {
             buffer.write(&chunk).await.map_err(unavailable)?;
         }
         let filled = buffer.finish().await.map_err(unavailable)?;
-        let body = match &filled {
-            Filled::Memory(bytes) => ByteStream::from(bytes.clone()),
-            Filled::File(file) => ByteStream::from_path(file.path())
+        let body = match filled.whole() {
+            Whole::Memory(bytes) => ByteStream::from(bytes.clone()),
+            Whole::File(path) => ByteStream::from_path(path)
                 .await
                 .map_err(|e| ObjectError::Unavailable(format!("cannot read the part file: {e}")))?,
         };
