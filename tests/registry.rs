@@ -337,3 +337,57 @@ fn the_readme_documents_the_construction_the_tests_check() {
         "README.md must show the construction exactly as tests/support/object_tag.py has it"
     );
 }
+
+/// A hostile guest claims, at `finish`, that part 4,000,000,000 is stored: the registry refuses
+/// the number where it comes in, at once, instead of walking every number below it inside its
+/// write transaction (and gathering billions of missing ones in host memory), and the entry
+/// still finishes afterwards with the parts that exist.
+async fn finish_refuses_part_numbers_beyond_s3s(backends: Backends) {
+    let mut services = Services::start(backends);
+    let probe = AppHost::start(&mut services, "probe", "claim", &[]);
+    let (enc, mac) = (key_id(&probe).await, key_id(&probe).await);
+    let (_, created) = probe.call("POST", "/objects/multipart?key=c", "").await;
+    let upload = Upload {
+        probe: &probe,
+        key: "c".into(),
+        upload: created["upload_id"].as_str().unwrap().into(),
+        enc,
+    };
+    let (status, answer) = probe
+        .call("POST", &format!("/registry/begin?name=c&key_id={mac}"), "")
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(upload.part(1, b"the only part").await.0, 200);
+    let finish = format!("/registry/finish?key=c&upload_id={}&name=c", upload.upload);
+    for claim in ["4000000000", "10001", "0"] {
+        let started = std::time::Instant::now();
+        let (status, answer) = probe
+            .call("POST", &format!("{finish}&claim={claim}"), "")
+            .await;
+        assert_eq!(status, 400, "part {claim}: {answer}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap()
+                .contains("InvalidPartNumber"),
+            "part {claim}: {answer}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "refusing part {claim} took {:?}",
+            started.elapsed()
+        );
+    }
+    let (status, answer) = probe.call("POST", &finish, "").await;
+    assert_eq!(status, 200, "the entry no longer finishes: {answer}");
+}
+
+#[tokio::test]
+async fn finish_refuses_part_numbers_beyond_s3s_sqlite_local() {
+    finish_refuses_part_numbers_beyond_s3s(Backends::SqliteLocal).await;
+}
+
+#[tokio::test]
+async fn finish_refuses_part_numbers_beyond_s3s_postgres_s3() {
+    finish_refuses_part_numbers_beyond_s3s(Backends::PostgresS3).await;
+}

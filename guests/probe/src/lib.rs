@@ -217,8 +217,16 @@ fn finish(request: &Request) -> Answer {
         param(request, "name"),
     );
     let parts = objects::list_parts(key, upload_id).map_err(object_error)?;
-    let tag = hmac_registry::finish(name, &capabilities::registry_parts(&parts))
-        .map_err(registry_error)?;
+    let mut claimed = capabilities::registry_parts(&parts);
+    // `claim=N`: a hostile guest's claim that part N is stored too.
+    if let Ok(number) = param(request, "claim").parse::<u32>() {
+        claimed.push(hmac_registry::Part {
+            number,
+            size: 0,
+            etag: String::new(),
+        });
+    }
+    let tag = hmac_registry::finish(name, &claimed).map_err(registry_error)?;
     let info = objects::complete_multipart(key, upload_id, &parts).map_err(object_error)?;
     Ok(json!({"tag": tag, "object": info_json(&info)}))
 }

@@ -272,16 +272,16 @@ impl Registry {
 
     pub async fn finish(&self, name: &str, stored: &[Part]) -> Answer<String> {
         Self::check_name(name)?;
+        let stored = stored_parts(stored)?;
         let mut transaction = self.database.begin_write().await?;
         let (key_id, tag) = self.entry_in(&mut *transaction, name, true).await?;
         if let Some(tag) = tag {
             return Ok(tag);
         }
-        let mut stored: Vec<&Part> = stored.iter().collect();
-        stored.sort_by_key(|part| part.number);
-        let highest = stored.last().map_or(0, |part| part.number);
+        let highest = stored.keys().next_back().copied().unwrap_or(0);
+        // Within 1..=MAX_PART_NUMBER (checked above), so this walks at most 10,000 numbers.
         let missing: Vec<u32> = (1..=highest)
-            .filter(|number| !stored.iter().any(|part| part.number == *number))
+            .filter(|number| !stored.contains_key(number))
             .collect();
         if highest == 0 || !missing.is_empty() {
             return Err(RegistryError::MissingParts(if highest == 0 {
@@ -291,12 +291,14 @@ impl Registry {
             }));
         }
         let recorded = self.recorded_in(&mut *transaction, name).await?;
+        let recorded_by_number: std::collections::BTreeMap<u32, &Recorded> =
+            recorded.iter().map(|part| (part.number, part)).collect();
         let mismatched: Vec<u32> = stored
-            .iter()
+            .values()
             .filter(|part| {
-                !recorded
-                    .iter()
-                    .any(|r| r.number == part.number && r.size == part.size && r.etag == part.etag)
+                !recorded_by_number
+                    .get(&part.number)
+                    .is_some_and(|r| r.size == part.size && r.etag == part.etag)
             })
             .map(|part| part.number)
             .chain(
@@ -384,6 +386,20 @@ impl Registry {
         transaction.commit().await?;
         Ok(())
     }
+}
+
+/// The stored parts the guest names, by number: each number within S3's 1..=10000 and named
+/// once, so what `finish` does is bounded by the parts that can exist, not by a number the
+/// guest chose.
+fn stored_parts(stored: &[Part]) -> Answer<std::collections::BTreeMap<u32, &Part>> {
+    let mut by_number = std::collections::BTreeMap::new();
+    for part in stored {
+        check_number(part.number)?;
+        if by_number.insert(part.number, part).is_some() {
+            return Err(RegistryError::InvalidPartNumber);
+        }
+    }
+    Ok(by_number)
 }
 
 fn check_number(number: u32) -> Answer<()> {
