@@ -389,6 +389,93 @@ async fn s3_requests_are_tried_three_times_then_answered() {
     assert_eq!(relay.accepted() - before, 3, "attempts at S3: {answer}");
 }
 
+/// A hostile guest opens a 2 MiB object again and again, each read encrypted by a stage that
+/// runs ahead of it, and keeps them all: it is stopped at the instance's cap on capability
+/// streams with an answer that says so, the worker's peak memory hardly moves, and the next
+/// request is served.
+async fn hoarded_streams_are_capped(backends: Backends) {
+    let mut services = Services::start(backends);
+    let probe = AppHost::start(&mut services, "probe", "hoard", &[]);
+    let (status, answer) = probe
+        .call("POST", "/objects/put?key=big", random_bytes(2 * MIB, 5))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (_, key) = probe.call("GET", "/crypto/key", "").await;
+    let enc = key["key_id"].as_str().unwrap().to_owned();
+    let hoard = |count: usize| format!("/objects/hoard?key=big&enc={enc}&count={count}");
+    let (status, answer) = probe.call("POST", &hoard(2), "").await;
+    assert_eq!(
+        (status, &answer["held"]),
+        (200, &Value::from(2)),
+        "{answer}"
+    );
+    let before = probe.host.peak_rss_kib();
+
+    let (status, answer) = probe.call("POST", &hoard(300), "").await;
+    assert_eq!(status, 500, "{answer}");
+    let text = answer.as_str().unwrap_or_default();
+    assert!(
+        text.contains("host resources exhausted") && text.contains("8 streams"),
+        "{answer}"
+    );
+    let grown_mib = probe.host.peak_rss_kib().saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 64,
+        "the hoarding guest grew the host's peak memory by {grown_mib} MiB"
+    );
+    let (status, answer) = probe.call("POST", &hoard(3), "").await;
+    assert_eq!(status, 200, "the worker did not go on: {answer}");
+}
+
+#[tokio::test]
+async fn hoarded_streams_are_capped_sqlite_local() {
+    hoarded_streams_are_capped(Backends::SqliteLocal).await;
+}
+
+#[tokio::test]
+async fn hoarded_streams_are_capped_postgres_s3() {
+    hoarded_streams_are_capped(Backends::PostgresS3).await;
+}
+
+/// A listing is gathered in host memory before the guest gets it: past 1,000 objects (S3's
+/// page) it is refused with an error that says so, and a longer prefix lists.
+async fn listings_are_capped(backends: Backends) {
+    use futures::StreamExt;
+    let mut services = Services::start(backends);
+    let probe = AppHost::start(&mut services, "probe", "listing", &[]);
+    let puts = futures::stream::iter(0..1001).map(|i| {
+        let probe = &probe;
+        async move {
+            probe
+                .call("POST", &format!("/objects/put?key=many/{i:04}"), "x")
+                .await
+        }
+    });
+    for (status, answer) in puts.buffer_unordered(16).collect::<Vec<_>>().await {
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (status, answer) = probe.call("GET", "/objects/list?prefix=many/", "").await;
+    assert_eq!(status, 400, "{answer}");
+    let text = answer["error"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("more than 1000 objects") && text.contains("longer prefixes"),
+        "{answer}"
+    );
+    let (status, answer) = probe.call("GET", "/objects/list?prefix=many/00", "").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer.as_array().map(Vec::len), Some(100), "{answer}");
+}
+
+#[tokio::test]
+async fn listings_are_capped_sqlite_local() {
+    listings_are_capped(Backends::SqliteLocal).await;
+}
+
+#[tokio::test]
+async fn listings_are_capped_postgres_s3() {
+    listings_are_capped(Backends::PostgresS3).await;
+}
+
 /// What a host that stopped left half-written, a part buffer's spill file and a file of the
 /// local store's `tmp/`, is removed by the next host's master before its workers start.
 #[tokio::test]

@@ -12,8 +12,9 @@ use anyhow::{Context, Result};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::Instrument;
-use wasmtime::component::{Linker, ResourceTable, ResourceTableError};
+use wasmtime::component::{Linker, Resource, ResourceTable, ResourceTableError};
 use wasmtime::{Engine, Store, UpdateDeadline};
+use wasmtime_wasi::p2::DynInputStream;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
@@ -23,6 +24,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 use crate::apps::AppSettings;
 use crate::capabilities::AppCapabilities;
 use crate::capabilities::crypto::Crypto;
+use crate::capabilities::streams::StreamCount;
 use crate::guest_output::GuestOutput;
 use crate::http::drain::DrainedIfDropped;
 use crate::limits::MemoryLimiter;
@@ -50,6 +52,7 @@ pub enum GuestFailure {
     MemoryLimit { requested: usize, limit: u64 },
     Trapped(String),
     TooManyResources,
+    TooManyStreams,
     NoResponse,
     ErrorCode(String),
 }
@@ -82,6 +85,10 @@ impl std::fmt::Display for GuestFailure {
                 f,
                 "host resources exhausted: the app held {MAX_HOST_RESOURCES} host resources (streams, headers, requests, handles) at once, the most an instance may"
             ),
+            GuestFailure::TooManyStreams => write!(
+                f,
+                "host resources exhausted: the app held {MAX_CAPABILITY_STREAMS} streams of the host's capabilities (object reads, encryption, MAC, verification) at once, the most an instance may"
+            ),
             GuestFailure::NoResponse => write!(f, "the app returned without sending a response"),
             GuestFailure::ErrorCode(code) => write!(f, "the app answered with an error: {code}"),
         }
@@ -92,6 +99,28 @@ impl std::fmt::Display for GuestFailure {
 /// at once. Each costs host memory outside the guest's `--memory-limit`; wasmtime's default of a
 /// million would let one instance hold hundreds of MiB. Real guests hold tens.
 const MAX_HOST_RESOURCES: usize = 10_000;
+
+/// The streams made by the capabilities (object reads, encryption, MAC taps, verified reads) an
+/// instance may hold at once, wherever they are (in its table or inside another such stream).
+/// Each holds chunks in the host: up to 6 of 256 KiB for a stage that runs ahead of its reader
+/// (encryption, a tap), 1 for the others, and an open file for a local object read. Lenzeye
+/// holds 3 at most (a download: read, verification, decryption).
+pub const MAX_CAPABILITY_STREAMS: usize = 8;
+
+/// Raised when an instance asks for a capability stream beyond `MAX_CAPABILITY_STREAMS`.
+#[derive(Debug)]
+struct TooManyStreams;
+
+impl std::fmt::Display for TooManyStreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the instance already holds {MAX_CAPABILITY_STREAMS} capability streams"
+        )
+    }
+}
+
+impl std::error::Error for TooManyStreams {}
 
 /// An instance counted as running, by the epoch ticker and in the app's metrics, until dropped:
 /// also when its task panics or is dropped.
@@ -248,9 +277,11 @@ impl Guest {
         match &failure {
             Err(GuestFailure::Timeout(_)) => self.metrics.timed_out(),
             Err(GuestFailure::MemoryLimit { .. }) => self.metrics.memory_refused(),
-            Err(GuestFailure::Trapped(_) | GuestFailure::TooManyResources) => {
-                self.metrics.trapped()
-            }
+            Err(
+                GuestFailure::Trapped(_)
+                | GuestFailure::TooManyResources
+                | GuestFailure::TooManyStreams,
+            ) => self.metrics.trapped(),
             _ => {}
         }
         failure
@@ -273,6 +304,12 @@ impl Guest {
             .any(|cause| matches!(cause.downcast_ref(), Some(ResourceTableError::Full)))
         {
             return GuestFailure::TooManyResources;
+        }
+        if error
+            .chain()
+            .any(|cause| cause.downcast_ref::<TooManyStreams>().is_some())
+        {
+            return GuestFailure::TooManyStreams;
         }
         match error.downcast_ref::<wasmtime::Trap>() {
             Some(trap) => GuestFailure::Trapped(trap.to_string()),
@@ -299,6 +336,7 @@ impl Guest {
             memory_limit: self.memory_limit,
             memory_budget: self.memory_budget,
             capabilities: Arc::clone(&self.capabilities),
+            streams: Default::default(),
             slices: Default::default(),
         };
         let mut store = Store::new(&self.engine, state);
@@ -325,6 +363,8 @@ pub struct GuestState {
     memory_limit: u64,
     memory_budget: Option<u64>,
     capabilities: Arc<AppCapabilities>,
+    /// The capability streams the instance holds.
+    streams: StreamCount,
     slices: crate::engine::SliceWatch,
 }
 
@@ -339,6 +379,19 @@ impl GuestState {
 
     pub fn table(&mut self) -> &mut ResourceTable {
         &mut self.table
+    }
+
+    /// Gives the guest a stream a capability made, counted against `MAX_CAPABILITY_STREAMS`;
+    /// past that the instance is stopped (a 500 that says why), as for a full resource table.
+    pub fn push_stream(
+        &mut self,
+        stream: DynInputStream,
+    ) -> wasmtime::Result<Resource<DynInputStream>> {
+        let counted = self
+            .streams
+            .count(stream, MAX_CAPABILITY_STREAMS)
+            .ok_or_else(|| wasmtime::Error::new(TooManyStreams))?;
+        Ok(self.table.push(counted)?)
     }
 
     pub fn instance_memory(&self) -> usize {

@@ -443,6 +443,15 @@ impl HostProcess {
             .sum();
         own + descendants
     }
+
+    /// The peak resident set size (VmHWM) in KiB of the host process and of each process it
+    /// started, summed: what the processes held at their highest, however briefly.
+    pub fn peak_rss_kib(&self) -> u64 {
+        process_tree(self.pid())
+            .iter()
+            .filter_map(|pid| proc_status_kib(*pid, "VmHWM:"))
+            .sum()
+    }
 }
 
 /// `pid` and all its descendants, from the parent pids in /proc/*/stat.
@@ -489,10 +498,15 @@ fn process_tree(pid: u32) -> Vec<u32> {
 }
 
 fn vm_rss_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+/// A `kB` figure of /proc/<pid>/status, by its label.
+fn proc_status_kib(pid: u32, label: &str) -> Option<u64> {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(label))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
 }
 

@@ -40,6 +40,7 @@ impl wasip2::exports::http::incoming_handler::Guest for Probe {
                     .map_err(object_error)
             }
             "/objects/get" => return get(request, out),
+            "/objects/hoard" => hoard(&request),
             "/objects/head" => objects::head(key(&request))
                 .map(|info| info.map_or(Json::Null, |info| info_json(&info)))
                 .map_err(object_error),
@@ -210,6 +211,21 @@ fn pipeline_part(request: &Request) -> Answer {
 }
 
 /// Completes the object and finishes its tag, checked against the stored parts.
+/// A hostile guest: opens the object `count` times, each read encrypted by a stage that runs
+/// ahead of its reader, starts every one and keeps them all.
+fn hoard(request: &Request) -> Answer {
+    let mut held = Vec::new();
+    for _ in 0..number(request, "count") {
+        let (_, source) = objects::get(key(request), 0, None).map_err(object_error)?;
+        let sealed = crypto::encrypt_stream(param(request, "enc"), &[0; 16], 0, source)
+            .map_err(|error| (400, json!({"error": format!("{error:?}")})))?;
+        // One byte read starts the stage, which then reads ahead of it.
+        let _ = sealed.blocking_read(1);
+        held.push(sealed);
+    }
+    Ok(json!({"held": held.len()}))
+}
+
 fn finish(request: &Request) -> Answer {
     let (key, upload_id, name) = (
         key(request),

@@ -324,7 +324,7 @@ impl GuestState {
             .stream(key_id, iv, offset, source)
             .map_err(wasmtime::Error::from_anyhow)?
         {
-            Ok(stream) => Ok(Ok(self.table().push(stream)?)),
+            Ok(stream) => Ok(Ok(self.push_stream(stream)?)),
             Err(error) => Ok(Err(error)),
         }
     }

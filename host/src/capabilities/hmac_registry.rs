@@ -613,7 +613,7 @@ impl Host for GuestState {
         let source = self.table().delete(source)?;
         let tapped = self.registry_or_trap()?.tap(&name, number, source).await;
         Ok(match tapped {
-            Ok((stream, mac)) => Ok((self.table().push(stream)?, self.table().push(mac)?)),
+            Ok((stream, mac)) => Ok((self.push_stream(stream)?, self.table().push(mac)?)),
             Err(error) => Err(error),
         })
     }
@@ -671,7 +671,7 @@ impl Host for GuestState {
             .verify_stream(&name, first, source, skip, take)
             .await;
         Ok(match verified {
-            Ok(stream) => Ok(self.table().push(stream)?),
+            Ok(stream) => Ok(self.push_stream(stream)?),
             Err(error) => Err(error),
         })
     }

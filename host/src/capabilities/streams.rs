@@ -105,6 +105,63 @@ impl<P: Produce> InputStream for Produced<P> {
     }
 }
 
+/// How many streams made by the capabilities one instance holds, shared with each such stream
+/// so that dropping it (wherever it went: the table, another stage) counts it out.
+#[derive(Clone, Default)]
+pub struct StreamCount(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl StreamCount {
+    /// `stream`, counted, if fewer than `limit` are held; else `None`.
+    pub fn count(&self, stream: DynInputStream, limit: usize) -> Option<DynInputStream> {
+        use std::sync::atomic::Ordering;
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held < limit).then_some(held + 1)
+            })
+            .ok()?;
+        Some(Box::new(Counted {
+            stream,
+            count: self.clone(),
+        }))
+    }
+}
+
+/// A stream counted in its instance's `StreamCount` until it is dropped.
+struct Counted {
+    stream: DynInputStream,
+    count: StreamCount,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.count
+            .0
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for Counted {
+    async fn ready(&mut self) {
+        self.stream.ready().await
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl InputStream for Counted {
+    fn read(&mut self, size: usize) -> StreamResult<Bytes> {
+        self.stream.read(size)
+    }
+
+    fn skip(&mut self, size: usize) -> StreamResult<usize> {
+        self.stream.skip(size)
+    }
+
+    async fn cancel(&mut self) {
+        self.stream.cancel().await
+    }
+}
+
 /// Reads the next chunk of `source`: `Ok(None)` at its end.
 pub async fn read_chunk(source: &mut DynInputStream, size: usize) -> Next {
     loop {

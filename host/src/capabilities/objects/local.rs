@@ -302,7 +302,8 @@ impl LocalStore {
         }
     }
 
-    pub async fn list(&self, prefix: &str) -> Answer<Vec<ObjectInfo>> {
+    /// The objects under `prefix` by key; it stops past `limit` of them.
+    pub async fn list(&self, prefix: &str, limit: usize) -> Answer<Vec<ObjectInfo>> {
         // Walk only below the directory the prefix's whole segments name.
         let (directory_part, _) = prefix.rsplit_once('/').unwrap_or(("", prefix));
         let mut start = self.objects();
@@ -317,6 +318,9 @@ impl LocalStore {
         let mut found = Vec::new();
         let mut pending = vec![(start, key_prefix)];
         while let Some((dir, key_prefix)) = pending.pop() {
+            if found.len() > limit {
+                break;
+            }
             let mut entries = match tokio::fs::read_dir(&dir).await {
                 Ok(entries) => entries,
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
@@ -327,6 +331,9 @@ impl LocalStore {
                 .await
                 .map_err(|e| unavailable("cannot list the objects", e))?
             {
+                if found.len() > limit {
+                    break;
+                }
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let kind = entry
                     .file_type()

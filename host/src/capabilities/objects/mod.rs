@@ -23,6 +23,9 @@ pub const MAX_KEY_LENGTH: usize = 1024;
 pub const MAX_PART_NUMBER: u32 = 10_000;
 pub const MIN_PART_SIZE: u64 = 5 << 20;
 pub const MAX_PART_SIZE: u64 = 5 << 30;
+/// The most objects one listing returns (S3's page): a listing is gathered in host memory
+/// before the guest gets it, so it is bounded rather than as long as the bucket.
+pub const MAX_LISTED: usize = 1000;
 
 pub type Answer<T> = Result<T, ObjectError>;
 
@@ -201,10 +204,16 @@ impl ObjectStore {
                 "a prefix is at most {MAX_KEY_LENGTH} bytes"
             )));
         }
-        match self {
-            ObjectStore::Local(store) => store.list(prefix).await,
-            ObjectStore::S3(store) => store.list(prefix).await,
+        let listed = match self {
+            ObjectStore::Local(store) => store.list(prefix, MAX_LISTED).await,
+            ObjectStore::S3(store) => store.list(prefix, MAX_LISTED).await,
+        }?;
+        if listed.len() > MAX_LISTED {
+            return Err(ObjectError::InvalidKey(format!(
+                "{prefix:?}: more than {MAX_LISTED} objects have this prefix, the most one listing returns; list by longer prefixes"
+            )));
         }
+        Ok(listed)
     }
 }
 
@@ -459,7 +468,7 @@ impl Host for GuestState {
             .get(&key, start, length)
             .await;
         Ok(match got {
-            Ok((info, stream)) => Ok((info, self.table().push(stream)?)),
+            Ok((info, stream)) => Ok((info, self.push_stream(stream)?)),
             Err(error) => Err(error),
         })
     }

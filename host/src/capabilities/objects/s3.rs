@@ -459,7 +459,8 @@ impl S3Store {
         Ok(())
     }
 
-    pub async fn list(&self, prefix: &str) -> Answer<Vec<ObjectInfo>> {
+    /// The objects under `prefix` by key; it stops past `limit` of them.
+    pub async fn list(&self, prefix: &str, limit: usize) -> Answer<Vec<ObjectInfo>> {
         let _permit = self.permit().await;
         let mut found = Vec::new();
         let mut token: Option<String> = None;
@@ -490,6 +491,7 @@ impl S3Store {
                 });
             }
             match page.next_continuation_token() {
+                Some(_) if found.len() > limit => break,
                 Some(next) if page.is_truncated() == Some(true) => token = Some(next.to_owned()),
                 _ => break,
             }
