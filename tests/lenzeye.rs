@@ -642,3 +642,125 @@ async fn stalled_downloads_hold_no_part_buffer_sqlite_local() {
 async fn stalled_downloads_hold_no_part_buffer_postgres_s3() {
     stalled_downloads_hold_no_part_buffer(Backends::PostgresS3).await;
 }
+
+fn md5_hex(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("python3")
+        .args([
+            "-c",
+            "import hashlib, sys; print(hashlib.md5(sys.stdin.buffer.read()).hexdigest())",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    let output = child.wait_with_output().unwrap();
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+/// What the store holds of the first attempt at part 1 of a file: its bytes (the local
+/// store's part file), or the S3 server's ETag of them (their MD5).
+enum FirstAttempt {
+    Bytes(Vec<u8>),
+    Md5(String),
+}
+
+fn first_attempt(services: &Services, host: &AppHost, file_id: &str) -> FirstAttempt {
+    let app = &host.app.app;
+    match &services.s3 {
+        Some(s3) => {
+            let etags = s3.part_etags(&format!("tests/{app}/files/{file_id}"));
+            assert_eq!(etags.len(), 1, "{etags:?}");
+            FirstAttempt::Md5(etags[0].clone())
+        }
+        None => {
+            let uploads = host.host_data_dir().join("apps").join(app).join("uploads");
+            let key = format!("files/{file_id}");
+            let upload = std::fs::read_dir(uploads)
+                .unwrap()
+                .flatten()
+                .find(|upload| {
+                    std::fs::read_to_string(upload.path().join("key"))
+                        .ok()
+                        .as_deref()
+                        == Some(key.as_str())
+                })
+                .expect("the upload's directory");
+            let part = std::fs::read_dir(upload.path())
+                .unwrap()
+                .flatten()
+                .find(|entry| entry.file_name().to_string_lossy().ends_with(".part"))
+                .expect("the stored part");
+            FirstAttempt::Bytes(std::fs::read(part.path()).unwrap())
+        }
+    }
+}
+
+fn stored_object(services: &Services, host: &AppHost, file_id: &str) -> Vec<u8> {
+    let app = &host.app.app;
+    match &services.s3 {
+        Some(s3) => s3.object(&format!("tests/{app}/files/{file_id}")),
+        None => std::fs::read(
+            host.host_data_dir()
+                .join("apps")
+                .join(app)
+                .join(format!("objects/files/{file_id}.o")),
+        )
+        .unwrap(),
+    }
+}
+
+/// A part sent again with other bytes is encrypted under a keystream of its own: with the
+/// same keystream, anyone holding both stored ciphertexts would hold the XOR of the two
+/// plaintexts. The file still downloads as the second attempt, verified.
+async fn a_part_sent_again_gets_a_keystream_of_its_own(backends: Backends) {
+    let mut services = Services::start(backends);
+    let host = AppHost::start(&mut services, "lenzeye", "resend", &[]);
+    let user = User::create(&host).await;
+    let size = MIB + 5;
+    let (first, second) = (random_bytes(size, 21), random_bytes(size, 22));
+    let (upload_id, file_id) = user.initiate("twice.bin", size).await;
+    assert_eq!(user.part(&upload_id, 1, first.clone()).await.0, 200);
+    let first_stored = first_attempt(&services, &host, &file_id);
+    assert_eq!(user.part(&upload_id, 1, second.clone()).await.0, 200);
+    let (status, done) = user.complete(&upload_id).await;
+    assert_eq!(status, 200, "{done}");
+    let second_stored = stored_object(&services, &host, &file_id);
+    assert_eq!(second_stored.len(), size);
+    // What the first ciphertext would be had both attempts used one keystream.
+    let with_one_keystream: Vec<u8> = second_stored
+        .iter()
+        .zip(&second)
+        .zip(&first)
+        .map(|((cipher, plain), other)| cipher ^ plain ^ other)
+        .collect();
+    match first_stored {
+        FirstAttempt::Bytes(bytes) => {
+            assert_eq!(bytes.len(), size);
+            assert!(bytes != with_one_keystream, "the keystream was used twice");
+        }
+        FirstAttempt::Md5(etag) => {
+            assert_ne!(
+                etag,
+                md5_hex(&with_one_keystream),
+                "the keystream was used twice"
+            );
+        }
+    }
+    let (status, body, _) = user.download(&file_id, None).await;
+    assert_eq!(status, 200);
+    assert!(body == second, "the download is not the second attempt");
+    let (status, range, _) = user.download(&file_id, Some("bytes=1000-1999")).await;
+    assert_eq!((status, range.as_slice()), (206, &second[1000..2000]));
+}
+
+#[tokio::test]
+async fn a_part_sent_again_gets_a_keystream_of_its_own_sqlite_local() {
+    a_part_sent_again_gets_a_keystream_of_its_own(Backends::SqliteLocal).await;
+}
+
+#[tokio::test]
+async fn a_part_sent_again_gets_a_keystream_of_its_own_postgres_s3() {
+    a_part_sent_again_gets_a_keystream_of_its_own(Backends::PostgresS3).await;
+}

@@ -1314,6 +1314,29 @@ impl S3Server {
         xml_values(&listing.body_text(), "Key")
     }
 
+    /// The bytes of an object.
+    pub fn object(&self, key: &str) -> Vec<u8> {
+        let response = self.request("GET", &format!("/{}/{key}", self.bucket));
+        assert_eq!(response.status, 200, "{key}: {}", response.body_text());
+        response.body
+    }
+
+    /// The ETags (without quotes) of the parts stored for the uploads in progress of `key`.
+    pub fn part_etags(&self, key: &str) -> Vec<String> {
+        let uploads = self.request("GET", &format!("/{}?uploads&prefix={key}", self.bucket));
+        xml_values(&uploads.body_text(), "UploadId")
+            .iter()
+            .flat_map(|upload_id| {
+                let parts = self.request(
+                    "GET",
+                    &format!("/{}/{key}?uploadId={upload_id}", self.bucket),
+                );
+                xml_values(&parts.body_text(), "ETag")
+            })
+            .map(|etag| etag.replace("&quot;", "").replace('"', ""))
+            .collect()
+    }
+
     /// The parts stored for an upload (empty when the upload is gone).
     pub fn parts(&self, key: &str, upload_id: &str) -> Vec<String> {
         let listing = self.request(

@@ -5,7 +5,7 @@ use capabilities::sql::{self, SqlError, Value};
 
 use crate::Refusal;
 
-const SCHEMA: [&str; 3] = [
+const SCHEMA: [&str; 4] = [
     "CREATE TABLE IF NOT EXISTS users (
         id TEXT PRIMARY KEY,
         key_hash TEXT NOT NULL UNIQUE,
@@ -31,6 +31,14 @@ const SCHEMA: [&str; 3] = [
         completed BIGINT
     )",
     "CREATE INDEX IF NOT EXISTS files_by_user ON files (user_id, created)",
+    // The IV each stored attempt of a part was encrypted with, by the store's etag of it.
+    "CREATE TABLE IF NOT EXISTS part_ivs (
+        file_id TEXT NOT NULL,
+        number BIGINT NOT NULL,
+        etag TEXT NOT NULL,
+        iv TEXT NOT NULL,
+        PRIMARY KEY (file_id, number, etag)
+    )",
 ];
 
 /// A row, by column name.

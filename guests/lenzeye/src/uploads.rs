@@ -1,6 +1,10 @@
 //! Uploads: initiate, parts (in any order, at once, again), complete, abort. Each part's body
 //! streams through `crypto.encrypt-stream` (AES-256-CTR at the part's offset in the file), a
 //! registry `tap` (its HMAC) and `objects.upload-part` inside the host.
+//!
+//! Every attempt at a part is encrypted under an IV of its own, recorded with the store's etag
+//! of what it stored: a part sent again with other bytes never reuses the keystream of an
+//! earlier attempt (which would give anyone holding both ciphertexts their plaintexts' XOR).
 
 use capabilities::hmac_registry::{self, RegistryError};
 use capabilities::objects::{self, ObjectError};
@@ -282,7 +286,9 @@ pub fn part(request: &Request, user: &User) -> Answer {
         .body_stream()
         .ok_or_else(|| Refusal::new(400, "the part has no body"))?;
     let offset = (number - 1) * file.part_size;
-    let ciphertext = crypto::encrypt_stream(&file.enc_key_id, &file.iv, offset, plaintext)
+    let iv = crate::random_hex(16);
+    let iv_bytes = web::unhex(&iv).unwrap_or_default();
+    let ciphertext = crypto::encrypt_stream(&file.enc_key_id, &iv_bytes, offset, plaintext)
         .map_err(|error| Refusal::new(500, format!("the file's key is unusable: {error:?}")))?;
     let (tapped, mac) =
         hmac_registry::tap(&file.id, number as u32, ciphertext).map_err(registry_refusal)?;
@@ -294,6 +300,17 @@ pub fn part(request: &Request, user: &User) -> Answer {
         expected,
     )
     .map_err(object_refusal)?;
+    // Recorded before the registry takes the part, so every part it takes has its IV.
+    database::execute(
+        "INSERT INTO part_ivs (file_id, number, etag, iv) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (file_id, number, etag) DO NOTHING",
+        &[
+            text(&file.id),
+            Value::Integer(number as i64),
+            text(&stored.etag),
+            text(&iv),
+        ],
+    )?;
     hmac_registry::add_part(&file.id, mac, &stored.etag).map_err(registry_refusal)?;
     Ok((200, json!({"part_number": number, "size": expected})))
 }
@@ -397,6 +414,7 @@ pub fn remove(file: &FileRecord) -> Result<(), Refusal> {
         }
     }
     hmac_registry::discard(&file.id).map_err(registry_refusal)?;
+    database::execute("DELETE FROM part_ivs WHERE file_id = $1", &[text(&file.id)])?;
     database::execute("DELETE FROM files WHERE id = $1", &[text(&file.id)])?;
     Ok(())
 }

@@ -183,6 +183,27 @@ pub fn respond_stream(
     splice(source, start(out, status, headers))
 }
 
+/// Answers with the bytes of each source in turn, each made only once the one before is sent,
+/// spliced to the client inside the host. If a source cannot be made or fails midway the body
+/// is left unfinished, as with `respond_stream`; the error says why.
+pub fn respond_streams(
+    out: ResponseOutparam,
+    status: u16,
+    headers: &[(&str, String)],
+    sources: impl IntoIterator<Item = Result<InputStream, String>>,
+) -> Result<(), String> {
+    let body = start(out, status, headers);
+    let sink = body
+        .write()
+        .map_err(|()| "the body has no stream".to_owned())?;
+    for source in sources {
+        splice_to_end(&source?, &sink)?;
+    }
+    sink.blocking_flush().map_err(|e| format!("{e:?}"))?;
+    drop(sink);
+    OutgoingBody::finish(body, None).map_err(|e| format!("{e:?}"))
+}
+
 /// Splices `source` into `body` inside the host to its end, then finishes `body`. On a failure
 /// `body` is left unfinished, so the far end sees a cut message, never a short one that looks
 /// whole; the error says why.
@@ -190,20 +211,23 @@ pub fn splice(source: InputStream, body: OutgoingBody) -> Result<(), String> {
     let sink = body
         .write()
         .map_err(|()| "the body has no stream".to_owned())?;
-    loop {
-        match sink.blocking_splice(&source, CHUNK) {
-            Ok(_) => {}
-            Err(StreamError::Closed) => break,
-            Err(StreamError::LastOperationFailed(error)) => {
-                return Err(error.to_debug_string());
-            }
-        }
-    }
+    splice_to_end(&source, &sink)?;
     sink.blocking_flush().map_err(|e| format!("{e:?}"))?;
     // The stream is a child of the body: it goes first.
     drop(sink);
     drop(source);
     OutgoingBody::finish(body, None).map_err(|e| format!("{e:?}"))
+}
+
+/// Splices all of `source` into `sink`, inside the host.
+fn splice_to_end(source: &InputStream, sink: &OutputStream) -> Result<(), String> {
+    loop {
+        match sink.blocking_splice(source, CHUNK) {
+            Ok(_) => {}
+            Err(StreamError::Closed) => return Ok(()),
+            Err(StreamError::LastOperationFailed(error)) => return Err(error.to_debug_string()),
+        }
+    }
 }
 
 pub fn write_all(stream: &OutputStream, mut data: &[u8]) -> Result<(), StreamError> {
