@@ -1,9 +1,13 @@
 //! A misbehaving guest costs one request, never the host: traps give 500, the memory cap 500,
-//! the deadline 504, each with the words the contract promises, and the host serves on.
+//! the deadline 504, each with the words the contract promises, and the host serves on. A guest
+//! that fails after its response has started gives the client a response that looks cut, never
+//! a short one that looks whole.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use blackbox::{HostProcess, guest, http_client};
+use blackbox::{HostProcess, get_request, guest, http_client, read_response};
 use futures::future::join_all;
 
 struct Answer {
@@ -256,4 +260,169 @@ async fn burst_of_mixed_faults_leaves_the_host_serving() {
     );
     assert_healthy(&client, &host, "the burst").await;
     assert!(host.is_alive(), "the host died in the burst");
+}
+
+/// How a `/partial` response ends after its first MiBs: the guest's failures, and the two
+/// endings it chooses itself.
+const PARTIAL_ENDINGS: [&str; 6] = ["trap", "grow", "spin", "sleep", "drop", "finish"];
+
+/// What a raw client sees of a response: the status, the body bytes it got, and whether the
+/// message ended as HTTP says a complete one ends (the chunked terminator, or all of the
+/// declared `Content-Length`) rather than with the connection closing under it.
+struct Seen {
+    status: u16,
+    body: usize,
+    complete: bool,
+}
+
+/// Sends `GET target` on a new connection and reads the response to its end or to the
+/// connection's end, whichever is first.
+fn raw_get(host: &HostProcess, target: &str) -> Seen {
+    let mut stream = TcpStream::connect(host.addr()).expect("cannot connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    stream
+        .write_all(&get_request(target, &host.addr().to_string(), &[]))
+        .unwrap();
+    let mut bytes = Vec::new();
+    // A cut ends in EOF or a reset; a whole message ends where its framing says.
+    let mut chunk = vec![0; 64 * 1024];
+    let started = Instant::now();
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(error) => panic!(
+                "{target}: reading failed after {:?}: {error}",
+                started.elapsed()
+            ),
+        }
+        if read_response(&mut bytes.as_slice()).is_ok() {
+            break;
+        }
+    }
+    match read_response(&mut bytes.as_slice()) {
+        Ok(response) => Seen {
+            status: response.status,
+            body: response.body.len(),
+            complete: true,
+        },
+        Err(_) => {
+            let head_end = bytes
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{target}: no response head in {:?}",
+                        String::from_utf8_lossy(&bytes)
+                    )
+                });
+            let status = String::from_utf8_lossy(&bytes[9..12]).parse().unwrap_or(0);
+            Seen {
+                status,
+                body: bytes.len() - head_end - 4,
+                complete: false,
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_the_guest_could_not_finish_looks_cut() {
+    let host = HostProcess::start(
+        &guest("faults"),
+        &["--timeout", "2", "--memory-limit", "32MiB"],
+    );
+    let client = http_client();
+    for length in ["0", "1"] {
+        for ending in PARTIAL_ENDINGS {
+            if ending == "finish" && length == "1" {
+                continue; // a body one MiB short of its length cannot finish
+            }
+            let target = format!("/partial?mb=3&then={ending}&length={length}");
+            let seen = tokio::task::block_in_place(|| raw_get(&host, &target));
+            assert_eq!(
+                seen.status, 200,
+                "{target}: the head was sent before the failure"
+            );
+            assert!(
+                seen.body >= 3 << 20,
+                "{target}: the client got {} bytes, fewer than the 3 MiB the guest sent",
+                seen.body
+            );
+            let whole = ending == "finish";
+            assert_eq!(
+                seen.complete,
+                whole,
+                "{target}: a raw client saw a {} message",
+                if seen.complete { "complete" } else { "cut" }
+            );
+
+            let response = client
+                .get(host.url(&target))
+                .timeout(Duration::from_secs(60))
+                .send()
+                .await
+                .unwrap_or_else(|error| panic!("{target}: no response head: {error}"));
+            let body = response.bytes().await;
+            assert_eq!(
+                body.is_ok(),
+                whole,
+                "{target}: reqwest read the body as {}",
+                match &body {
+                    Ok(bytes) => format!("complete, {} bytes", bytes.len()),
+                    Err(error) => format!("failed: {error}"),
+                }
+            );
+            assert_healthy(&client, &host, &target).await;
+        }
+    }
+    assert!(
+        host.log().contains("the response was cut short"),
+        "the error log does not say that responses were cut:\n{}",
+        host.log()
+    );
+}
+
+#[test]
+fn a_capability_stream_that_fails_midway_cuts_the_response() {
+    // The request body is cut at 1 MiB (--limit-request-body), so the encryption stream the
+    // guest splices into its response fails after its first MiB.
+    let host = HostProcess::start(&guest("faults"), &["--limit-request-body", "1MiB"]);
+    let mut stream = TcpStream::connect(host.addr()).expect("cannot connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let head = format!(
+        "POST /crypto/echo HTTP/1.1\r\nHost: {}\r\nTransfer-Encoding: chunked\r\n\r\n",
+        host.addr()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let chunk = vec![b'p'; 256 * 1024];
+        for _ in 0..16 {
+            let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+            // The host stops reading at the limit: a failed write is expected.
+            if writer.write_all(&framed).is_err() {
+                return;
+            }
+        }
+        let _ = writer.write_all(b"0\r\n\r\n");
+    });
+    let mut bytes = Vec::new();
+    let _ = stream.read_to_end(&mut bytes);
+    let _ = sender.join();
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(12)]).into_owned();
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "the response began {text:?}"
+    );
+    assert!(
+        read_response(&mut bytes.as_slice()).is_err(),
+        "the encrypted echo of a body cut at 1 MiB arrived as a complete message of {} bytes",
+        bytes.len()
+    );
 }

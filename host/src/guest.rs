@@ -26,6 +26,7 @@ use crate::capabilities::AppCapabilities;
 use crate::capabilities::crypto::Crypto;
 use crate::capabilities::streams::StreamCount;
 use crate::guest_output::GuestOutput;
+use crate::http::cut;
 use crate::http::drain::DrainedIfDropped;
 use crate::limits::MemoryLimiter;
 use crate::metrics::AppMetrics;
@@ -210,6 +211,7 @@ impl Guest {
         slot: impl Send + 'static,
     ) -> Result<hyper::Response<HyperOutgoingBody>, GuestFailure> {
         let (sender, receiver) = oneshot::channel();
+        let (guest_finished, ending) = cut::guest_outcome();
         let deadline = self.timeout.map(|timeout| Instant::now() + timeout);
         let guest = Arc::clone(self);
         // Set once the client has the response head: a later failure can only cut the body.
@@ -219,10 +221,12 @@ impl Guest {
             async move {
                 let outcome = guest.run(request, scheme, sender, deadline).await;
                 drop(slot);
-                if let Err(failure) = &outcome
-                    && responded.load(Ordering::Acquire)
-                {
-                    tracing::error!("the response was cut short: {failure}");
+                match &outcome {
+                    Ok(()) => guest_finished.finished(),
+                    Err(failure) if responded.load(Ordering::Acquire) => {
+                        tracing::error!("the response was cut short: {failure}");
+                    }
+                    Err(_) => {}
                 }
                 outcome
             }
@@ -231,7 +235,8 @@ impl Guest {
         match receiver.await {
             Ok(Ok(response)) => {
                 responded.store(true, Ordering::Release);
-                Ok(response)
+                // The body ends whole only if the guest finishes; otherwise it looks cut.
+                Ok(response.map(|body| ending.body(body)))
             }
             Ok(Err(code)) => Err(GuestFailure::ErrorCode(format!("{code:?}"))),
             Err(_) => match run.await {

@@ -66,6 +66,7 @@ impl wasip2::exports::http::incoming_handler::Guest for Faults {
                 );
             }
             "/echo" => echo(request, response_out),
+            "/partial" => partial(response_out, query),
             "/crypto" => crypto_parts(request, response_out, param(query, "parts").unwrap_or("")),
             "/crypto/apply" => crypto_apply(request, response_out, query),
             "/crypto/burn" => {
@@ -81,6 +82,19 @@ impl wasip2::exports::http::incoming_handler::Guest for Faults {
                     "text/plain",
                     format!("encrypted {} bytes\n", sealed.len()).as_bytes(),
                 );
+            }
+            "/crypto/echo" => {
+                // The body, encrypted inside the host and spliced to the client: a failing
+                // request body makes the capability's stream fail midway.
+                let key = capabilities::crypto::generate_key();
+                let body = request.consume().expect("the body is consumed once");
+                let source = body.stream().expect("a fresh body has a stream");
+                let sealed = capabilities::crypto::encrypt_stream(&key, &[0; 16], 0, source)
+                    .expect("a fresh key works");
+                let headers = [("content-type", "application/octet-stream".to_owned())];
+                if let Err(error) = web::respond_stream(response_out, 200, &headers, sealed) {
+                    eprintln!("the encrypted echo was cut: {error}");
+                }
             }
             "/crypto/stream" => {
                 // The body, encrypted inside the host as it is read.
@@ -203,6 +217,45 @@ fn echo(request: IncomingRequest, out: ResponseOutparam) {
     drop(output);
     drop(input);
     OutgoingBody::finish(outgoing, None).expect("body complete");
+}
+
+/// Starts a 200, streams `mb` MiB of it, then fails as `then` says: `trap`, `grow` (memory
+/// until refused), `spin` (past the deadline in a loop), `sleep` (past the deadline waiting),
+/// `drop` (returns without finishing the body), or `finish` (the body ends whole). With
+/// `length=1` the response declares one MiB more than it streams before failing.
+fn partial(out: ResponseOutparam, query: &str) {
+    let mib = param(query, "mb")
+        .and_then(|mb| mb.parse::<usize>().ok())
+        .unwrap_or(1);
+    let mut headers = vec![("content-type".to_owned(), b"application/octet-stream".to_vec())];
+    if param(query, "length") == Some("1") {
+        headers.push(("content-length".to_owned(), ((mib + 1) * MIB).to_string().into_bytes()));
+    }
+    let response = OutgoingResponse::new(Fields::from_list(&headers).expect("valid headers"));
+    let body = response.body().expect("a fresh response has a body");
+    ResponseOutparam::set(out, Ok(response));
+    let stream = body.write().expect("a fresh body has a stream");
+    let chunk = vec![b'x'; MIB];
+    for _ in 0..mib {
+        write_all(&stream, &chunk).expect("client went away");
+    }
+    stream.blocking_flush().expect("client went away");
+    match param(query, "then").unwrap_or("trap") {
+        "grow" => {
+            grow(usize::MAX);
+        }
+        "spin" => spin(),
+        "sleep" => wasip2::clocks::monotonic_clock::subscribe_duration(3_600 * 1_000_000_000)
+            .block(),
+        "drop" => return,
+        "finish" => {
+            drop(stream);
+            OutgoingBody::finish(body, None).expect("body complete");
+            return;
+        }
+        _ => {}
+    }
+    panic!("the /partial route fails on purpose after {mib} MiB");
 }
 
 fn info(request: &IncomingRequest, path_with_query: &str) -> String {
