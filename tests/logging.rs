@@ -1,9 +1,10 @@
 //! The logs, as gunicorn writes them: the access log in its default format, the error log to a
-//! file, and `--log-level` filtering.
+//! file, and `--log-level` filtering. What a client sends cannot add lines to either log.
 
 use std::time::Duration;
 
-use blackbox::{HostProcess, guest, http_client, poll_until};
+use base64::Engine;
+use blackbox::{HostProcess, guest, http_client, poll_until, raw_answer};
 
 const USER_AGENT: &str = "blackbox-logging-test/1.0 (access log)";
 const MONTHS: [&str; 12] = [
@@ -168,5 +169,70 @@ async fn guest_output_is_logged_under_the_request_id() {
         logged.is_some(),
         "no line {expected:?} in the log:\n{}",
         host.log()
+    );
+}
+
+#[test]
+fn client_values_cannot_forge_access_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let access_log = dir.path().join("access.log");
+    let access_log_arg = access_log.to_string_lossy().into_owned();
+    let host = HostProcess::start(&guest("hello"), &["--access-logfile", &access_log_arg]);
+    let addr = host.addr();
+
+    // A Basic-auth user with a line break and a forged line after it (without a colon, which
+    // would end the user name).
+    let forged = "127.0.0.1 - admin [-] \"GET /admin HTTP/1.1\" 200 1";
+    let credentials =
+        base64::engine::general_purpose::STANDARD.encode(format!("eve\n{forged}:secret"));
+    let mut first =
+        format!("GET /user HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic {credentials}\r\n\r\n")
+            .into_bytes();
+    // A user agent with a tab, quotes (which would end the quoted field) and bytes beyond ASCII.
+    let mut second =
+        format!("GET /agent HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: a\t\"b\" ").into_bytes();
+    second.extend_from_slice(b"\xff\x85c\r\n\r\n");
+    for request in [&mut first, &mut second] {
+        let response = raw_answer(addr, request);
+        assert_eq!(response.status, 200, "{response:?}");
+    }
+
+    // Every line but the start check's `GET /`.
+    let ours = |contents: &str| -> Vec<String> {
+        contents
+            .lines()
+            .filter(|line| !line.contains("\"GET / HTTP/1.1\""))
+            .map(str::to_owned)
+            .collect()
+    };
+    let lines = poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        let contents = std::fs::read_to_string(&access_log).ok()?;
+        let lines = ours(&contents);
+        (lines.len() >= 2 && lines.iter().any(|line| line.contains("/agent"))).then_some(lines)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the access log has not got two lines for the two requests:\n{}",
+            std::fs::read_to_string(&access_log).unwrap_or_default()
+        )
+    });
+    assert_eq!(
+        lines.len(),
+        2,
+        "two requests wrote {} lines:\n{}",
+        lines.len(),
+        lines.join("\n")
+    );
+    let user = lines.iter().find(|line| line.contains("/user")).unwrap();
+    assert!(
+        user.starts_with(
+            r#"127.0.0.1 - eve\x0a127.0.0.1 - admin [-] \"GET /admin HTTP/1.1\" 200 1 ["#
+        ),
+        "the user is not escaped onto the request's line: {user}"
+    );
+    let agent = lines.iter().find(|line| line.contains("/agent")).unwrap();
+    assert!(
+        agent.ends_with(r#" "a\x09\"b\" \xff\x85c""#),
+        "the user agent is not escaped inside its quotes: {agent}"
     );
 }

@@ -114,7 +114,9 @@ impl AccessLog {
         for part in &self.parts {
             match part {
                 Part::Literal(text) => line.push_str(text),
-                Part::Atom(atom) => record.render(atom, sent, &mut line),
+                Part::Atom(atom) => {
+                    let _ = record.render(atom, sent, &mut line);
+                }
             }
         }
         line.push('\n');
@@ -123,64 +125,73 @@ impl AccessLog {
 }
 
 impl AccessRecord {
-    fn render(&self, atom: &Atom, sent: u64, out: &mut String) {
+    /// Writing to a `String` cannot fail; the result is only there for `?` and `write!`.
+    fn render(&self, atom: &Atom, sent: u64, out: &mut String) -> std::fmt::Result {
         use std::fmt::Write;
         let elapsed = self.started.elapsed();
-        let header = |headers: &HeaderMap, name: &HeaderName| {
-            headers
-                .get(name)
-                .and_then(|value| value.to_str().ok())
-                .unwrap_or("-")
-                .to_owned()
-        };
-        let _ = match atom {
+        let header =
+            |out: &mut String, headers: &HeaderMap, name: &HeaderName| match headers.get(name) {
+                Some(value) => escape(out, value.as_bytes()),
+                None => out.write_str("-"),
+            };
+        match atom {
             Atom::RemoteAddress => write!(out, "{}", self.remote),
             Atom::Dash | Atom::Unknown => write!(out, "-"),
-            Atom::User => write!(
-                out,
-                "{}",
-                basic_auth_user(&self.request_headers).unwrap_or_else(|| "-".into())
-            ),
+            Atom::User => match basic_auth_user(&self.request_headers) {
+                Some(user) => escape(out, &user),
+                None => out.write_str("-"),
+            },
             Atom::Time => write!(out, "[{}]", apache_time(self.received)),
             Atom::RequestLine => {
-                let query = if self.query.is_empty() {
-                    String::new()
-                } else {
-                    format!("?{}", self.query)
-                };
-                write!(
-                    out,
-                    "{} {}{} {}",
-                    self.method,
-                    self.path,
-                    query,
-                    protocol(self.version)
-                )
+                escape(out, self.method.as_bytes())?;
+                out.push(' ');
+                escape(out, self.path.as_bytes())?;
+                if !self.query.is_empty() {
+                    out.push('?');
+                    escape(out, self.query.as_bytes())?;
+                }
+                write!(out, " {}", protocol(self.version))
             }
-            Atom::Method => write!(out, "{}", self.method),
-            Atom::Path => write!(out, "{}", self.path),
-            Atom::Query => write!(out, "{}", self.query),
+            Atom::Method => escape(out, self.method.as_bytes()),
+            Atom::Path => escape(out, self.path.as_bytes()),
+            Atom::Query => escape(out, self.query.as_bytes()),
             Atom::Protocol => write!(out, "{}", protocol(self.version)),
             Atom::Status => write!(out, "{}", self.status),
             Atom::BytesOrZero => write!(out, "{sent}"),
             Atom::BytesOrDash if sent == 0 => write!(out, "-"),
             Atom::BytesOrDash => write!(out, "{sent}"),
-            Atom::Referer => write!(out, "{}", header(&self.request_headers, &REFERER)),
-            Atom::UserAgent => write!(out, "{}", header(&self.request_headers, &USER_AGENT)),
+            Atom::Referer => header(out, &self.request_headers, &REFERER),
+            Atom::UserAgent => header(out, &self.request_headers, &USER_AGENT),
             Atom::Seconds => write!(out, "{}", elapsed.as_secs()),
             Atom::Micros => write!(out, "{}", elapsed.as_micros()),
             Atom::Millis => write!(out, "{}", elapsed.as_millis()),
             Atom::SecondsDecimal => write!(out, "{:.6}", elapsed.as_secs_f64()),
             Atom::Pid => write!(out, "<{}>", std::process::id()),
-            Atom::RequestHeader(name) => write!(out, "{}", header(&self.request_headers, name)),
-            Atom::ResponseHeader(name) => write!(out, "{}", header(&self.response_headers, name)),
-            Atom::Environment(name) => write!(
-                out,
-                "{}",
-                std::env::var(name).unwrap_or_else(|_| "-".into())
-            ),
-        };
+            Atom::RequestHeader(name) => header(out, &self.request_headers, name),
+            Atom::ResponseHeader(name) => header(out, &self.response_headers, name),
+            Atom::Environment(name) => match std::env::var(name) {
+                Ok(value) => escape(out, value.as_bytes()),
+                Err(_) => out.write_str("-"),
+            },
+        }
     }
+}
+
+/// Appends a value a client or an app controls, escaped as Apache's `mod_log_config` does: a
+/// quote or backslash gets a backslash, and every byte that is not printable ASCII (control
+/// characters, so a forged line break, and bytes beyond ASCII) is written `\xNN`. A line of the
+/// access log is then always one line, and a quoted atom stays one field.
+fn escape(out: &mut String, bytes: &[u8]) -> std::fmt::Result {
+    use std::fmt::Write;
+    for &byte in bytes {
+        match byte {
+            b'"' => out.write_str("\\\"")?,
+            b'\\' => out.write_str("\\\\")?,
+            0x20..=0x7e => out.write_char(char::from(byte))?,
+            _ => write!(out, "\\x{byte:02x}")?,
+        }
+    }
+    Ok(())
 }
 
 fn protocol(version: Version) -> &'static str {
@@ -208,22 +219,22 @@ fn apache_time(at: time::OffsetDateTime) -> String {
     )
 }
 
-fn basic_auth_user(headers: &HeaderMap) -> Option<String> {
+/// The user name of `Authorization: Basic`, as the client sent it (any bytes: it is escaped
+/// when written).
+fn basic_auth_user(headers: &HeaderMap) -> Option<Vec<u8>> {
     use base64::Engine;
-    let value = headers.get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
-    let encoded = value
-        .strip_prefix("Basic ")
-        .or_else(|| value.strip_prefix("basic "))?;
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
+    let value = headers.get(hyper::header::AUTHORIZATION)?.as_bytes();
+    let (scheme, encoded) = value.split_at_checked(6)?;
+    if !scheme.eq_ignore_ascii_case(b"basic ") {
+        return None;
+    }
+    let mut decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim_ascii())
         .ok()?;
-    let decoded = String::from_utf8(decoded).ok()?;
-    Some(
-        decoded
-            .split_once(':')
-            .map_or(decoded.as_str(), |(user, _)| user)
-            .to_owned(),
-    )
+    if let Some(colon) = decoded.iter().position(|&byte| byte == b':') {
+        decoded.truncate(colon);
+    }
+    Some(decoded)
 }
 
 fn parse(format: &str) -> Vec<Part> {
@@ -338,6 +349,25 @@ mod tests {
         let atoms = parts.iter().filter(|p| matches!(p, Part::Atom(_))).count();
         assert_eq!(atoms, 9);
         assert!(matches!(parts[0], Part::Atom(Atom::RemoteAddress)));
+    }
+
+    #[test]
+    fn client_values_are_escaped_onto_one_line() {
+        let mut out = String::new();
+        escape(&mut out, b"a\"b\\c\nd\te\x7f\xc3\xa9").unwrap();
+        assert_eq!(out, r#"a\"b\\c\x0ad\x09e\x7f\xc3\xa9"#);
+    }
+
+    #[test]
+    fn basic_auth_user_keeps_every_byte() {
+        use base64::Engine;
+        let mut headers = HeaderMap::new();
+        let credentials = base64::engine::general_purpose::STANDARD.encode("eve\nforged:secret");
+        headers.insert(
+            hyper::header::AUTHORIZATION,
+            format!("BASIC {credentials}").parse().unwrap(),
+        );
+        assert_eq!(basic_auth_user(&headers).unwrap(), b"eve\nforged");
     }
 
     #[test]

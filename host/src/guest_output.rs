@@ -53,6 +53,7 @@ impl LineWriter {
         if text.trim().is_empty() {
             return;
         }
+        let text = without_controls(text);
         let _entered = self.output.span.enter();
         match self.output.stream {
             "stderr" => tracing::warn!("app stderr: {text}"),
@@ -70,6 +71,25 @@ impl LineWriter {
             self.emit(&line);
         }
     }
+}
+
+/// A guest's line with its control characters (a carriage return that would overwrite the
+/// line on a terminal, escape sequences) written `\xNN`: the app, or a client whose input it
+/// prints, cannot forge or hide lines of the error log. Tabs stay.
+fn without_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    use std::fmt::Write;
+    if !text.chars().any(|c| c.is_control() && c != '\t') {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() && c != '\t' {
+            let _ = write!(out, "\\x{:02x}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
 }
 
 impl AsyncWrite for LineWriter {
@@ -104,5 +124,19 @@ impl Drop for LineWriter {
             let line = std::mem::take(&mut self.pending);
             self.emit(&line);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(without_controls("plain\ttext é"), "plain\ttext é");
+        assert_eq!(
+            without_controls("a\rforged\x1b[2Kb\u{85}"),
+            "a\\x0dforged\\x1b[2Kb\\x85"
+        );
     }
 }
