@@ -1,10 +1,19 @@
 //! gunicorn's request limits, over raw sockets: `--limit-request-line`, `--limit-request-fields`,
 //! `--limit-request-field_size`, and malformed requests. Every refusal is the host's own answer:
-//! the status, `Connection: close`, and the connection closed after it.
+//! the status, `Connection: close`, and the connection closed after it. Clients that never
+//! finish their heads hold a bounded number of connections (`--max-connections`) for a bounded
+//! time (the header timeout), and a well-behaved client is still answered.
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use blackbox::{HostProcess, RawResponse, get_request, guest, raw_answer, raw_request};
+use blackbox::{
+    HostProcess, RawResponse, get_request, guest, poll_until, raw_answer, raw_request,
+    read_response,
+};
 
 /// `GET <target> HTTP/1.1` whose request line (without CRLF) is exactly `length` bytes.
 fn request_with_line(addr: SocketAddr, length: usize) -> Vec<u8> {
@@ -235,4 +244,202 @@ fn refusals_have_a_one_line_text_body() {
         "refusals without a one-line text/plain body:\n{}",
         failures.join("\n")
     );
+}
+
+/// Opens a connection and sends a head it never finishes: the request line, then 99 header lines
+/// of 8 KB each (within the default limits), and no blank line. Returns once the head is sent or
+/// the host has closed the connection.
+fn unfinished_head(addr: SocketAddr, stop: &AtomicBool) -> Option<TcpStream> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .ok()?;
+    let mut head = get_request("/", &addr.to_string(), &[]);
+    head.truncate(head.len() - 2);
+    for i in 0..99 {
+        head.extend_from_slice(format!("X-Pad-{i:02}: {}\r\n", "p".repeat(8170)).as_bytes());
+    }
+    let mut sent = 0;
+    while sent < head.len() && !stop.load(Ordering::Relaxed) {
+        match stream.write(&head[sent..]) {
+            Ok(0) => return None,
+            Ok(n) => sent += n,
+            // Not accepted yet (the backlog holds it) or the host reads slowly: try again.
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return None,
+        }
+    }
+    Some(stream)
+}
+
+/// Whether the host has closed `stream` (EOF or reset), waiting at most `wait`.
+fn closed_by_host(stream: &mut TcpStream, wait: Duration) -> bool {
+    let _ = stream.set_read_timeout(Some(wait));
+    let mut byte = [0u8; 1024];
+    match stream.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(error) => !matches!(
+            error.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[test]
+fn unfinished_heads_hold_a_bounded_number_of_connections_and_a_client_is_still_answered() {
+    const ATTACKERS: usize = 150;
+    const CAP: usize = 20;
+    let host = HostProcess::start(
+        &guest("hello"),
+        &["--max-connections", &CAP.to_string(), "--keep-alive", "1"],
+    );
+    let addr = host.addr();
+    // The host is idle here (the start check's connection is gone once its keep-alive ends).
+    let idle_files = poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        let files = host.open_files();
+        std::thread::sleep(Duration::from_millis(200));
+        (host.open_files() == files).then_some(files)
+    })
+    .expect("the host's open files never settled");
+    let idle_rss = host.rss_kib();
+
+    // Each attacker keeps a connection with an unfinished head open, and opens a new one as
+    // soon as the host closes it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let attackers: Vec<_> = (0..ATTACKERS)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(mut stream) = unfinished_head(addr, &stop) {
+                        while !stop.load(Ordering::Relaxed)
+                            && !closed_by_host(&mut stream, Duration::from_millis(100))
+                        {
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // A well-behaved client arrives while every place is taken and the backlog is full of
+    // attackers.
+    let place_taken = poll_until(Duration::from_secs(30), Duration::from_millis(50), || {
+        (host.open_files() >= idle_files + CAP).then_some(())
+    });
+    let mut peak_files = 0;
+    let mut peak_rss = 0;
+    let mut sample = || {
+        peak_files = peak_files.max(host.open_files());
+        peak_rss = peak_rss.max(host.rss_kib());
+    };
+    let started = Instant::now();
+    let mut client = TcpStream::connect(addr).expect("cannot connect");
+    client
+        .write_all(&get_request(
+            "/",
+            &addr.to_string(),
+            &["Connection: close".into()],
+        ))
+        .unwrap();
+    client.set_nonblocking(true).unwrap();
+    let mut answer = Vec::new();
+    let deadline = Duration::from_secs(120);
+    let answered = loop {
+        sample();
+        let mut chunk = [0u8; 4096];
+        match client.read(&mut chunk) {
+            Ok(0) => break read_response(&mut answer.as_slice()).ok(),
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                if started.elapsed() > deadline {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(_) => break None,
+        }
+    };
+    let waited = started.elapsed();
+    // A little longer under attack, to see that the figures stay where they are.
+    while started.elapsed() < waited + Duration::from_secs(3) {
+        sample();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for attacker in attackers {
+        let _ = attacker.join();
+    }
+
+    println!(
+        "{ATTACKERS} unfinished heads, --max-connections {CAP}: the client waited {waited:?}; \
+         open files {idle_files} idle, {peak_files} at the peak; RSS {} KiB idle, {} KiB at the peak",
+        idle_rss, peak_rss
+    );
+    assert!(
+        place_taken.is_some(),
+        "the attackers never held {CAP} connections"
+    );
+    let answered = answered.unwrap_or_else(|| {
+        panic!(
+            "the client got no answer within {deadline:?} while {ATTACKERS} connections sent \
+             unfinished heads: {:?}",
+            String::from_utf8_lossy(&answer)
+        )
+    });
+    assert_eq!(answered.status, 200, "the client's answer: {answered:?}");
+    // Each of the 150 would hold a descriptor and up to ~800 KiB of head without the cap.
+    assert!(
+        peak_files <= idle_files + CAP + 4,
+        "the host held {peak_files} descriptors under the attack, {idle_files} idle: more \
+         connections than --max-connections {CAP}"
+    );
+    let per_connection_kib = 1024;
+    let slack_kib = 24 * 1024;
+    assert!(
+        peak_rss <= idle_rss + (CAP as u64) * per_connection_kib + slack_kib,
+        "the host's RSS grew from {idle_rss} KiB to {peak_rss} KiB under {ATTACKERS} unfinished \
+         heads with --max-connections {CAP}"
+    );
+}
+
+#[test]
+fn a_head_trickled_slower_than_the_header_timeout_is_cut() {
+    let host = HostProcess::start(&guest("hello"), &["--keep-alive", "1"]);
+    let mut stream = TcpStream::connect(host.addr()).expect("cannot connect");
+    stream
+        .write_all(format!("GET / HTTP/1.1\r\nHost: {}\r\n", host.addr()).as_bytes())
+        .unwrap();
+    // One byte of a valid header line every 50 ms, never a blank line.
+    let line = b"X-Slow: still coming\r\n";
+    let started = Instant::now();
+    let mut sent = 0usize;
+    let cut = loop {
+        if started.elapsed() > Duration::from_secs(30) {
+            break None;
+        }
+        if stream.write_all(&line[sent % line.len()..][..1]).is_err() {
+            break Some(started.elapsed());
+        }
+        sent += 1;
+        if closed_by_host(&mut stream, Duration::from_millis(50)) {
+            break Some(started.elapsed());
+        }
+    };
+    let cut = cut.expect("a head trickled for 30 s was never cut (--keep-alive 1)");
+    println!("a head trickled one byte per 50 ms was cut after {cut:?} and {sent} bytes");
+    assert!(
+        cut >= Duration::from_millis(900),
+        "the head was cut after {cut:?}, before the 1 s header timeout"
+    );
+    assert!(
+        cut < Duration::from_secs(10),
+        "the head was cut after {cut:?}, long after the 1 s header timeout"
+    );
+    still_serves(&host, "a trickled head");
 }

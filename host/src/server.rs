@@ -1,18 +1,20 @@
 //! Listening sockets and HTTP/1.1 connections: gunicorn's `--bind`, `--backlog`,
-//! `--reuse-port`, `--keep-alive`, and a drain on shutdown in which no in-flight request is
-//! dropped (they finish with `Connection: close`) and idle connections are closed.
+//! `--reuse-port`, `--keep-alive`, a cap on the connections a worker holds open
+//! (`--max-connections`), and a drain on shutdown in which no in-flight request is dropped (they
+//! finish with `Connection: close`) and idle connections are closed.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::handler::{Peer, RequestHandler};
@@ -21,6 +23,9 @@ use crate::settings::BindAddress;
 
 /// How long a draining worker waits for the first request of a connection it has just accepted.
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
+/// The least time between two warnings that the connection cap is reached.
+const CAP_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 /// hyper's stack-allocated header array holds this many; other limits cost a heap allocation.
 const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
@@ -148,6 +153,8 @@ fn remove_stale_socket(path: &PathBuf) -> Result<()> {
 pub struct ConnectionSettings {
     pub keep_alive: Option<Duration>,
     pub limits: RequestLimits,
+    /// Connections the worker holds open at once, over all its listeners.
+    pub max_connections: usize,
 }
 
 impl ConnectionSettings {
@@ -187,10 +194,12 @@ pub async fn serve(
     // Every connection holds a sender; the drain is over when the last one is dropped.
     let (alive, mut all_closed) = mpsc::channel::<()>(1);
     let mut accepting = JoinSet::new();
+    let cap = Arc::new(ConnectionCap::new(settings.max_connections));
     for listener in listeners {
         let acceptor = Acceptor {
             handler: Arc::clone(&handler),
             http: settings.http1(),
+            cap: Arc::clone(&cap),
             draining: draining.clone(),
             alive: alive.clone(),
         };
@@ -220,9 +229,65 @@ pub async fn serve(
     Ok(())
 }
 
+/// The places for open connections in a worker (`--max-connections`).
+///
+/// At the cap the worker stops accepting, as gunicorn's workers do: further clients wait in the
+/// kernel's listen backlog (`--backlog`), costing the worker no descriptor and no buffer, and
+/// are taken in arrival order as places free up. Answering them instead (a 503) would mean
+/// accepting and reading each one, which is the cost the cap is there to bound. A place frees
+/// up when a connection closes: a client that finishes, an idle keep-alive connection or a head
+/// slower than `--keep-alive` (hyper's header timeout), so slow clients hold places for a
+/// bounded time.
+struct ConnectionCap {
+    places: Arc<Semaphore>,
+    limit: usize,
+    last_warning: Mutex<Option<Instant>>,
+}
+
+/// A connection's place, held until the connection closes.
+type Place = OwnedSemaphorePermit;
+
+impl ConnectionCap {
+    fn new(limit: usize) -> ConnectionCap {
+        ConnectionCap {
+            places: Arc::new(Semaphore::new(limit)),
+            limit,
+            last_warning: Mutex::new(None),
+        }
+    }
+
+    /// Waits for a free place.
+    async fn place(&self) -> Place {
+        if let Ok(place) = Arc::clone(&self.places).try_acquire_owned() {
+            return place;
+        }
+        self.warn_full();
+        Arc::clone(&self.places)
+            .acquire_owned()
+            .await
+            // The semaphore is never closed.
+            .expect("connection places closed")
+    }
+
+    fn warn_full(&self) {
+        let mut last = self
+            .last_warning
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if last.is_none_or(|at| at.elapsed() >= CAP_WARNING_INTERVAL) {
+            *last = Some(Instant::now());
+            tracing::warn!(
+                "{} connections open, the most a worker holds (--max-connections): new clients wait in the listen backlog",
+                self.limit
+            );
+        }
+    }
+}
+
 struct Acceptor {
     handler: Arc<RequestHandler>,
     http: http1::Builder,
+    cap: Arc<ConnectionCap>,
     draining: watch::Receiver<bool>,
     alive: mpsc::Sender<()>,
 }
@@ -240,11 +305,12 @@ impl Acceptor {
                 let local = listener.local_addr()?;
                 let listener = tokio::net::TcpListener::from_std(listener)?;
                 loop {
+                    let place = self.cap.place().await;
                     match listener.accept().await {
                         Ok((stream, remote)) => {
                             // Nagle plus delayed ACKs would add tens of milliseconds to small responses.
                             let _ = stream.set_nodelay(true);
-                            self.spawn(TokioIo::new(stream), tcp_peer(remote, local));
+                            self.spawn(TokioIo::new(stream), tcp_peer(remote, local), place);
                         }
                         Err(error) => accept_failed(error).await,
                     }
@@ -257,8 +323,11 @@ impl Acceptor {
                     local_authority: "localhost".to_owned(),
                 });
                 loop {
+                    let place = self.cap.place().await;
                     match listener.accept().await {
-                        Ok((stream, _)) => self.spawn(TokioIo::new(stream), Arc::clone(&peer)),
+                        Ok((stream, _)) => {
+                            self.spawn(TokioIo::new(stream), Arc::clone(&peer), place)
+                        }
                         Err(error) => accept_failed(error).await,
                     }
                 }
@@ -266,7 +335,7 @@ impl Acceptor {
         }
     }
 
-    fn spawn<I>(&self, io: I, peer: Arc<Peer>)
+    fn spawn<I>(&self, io: I, peer: Arc<Peer>, place: Place)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -284,6 +353,7 @@ impl Acceptor {
         let alive = self.alive.clone();
         tokio::spawn(async move {
             let _alive = alive;
+            let _place = place;
             tokio::pin!(connection);
             let drain = async move {
                 // The watch guard must not live across an await.

@@ -110,6 +110,11 @@ pub struct ServeArgs {
     )]
     pub worker_connections: usize,
 
+    /// Connections a worker holds open at once, across its apps and listeners; further clients
+    /// wait in the listen backlog until one closes.
+    #[arg(long = "max-connections", default_value_t = 1000, value_name = "INT")]
+    pub max_connections: usize,
+
     /// Seconds a request's guest may run before it is stopped and the client gets 504. 0 = no limit.
     #[arg(short = 't', long, default_value = "30", value_name = "SECONDS", value_parser = parse_seconds)]
     pub timeout: f64,
@@ -355,6 +360,8 @@ pub struct Settings {
     pub concurrency: usize,
     /// Requests that may wait for a free instance slot in one worker.
     pub queue_limit: usize,
+    /// Connections one worker holds open at once.
+    pub max_connections: usize,
     pub timeout: Option<Duration>,
     pub graceful_timeout: Duration,
     pub keep_alive: Option<Duration>,
@@ -400,6 +407,9 @@ impl Settings {
         }
         if args.worker_connections == 0 {
             bail!("--worker-connections must be at least 1");
+        }
+        if args.max_connections == 0 {
+            bail!("--max-connections must be at least 1");
         }
         // gunicorn: the sync class with more than one thread is the gthread class.
         let worker_class = match args.worker_class {
@@ -455,6 +465,7 @@ impl Settings {
             reuse_port: args.reuse_port,
             concurrency,
             queue_limit: args.worker_connections,
+            max_connections: args.max_connections,
             timeout: seconds_or_off(args.timeout),
             graceful_timeout: Duration::from_secs_f64(args.graceful_timeout),
             keep_alive: seconds_or_off(args.keep_alive),

@@ -157,6 +157,7 @@ pub fn run(
             });
             let connections = ConnectionSettings {
                 keep_alive: settings.keep_alive,
+                max_connections: settings.max_connections,
                 limits: RequestLimits::loosest(settings.apps.iter().map(|app| app.request_limits)),
             };
             let stop = stop_signal(settings, recycle.clone(), heartbeat)?;

@@ -454,6 +454,18 @@ impl HostProcess {
     }
 }
 
+impl HostProcess {
+    /// The descriptors open in the host's processes (the master and its workers): listening
+    /// sockets, connections, files.
+    pub fn open_files(&self) -> usize {
+        process_tree(self.pid())
+            .iter()
+            .filter_map(|pid| fs::read_dir(format!("/proc/{pid}/fd")).ok())
+            .map(|fds| fds.count())
+            .sum()
+    }
+}
+
 /// `pid` and all its descendants, from the parent pids in /proc/*/stat.
 fn process_tree(pid: u32) -> Vec<u32> {
     let mut parents = Vec::new();
