@@ -163,11 +163,13 @@ async fn a_runaway_statement_stops_at_the_deadline(postgres: bool) {
             ))
         );
     }
-    tokio::time::sleep(Duration::from_secs(2).saturating_sub(window.elapsed())).await;
+    // A statement left running burns a core (0.4 s a second even on this loaded machine);
+    // an idle host a few milliseconds.
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(window.elapsed())).await;
     let burnt = apps.host.cpu_time().saturating_sub(cpu_before);
     assert!(
-        burnt < Duration::from_millis(600),
-        "the host burnt {burnt:?} of CPU in the 2 s after the deadline"
+        burnt < Duration::from_millis(300),
+        "the host burnt {burnt:?} of CPU in the 3 s after the deadline"
     );
 
     // The app's next statements get a connection that is not busy with the old one.
