@@ -3,7 +3,7 @@
 //! sockets), watches their heartbeats, replaces the ones that die, and answers the signals.
 
 use std::collections::BTreeMap;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,18 +17,20 @@ use crate::capabilities::crypto;
 use crate::capabilities::slots::HostWideSlots;
 use crate::compile_cache;
 use crate::engine::{self, EngineSizing};
+use crate::handoff::{self, SettingsFile};
 use crate::heartbeat::Heartbeat;
 use crate::hooks;
 use crate::logging::LogFile;
 use crate::metrics::MetricsCollector;
+use crate::private_fs;
+use crate::run_dir::RunDir;
 use crate::server::Listener;
 use crate::settings::{BindAddress, Settings, human_size};
 use crate::worker::{EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR};
 
-/// The worker's settings, as JSON, in its environment.
-pub const WORKER_SETTINGS_ENV: &str = "HOST_WORKER_SETTINGS";
-/// Descriptors a worker inherits: its listeners from 3 on, then its heartbeat file.
-pub const FIRST_INHERITED_FD: i32 = 3;
+/// Descriptors a worker inherits: its settings at 3 (`handoff::SETTINGS_FD`), its listeners
+/// from 4 on, then its heartbeat file.
+pub const FIRST_LISTENER_FD: i32 = handoff::SETTINGS_FD + 1;
 
 /// How often the master looks at its workers: gunicorn's "at least once a second".
 const CHECK_EVERY: Duration = Duration::from_millis(250);
@@ -46,6 +48,8 @@ struct WorkerProcess {
 struct Master {
     settings: Settings,
     listeners: Vec<(BindAddress, Listener)>,
+    /// The private directory of the workers' heartbeat and metrics files.
+    run_dir: RunDir,
     /// Workers by age: the oldest first.
     workers: BTreeMap<u64, WorkerProcess>,
     next_age: u64,
@@ -68,6 +72,7 @@ pub fn run(
     reload: impl Fn() -> Result<Settings>,
 ) -> Result<ExitCode> {
     hooks::event("on_starting", &[("pid", std::process::id().to_string())]);
+    prepare_directories(&settings)?;
     resolve_master_key(&mut settings)?;
     crate::capabilities::remove_leftovers(&settings)?;
     let slots = HostWideSlots::create(
@@ -78,6 +83,13 @@ pub fn run(
     let outcome = run_with(settings, error_log, reload);
     slots.remove();
     outcome
+}
+
+/// The data directory is the host's alone (0700, made so if it was not), and the compile cache
+/// must be: whoever can write there can make the workers run their machine code.
+fn prepare_directories(settings: &Settings) -> Result<()> {
+    private_fs::create_dir_all(&settings.data_dir).context("the data directory (--data-dir)")?;
+    compile_cache::prepare_dir(&settings.cache_dir)
 }
 
 /// Every worker must wrap keys under the same master key: the master settles it (generating it
@@ -93,10 +105,13 @@ fn resolve_master_key(settings: &mut Settings) -> Result<()> {
 }
 
 fn run_with(
-    settings: Settings,
+    mut settings: Settings,
     error_log: LogFile,
     reload: impl Fn() -> Result<Settings>,
 ) -> Result<ExitCode> {
+    let run_dir = RunDir::create(&settings.worker_tmp_dir)?;
+    // Workers make their files in the private directory: to them it is --worker-tmp-dir.
+    settings.worker_tmp_dir = run_dir.path().to_owned();
     let baseline = precompile(&settings)?;
     check_budget(&settings, settings.workers, baseline)?;
     let listeners = bind_all(&settings, &[])?;
@@ -118,6 +133,7 @@ fn run_with(
         target: settings.workers,
         settings,
         listeners,
+        run_dir,
         workers: BTreeMap::new(),
         next_age: 0,
         exits,
@@ -138,7 +154,6 @@ async fn serve_metrics(
         .await
         .with_context(|| format!("cannot bind --metrics-bind {address}"))?;
     let collector = MetricsCollector::new(settings.worker_tmp_dir.clone());
-    collector.remove_stale();
     let collector = Arc::new(Mutex::new(collector));
     tracing::info!("Metrics at: http://{address}/metrics");
     let render = {
@@ -181,6 +196,7 @@ impl std::error::Error for Refusal {}
 
 /// `--check-config`: the settings are valid, the component loads, the budget holds.
 pub fn check(settings: &Settings) -> Result<()> {
+    compile_cache::prepare_dir(&settings.cache_dir)?;
     let baseline = precompile(settings)?;
     check_budget(settings, settings.workers, baseline)
 }
@@ -211,16 +227,22 @@ fn check_budget(settings: &Settings, workers: usize, baseline: Baseline) -> Resu
 /// done by a short-lived child (`host prepare`), so the compiler's memory never stays in the
 /// long-lived master.
 fn precompile(settings: &Settings) -> Result<Baseline> {
-    let settings_json = serde_json::to_string(settings).context("cannot pass the settings on")?;
-    let output =
-        std::process::Command::new(std::env::current_exe().context("cannot find the host binary")?)
-            .arg("prepare")
-            .env(WORKER_SETTINGS_ENV, settings_json)
-            .envs(allocator_settings())
-            .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .context("cannot run the compile step")?;
+    let settings_file = SettingsFile::new(settings)?;
+    let inherited = [settings_file.as_raw_fd()];
+    let mut command =
+        std::process::Command::new(std::env::current_exe().context("cannot find the host binary")?);
+    handoff::without_secrets(&mut command)
+        .arg("prepare")
+        .envs(allocator_settings())
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit());
+    // SAFETY: the closure runs in the child between fork and exec and only calls fcntl and
+    // dup2, which are async-signal-safe.
+    unsafe {
+        command.pre_exec(move || place_inherited_fds(&inherited));
+    }
+    let output = command.output().context("cannot run the compile step")?;
+    drop(settings_file);
     let report = String::from_utf8_lossy(&output.stdout);
     if let Some(baseline) = report.trim().strip_prefix(PREPARED) {
         return baseline
@@ -408,24 +430,25 @@ impl Master {
     }
 
     fn spawn_worker(&mut self) -> Result<()> {
-        let heartbeat = Heartbeat::create(&self.settings.worker_tmp_dir)?;
+        let heartbeat = Heartbeat::create(self.run_dir.path())?;
         let age = self.next_age;
         self.next_age += 1;
         hooks::event("pre_fork", &[("age", age.to_string())]);
-        let mut inherited: Vec<i32> = self
-            .listeners
-            .iter()
-            .map(|(_, listener)| listener.as_raw_fd())
-            .collect();
+        let settings_file =
+            SettingsFile::new(&self.settings).context("cannot pass the settings to a worker")?;
+        let mut inherited = vec![settings_file.as_raw_fd()];
+        inherited.extend(
+            self.listeners
+                .iter()
+                .map(|(_, listener)| listener.as_raw_fd()),
+        );
         inherited.push(heartbeat.as_raw_fd());
-        let settings = serde_json::to_string(&self.settings)
-            .context("cannot pass the settings to a worker")?;
         let mut command = tokio::process::Command::new(
             std::env::current_exe().context("cannot find the host binary")?,
         );
+        handoff::without_secrets(command.as_std_mut());
         command
             .arg("worker")
-            .env(WORKER_SETTINGS_ENV, settings)
             .envs(allocator_settings())
             .stdin(std::process::Stdio::null());
         // SAFETY: the closure runs in the child between fork and exec and only calls fcntl and
@@ -434,6 +457,7 @@ impl Master {
             command.pre_exec(move || place_inherited_fds(&inherited));
         }
         let mut child = command.spawn().context("cannot start a worker process")?;
+        drop(settings_file);
         let pid = child.id().context("the worker exited at once")?;
         let exits = self.exits.clone();
         tokio::spawn(async move {
@@ -544,6 +568,7 @@ impl Master {
     fn reload(&mut self, reload: &impl Fn() -> Result<Settings>) {
         hooks::event("on_reload", &[("pid", std::process::id().to_string())]);
         let reloaded = reload().and_then(|mut settings| {
+            prepare_directories(&settings)?;
             resolve_master_key(&mut settings)?;
             if settings.encrypt_concurrency != self.settings.encrypt_concurrency {
                 tracing::warn!(
@@ -557,10 +582,14 @@ impl Master {
                 tracing::warn!("--metrics-bind changes only on a restart; keeping the old address");
                 settings.metrics_bind = self.settings.metrics_bind;
             }
-            if self.metrics.is_some() {
-                // The metrics files of old and new workers must be where the master reads them.
-                settings.worker_tmp_dir = self.settings.worker_tmp_dir.clone();
+            if settings.worker_tmp_dir != self.run_dir.parent() {
+                tracing::warn!(
+                    "--worker-tmp-dir changes only on a restart; keeping {}",
+                    self.run_dir.parent().display()
+                );
             }
+            // The heartbeats and metrics files of old and new workers stay in one place.
+            settings.worker_tmp_dir = self.run_dir.path().to_owned();
             let baseline = precompile(&settings)?;
             check_budget(&settings, settings.workers, baseline)?;
             Ok((settings, baseline))
@@ -698,7 +727,7 @@ fn remove_unix_sockets<'a>(listeners: impl Iterator<Item = &'a (BindAddress, Lis
 /// In the child before exec: moves the inherited descriptors to 3, 4, … (clearing close-on-exec).
 /// They are first copied above the target range, so that no move overwrites a later source.
 fn place_inherited_fds(fds: &[i32]) -> std::io::Result<()> {
-    let above = FIRST_INHERITED_FD + fds.len() as i32;
+    let above = handoff::SETTINGS_FD + fds.len() as i32;
     let mut staged = Vec::with_capacity(fds.len());
     for &fd in fds {
         // SAFETY: fcntl on a descriptor the parent holds open.
@@ -710,7 +739,7 @@ fn place_inherited_fds(fds: &[i32]) -> std::io::Result<()> {
     }
     for (index, &copy) in staged.iter().enumerate() {
         // SAFETY: dup2 onto a small descriptor number; the result has close-on-exec cleared.
-        if unsafe { libc::dup2(copy, FIRST_INHERITED_FD + index as i32) } < 0 {
+        if unsafe { libc::dup2(copy, handoff::SETTINGS_FD + index as i32) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
     }

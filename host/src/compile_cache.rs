@@ -6,9 +6,18 @@
 //! rebuilt. Artifacts are written to a temporary file and renamed, so a crash mid-write leaves
 //! nothing half-written under the final name. Loading maps the file, so every process serving
 //! the same artifact shares its code pages.
+//!
+//! An artifact is machine code the workers run, so the cache is trusted only if no other local
+//! user can write it: the directory (and those above it) must belong to the host's user (or
+//! root) and be writable by nobody else, else the host refuses to start; an artifact or checksum
+//! file that is a symlink, belongs to someone else or may be written by others is not loaded
+//! but rebuilt.
 
+use std::fs::{File, OpenOptions};
 use std::hash::{Hash, Hasher};
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -16,6 +25,18 @@ use anyhow::{Context, Result, bail};
 use aws_lc_rs::digest::{SHA256, digest};
 use wasmtime::Engine;
 use wasmtime::component::Component;
+
+use crate::private_fs;
+
+/// Makes the cache directory (0700) if it is missing, and refuses one another local user could
+/// write: the master calls it before anything is compiled.
+pub fn prepare_dir(cache_dir: &Path) -> Result<()> {
+    // An existing directory is not made private here: it is refused, since what another user
+    // may have placed in it is already there.
+    private_fs::create_missing_dirs(cache_dir).context("the compile cache (--cache-dir)")?;
+    private_fs::check_trusted_dir(cache_dir, "the compile cache (--cache-dir)")
+        .context("refusing to run machine code from it")
+}
 
 pub fn load_component(
     engine: &Engine,
@@ -26,8 +47,9 @@ pub fn load_component(
         .with_context(|| format!("cannot read the component {}", component_path.display()))?;
     let artifact = cache_dir.join(format!("{}.cwasm", cache_key(engine, &bytes)));
     let shown = component_path.display();
+    prepare_dir(cache_dir)?;
 
-    if artifact.exists() {
+    if artifact.symlink_metadata().is_ok() {
         match load_verified(engine, &artifact) {
             Ok(component) => {
                 tracing::info!("loaded compiled {shown} from cache {}", artifact.display());
@@ -81,28 +103,51 @@ fn digest_path(artifact: &Path) -> PathBuf {
 }
 
 fn load_verified(engine: &Engine, artifact: &Path) -> Result<Component> {
-    let expected =
-        std::fs::read_to_string(digest_path(artifact)).context("its checksum file is missing")?;
-    let actual = hex::encode(digest(
-        &SHA256,
-        &std::fs::read(artifact).context("cannot read it")?,
-    ));
-    if expected.trim() != actual {
+    let mut expected = String::new();
+    open_trusted(&digest_path(artifact))
+        .context("its checksum file")?
+        .read_to_string(&mut expected)
+        .context("cannot read its checksum file")?;
+    let mut file = open_trusted(artifact)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).context("cannot read it")?;
+    if expected.trim() != hex::encode(digest(&SHA256, &bytes)) {
         bail!("its checksum does not match (corrupted or truncated)");
     }
+    drop(bytes);
+    // The very file that was checked is mapped: through its descriptor, not its name again.
+    let checked = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
     // SAFETY: the artifact was written by `store` from `Engine::precompile_component` and its
     // bytes match the checksum written with it; wasmtime also refuses artifacts of another
     // version or configuration.
-    unsafe { Component::deserialize_file(engine, artifact) }
+    unsafe { Component::deserialize_file(engine, &checked) }
         .map_err(anyhow::Error::from)
         .context("wasmtime refused it")
+}
+
+/// Opens a cache file only if it is a regular file (not a symlink) that only the host's user
+/// (or root) could have written.
+fn open_trusted(path: &Path) -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let meta = file.metadata().context("cannot look at it")?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    if let Some(reason) = private_fs::writable_by_others(&meta, false) {
+        bail!("{} is not to be trusted: {reason}", path.display());
+    }
+    Ok(file)
 }
 
 fn store(artifact: &Path, compiled: &[u8]) -> Result<()> {
     let dir = artifact
         .parent()
         .context("the cache path has no directory")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    private_fs::create_missing_dirs(dir)?;
     // The checksum goes first: a process that sees the artifact can then always verify it.
     write_atomically(
         &digest_path(artifact),

@@ -21,7 +21,7 @@ const DEFAULT_CONFIG_FILE: &str = "host.toml";
 /// Arguments that say what to do with the settings rather than being settings.
 const NOT_SETTINGS: [&str; 3] = ["config", "print_config", "check_config"];
 /// `HOST_` variables the host uses that are not settings.
-const OTHER_HOST_VARIABLES: [&str; 2] = ["HOST_CMD_ARGS", crate::arbiter::WORKER_SETTINGS_ENV];
+const OTHER_HOST_VARIABLES: [&str; 1] = ["HOST_CMD_ARGS"];
 
 /// The effective settings, with the source of each.
 pub struct Layered {

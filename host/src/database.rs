@@ -101,9 +101,8 @@ impl HostDatabase {
         let pool = match &backend.kind {
             BackendKind::Sqlite(dir) => {
                 reserve_sqlite_heap(SQLITE_HOST_TABLES_HEAP);
-                std::fs::create_dir_all(dir).with_context(|| {
-                    format!("cannot create the data directory {}", dir.display())
-                })?;
+                crate::private_fs::create_dir_all(dir).context("the data directory")?;
+                crate::private_fs::sqlite_files(&dir.join("host.sqlite"))?;
                 options
                     .after_connect(|connection, _| {
                         Box::pin(async move {

@@ -1,7 +1,8 @@
-//! Worker heartbeats, as gunicorn's `WorkerTmp`: the master creates an unlinked file per worker in
-//! `--worker-tmp-dir` and hands its descriptor to the worker, which stamps the file's times with
-//! the monotonic clock from its event loop; the master reads them back to see how long the
-//! worker has been silent. A stuck event loop stops the stamps whatever the cause.
+//! Worker heartbeats, as gunicorn's `WorkerTmp`: the master creates an unlinked file (0600) per
+//! worker in its private directory of `--worker-tmp-dir` (`run_dir`) and hands its descriptor
+//! to the worker, which stamps the file's times with the monotonic clock from its event loop;
+//! the master reads them back to see how long the worker has been silent. A stuck event loop
+//! stops the stamps whatever the cause.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

@@ -1,6 +1,7 @@
 //! gunicorn's server hooks as named lifecycle events: each is a line in the log with its name and
 //! facts (pids, counts), and can run a shell command from the config file's `[hooks]` table, with
-//! the facts in its environment (`HOST_HOOK=post_fork HOST_HOOK_PID=1234 …`).
+//! the facts in its environment (`HOST_HOOK=post_fork HOST_HOOK_PID=1234 …`) and without the
+//! variables secrets may come from (`handoff::SECRET_VARIABLES`).
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -39,7 +40,8 @@ pub fn event(name: &str, facts: &[(&str, String)]) {
         return;
     };
     let mut process = std::process::Command::new("/bin/sh");
-    process
+    // The master key and the database URL are not the command's business.
+    crate::handoff::without_secrets(&mut process)
         .arg("-c")
         .arg(command)
         .env("HOST_HOOK", name)

@@ -14,6 +14,7 @@ mod engine;
 mod guest;
 mod guest_output;
 mod handler;
+mod handoff;
 mod heartbeat;
 mod hooks;
 mod http;
@@ -21,6 +22,8 @@ mod limits;
 mod logging;
 mod metrics;
 mod outbound;
+mod private_fs;
+mod run_dir;
 mod server;
 mod settings;
 mod worker;
@@ -194,7 +197,7 @@ fn reload_settings() -> Result<Settings> {
 }
 
 fn worker() -> ExitCode {
-    let settings = match worker_settings() {
+    let settings = match handoff::read_inherited() {
         Ok(settings) => settings,
         Err(error) => {
             eprintln!("Error: {error:#}");
@@ -204,13 +207,22 @@ fn worker() -> ExitCode {
     let Some(error_log) = start_logging(&settings) else {
         return ExitCode::from(EXIT_BOOT_ERROR);
     };
+    // The worker's own events (post_worker_init, worker_int, worker_abort, worker_exit) run
+    // their commands here.
+    hooks::install(settings.hooks.clone());
+    let heartbeat_fd = arbiter::FIRST_LISTENER_FD + settings.binds.len() as i32;
+    // A hook command this worker runs must not hold its listeners or its heartbeat open.
+    for fd in arbiter::FIRST_LISTENER_FD..=heartbeat_fd {
+        // SAFETY: fcntl on descriptors the master placed; a closed one only fails the call.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     let inherited = settings
         .binds
         .iter()
         .enumerate()
-        // SAFETY: the master placed one listening socket per bind, in order, from fd 3 on.
+        // SAFETY: the master placed one listening socket per bind, in order, from fd 4 on.
         .map(|(index, bind)| unsafe {
-            Listener::inherit(bind, arbiter::FIRST_INHERITED_FD + index as i32)
+            Listener::inherit(bind, arbiter::FIRST_LISTENER_FD + index as i32)
         })
         .collect::<Result<Vec<_>>>();
     let listeners = match inherited {
@@ -221,9 +233,7 @@ fn worker() -> ExitCode {
         }
     };
     // SAFETY: the master placed the heartbeat file right after the listeners.
-    let heartbeat = heartbeat::Heartbeat::from_fd(unsafe {
-        heartbeat::owned_fd(arbiter::FIRST_INHERITED_FD + settings.binds.len() as i32)
-    });
+    let heartbeat = heartbeat::Heartbeat::from_fd(unsafe { heartbeat::owned_fd(heartbeat_fd) });
     match worker::run(&settings, error_log, listeners, heartbeat) {
         Ok(()) => ExitCode::SUCCESS,
         Err(StartError::App(error)) => {
@@ -238,7 +248,7 @@ fn worker() -> ExitCode {
 }
 
 fn prepare() -> ExitCode {
-    let settings = match worker_settings() {
+    let settings = match handoff::read_inherited() {
         Ok(settings) => settings,
         Err(error) => {
             println!("{}{error:#}", arbiter::PREPARE_FAILED);
@@ -258,12 +268,6 @@ fn prepare() -> ExitCode {
             ExitCode::from(EXIT_APP_LOAD_ERROR)
         }
     }
-}
-
-fn worker_settings() -> Result<Settings> {
-    let json = std::env::var(arbiter::WORKER_SETTINGS_ENV)
-        .context("`host worker` is started by `host serve`, not by hand")?;
-    serde_json::from_str(&json).context("the master passed unreadable settings")
 }
 
 fn start_logging(settings: &Settings) -> Option<LogFile> {

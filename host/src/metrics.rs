@@ -1,5 +1,6 @@
 //! Per-app Prometheus metrics shared between worker processes and the master.
-//! Each worker owns one tmpfs file (`<dir>/host-metrics-<pid>`), memory-mapped, with a fixed
+//! Each worker owns one tmpfs file (`<dir>/host-metrics-<pid>`, in the master's private
+//! directory of `--worker-tmp-dir`, see `run_dir`), memory-mapped, with a fixed
 //! self-describing layout: header (magic, version, app count), 64-byte app name slots, then one
 //! block of u64 atomics per app. Workers bump them with relaxed atomics: no locks, no syscalls.
 //! The master maps every live worker's file read-only and sums per app name at scrape time; when a
@@ -7,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{Display, Write as _};
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -107,13 +108,21 @@ impl WorkerMetrics {
                 bail!("app name {name:?} unusable for metrics (max {NAME_LEN} bytes, no NUL)");
             }
         }
+        // Only the host's user may have put anything there: the file is never someone else's,
+        // whom its counters would tell about the traffic, and who could truncate it under the
+        // mapping (SIGBUS).
+        crate::run_dir::check_private(dir)?;
         let path = metrics_path(dir, pid);
-        // O_NOFOLLOW: /dev/shm is world-writable, never truncate through a planted symlink.
+        // A file of an earlier worker with this pid, whose exit the master has not yet seen.
+        if let Err(error) = std::fs::remove_file(&path)
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(error).with_context(|| format!("removing {}", path.display()));
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
@@ -249,7 +258,10 @@ type Values = [u64; SLOTS];
 
 /// Reads one worker file: (app name, slot values) per app.
 fn read_worker(path: &Path) -> anyhow::Result<Vec<(String, Values)>> {
-    let file = File::open(path)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
     let len = usize::try_from(file.metadata()?.len())?;
     if len < file_len(0) {
         bail!("too short ({len} bytes)");
@@ -329,42 +341,6 @@ impl MetricsCollector {
         {
             warn!(path = %path.display(), "removing metrics file: {e}");
         }
-    }
-
-    /// Deletes metrics files whose process no longer exists (left by a previous master).
-    /// Returns how many were removed.
-    pub fn remove_stale(&self) -> usize {
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(e) => e,
-            Err(e) => {
-                warn!(dir = %self.dir.display(), "listing metrics dir: {e}");
-                return 0;
-            }
-        };
-        let mut removed = 0;
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(pid) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix(FILE_PREFIX))
-                .and_then(|p| p.parse::<i32>().ok())
-                .filter(|&p| p > 0)
-            else {
-                continue;
-            };
-            // SAFETY: signal 0 only checks for existence.
-            let gone = unsafe { libc::kill(pid, 0) } == -1
-                && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-            if gone {
-                match std::fs::remove_file(entry.path()) {
-                    Ok(()) => removed += 1,
-                    Err(e) => {
-                        warn!(path = %entry.path().display(), "removing stale metrics file: {e}")
-                    }
-                }
-            }
-        }
-        removed
     }
 
     /// Prometheus text format 0.0.4 for retired totals plus the live workers.
@@ -511,7 +487,7 @@ mod tests {
     fn test_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("metrics-test-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        crate::private_fs::create_dir_all(&dir).unwrap();
         dir
     }
     /// A collector reading the files of the workers `pids` in `dir`.
@@ -684,20 +660,6 @@ mod tests {
         assert!(has(&out, "host_workers 5"));
         assert!(WorkerMetrics::create(&dir, 6, &names(&[&"x".repeat(65)])).is_err());
         assert!(WorkerMetrics::create(&dir, 6, &names(&[&"x".repeat(64)])).is_ok());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn removes_stale_files_only() {
-        let dir = test_dir("stale");
-        let me = WorkerMetrics::create(&dir, std::process::id(), &[]).unwrap();
-        let dead = WorkerMetrics::create(&dir, 999_999_999, &[]).unwrap();
-        std::fs::write(dir.join("unrelated"), b"x").unwrap();
-        assert_eq!(MetricsCollector::new(dir.clone()).remove_stale(), 1);
-        assert!(metrics_path(&dir, std::process::id()).exists());
-        assert!(!metrics_path(&dir, 999_999_999).exists());
-        assert!(dir.join("unrelated").exists());
-        drop((me, dead));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -383,8 +383,7 @@ pub fn master_key(
         return parse_key(&bytes)
             .with_context(|| format!("{} is not a master key", path.display()));
     }
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    crate::private_fs::create_dir_all(data_dir).context("the data directory")?;
     let mut key = [0u8; KEY_LENGTH];
     getrandom::fill(&mut key).context("no randomness for the master key")?;
     // Written whole under another name, then linked into place only if no other host got there

@@ -418,7 +418,7 @@ pub fn spill_dir(data_dir: &Path) -> PathBuf {
 
 /// Makes the directory part files spill into, once, rather than on every spill.
 pub async fn make_spill_dir(spill_dir: &Path) -> Result<()> {
-    tokio::fs::create_dir_all(spill_dir)
+    crate::private_fs::create_dir_all_async(spill_dir)
         .await
         .with_context(|| format!("cannot create {}", spill_dir.display()))
 }

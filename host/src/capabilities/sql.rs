@@ -262,8 +262,8 @@ impl AppDatabase {
         match &backend.kind {
             BackendKind::Sqlite(data_dir) => {
                 let dir = data_dir.join("apps").join(app);
-                std::fs::create_dir_all(&dir)
-                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                crate::private_fs::create_dir_all(&dir)?;
+                crate::private_fs::sqlite_files(&dir.join("app.sqlite"))?;
                 if limits.granted {
                     database::reserve_sqlite_heap(limits.sqlite_heap());
                 }

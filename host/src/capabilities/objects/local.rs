@@ -44,7 +44,7 @@ impl LocalStore {
     /// The store at `root`, with its `tmp/` made now rather than on every write.
     pub async fn new(root: PathBuf) -> anyhow::Result<LocalStore> {
         let tmp = LocalStore::tmp_dir(&root);
-        tokio::fs::create_dir_all(&tmp)
+        crate::private_fs::create_dir_all_async(&tmp)
             .await
             .with_context(|| format!("cannot create {}", tmp.display()))?;
         Ok(LocalStore { root, tmp })
@@ -112,7 +112,7 @@ impl LocalStore {
         let upload_id =
             random_token().map_err(|e| unavailable("no randomness for an upload id", e))?;
         let dir = self.root.join("uploads").join(&upload_id);
-        tokio::fs::create_dir_all(&dir)
+        crate::private_fs::create_dir_all_async(&dir)
             .await
             .map_err(|e| unavailable("cannot create the upload", e))?;
         let temporary = self.temporary()?;
@@ -219,9 +219,11 @@ impl LocalStore {
     async fn place(&self, temporary: tempfile::NamedTempFile, key: &str) -> Answer<()> {
         let path = self.object_path(key)?;
         if let Some(parent) = path.parent() {
-            tokio::fs::create_dir_all(parent).await.map_err(|e| {
-                ObjectError::InvalidKey(format!("{key:?}: cannot be stored here ({e})"))
-            })?;
+            crate::private_fs::create_dir_all_async(parent)
+                .await
+                .map_err(|e| {
+                    ObjectError::InvalidKey(format!("{key:?}: cannot be stored here ({e})"))
+                })?;
         }
         temporary
             .persist(&path)
