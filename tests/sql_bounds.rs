@@ -198,7 +198,7 @@ async fn sqlite_memory_in_the_host_stays_within_what_the_budget_counts() {
     let (status, _, _) = apps.sql(&apps.victim, "query", "SELECT 1").await;
     assert_eq!(status, 200);
     let idle = apps.host.rss_kib();
-    let wide_row = format!("SELECT {}", vec!["randomblob(8000000)"; 60].join(", "));
+    let wide_row = format!("SELECT {}", ["randomblob(8000000)"; 60].join(", "));
     for (statement, refusal) in [
         ("SELECT length(randomblob(400000000))", "too big"),
         ("SELECT zeroblob(300000000)", "too big"),

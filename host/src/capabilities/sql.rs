@@ -638,6 +638,7 @@ fn confine(db: *mut libsqlite3_sys::sqlite3, longest: u64) {
         }
     }
     let longest = longest.min(i32::MAX as u64) as std::ffi::c_int;
+    let (on, off): (std::ffi::c_int, std::ffi::c_int) = (1, 0);
     // SAFETY: `db` is the open connection sqlx handed over, locked for this call.
     unsafe {
         libsqlite3_sys::sqlite3_limit(db, libsqlite3_sys::SQLITE_LIMIT_ATTACHED, 0);
@@ -647,19 +648,19 @@ fn confine(db: *mut libsqlite3_sys::sqlite3, longest: u64) {
         libsqlite3_sys::sqlite3_db_config(
             db,
             libsqlite3_sys::SQLITE_DBCONFIG_DEFENSIVE,
-            1 as std::ffi::c_int,
+            on,
             std::ptr::null_mut::<std::ffi::c_int>(),
         );
         libsqlite3_sys::sqlite3_db_config(
             db,
             libsqlite3_sys::SQLITE_DBCONFIG_TRUSTED_SCHEMA,
-            0 as std::ffi::c_int,
+            off,
             std::ptr::null_mut::<std::ffi::c_int>(),
         );
         libsqlite3_sys::sqlite3_db_config(
             db,
             libsqlite3_sys::SQLITE_DBCONFIG_ENABLE_LOAD_EXTENSION,
-            0 as std::ffi::c_int,
+            off,
             std::ptr::null_mut::<std::ffi::c_int>(),
         );
         libsqlite3_sys::sqlite3_set_authorizer(db, Some(authorize), std::ptr::null_mut());
