@@ -1345,7 +1345,11 @@ impl S3Server {
                 );
                 xml_values(&parts.body_text(), "ETag")
             })
-            .map(|etag| etag.replace("&quot;", "").replace('"', ""))
+            .map(|etag| {
+                etag.replace("&quot;", "")
+                    .replace("&#34;", "")
+                    .replace('"', "")
+            })
             .collect()
     }
 
