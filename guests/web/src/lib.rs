@@ -2,6 +2,12 @@
 //! request's path, query and headers; its body read whole or handed on as a stream; answers
 //! with a body, JSON, or a stream spliced through inside the host.
 
+#[cfg(test)]
+mod fuzzing;
+mod range;
+
+pub use range::{Unsatisfiable, byte_range};
+
 use wasip2::http::types::{
     Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
 };
@@ -94,19 +100,17 @@ fn percent_decode(text: &str) -> String {
     let mut index = 0;
     while index < bytes.len() {
         match bytes[index] {
-            b'%' if index + 2 < bytes.len() => {
-                let digits = std::str::from_utf8(&bytes[index + 1..index + 3]).unwrap_or("");
-                match u8::from_str_radix(digits, 16) {
-                    Ok(byte) => {
-                        decoded.push(byte);
-                        index += 3;
-                    }
-                    Err(_) => {
-                        decoded.push(b'%');
-                        index += 1;
-                    }
+            b'%' => match bytes.get(index + 1..index + 3).and_then(hex_byte) {
+                Some(byte) => {
+                    decoded.push(byte);
+                    index += 3;
                 }
-            }
+                // Not a percent-encoded byte: the `%` is itself.
+                None => {
+                    decoded.push(b'%');
+                    index += 1;
+                }
+            },
             b'+' => {
                 decoded.push(b' ');
                 index += 1;
@@ -252,7 +256,97 @@ pub fn unhex(text: &str) -> Option<Vec<u8>> {
     if !text.len().is_multiple_of(2) {
         return None;
     }
-    (0..text.len() / 2)
-        .map(|i| u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok())
-        .collect()
+    text.as_bytes().chunks(2).map(hex_byte).collect()
+}
+
+/// Two hex digits as a byte. (`u8::from_str_radix` would also take `+f`.)
+fn hex_byte(digits: &[u8]) -> Option<u8> {
+    let digit = |d: u8| (d as char).to_digit(16);
+    match digits {
+        [high, low] => Some((digit(*high)? * 16 + digit(*low)?) as u8),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuzzing;
+    use proptest::prelude::*;
+
+    /// What the targets found: `from_str_radix` takes a leading `+`, so `%+0` decoded to a
+    /// NUL byte (instead of `%` and a space) and `+f` was hex.
+    #[test]
+    fn regressions_found_by_the_target() {
+        assert_eq!(percent_decode("%+0"), "% 0");
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(unhex("+f"), None);
+    }
+
+    /// A query value as a browser encodes it (`application/x-www-form-urlencoded`).
+    fn form_encode(text: &str) -> String {
+        text.bytes()
+            .map(|byte| match byte {
+                b' ' => "+".to_owned(),
+                b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => (b as char).to_string(),
+                b => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+
+    /// The decoding as the WHATWG URL standard states it: `%` and two hex digits is a byte,
+    /// any other `%` is itself, `+` is a space.
+    fn reference_decode(text: &str) -> String {
+        let bytes = text.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            let hex_pair = bytes.get(i + 1..i + 3).filter(|pair| pair.iter().all(u8::is_ascii_hexdigit));
+            match (bytes[i], hex_pair) {
+                (b'%', Some(pair)) => {
+                    let digit = |d: u8| (d as char).to_digit(16).expect("a hex digit") as u8;
+                    out.push(digit(pair[0]) * 16 + digit(pair[1]));
+                    i += 3;
+                }
+                (b'+', _) => {
+                    out.push(b' ');
+                    i += 1;
+                }
+                (byte, _) => {
+                    out.push(byte);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn query_decoding_inverts_encoding_and_follows_the_standard() {
+        let text = prop_oneof![any::<String>(), "[%+0-9a-fA-F\\-xyz]{0,12}"];
+        fuzzing::run("query_decoding", 2_000, text, |text| {
+            prop_assert_eq!(percent_decode(&form_encode(&text)), text.clone());
+            prop_assert_eq!(percent_decode(&text), reference_decode(&text));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn hex_round_trips_and_takes_nothing_else() {
+        let input = prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..40).prop_map(|bytes| hex(&bytes)),
+            "[+\\-0-9a-fA-F ]{0,12}",
+            any::<String>(),
+        ];
+        fuzzing::run("hex", 2_000, input, |text| {
+            match unhex(&text) {
+                Some(bytes) => prop_assert_eq!(hex(&bytes), text.to_ascii_lowercase()),
+                None => prop_assert!(
+                    text.len() % 2 == 1 || !text.bytes().all(|b| b.is_ascii_hexdigit()),
+                    "{text:?} is hex"
+                ),
+            }
+            Ok(())
+        });
+    }
 }
