@@ -3,6 +3,8 @@
 //! HTTP/1.1 exchanges for requests a normal client will not send, and a look at loopback sockets
 //! in /proc/net/tcp to know when the host has read a request.
 
+pub mod fuzzing;
+
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

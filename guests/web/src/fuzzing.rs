@@ -1,4 +1,4 @@
-//! Runs a property target (the host's `host/src/fuzzing.rs`, for this workspace): in the
+//! Runs a property target (as `tests/support/fuzzing.rs` does, for this workspace): in the
 //! normal suite a fixed number of cases from a fixed seed, so a run is fast and repeatable;
 //! with `FUZZ_SECONDS=N` (`tests/fuzz`) fresh random seeds for N seconds. A failure is shrunk
 //! to a minimal input and reported with the seed that found it (`FUZZ_SEED` replays it).
