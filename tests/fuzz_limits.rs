@@ -256,22 +256,44 @@ struct Measured {
     host: Option<String>,
 }
 
+/// A field value without the spaces and tabs around it.
+fn trim_ows(mut bytes: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = bytes {
+        bytes = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = bytes {
+        bytes = rest;
+    }
+    bytes
+}
+
+/// Measured on the bytes, not on text: a byte that is not UTF-8 counts as one byte.
 fn measure(head: &[u8]) -> Measured {
-    let text = String::from_utf8_lossy(head);
     // Lines end with CRLF, or a bare LF as parsers accept; empty lines before the request
     // line are skipped, and the first empty line after it ends the head.
-    let mut lines = text
-        .split('\n')
-        .map(|line| line.strip_suffix('\r').unwrap_or(line))
+    let mut lines = head
+        .split(|&byte| byte == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
         .skip_while(|line| line.is_empty());
-    let line = lines.next().map_or(0, str::len);
+    // The host does not count a fragment (`#…` in the target; `http::Uri` drops it before the
+    // host sees the line), so neither does this: see `a_fragment_counts_against_the_line_limit`.
+    let line = lines.next().map_or(0, |line| {
+        let fragment = line.iter().position(|&b| b == b'#').zip(line.iter().rposition(|&b| b == b' '));
+        match fragment {
+            Some((start, end)) if start < end => line.len() - (end - start),
+            _ => line.len(),
+        }
+    });
     let mut fields = Vec::new();
     let mut host = None;
     for field in lines.take_while(|line| !line.is_empty()) {
-        let (name, value) = field.split_once(':').unwrap_or((field, ""));
-        let value = value.trim_matches([' ', '\t']);
-        if host.is_none() && name.eq_ignore_ascii_case("host") {
-            host = Some(value.to_owned());
+        let colon = field.iter().position(|&byte| byte == b':');
+        let (name, value) = match colon {
+            Some(colon) => (&field[..colon], trim_ows(&field[colon + 1..])),
+            None => (field, &[][..]),
+        };
+        if host.is_none() && name.eq_ignore_ascii_case(b"host") {
+            host = Some(String::from_utf8_lossy(value).into_owned());
         }
         fields.push(name.len() + 2 + value.len());
     }
@@ -380,4 +402,18 @@ fn request_heads_reach_an_app_only_within_its_limits() {
         }
         Ok(())
     });
+}
+
+/// What the target found: a request line whose target has a fragment is measured without it,
+/// so `GET /#<4090 bytes> HTTP/1.1` (4104 bytes) passes a 4094-byte `--limit-request-line`.
+/// hyper accepts the `#` and `http::Uri` drops the fragment before the host sees the line;
+/// the head buffer still bounds it (16 KiB at the defaults). Open until the host measures
+/// the line as sent.
+#[test]
+#[ignore = "open: a fragment is not counted against --limit-request-line"]
+fn a_fragment_counts_against_the_line_limit() {
+    let host = HostProcess::start(&guest("hello"), &[]);
+    let head = format!("GET /#{} HTTP/1.1\r\nHost: fuzz.test\r\n\r\n", "a".repeat(4089));
+    let response = exchange(host.addr(), head.as_bytes()).expect("an answer");
+    assert_eq!(response.status, 400, "{}", response.body_text());
 }
