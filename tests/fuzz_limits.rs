@@ -34,7 +34,11 @@ impl Limits {
     fn gunicorn(line: i64, fields: i64, field: i64) -> Limits {
         Limits {
             line: (line > 0).then(|| (line as usize).min(MAX_LINE)),
-            fields: if fields <= 0 { MAX_FIELDS } else { (fields as usize).min(MAX_FIELDS) },
+            fields: if fields <= 0 {
+                MAX_FIELDS
+            } else {
+                (fields as usize).min(MAX_FIELDS)
+            },
             field: (field > 0).then_some(field as usize),
         }
     }
@@ -76,7 +80,12 @@ fn hosts() -> Hosts {
     let hello = guest("hello");
     let mut targets = Vec::new();
     let mut processes = Vec::new();
-    for (line, fields, field) in [(4094, 100, 8190), (40, 5, 30), (0, 0, 0), (9000, 40000, 9000)] {
+    for (line, fields, field) in [
+        (4094, 100, 8190),
+        (40, 5, 30),
+        (0, 0, 0),
+        (9000, 40000, 9000),
+    ] {
         let args = Limits::args(line, fields, field);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let host = HostProcess::start(&hello, &args);
@@ -151,11 +160,12 @@ fn well_formed(limits: Limits, host: &'static str) -> impl Strategy<Value = Head
         "[A-Z]{1,12}",
     ];
     let version = prop_oneof![Just("HTTP/1.1"), Just("HTTP/1.0")];
-    let line = (method, version, length_near(limits.line, 16)).prop_flat_map(|(method, version, line)| {
-        let target = line.saturating_sub(method.len() + 2 + version.len()).max(1);
-        filler(target - 1, TARGET_CHARS)
-            .prop_map(move |path| format!("{method} /{path} {version}"))
-    });
+    let line =
+        (method, version, length_near(limits.line, 16)).prop_flat_map(|(method, version, line)| {
+            let target = line.saturating_sub(method.len() + 2 + version.len()).max(1);
+            filler(target - 1, TARGET_CHARS)
+                .prop_map(move |path| format!("{method} /{path} {version}"))
+        });
     let count = match limits.fields {
         fields if fields <= 120 => (fields.saturating_sub(2).max(1)..=fields + 2).boxed(),
         _ => (1usize..120).boxed(),
@@ -196,40 +206,49 @@ fn well_formed(limits: Limits, host: &'static str) -> impl Strategy<Value = Head
 
 /// The heads of `tests/corpus/requests/{valid,invalid}`, with a few bytes changed.
 fn mutated(corpus: Vec<Vec<u8>>) -> impl Strategy<Value = Head> {
-    let edit = (any::<prop::sample::Index>(), 0u8..4, any::<u8>(), 1usize..300);
-    (prop::sample::select(corpus), prop::collection::vec(edit, 1..5)).prop_map(|(head, edits)| {
-        // The edits stay before the blank line, so the head still ends.
-        let end = head
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .expect("a corpus head ends with a blank line");
-        let (mut bytes, rest) = (head[..end].to_vec(), head[end..].to_vec());
-        for (at, kind, byte, times) in edits {
-            let at = at.index(bytes.len().max(1));
-            match kind {
-                0 if at < bytes.len() => bytes[at] = byte,
-                1 => bytes.insert(at.min(bytes.len()), byte),
-                2 if at < bytes.len() => {
-                    bytes.remove(at);
-                }
-                // A run of one byte: long lines, many fields.
-                _ => {
-                    let run: Vec<u8> = match byte % 3 {
-                        0 => vec![b'a'; times],
-                        1 => b"\r\nx-f: v".repeat(times),
-                        _ => vec![b' '; times],
-                    };
-                    let at = at.min(bytes.len());
-                    bytes.splice(at..at, run);
+    let edit = (
+        any::<prop::sample::Index>(),
+        0u8..4,
+        any::<u8>(),
+        1usize..300,
+    );
+    (
+        prop::sample::select(corpus),
+        prop::collection::vec(edit, 1..5),
+    )
+        .prop_map(|(head, edits)| {
+            // The edits stay before the blank line, so the head still ends.
+            let end = head
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .expect("a corpus head ends with a blank line");
+            let (mut bytes, rest) = (head[..end].to_vec(), head[end..].to_vec());
+            for (at, kind, byte, times) in edits {
+                let at = at.index(bytes.len().max(1));
+                match kind {
+                    0 if at < bytes.len() => bytes[at] = byte,
+                    1 => bytes.insert(at.min(bytes.len()), byte),
+                    2 if at < bytes.len() => {
+                        bytes.remove(at);
+                    }
+                    // A run of one byte: long lines, many fields.
+                    _ => {
+                        let run: Vec<u8> = match byte % 3 {
+                            0 => vec![b'a'; times],
+                            1 => b"\r\nx-f: v".repeat(times),
+                            _ => vec![b' '; times],
+                        };
+                        let at = at.min(bytes.len());
+                        bytes.splice(at..at, run);
+                    }
                 }
             }
-        }
-        bytes.extend(rest);
-        Head {
-            bytes,
-            well_formed: false,
-        }
-    })
+            bytes.extend(rest);
+            Head {
+                bytes,
+                well_formed: false,
+            }
+        })
 }
 
 fn corpus(kind: &str) -> Vec<Vec<u8>> {
@@ -278,7 +297,10 @@ fn measure(head: &[u8]) -> Measured {
     // The host does not count a fragment (`#…` in the target; `http::Uri` drops it before the
     // host sees the line), so neither does this: see `a_fragment_counts_against_the_line_limit`.
     let line = lines.next().map_or(0, |line| {
-        let fragment = line.iter().position(|&b| b == b'#').zip(line.iter().rposition(|&b| b == b' '));
+        let fragment = line
+            .iter()
+            .position(|&b| b == b'#')
+            .zip(line.iter().rposition(|&b| b == b' '));
         match fragment {
             Some((start, end)) if start < end => line.len() - (end - start),
             _ => line.len(),
@@ -324,7 +346,12 @@ fn request_heads_reach_an_app_only_within_its_limits() {
     for target in &hosts.targets[..1] {
         for head in &valid {
             let response = exchange(target.addr, head).expect("an answer");
-            assert_eq!(response.status, 200, "{:?}: {response:?}", String::from_utf8_lossy(head));
+            assert_eq!(
+                response.status,
+                200,
+                "{:?}: {response:?}",
+                String::from_utf8_lossy(head)
+            );
         }
         for head in &invalid {
             let response = exchange(target.addr, head);
@@ -337,19 +364,20 @@ fn request_heads_reach_an_app_only_within_its_limits() {
         }
     }
 
-    let case = (0..limits.len(), any::<bool>(), 0u8..5).prop_flat_map(move |(index, tight, kind)| {
-        let (loose, tight_limits) = limits[index];
-        let (limits, host) = match tight_limits {
-            Some(tight_limits) if tight => (tight_limits, "tight.test"),
-            _ => (loose, "fuzz.test"),
-        };
-        let head = if kind == 0 {
-            mutated(all.clone()).boxed()
-        } else {
-            well_formed(limits, host).boxed()
-        };
-        (Just(index), head)
-    });
+    let case =
+        (0..limits.len(), any::<bool>(), 0u8..5).prop_flat_map(move |(index, tight, kind)| {
+            let (loose, tight_limits) = limits[index];
+            let (limits, host) = match tight_limits {
+                Some(tight_limits) if tight => (tight_limits, "tight.test"),
+                _ => (loose, "fuzz.test"),
+            };
+            let head = if kind == 0 {
+                mutated(all.clone()).boxed()
+            } else {
+                well_formed(limits, host).boxed()
+            };
+            (Just(index), head)
+        });
     fuzzing::run("request_limits", 300, case, |(index, head)| {
         let target = &hosts.targets[index];
         let measured = measure(&head.bytes);
@@ -370,12 +398,30 @@ fn request_heads_reach_an_app_only_within_its_limits() {
         match response.status {
             200 => {
                 prop_assert_eq!(body.as_str(), "Hello, world!\n");
-                prop_assert!(within_line, "line of {} bytes passed {:?}", measured.line, limits);
-                prop_assert!(within_fields, "{} fields passed {:?}", measured.fields.len(), limits);
-                prop_assert!(within_field_size, "fields {:?} passed {:?}", measured.fields, limits);
+                prop_assert!(
+                    within_line,
+                    "line of {} bytes passed {:?}",
+                    measured.line,
+                    limits
+                );
+                prop_assert!(
+                    within_fields,
+                    "{} fields passed {:?}",
+                    measured.fields.len(),
+                    limits
+                );
+                prop_assert!(
+                    within_field_size,
+                    "fields {:?} passed {:?}",
+                    measured.fields,
+                    limits
+                );
             }
             400 | 431 => {
-                prop_assert!(response.says_connection_close(), "a refusal keeps the connection");
+                prop_assert!(
+                    response.says_connection_close(),
+                    "a refusal keeps the connection"
+                );
                 prop_assert!(
                     !head.well_formed
                         || !(within_line && within_fields && within_field_size)
@@ -389,14 +435,29 @@ fn request_heads_reach_an_app_only_within_its_limits() {
                     prop_assert!(!within_line, "{}, but the line is {}", body, measured.line);
                 }
                 if body.contains("--limit-request-field_size") {
-                    prop_assert!(!within_field_size, "{}, but the fields are {:?}", body, measured.fields);
+                    prop_assert!(
+                        !within_field_size,
+                        "{}, but the fields are {:?}",
+                        body,
+                        measured.fields
+                    );
                 }
                 if body.contains("--limit-request-fields") {
-                    prop_assert!(!within_fields, "{}, but there are {} fields", body, measured.fields.len());
+                    prop_assert!(
+                        !within_fields,
+                        "{}, but there are {} fields",
+                        body,
+                        measured.fields.len()
+                    );
                 }
             }
             other => {
-                prop_assert!(!head.well_formed, "a well-formed head got {}: {}", other, body);
+                prop_assert!(
+                    !head.well_formed,
+                    "a well-formed head got {}: {}",
+                    other,
+                    body
+                );
                 prop_assert!(other >= 400, "a changed head got {}: {}", other, body);
             }
         }
@@ -413,7 +474,10 @@ fn request_heads_reach_an_app_only_within_its_limits() {
 #[ignore = "open: a fragment is not counted against --limit-request-line"]
 fn a_fragment_counts_against_the_line_limit() {
     let host = HostProcess::start(&guest("hello"), &[]);
-    let head = format!("GET /#{} HTTP/1.1\r\nHost: fuzz.test\r\n\r\n", "a".repeat(4089));
+    let head = format!(
+        "GET /#{} HTTP/1.1\r\nHost: fuzz.test\r\n\r\n",
+        "a".repeat(4089)
+    );
     let response = exchange(host.addr(), head.as_bytes()).expect("an answer");
     assert_eq!(response.status, 400, "{}", response.body_text());
 }

@@ -59,7 +59,12 @@ fn case() -> impl Strategy<Value = Case> {
         position(),
         prop::option::weighted(0.7, position()),
         prop_oneof![0u32..3, 9_999u32..10_002, Just(u32::MAX), any::<u32>()],
-        prop_oneof![Just(None), Just(Some(MAX_PART_SIZE + 1)), Just(Some(u64::MAX)), (0u64..70).prop_map(Some)],
+        prop_oneof![
+            Just(None),
+            Just(Some(MAX_PART_SIZE + 1)),
+            Just(Some(u64::MAX)),
+            (0u64..70).prop_map(Some)
+        ],
     )
         .prop_map(|(key, content, start, length, part, declared)| Case {
             declared: declared.unwrap_or(content.len() as u64),
@@ -91,14 +96,22 @@ fn key_is_valid(key: &str, backends: Backends) -> bool {
     let file_names_fit = segments.iter().enumerate().all(|(index, segment)| {
         let encoded: usize = segment
             .bytes()
-            .map(|b| if b.is_ascii_alphanumeric() || b"-_~".contains(&b) { 1 } else { 3 })
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-_~".contains(&b) {
+                    1
+                } else {
+                    3
+                }
+            })
             .sum();
         let suffix = if index + 1 == segments.len() { 2 } else { 0 };
         encoded + suffix <= MAX_FILE_NAME
     });
     !key.is_empty()
         && key.len() <= MAX_KEY
-        && segments.iter().all(|segment| !["", ".", ".."].contains(segment))
+        && segments
+            .iter()
+            .all(|segment| !["", ".", ".."].contains(segment))
         && !key.chars().any(char::is_control)
         && (backends == Backends::PostgresS3 || file_names_fit)
 }
@@ -111,7 +124,11 @@ async fn check(probe: &AppHost, backends: Backends, case: Case) -> Result<(), Te
     let key = encode(&case.key);
     let size = case.content.len() as u64;
     let (status, answer) = probe
-        .call("PUT", &format!("/objects/put?key={key}"), case.content.clone())
+        .call(
+            "PUT",
+            &format!("/objects/put?key={key}"),
+            case.content.clone(),
+        )
         .await;
     if !key_is_valid(&case.key, backends) {
         prop_assert_eq!(status, 400, "{:?} stored: {}", case.key, answer);
@@ -129,20 +146,39 @@ async fn check(probe: &AppHost, backends: Backends, case: Case) -> Result<(), Te
     prop_assert_eq!(status, 200, "{}", listed);
     let keys: Vec<&str> = listed
         .as_array()
-        .map(|items| items.iter().filter_map(|item| item["key"].as_str()).collect())
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|item| item["key"].as_str())
+                .collect()
+        })
         .unwrap_or_default();
-    prop_assert!(keys.contains(&case.key.as_str()), "{:?} lists as {:?}", case.key, keys);
+    prop_assert!(
+        keys.contains(&case.key.as_str()),
+        "{:?} lists as {:?}",
+        case.key,
+        keys
+    );
 
     // A read returns exactly the bytes asked for, and past the end is a range error.
-    let length = case.length.map(|l| format!("&length={l}")).unwrap_or_default();
+    let length = case
+        .length
+        .map(|l| format!("&length={l}"))
+        .unwrap_or_default();
     let (status, bytes) = probe
-        .bytes("GET", &format!("/objects/get?key={key}&start={}{length}", case.start), "")
+        .bytes(
+            "GET",
+            &format!("/objects/get?key={key}&start={}{length}", case.start),
+            "",
+        )
         .await;
     if case.start > size {
         prop_assert_eq!(status, 416, "{}", String::from_utf8_lossy(&bytes));
     } else {
         prop_assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
-        let end = case.length.map_or(size, |length| size.min(case.start.saturating_add(length)));
+        let end = case
+            .length
+            .map_or(size, |length| size.min(case.start.saturating_add(length)));
         prop_assert_eq!(&bytes[..], &case.content[case.start as usize..end as usize]);
     }
 
@@ -164,22 +200,42 @@ async fn check(probe: &AppHost, backends: Backends, case: Case) -> Result<(), Te
         .await;
     let part_valid = (1..=MAX_PART_NUMBER).contains(&case.part);
     if !part_valid || case.declared > MAX_PART_SIZE {
-        prop_assert_eq!(status, 400, "part {} of {} bytes stored: {}", case.part, case.declared, stored);
+        prop_assert_eq!(
+            status,
+            400,
+            "part {} of {} bytes stored: {}",
+            case.part,
+            case.declared,
+            stored
+        );
         prop_assert!(error_of(&stored).contains("InvalidPart"), "{}", stored);
     } else if case.declared != size {
-        prop_assert!((400..500).contains(&status), "a part of the wrong length got {}: {}", status, stored);
+        prop_assert!(
+            (400..500).contains(&status),
+            "a part of the wrong length got {}: {}",
+            status,
+            stored
+        );
     } else {
         prop_assert_eq!(status, 200, "{}", stored);
         prop_assert_eq!(stored["number"].as_u64(), Some(u64::from(case.part)));
     }
     let (status, parts) = probe
-        .call("GET", &format!("/objects/parts?key={key}&upload_id={upload}"), "")
+        .call(
+            "GET",
+            &format!("/objects/parts?key={key}&upload_id={upload}"),
+            "",
+        )
         .await;
     prop_assert_eq!(status, 200, "{}", parts);
     let expected = usize::from(part_valid && case.declared == size);
     prop_assert_eq!(parts.as_array().map_or(0, Vec::len), expected, "{}", parts);
     let (status, aborted) = probe
-        .call("POST", &format!("/objects/abort?key={key}&upload_id={upload}"), "")
+        .call(
+            "POST",
+            &format!("/objects/abort?key={key}&upload_id={upload}"),
+            "",
+        )
         .await;
     prop_assert_eq!(status, 200, "{}", aborted);
     let (status, deleted) = probe

@@ -12,14 +12,22 @@ use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRu
 /// Cases per seed in a long run.
 const CASES_PER_SEED: u32 = 1_000;
 
-pub fn run<S>(name: &str, cases: u32, strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>)
-where
+pub fn run<S>(
+    name: &str,
+    cases: u32,
+    strategy: S,
+    test: impl Fn(S::Value) -> Result<(), TestCaseError>,
+) where
     S: Strategy,
     S::Value: Debug,
 {
-    let budget = std::env::var("FUZZ_SECONDS")
-        .ok()
-        .map(|seconds| Duration::from_secs(seconds.parse().expect("FUZZ_SECONDS is a number of seconds")));
+    let budget = std::env::var("FUZZ_SECONDS").ok().map(|seconds| {
+        Duration::from_secs(
+            seconds
+                .parse()
+                .expect("FUZZ_SECONDS is a number of seconds"),
+        )
+    });
     let seed = std::env::var("FUZZ_SEED")
         .ok()
         .map(|seed| seed.parse::<u64>().expect("FUZZ_SEED is a number"));
@@ -33,7 +41,11 @@ where
             (None, Some(_)) => random_seed(),
             (None, None) => 0,
         };
-        let cases = if budget.is_some() { CASES_PER_SEED } else { cases };
+        let cases = if budget.is_some() {
+            CASES_PER_SEED
+        } else {
+            cases
+        };
         let config = Config {
             cases,
             failure_persistence: None,
@@ -41,7 +53,8 @@ where
         };
         let mut bytes = [0u8; 32];
         bytes[..8].copy_from_slice(&seed.to_le_bytes());
-        let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
+        let mut runner =
+            TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
         if let Err(error) = runner.run(&strategy, &test) {
             panic!("fuzz target {name} failed (FUZZ_SEED={seed}): {error}");
         }

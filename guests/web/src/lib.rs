@@ -301,7 +301,9 @@ mod tests {
         let mut out = Vec::new();
         let mut i = 0;
         while i < bytes.len() {
-            let hex_pair = bytes.get(i + 1..i + 3).filter(|pair| pair.iter().all(u8::is_ascii_hexdigit));
+            let hex_pair = bytes
+                .get(i + 1..i + 3)
+                .filter(|pair| pair.iter().all(u8::is_ascii_hexdigit));
             match (bytes[i], hex_pair) {
                 (b'%', Some(pair)) => {
                     let digit = |d: u8| (d as char).to_digit(16).expect("a hex digit") as u8;

@@ -10,7 +10,9 @@ pub struct Unsatisfiable;
 /// valid syntax, so a first byte that large is unsatisfiable and a last byte or suffix that
 /// large reaches the end.
 pub fn byte_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
-    let Some((unit, spec)) = header.and_then(|value| value.trim_matches([' ', '\t']).split_once('=')) else {
+    let Some((unit, spec)) =
+        header.and_then(|value| value.trim_matches([' ', '\t']).split_once('='))
+    else {
         return Ok(None);
     };
     // Range units are case-insensitive; no whitespace is allowed around `=` or `-`.
@@ -102,9 +104,15 @@ mod tests {
         assert_eq!(range("bytes=0 - 9", 100), Ok(None));
         assert_eq!(range("bytes= 0-9", 100), Ok(None));
         assert_eq!(range("Bytes=0-9", 100), Ok(Some((0, 9))));
-        assert_eq!(range("bytes=0-99999999999999999999", 100), Ok(Some((0, 99))));
+        assert_eq!(
+            range("bytes=0-99999999999999999999", 100),
+            Ok(Some((0, 99)))
+        );
         assert_eq!(range("bytes=-99999999999999999999", 100), Ok(Some((0, 99))));
-        assert_eq!(range("bytes=99999999999999999999-", 100), Err(Unsatisfiable));
+        assert_eq!(
+            range("bytes=99999999999999999999-", 100),
+            Err(Unsatisfiable)
+        );
         assert_eq!(range("bytes=0-", 0), Err(Unsatisfiable));
     }
 
@@ -140,7 +148,11 @@ mod tests {
         let narrow = |n: u128| u64::try_from(n).expect("within the size");
         if digits(first) && (last.is_empty() || digits(last)) {
             let first = value_of(first);
-            let last = if last.is_empty() { None } else { Some(value_of(last)) };
+            let last = if last.is_empty() {
+                None
+            } else {
+                Some(value_of(last))
+            };
             if last.is_some_and(|last| last < first) {
                 return Ok(None); // invalid: ignored
             }
@@ -193,13 +205,21 @@ mod tests {
     /// Never a range outside the object, and the same answer as the reference model.
     #[test]
     fn byte_ranges_agree_with_rfc_9110() {
-        fuzzing::run("byte_ranges", 2_000, (header(), size()), |(header, size)| {
-            let got = byte_range(header.as_deref(), size);
-            if let Ok(Some((first, last))) = got {
-                prop_assert!(first <= last && last < size, "{first}-{last} outside {size} bytes");
-            }
-            prop_assert_eq!(got, reference(header.as_deref(), size));
-            Ok(())
-        });
+        fuzzing::run(
+            "byte_ranges",
+            2_000,
+            (header(), size()),
+            |(header, size)| {
+                let got = byte_range(header.as_deref(), size);
+                if let Ok(Some((first, last))) = got {
+                    prop_assert!(
+                        first <= last && last < size,
+                        "{first}-{last} outside {size} bytes"
+                    );
+                }
+                prop_assert_eq!(got, reference(header.as_deref(), size));
+                Ok(())
+            },
+        );
     }
 }
