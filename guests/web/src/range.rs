@@ -127,7 +127,7 @@ mod tests {
             return Ok(None);
         };
         let (unit, set) = (&value[..equals], &value[equals + 1..]);
-        if unit.to_ascii_lowercase() != "bytes" || set.contains(',') {
+        if !unit.eq_ignore_ascii_case("bytes") || set.contains(',') {
             return Ok(None);
         }
         let digits = |text: &str| !text.is_empty() && text.chars().all(|c| c.is_ascii_digit());
