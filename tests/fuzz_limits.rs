@@ -424,7 +424,9 @@ fn request_heads_reach_an_app_only_within_its_limits() {
                 );
                 prop_assert!(
                     !head.well_formed
-                        || !(within_line && within_fields && within_field_size)
+                        || !within_line
+                        || !within_fields
+                        || !within_field_size
                         || head.bytes.len() > limits.largest_head(),
                     "a well-formed head within {:?} got {}: {}",
                     limits,
