@@ -219,14 +219,14 @@ impl Guest {
         let run = tokio::spawn({
             let responded = Arc::clone(&responded);
             async move {
-                let outcome = guest.run(request, scheme, sender, deadline).await;
+                let outcome = guest
+                    .run(request, scheme, sender, deadline, guest_finished)
+                    .await;
                 drop(slot);
-                match &outcome {
-                    Ok(()) => guest_finished.finished(),
-                    Err(failure) if responded.load(Ordering::Acquire) => {
-                        tracing::error!("the response was cut short: {failure}");
-                    }
-                    Err(_) => {}
+                if let Err(failure) = &outcome
+                    && responded.load(Ordering::Acquire)
+                {
+                    tracing::error!("the response was cut short: {failure}");
                 }
                 outcome
             }
@@ -255,6 +255,7 @@ impl Guest {
         scheme: Scheme,
         sender: oneshot::Sender<Result<hyper::Response<HyperOutgoingBody>, ErrorCode>>,
         deadline: Option<Instant>,
+        outcome: cut::GuestOutcome,
     ) -> Result<(), GuestFailure> {
         let _running = InstanceRunning::start(&self.metrics);
         let mut store = self.new_store(deadline);
@@ -279,6 +280,8 @@ impl Guest {
             None => call.await,
         };
         let failure = result.map_err(|error| self.failure(error, store.data().limiter.refused()));
+        // Before the store, and with it the response body's sender, is dropped.
+        outcome.settle(failure.is_ok());
         match &failure {
             Err(GuestFailure::Timeout(_)) => self.metrics.timed_out(),
             Err(GuestFailure::MemoryLimit { .. }) => self.metrics.memory_refused(),

@@ -221,7 +221,8 @@ fn echo(request: IncomingRequest, out: ResponseOutparam) {
 
 /// Starts a 200, streams `mb` MiB of it, then fails as `then` says: `trap`, `grow` (memory
 /// until refused), `spin` (past the deadline in a loop), `sleep` (past the deadline waiting),
-/// `drop` (returns without finishing the body), or `finish` (the body ends whole). With
+/// `drop` (returns without finishing the body), or `finish` (the body ends whole) and
+/// `finish-sleep` (the body ends whole, then the guest sleeps past its deadline). With
 /// `length=1` the response declares one MiB more than it streams before failing.
 fn partial(out: ResponseOutparam, query: &str) {
     let mib = param(query, "mb")
@@ -248,9 +249,13 @@ fn partial(out: ResponseOutparam, query: &str) {
         "sleep" => wasip2::clocks::monotonic_clock::subscribe_duration(3_600 * 1_000_000_000)
             .block(),
         "drop" => return,
-        "finish" => {
+        "finish" | "finish-sleep" => {
             drop(stream);
             OutgoingBody::finish(body, None).expect("body complete");
+            if param(query, "then") == Some("finish-sleep") {
+                wasip2::clocks::monotonic_clock::subscribe_duration(3_600 * 1_000_000_000)
+                    .block();
+            }
             return;
         }
         _ => {}

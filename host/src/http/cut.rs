@@ -1,12 +1,15 @@
-//! A guest's response body ends as a complete message only if the guest finished.
+//! A guest's response body ends as a complete message only if the guest ended it.
 //!
 //! wasmtime ends a response body normally when the guest's instance is dropped, whatever the
 //! reason: a guest that traps, hits its memory limit or runs past its deadline after its
 //! response has started would give the client a chunked body with its terminator, a short body
-//! that looks whole. So the end of the guest's stream is passed on only once the guest has
-//! returned without failing; otherwise the body ends with an error, on which hyper closes the
-//! connection without the final chunk (or short of the declared `Content-Length`), and the
-//! client sees a cut response.
+//! that looks whole. The body's stream cannot tell that end from the guest's own `finish`, but
+//! the order of events can: a guest finishes its body while it runs, and its instance is dropped
+//! only after its outcome is settled. So a stream that ends once a failure is settled ends with
+//! an error instead, on which hyper closes the connection without the final chunk (or short of
+//! the declared `Content-Length`), and the client sees a cut response. A body the guest
+//! finished goes out whole at once while the guest goes on working; only if it then fails
+//! before the client has taken the body's end is that end cut too.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -14,12 +17,11 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::sync::oneshot;
+use tokio::sync::oneshot::{self, error::TryRecvError};
 
 use crate::http::answers::ResponseBody;
 
-/// Held by the task that runs the guest: says the guest finished. Dropped unsaid (the guest
-/// failed, its task panicked or was dropped), the response is cut.
+/// Held by the task that runs the guest, and settled before the guest's instance is dropped.
 pub struct GuestOutcome(oneshot::Sender<()>);
 
 /// The other end, which becomes the response body's ending.
@@ -31,9 +33,14 @@ pub fn guest_outcome() -> (GuestOutcome, GuestEnding) {
 }
 
 impl GuestOutcome {
-    pub fn finished(self) {
-        // The response may be gone already (the client left); nothing is waiting then.
-        let _ = self.0.send(());
+    /// Whether the guest returned without failing. Must be called while the instance, and so
+    /// the response body's sending end, is still alive.
+    pub fn settle(self, succeeded: bool) {
+        if succeeded {
+            // The response may be gone already (the client left); nothing is waiting then.
+            let _ = self.0.send(());
+        }
+        // Dropped unsent: the guest failed.
     }
 }
 
@@ -43,7 +50,7 @@ impl GuestEnding {
         CompleteIfFinished {
             inner: body,
             ending: self.0,
-            state: State::Streaming,
+            ended: false,
         }
         .boxed_unsync()
     }
@@ -52,14 +59,7 @@ impl GuestEnding {
 struct CompleteIfFinished {
     inner: ResponseBody,
     ending: oneshot::Receiver<()>,
-    state: State,
-}
-
-enum State {
-    Streaming,
-    /// The guest's stream has ended; its outcome decides how the message ends.
-    WaitingForGuest,
-    Done,
+    ended: bool,
 }
 
 impl Body for CompleteIfFinished {
@@ -71,35 +71,26 @@ impl Body for CompleteIfFinished {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        match this.state {
-            State::Done => return Poll::Ready(None),
-            State::Streaming => match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
-                Some(Ok(frame)) => {
-                    // Trailers come only from the guest's own `finish`: the message is whole.
-                    if frame.is_trailers() {
-                        this.state = State::Done;
-                    }
-                    return Poll::Ready(Some(Ok(frame)));
-                }
-                Some(Err(error)) => {
-                    this.state = State::Done;
-                    return Poll::Ready(Some(Err(error)));
-                }
-                None => this.state = State::WaitingForGuest,
-            },
-            State::WaitingForGuest => {}
+        if this.ended {
+            return Poll::Ready(None);
         }
-        let finished = ready!(Pin::new(&mut this.ending).poll(cx)).is_ok();
-        this.state = State::Done;
-        if finished {
-            Poll::Ready(None)
-        } else {
-            Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if frame.is_some() {
+            return Poll::Ready(frame);
+        }
+        this.ended = true;
+        match this.ending.try_recv() {
+            // Settled as failed before the instance went: its stream ended because it was dropped.
+            Err(TryRecvError::Closed) => {
+                Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
+            }
+            // Still running (it finished the body itself), or returned without failing.
+            Ok(()) | Err(TryRecvError::Empty) => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        // Never known before the guest's outcome: hyper must not end the message early.
+        // Never known before the stream's own end: hyper must not end the message early.
         false
     }
 
