@@ -378,8 +378,8 @@ fn unfinished_heads_hold_a_bounded_number_of_connections_and_a_client_is_still_a
 
     println!(
         "{ATTACKERS} unfinished heads, --max-connections {CAP}: the client waited {waited:?}; \
-         open files {idle_files} idle, {peak_files} at the peak; RSS {} KiB idle, {} KiB at the peak",
-        idle_rss, peak_rss
+         open files {idle_files} idle, {peak_files} at the peak; RSS {idle_rss} KiB idle, \
+         {peak_rss} KiB at the peak"
     );
     assert!(
         place_taken.is_some(),
