@@ -1,4 +1,4 @@
-//! Runs a property target (`guests/web/src/fuzzing.rs` is its copy for the guests): in the normal
+//! Runs a property target (here and, through a `#[path]` module, in `guests/web`): in the normal
 //! suite a fixed number of cases from a fixed seed, so a run is fast and repeatable; with
 //! `FUZZ_SECONDS=N` (`tests/fuzz`) fresh random seeds for N seconds. A failure is shrunk to a
 //! minimal input and reported with the seed that found it (`FUZZ_SEED` replays it).

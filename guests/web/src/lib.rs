@@ -2,7 +2,9 @@
 //! request's path, query and headers; its body read whole or handed on as a stream; answers
 //! with a body, JSON, or a stream spliced through inside the host.
 
+// The one property-target runner of the project, shared with the black-box tests.
 #[cfg(test)]
+#[path = "../../../tests/support/fuzzing.rs"]
 mod fuzzing;
 mod range;
 
