@@ -731,7 +731,11 @@ async fn a_part_sent_again_gets_a_keystream_of_its_own(backends: Backends) {
     assert_eq!(second_stored.len(), size);
     // The S3 server's part ETag is the MD5 of the part's bytes, so comparing MD5s compares bytes.
     if let FirstAttempt::Md5(etag) = &second_attempt {
-        assert_eq!(*etag, md5_hex(&second_stored), "a part's ETag is not its MD5");
+        assert_eq!(
+            *etag,
+            md5_hex(&second_stored),
+            "a part's ETag is not its MD5"
+        );
     }
     // What the first ciphertext would be had both attempts used one keystream.
     let with_one_keystream: Vec<u8> = second_stored

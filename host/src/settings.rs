@@ -444,7 +444,7 @@ impl Settings {
             bail!("--outbound-connections must be at least 1");
         }
         let metrics_bind = match &args.metrics_bind {
-            Some(text) => match parse_bind(text)? {
+            Some(text) => match parse_bind(text).context("invalid --metrics-bind")? {
                 BindAddress::Tcp(addr) => Some(addr),
                 BindAddress::Unix(_) => bail!("--metrics-bind takes HOST:PORT, not a unix socket"),
             },
@@ -604,6 +604,10 @@ fn default_cache_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".cache").join("host"))
 }
 
+/// The longest duration a setting takes: about 31 years, so that a deadline computed from it
+/// (`now + timeout`) never overflows, which would panic where it is computed.
+const MAX_SECONDS: f64 = 1e9;
+
 fn parse_seconds(text: &str) -> Result<f64, String> {
     let seconds: f64 = text
         .trim()
@@ -614,14 +618,26 @@ fn parse_seconds(text: &str) -> Result<f64, String> {
             "expected a non-negative number of seconds, got {text:?}"
         ));
     }
+    if seconds > MAX_SECONDS {
+        return Err(format!(
+            "expected at most {MAX_SECONDS} seconds (about 31 years; 0 is off), got {text:?}"
+        ));
+    }
     Ok(seconds)
 }
 
 pub fn parse_size(text: &str) -> Result<u64, String> {
-    text.trim()
+    let size = text
+        .trim()
         .parse::<bytesize::ByteSize>()
         .map(|size| size.as_u64())
-        .map_err(|_| format!("expected a size such as 16MiB, 512MB or 1GiB, got {text:?}"))
+        .map_err(|_| format!("expected a size such as 16MiB, 512MB or 1GiB, got {text:?}"))?;
+    // bytesize saturates a size past u64 at its largest value, which would be read as a
+    // limit of 16 EiB.
+    if size == u64::MAX {
+        return Err(format!("{text:?} is past the largest size, 16 EiB"));
+    }
+    Ok(size)
 }
 
 /// A size as people write it: `16 MiB` when it is a whole number of MiB.
@@ -650,11 +666,21 @@ mod tests {
         assert_eq!(parse_size("1GiB"), Ok(1 << 30));
         assert_eq!(parse_size("64MB"), Ok(64_000_000));
         assert!(parse_size("lots").is_err());
+        // Past u64 bytesize saturates; that must not read as a 16 EiB limit.
+        assert!(parse_size("99999999EiB").is_err());
         assert_eq!(human_size(16 << 20), "16 MiB");
         assert_eq!(human_size(3 << 29), "1536 MiB");
         assert_eq!(human_size(16512 << 10), "16.1 MiB");
         assert_eq!(human_size(18812 << 10), "18.4 MiB");
         assert_eq!(human_size(512 << 10), "512 KiB");
+    }
+
+    #[test]
+    fn seconds_past_31_years_are_refused_rather_than_overflowing_a_deadline() {
+        assert_eq!(parse_seconds("1e9"), Ok(1e9));
+        assert!(parse_seconds("1e19").is_err());
+        assert!(parse_seconds("1e20").is_err());
+        assert!(parse_seconds("inf").is_err());
     }
 
     #[test]

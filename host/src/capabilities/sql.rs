@@ -167,7 +167,7 @@ impl<DB: Database> Lent<DB> {
     /// The connection, for a statement: until `finished`, dropping this closes it.
     fn start(&mut self) -> &mut DB::Connection {
         self.running = true;
-        &mut *self.connection
+        &mut self.connection
     }
 
     fn finished(&mut self) {
