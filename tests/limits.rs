@@ -443,3 +443,77 @@ fn a_head_trickled_slower_than_the_header_timeout_is_cut() {
     );
     still_serves(&host, "a trickled head");
 }
+
+/// A client pipelines requests and reads none of the answers: the guest finishes each at once,
+/// so no deadline is running while the answers pile up in the socket buffers. With one place
+/// under `--max-connections`, nobody else would ever be served if that connection were kept.
+#[test]
+fn a_client_that_reads_no_answer_is_cut_after_the_timeout() {
+    let host = HostProcess::start(
+        &guest("hello"),
+        &[
+            "--max-connections",
+            "1",
+            "--timeout",
+            "2",
+            "--keep-alive",
+            "1",
+        ],
+    );
+    let addr = host.addr();
+    // The start check's connection holds the only place until its keep-alive ends.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut attacker = TcpStream::connect(addr).expect("cannot connect");
+    attacker
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let pipelined = get_request("/", &addr.to_string(), &[]).repeat(50_000);
+    let mut sent = 0;
+    let started = Instant::now();
+    // Until the host stops reading too: its answers then fill every buffer on the way.
+    while sent < pipelined.len() && started.elapsed() < Duration::from_secs(10) {
+        match attacker.write(&pipelined[sent..]) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    let stalled = Instant::now();
+    let cut = closed_by_host_ignoring_answers(&mut attacker, Duration::from_secs(20));
+    let client = Instant::now();
+    let answer = raw_answer(
+        addr,
+        &get_request("/", &addr.to_string(), &["Connection: close".into()]),
+    );
+    println!(
+        "the attacker sent {sent} bytes of pipelined requests; cut {:?} after it stalled; \
+         the next client was answered in {:?}",
+        cut.map(|at| at.duration_since(stalled)),
+        client.elapsed()
+    );
+    assert!(
+        cut.is_some(),
+        "a connection whose client read no answer for 20 s was still open (--timeout 2)"
+    );
+    assert_ok("the next client", &answer);
+}
+
+/// When the host closes a connection whose answers the client never read, leaving them unread;
+/// `None` if it is still open after `wait`. Peeks at nothing: reading would drain the answers.
+fn closed_by_host_ignoring_answers(stream: &mut TcpStream, wait: Duration) -> Option<Instant> {
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        // A write fails once the host has closed its end (reset, or a broken pipe after it).
+        match stream.write(b"x") {
+            Err(error)
+                if !matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Some(Instant::now());
+            }
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    None
+}

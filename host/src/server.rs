@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 
 use crate::handler::{Peer, RequestHandler};
 use crate::http::limits::RequestLimits;
+use crate::http::write_stall::WriteStallTimeout;
 use crate::settings::BindAddress;
 
 /// How long a draining worker waits for the first request of a connection it has just accepted.
@@ -155,6 +156,9 @@ pub struct ConnectionSettings {
     pub limits: RequestLimits,
     /// Connections the worker holds open at once, over all its listeners.
     pub max_connections: usize,
+    /// How long a response may wait on a client that reads none of it (the loosest app's
+    /// `--timeout`); `None` = as long as the client likes.
+    pub write_stall_timeout: Option<Duration>,
 }
 
 impl ConnectionSettings {
@@ -199,6 +203,7 @@ pub async fn serve(
         let acceptor = Acceptor {
             handler: Arc::clone(&handler),
             http: settings.http1(),
+            write_stall_timeout: settings.write_stall_timeout,
             cap: Arc::clone(&cap),
             draining: draining.clone(),
             alive: alive.clone(),
@@ -287,6 +292,7 @@ impl ConnectionCap {
 struct Acceptor {
     handler: Arc<RequestHandler>,
     http: http1::Builder,
+    write_stall_timeout: Option<Duration>,
     cap: Arc<ConnectionCap>,
     draining: watch::Receiver<bool>,
     alive: mpsc::Sender<()>,
@@ -310,7 +316,7 @@ impl Acceptor {
                         Ok((stream, remote)) => {
                             // Nagle plus delayed ACKs would add tens of milliseconds to small responses.
                             let _ = stream.set_nodelay(true);
-                            self.spawn(TokioIo::new(stream), tcp_peer(remote, local), place);
+                            self.spawn(stream, tcp_peer(remote, local), place);
                         }
                         Err(error) => accept_failed(error).await,
                     }
@@ -325,9 +331,7 @@ impl Acceptor {
                 loop {
                     let place = self.cap.place().await;
                     match listener.accept().await {
-                        Ok((stream, _)) => {
-                            self.spawn(TokioIo::new(stream), Arc::clone(&peer), place)
-                        }
+                        Ok((stream, _)) => self.spawn(stream, Arc::clone(&peer), place),
                         Err(error) => accept_failed(error).await,
                     }
                 }
@@ -335,7 +339,21 @@ impl Acceptor {
         }
     }
 
-    fn spawn<I>(&self, io: I, peer: Arc<Peer>, place: Place)
+    fn spawn<S>(&self, stream: S, peer: Arc<Peer>, place: Place)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        match self.write_stall_timeout {
+            Some(timeout) => self.serve(
+                WriteStallTimeout::new(TokioIo::new(stream), timeout),
+                peer,
+                place,
+            ),
+            None => self.serve(TokioIo::new(stream), peer, place),
+        }
+    }
+
+    fn serve<I>(&self, io: I, peer: Arc<Peer>, place: Place)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {

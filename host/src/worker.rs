@@ -159,6 +159,13 @@ pub fn run(
                 keep_alive: settings.keep_alive,
                 max_connections: settings.max_connections,
                 limits: RequestLimits::loosest(settings.apps.iter().map(|app| app.request_limits)),
+                // An app without a deadline lets its clients take their time too.
+                write_stall_timeout: settings
+                    .apps
+                    .iter()
+                    .map(|app| app.timeout)
+                    .reduce(|a, b| a.zip(b).map(|(a, b)| a.max(b)))
+                    .flatten(),
             };
             let stop = stop_signal(settings, recycle.clone(), heartbeat)?;
             hooks::event("post_worker_init", &[("pid", pid.to_string())]);
