@@ -28,15 +28,18 @@ pub struct Origin {
 }
 
 impl TrustedPeers {
+    /// Every item is checked, so a typo beside `*` is refused rather than hidden by it.
     pub fn parse(list: &str) -> Result<TrustedPeers> {
         let mut networks = Vec::new();
+        let mut all = false;
         for item in list
             .split(',')
             .map(str::trim)
             .filter(|item| !item.is_empty())
         {
             if item == "*" {
-                return Ok(TrustedPeers::All);
+                all = true;
+                continue;
             }
             let network = match item.parse::<IpNet>() {
                 Ok(network) => network,
@@ -46,7 +49,11 @@ impl TrustedPeers {
             };
             networks.push(network);
         }
-        Ok(TrustedPeers::Networks(networks))
+        Ok(if all {
+            TrustedPeers::All
+        } else {
+            TrustedPeers::Networks(networks)
+        })
     }
 
     pub fn trusts(&self, peer: IpAddr) -> bool {
@@ -114,11 +121,19 @@ fn forwarded_host(headers: &HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// A chain sent over several header lines is one list (RFC 9110 §5.3): the lines are joined in
+/// order, so no hop a trusted proxy reported is lost.
 fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
-    let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(chain) if !chain.trim().is_empty() => format!("{}, {peer}", chain.trim()),
-        _ => peer.to_string(),
-    };
+    let mut chain: Vec<&str> = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|hops| !hops.is_empty())
+        .collect();
+    let peer = peer.to_string();
+    chain.push(&peer);
+    let value = chain.join(", ");
     if let Ok(value) = HeaderValue::from_str(&value) {
         headers.insert(X_FORWARDED_FOR, value);
     }
@@ -184,5 +199,20 @@ mod tests {
         let peers = TrustedPeers::parse("127.0.0.1").unwrap();
         assert!(peers.trusts("::ffff:127.0.0.1".parse().unwrap()));
         assert!(TrustedPeers::parse("not-an-ip").is_err());
+        assert!(TrustedPeers::parse("*,bogus").is_err());
+        assert_eq!(
+            TrustedPeers::parse("10.0.0.1, *").unwrap(),
+            TrustedPeers::All
+        );
+    }
+
+    #[test]
+    fn a_chain_over_several_lines_keeps_every_hop() {
+        let peers = TrustedPeers::parse("127.0.0.1").unwrap();
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", "1.1.1.1".parse().unwrap());
+        h.append("x-forwarded-for", "2.2.2.2, 3.3.3.3".parse().unwrap());
+        peers.resolve(Some("127.0.0.1".parse().unwrap()), &mut h);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1");
     }
 }
