@@ -355,43 +355,45 @@ pub fn hook_commands(config: Option<&ConfigFile>) -> Result<BTreeMap<String, Str
     Ok(commands)
 }
 
-/// `--print-config`: the effective settings as a config file, each with its source.
+/// `--print-config`: the effective settings as a config file `-c` reads back, each with its
+/// source; an unset setting is a comment.
 pub fn print(layered: &Layered) {
     for (name, (values, source)) in &layered.provenance {
-        if name == "master_key" && !values.is_empty() {
-            let line = format!("{name} = \"<secret>\"");
-            println!("{line:<60} # {source}");
-            continue;
-        }
-        if name == "database_url"
-            && let [url] = values.as_slice()
-        {
-            let line = format!("{name} = {}", toml_value(&crate::database::redacted(url)));
-            println!("{line:<60} # {source}");
-            continue;
-        }
-        let value = match values.as_slice() {
-            [] => "# (unset)".to_owned(),
-            [one] if !name.ends_with("bind") && name != "env" => toml_value(one),
+        let line = match values.as_slice() {
+            _ if name == "master_key" && !values.is_empty() => format!("{name} = \"<secret>\""),
+            [url] if name == "database_url" => {
+                format!("{name} = {}", toml_value(&crate::database::redacted(url)))
+            }
+            [] => format!("# {name} unset"),
+            [one] if !name.ends_with("bind") && name != "env" => {
+                format!("{name} = {}", toml_value(one))
+            }
             many => format!(
-                "[{}]",
+                "{name} = [{}]",
                 many.iter()
                     .map(|v| toml_value(v))
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
         };
-        let line = format!("{name} = {value}");
         println!("{line:<60} # {source}");
     }
 }
 
+/// A value as TOML: bare where TOML reads it back as the same number or boolean, else a
+/// string (every setting accepts its value as a string).
 fn toml_value(text: &str) -> String {
-    if text.parse::<i64>().is_ok()
-        || text.parse::<f64>().is_ok()
-        || text == "true"
-        || text == "false"
-    {
+    let bare = format!("v = {text}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|table| table.get("v").cloned())
+        .is_some_and(|value| match value {
+            toml::Value::Integer(n) => n.to_string() == text,
+            toml::Value::Float(f) => f.to_string() == text,
+            toml::Value::Boolean(b) => b.to_string() == text,
+            _ => false,
+        });
+    if bare {
         text.to_owned()
     } else {
         toml::Value::String(text.to_owned()).to_string()

@@ -85,14 +85,16 @@ pub fn build(sizing: EngineSizing) -> Result<Engine> {
         .cranelift_opt_level(OptLevel::Speed)
         .parallel_compilation(true)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-    // Each pool slot reserves address space for the largest memory; the default reservation
-    // (4 GiB) lets compiled code skip bounds checks, so only grow it for larger caps.
-    if max_memory > 4 << 30 {
-        config.memory_reservation(max_memory);
-    }
+    // Each pool slot reserves 4 GiB of address space (what lets compiled code skip bounds
+    // checks), so a pool of tens of thousands of instances does not fit in it.
     Engine::new(&config)
         .map_err(anyhow::Error::from)
-        .context("cannot create the wasmtime engine")
+        .with_context(|| {
+            format!(
+                "cannot create the wasmtime engine with a pool of {instances} instances (the \
+                 instances of every app at once: --threads, or --worker-connections with gevent)"
+            )
+        })
 }
 
 /// Guests running in this process; whether the ticker sleeps; the ticker, to wake it.

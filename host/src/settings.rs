@@ -22,6 +22,13 @@ pub const DEFAULT_ACCESS_LOG_FORMAT: &str =
 /// The default cap on one guest instance's linear memory.
 pub const DEFAULT_MEMORY_LIMIT: &str = "128MiB";
 
+/// The most workers, threads, connections or slots any count setting may ask for: far past
+/// what a machine serves, and within what the host's semaphores and pools can count.
+const MAX_COUNT: usize = 1_000_000;
+
+/// A 32-bit WebAssembly memory holds at most 65,536 pages of 64 KiB.
+const MAX_MEMORY_LIMIT: u64 = 4 << 30;
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
     /// The wasi:http component to serve (a `.wasm` file of the `wasi:http/proxy` world).
@@ -402,14 +409,20 @@ impl Settings {
                 .map(|b| parse_bind(b))
                 .collect::<Result<Vec<_>>>()?
         };
-        if args.threads == 0 {
-            bail!("--threads must be at least 1");
-        }
-        if args.worker_connections == 0 {
-            bail!("--worker-connections must be at least 1");
-        }
-        if args.max_connections == 0 {
-            bail!("--max-connections must be at least 1");
+        for (flag, count) in [
+            ("--workers", args.workers),
+            ("--threads", args.threads),
+            ("--worker-connections", args.worker_connections),
+            ("--max-connections", args.max_connections),
+            ("--outbound-connections", args.outbound_connections),
+            ("--encrypt-concurrency", args.encrypt_concurrency as usize),
+        ] {
+            if count == 0 {
+                bail!("{flag} must be at least 1");
+            }
+            if count > MAX_COUNT {
+                bail!("{flag} {count} is more than the {MAX_COUNT} a host can hold");
+            }
         }
         // gunicorn: the sync class with more than one thread is the gthread class.
         let worker_class = match args.worker_class {
@@ -428,8 +441,11 @@ impl Settings {
                 "--memory-limit must be at least 64KiB (one WebAssembly page), got {memory_limit} bytes"
             );
         }
-        if args.encrypt_concurrency == 0 {
-            bail!("--encrypt-concurrency must be at least 1");
+        if memory_limit > MAX_MEMORY_LIMIT {
+            bail!(
+                "--memory-limit {} is more than a WebAssembly memory can hold (4GiB)",
+                human_size(memory_limit)
+            );
         }
         if args.spill_limit < 1 << 20 || args.spill_limit > u64::from(MAX_SPILL_MIB) << 20 {
             bail!(
@@ -437,11 +453,14 @@ impl Settings {
                 args.spill_limit
             );
         }
-        if args.workers == 0 {
-            bail!("--workers must be at least 1");
-        }
-        if args.outbound_connections == 0 {
-            bail!("--outbound-connections must be at least 1");
+        if let Some(key) = &args.master_key {
+            let key = key.trim();
+            if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+                bail!(
+                    "--master-key (HOST_MASTER_KEY) must be 64 hex digits (32 bytes), got {} characters",
+                    key.chars().count()
+                );
+            }
         }
         let metrics_bind = match &args.metrics_bind {
             Some(text) => match parse_bind(text).context("invalid --metrics-bind")? {
