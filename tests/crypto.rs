@@ -86,8 +86,13 @@ async fn a_key_id_is_refused_to_another_app_and_when_altered() {
 
 /// The most encryptions the debug log shows running at the same moment, across all workers.
 fn most_at_once(log: &str) -> usize {
+    most_at_once_of(log, "crypto: ")
+}
+
+/// The same, counting only the lines that contain `marker` (`crypto: app NAME:`).
+fn most_at_once_of(log: &str, marker: &str) -> usize {
     let mut events = Vec::new();
-    for line in log.lines().filter(|line| line.contains("crypto: ")) {
+    for line in log.lines().filter(|line| line.contains(marker)) {
         let words: Vec<&str> = line.split_whitespace().collect();
         let at = |word: &str| {
             words
@@ -178,5 +183,78 @@ async fn the_encryption_bound_holds_across_workers() {
     assert!(
         (2..=4).contains(&at_once),
         "expected overlapping encryptions within the bound of 4, saw {at_once}"
+    );
+}
+
+/// `GET /crypto/burn?mb=N` on `app` (its Host header).
+async fn burn_on(client: &reqwest::Client, url: &str, app: &str) -> u16 {
+    match client
+        .get(url)
+        .header("host", format!("{app}.test"))
+        .send()
+        .await
+    {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let _ = response.text().await;
+            status
+        }
+        Err(_) => 0,
+    }
+}
+
+/// A hostile app that keeps more encryptions going than the host has slots holds only its share
+/// of them (`--encrypt-concurrency` divided among the apps of a worker), so the app beside it
+/// always finds a slot of its own: the debug log shows when each encryption ran, and for which
+/// app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_app_that_floods_the_encryption_slots_leaves_its_neighbour_its_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("host.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "worker_class = \"gthread\"\nthreads = 8\nencrypt_concurrency = 2\nmemory_limit = \"96MiB\"\n\
+             log_level = \"debug\"\n\
+             [[app]]\nname = \"hostile\"\ncomponent = \"{faults}\"\nhosts = [\"hostile.test\"]\n\
+             [[app]]\nname = \"victim\"\ncomponent = \"{faults}\"\nhosts = [\"victim.test\"]\n",
+            faults = guest("faults"),
+        ),
+    )
+    .unwrap();
+    let key_file = master_key_file(&dir);
+    let host = HostProcess::start_with_config(&config, &["--master-key-file", &key_file]);
+    let client = http_client();
+    let hostile_url = host.url("/crypto/burn?mb=32");
+    let victim_url = host.url("/crypto/burn?mb=4");
+    let flood = (0..5).map(|_| async {
+        for _ in 0..4 {
+            assert_eq!(burn_on(&client, &hostile_url, "hostile").await, 200);
+        }
+    });
+    let victim = async {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        for _ in 0..10 {
+            assert_eq!(burn_on(&client, &victim_url, "victim").await, 200);
+        }
+    };
+    tokio::join!(futures::future::join_all(flood), victim);
+    let log = host.log();
+    let (hostile, victim, both) = (
+        most_at_once_of(&log, "crypto: app hostile:"),
+        most_at_once_of(&log, "crypto: app victim:"),
+        most_at_once(&log),
+    );
+    println!(
+        "--encrypt-concurrency 2, two apps: at most {hostile} hostile and {victim} victim \
+         encryptions at once, {both} in all"
+    );
+    assert_eq!(
+        hostile, 1,
+        "the hostile app, five requests at once, ran more than its share of 1 encryption"
+    );
+    assert_eq!(
+        both, 2,
+        "the victim never encrypted beside the hostile app: it waited for the hostile app's slot"
     );
 }

@@ -228,9 +228,15 @@ fn partial(out: ResponseOutparam, query: &str) {
     let mib = param(query, "mb")
         .and_then(|mb| mb.parse::<usize>().ok())
         .unwrap_or(1);
-    let mut headers = vec![("content-type".to_owned(), b"application/octet-stream".to_vec())];
+    let mut headers = vec![(
+        "content-type".to_owned(),
+        b"application/octet-stream".to_vec(),
+    )];
     if param(query, "length") == Some("1") {
-        headers.push(("content-length".to_owned(), ((mib + 1) * MIB).to_string().into_bytes()));
+        headers.push((
+            "content-length".to_owned(),
+            ((mib + 1) * MIB).to_string().into_bytes(),
+        ));
     }
     let response = OutgoingResponse::new(Fields::from_list(&headers).expect("valid headers"));
     let body = response.body().expect("a fresh response has a body");
@@ -246,15 +252,15 @@ fn partial(out: ResponseOutparam, query: &str) {
             grow(usize::MAX);
         }
         "spin" => spin(),
-        "sleep" => wasip2::clocks::monotonic_clock::subscribe_duration(3_600 * 1_000_000_000)
-            .block(),
+        "sleep" => {
+            wasip2::clocks::monotonic_clock::subscribe_duration(3_600 * 1_000_000_000).block()
+        }
         "drop" => return,
         "finish" | "finish-sleep" => {
             drop(stream);
             OutgoingBody::finish(body, None).expect("body complete");
             if param(query, "then") == Some("finish-sleep") {
-                wasip2::clocks::monotonic_clock::subscribe_duration(3_600 * 1_000_000_000)
-                    .block();
+                wasip2::clocks::monotonic_clock::subscribe_duration(3_600 * 1_000_000_000).block();
             }
             return;
         }

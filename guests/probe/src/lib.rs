@@ -21,6 +21,7 @@ impl wasip2::exports::http::incoming_handler::Guest for Probe {
         let answer = match request.path.as_str() {
             "/" => Ok(json!({"probe": "ok"})),
             "/crypto/key" => Ok(json!({"key_id": crypto::generate_key()})),
+            "/crypto/apply" => crypto_apply(&request),
             "/objects/multipart" => objects::create_multipart(key(&request))
                 .map(|id| json!({"upload_id": id}))
                 .map_err(object_error),
@@ -57,7 +58,7 @@ impl wasip2::exports::http::incoming_handler::Guest for Probe {
             }
             "/registry/add-bytes" => hmac_registry::add_part_bytes(
                 param(&request, "name"),
-                number(&request, "part") as u32,
+                u32::try_from(number(&request, "part")).unwrap_or(u32::MAX),
                 &request.body(64 << 20).unwrap_or_default(),
                 param(&request, "etag"),
             )
@@ -67,6 +68,7 @@ impl wasip2::exports::http::incoming_handler::Guest for Probe {
                 .map(|parts| json!(parts.iter().map(registry_part_json).collect::<Vec<_>>()))
                 .map_err(registry_error),
             "/registry/finish" => finish(&request),
+            "/registry/finish-list" => finish_list(&request),
             "/registry/tag" => hmac_registry::tag(param(&request, "name"))
                 .map(|tag| json!({"tag": tag}))
                 .map_err(registry_error),
@@ -208,6 +210,65 @@ fn pipeline_part(request: &Request) -> Answer {
         objects::upload_part(key, upload_id, part, tapped, length).map_err(object_error)?;
     let recorded = hmac_registry::add_part(name, mac, &stored.etag).map_err(registry_error)?;
     Ok(json!({"stored": part_json(&stored), "recorded": registry_part_json(&recorded)}))
+}
+
+/// The body encrypted (`mode=encrypt`), decrypted (`decrypt`) or encrypted as a stream
+/// (`stream`) under `enc`, `iv` (hex) at `offset`; the result in hex.
+fn crypto_apply(request: &Request) -> Answer {
+    use wasip2::io::streams::StreamError;
+    let iv = web::unhex(param(request, "iv")).unwrap_or_default();
+    let (enc, offset) = (param(request, "enc"), number(request, "offset"));
+    let refused = |error: crypto::CryptoError| (400, json!({"error": format!("{error:?}")}));
+    let data = match param(request, "mode") {
+        "stream" => {
+            let (_body, body) = request
+                .body_stream()
+                .ok_or((400, json!({"error": "no body"})))?;
+            let sealed = crypto::encrypt_stream(enc, &iv, offset, body).map_err(refused)?;
+            let mut data = Vec::new();
+            loop {
+                match sealed.blocking_read(64 * 1024) {
+                    Ok(chunk) => data.extend_from_slice(&chunk),
+                    Err(StreamError::Closed) => break data,
+                    Err(StreamError::LastOperationFailed(error)) => {
+                        return Err((
+                            400,
+                            json!({"error": "stream failed", "detail": error.to_debug_string()}),
+                        ));
+                    }
+                }
+            }
+        }
+        mode => {
+            let body = request.body(JSON_LIMIT).unwrap_or_default();
+            let apply = if mode == "decrypt" {
+                crypto::decrypt
+            } else {
+                crypto::encrypt
+            };
+            apply(enc, &iv, offset, &body).map_err(refused)?
+        }
+    };
+    Ok(json!({"data": web::hex(&data)}))
+}
+
+/// `finish` with the parts list of the body (`[{"number", "size", "etag"}]`), as a hostile
+/// guest may claim anything.
+fn finish_list(request: &Request) -> Answer {
+    let claimed: Vec<hmac_registry::Part> = json_body(request)?
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|part| hmac_registry::Part {
+            number: part["number"].as_u64().unwrap_or(0) as u32,
+            size: part["size"].as_u64().unwrap_or(0),
+            etag: part["etag"].as_str().unwrap_or_default().to_owned(),
+        })
+        .collect();
+    hmac_registry::finish(param(request, "name"), &claimed)
+        .map(|tag| json!({"tag": tag}))
+        .map_err(registry_error)
 }
 
 /// Completes the object and finishes its tag, checked against the stored parts.

@@ -39,9 +39,17 @@ pub struct Crypto {
     master: LessSafeKey,
     /// `host:crypto:v1:<app>`, the associated data of this app's wrapped keys.
     wrapping_aad: Vec<u8>,
+    /// The app's name, in the debug log of each encryption.
+    app: Arc<str>,
     slots: Option<HostWideSlots>,
     /// The app's share of the encryption slots in this worker.
     share: Arc<tokio::sync::Semaphore>,
+}
+
+/// Whether `length` bytes at `offset` end before offset 2^64, where the offsets (and so the
+/// keystream) would start again.
+pub fn in_range(offset: u64, length: usize) -> bool {
+    u64::try_from(length).is_ok_and(|length| offset.checked_add(length).is_some())
 }
 
 /// AES-256-CTR of one object: the keystream at any offset, without state, so parts and chunks
@@ -61,8 +69,15 @@ impl Keystream {
         })
     }
 
-    /// XORs `data`, the bytes at `offset` of the object, with the keystream.
+    /// XORs `data`, the bytes at `offset` of the object, with the keystream. The bytes must end
+    /// before offset 2^64 (`in_range`).
     pub fn apply(&self, offset: u64, data: &mut [u8]) -> Result<()> {
+        if !in_range(offset, data.len()) {
+            bail!(
+                "{} bytes at offset {offset} run past offset 2^64",
+                data.len()
+            );
+        }
         let mut block = offset / BLOCK;
         let skip = (offset % BLOCK) as usize;
         let mut rest = data;
@@ -105,6 +120,7 @@ impl Crypto {
         Crypto {
             master: LessSafeKey::new(master),
             wrapping_aad: format!("{WRAPPING_CONTEXT}{app}").into_bytes(),
+            app: Arc::from(app),
             slots,
             share: Arc::new(tokio::sync::Semaphore::new(share.max(1) as usize)),
         }
@@ -178,11 +194,15 @@ impl Crypto {
             Ok(keystream) => keystream,
             Err(error) => return Ok(Err(error)),
         };
+        if !in_range(offset, data.len()) {
+            return Ok(Err(CryptoError::OutOfRange));
+        }
         let share = take_share(&self.share).await;
         let slot = slots::take_if_bounded(self.slots, Bound::Encryption).await;
+        let app = Arc::clone(&self.app);
         let work = tokio::task::spawn_blocking(move || {
             let _slots = (share, slot);
-            apply_logged(&keystream, offset, &mut data).map(|()| data)
+            apply_logged(&app, &keystream, offset, &mut data).map(|()| data)
         });
         Ok(Ok(work.await.context("the encryption task was lost")??))
     }
@@ -203,6 +223,7 @@ impl Crypto {
         Ok(Ok(Produced::boxed(Ahead::new(streams::Map::new(
             source,
             Encrypting {
+                app: Arc::clone(&self.app),
                 keystream,
                 offset,
                 slots: self.slots,
@@ -215,6 +236,7 @@ impl Crypto {
 /// Applies the keystream to each chunk that passes, in a slot of the host-wide bound (a chunk
 /// takes microseconds, so it is done on the async thread once the slot is taken).
 struct Encrypting {
+    app: Arc<str>,
     keystream: Keystream,
     offset: u64,
     slots: Option<HostWideSlots>,
@@ -234,21 +256,26 @@ impl Change for Encrypting {
             .try_into_mut()
             .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
         let offset = self.offset;
+        if !in_range(offset, data.len()) {
+            return Err(anyhow!(
+                "the stream ran past offset 2^64, where its keystream would start again"
+            ));
+        }
         self.offset += data.len() as u64;
         let _share = take_share(&self.share).await;
         let _slot = slots::take_if_bounded(self.slots, Bound::Encryption).await;
-        apply_logged(&self.keystream, offset, &mut data)?;
+        apply_logged(&self.app, &self.keystream, offset, &mut data)?;
         Ok(Some(data.freeze()))
     }
 }
 
 /// The keystream applied; the monotonic start and end are in the debug log, so the host-wide
 /// bound can be checked from outside.
-fn apply_logged(keystream: &Keystream, offset: u64, data: &mut [u8]) -> Result<()> {
+fn apply_logged(app: &str, keystream: &Keystream, offset: u64, data: &mut [u8]) -> Result<()> {
     let started = monotonic_nanos();
     keystream.apply(offset, data)?;
     tracing::debug!(
-        "crypto: {} bytes from {started} to {} ns (monotonic)",
+        "crypto: app {app}: {} bytes from {started} to {} ns (monotonic)",
         data.len(),
         monotonic_nanos()
     );
@@ -366,7 +393,7 @@ pub fn master_key(
 ) -> Result<[u8; KEY_LENGTH]> {
     if let Some(text) = hex_key {
         return parse_key(text.trim().as_bytes())
-            .context("HOST_MASTER_KEY must be 64 hex digits (32 bytes)");
+            .context("--master-key (HOST_MASTER_KEY) must be 64 hex digits (32 bytes)");
     }
     if let Some(path) = key_file {
         let bytes = std::fs::read(path)

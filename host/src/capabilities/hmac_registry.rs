@@ -83,7 +83,7 @@ impl Registry {
 
     fn check_name(name: &str) -> Answer<()> {
         if name.is_empty() || name.len() > MAX_NAME_LENGTH {
-            return Err(RegistryError::UnknownEntry);
+            return Err(RegistryError::InvalidName);
         }
         Ok(())
     }
