@@ -7,8 +7,9 @@
 use std::time::{Duration, Instant};
 
 use blackbox::{
-    HostProcess, database_url, drop_postgres_app, guest, http_client, poll_until, psql,
+    HostProcess, database_url, drop_postgres_app, fuzzing, guest, http_client, poll_until, psql,
 };
+use proptest::prelude::*;
 use serde_json::{Value, json};
 
 /// A hostile and a victim copy of the probe guest in one host, on SQLite files or on the
@@ -395,4 +396,166 @@ async fn a_postgres_session_ends_with_its_request_and_no_app_stalls_the_set_up()
         took < Duration::from_secs(4),
         "the new app's first statement waited {took:?} for the hostile app's lock"
     );
+}
+
+/// Statements a hostile app may send: memory, time and process-wide state, as a grammar of
+/// fragments with `?` parameters of any type and size.
+fn hostile_statement(postgres: bool) -> impl Strategy<Value = (String, Vec<Value>)> {
+    let statements: Vec<&'static str> = if postgres {
+        vec![
+            "SELECT $1::text",
+            "SELECT repeat('x', $1::int)",
+            "SELECT length(repeat('x', $1::int))",
+            "SELECT pg_sleep($1::float / 1000)",
+            "SELECT pg_advisory_lock($1::bigint)",
+            "SELECT set_config('statement_timeout', $1::text, false)",
+            "SET lock_timeout = 0",
+            "LISTEN x",
+            "NOTIFY x",
+            "SELECT lo_create(0)",
+            "SELECT generate_series(1, $1::int)",
+            "SELECT count(*) FROM generate_series(1, $1::bigint)",
+            "SELECT * FROM pg_stat_activity",
+            "CREATE TABLE IF NOT EXISTS f(a text)",
+            "INSERT INTO f VALUES ($1::text)",
+            "SELECT * FROM f",
+            "SELECT 1; SELECT 2",
+            "SELECT $1, $2",
+            "DO $$ BEGIN LOOP END LOOP; END $$",
+        ]
+    } else {
+        vec![
+            "SELECT ?",
+            "SELECT length(randomblob(?))",
+            "SELECT zeroblob(?)",
+            "SELECT printf('%.*c', ?, 'x')",
+            "SELECT length(replace(hex(zeroblob(?)), '0', 'ab'))",
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < ?) SELECT count(*) FROM c",
+            "PRAGMA hard_heap_limit = ?",
+            "PRAGMA soft_heap_limit = ?",
+            "PRAGMA temp_store_directory = '/tmp'",
+            "PRAGMA cache_size = ?",
+            "PRAGMA mmap_size = ?",
+            "PRAGMA journal_mode = OFF",
+            "PRAGMA writable_schema = 1",
+            "ATTACH DATABASE ? AS other",
+            "VACUUM INTO '/tmp/fuzz-sql.db'",
+            "SELECT load_extension(?)",
+            "CREATE TABLE IF NOT EXISTS f(a)",
+            "INSERT INTO f VALUES (?)",
+            "SELECT * FROM f",
+            "SELECT group_concat(a) FROM f",
+            "SELECT 1; SELECT 2",
+            "SELECT ?, ?",
+            "BEGIN",
+            "COMMIT",
+        ]
+    };
+    let parameter = prop_oneof![
+        4 => prop_oneof![
+            Just(0i64), Just(-1), Just(1_000), Just(100_000_000), Just(i64::MAX), Just(i64::MIN),
+            any::<i64>(),
+        ]
+        .prop_map(|n| json!(n)),
+        1 => any::<f64>().prop_filter("JSON numbers are finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+        1 => any::<String>().prop_map(|s| json!(s)),
+        // The probe takes JSON bodies up to 1 MiB.
+        1 => (0usize..400_000).prop_map(|n| json!("s".repeat(n))),
+        1 => prop::collection::vec(any::<u8>(), 0..32).prop_map(|b| json!({"blob": hex::encode(b)})),
+        1 => Just(Value::Null),
+        1 => any::<bool>().prop_map(|b| json!(b)),
+    ];
+    (
+        prop::sample::select(statements),
+        prop_oneof![8 => Just(String::new()), 1 => any::<String>()],
+        prop::collection::vec(parameter, 0..3),
+    )
+        .prop_map(|(statement, garbage, params)| (format!("{statement}{garbage}"), params))
+}
+
+/// Any statement a hostile app sends gets an answer (rows, a typed refusal, or 504 at its
+/// deadline), never a trap or a lost worker, and its neighbour is answered at once after it.
+fn any_statement_leaves_the_neighbour_served(postgres: bool, cases: u32) {
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let apps = TwoApps::start(
+        postgres,
+        "",
+        &[
+            "--timeout",
+            "1",
+            "--memory-limit",
+            "16MiB",
+            "--keep-alive",
+            "30",
+        ],
+    );
+    let idle = runtime.block_on(async {
+        let (status, answer, _) = apps.sql(&apps.victim, "query", "SELECT 1").await;
+        assert_eq!(status, 200, "{answer}");
+        apps.host.rss_kib()
+    });
+    let name = if postgres {
+        "sql_statements_postgres"
+    } else {
+        "sql_statements_sqlite"
+    };
+    fuzzing::run(
+        name,
+        cases,
+        hostile_statement(postgres),
+        |(statement, params)| {
+            runtime.block_on(async {
+                let body = json!({"statement": statement, "params": params}).to_string();
+                let shown: String = statement.chars().take(80).collect();
+                for route in ["query", "execute"] {
+                    let (status, answer, _) = apps
+                        .call(
+                            &apps.hostile,
+                            "POST",
+                            &format!("/sql/{route}"),
+                            body.clone(),
+                        )
+                        .await;
+                    prop_assert!(
+                        [200, 400, 504].contains(&status),
+                        "{} {}: {} {}",
+                        route,
+                        shown,
+                        status,
+                        answer
+                    );
+                    if status == 400 {
+                        prop_assert!(answer["error"]["kind"].is_string(), "{}: {}", shown, answer);
+                    }
+                }
+                let (status, answer, took) = apps.sql(&apps.victim, "query", "SELECT 1").await;
+                prop_assert_eq!(status, 200, "the victim after {}: {}", shown, answer);
+                prop_assert!(
+                    took < Duration::from_secs(2),
+                    "the victim waited {:?} after {}",
+                    took,
+                    shown
+                );
+                let grown = apps.host.rss_kib().saturating_sub(idle);
+                prop_assert!(
+                    grown < 128 * 1024,
+                    "{} took the host from {} KiB to {} KiB",
+                    shown,
+                    idle,
+                    idle + grown
+                );
+                Ok(())
+            })
+        },
+    );
+}
+
+#[test]
+fn any_sqlite_statement_leaves_the_neighbour_served() {
+    any_statement_leaves_the_neighbour_served(false, 60);
+}
+
+#[test]
+fn any_postgres_statement_leaves_the_neighbour_served() {
+    any_statement_leaves_the_neighbour_served(true, 40);
 }

@@ -981,6 +981,8 @@ pub fn drop_postgres_app(app: &str) {
         "DROP SCHEMA IF EXISTS app_{app} CASCADE;
          DO $$ DECLARE r record; BEGIN
             FOR r IN SELECT rolname FROM pg_roles WHERE rolname LIKE 'host\\_app\\_{app}\\_%' LOOP
+                -- What the role owns outside its schema (large objects) goes with it.
+                EXECUTE 'DROP OWNED BY ' || quote_ident(r.rolname);
                 EXECUTE 'DROP ROLE ' || quote_ident(r.rolname);
             END LOOP;
          END $$;
