@@ -28,7 +28,7 @@ pub fn run<S>(
                 .expect("FUZZ_SECONDS is a number of seconds"),
         )
     });
-    let seed = std::env::var("FUZZ_SEED")
+    let replayed = std::env::var("FUZZ_SEED")
         .ok()
         .map(|seed| seed.parse::<u64>().expect("FUZZ_SEED is a number"));
     let started = Instant::now();
@@ -36,12 +36,14 @@ pub fn run<S>(
     let mut seeds = 0u64;
     loop {
         // The first seed is fixed unless a long run or a replay asks otherwise.
-        let seed = match (seed, budget) {
+        let seed = match (replayed, budget) {
             (Some(seed), _) => seed.wrapping_add(seeds),
             (None, Some(_)) => random_seed(),
             (None, None) => 0,
         };
-        let cases = if budget.is_some() {
+        // A replayed seed may come from a long run: its failing case can be past the suite's
+        // count (the suite's cases are the first of the same sequence).
+        let cases = if budget.is_some() || replayed.is_some() {
             CASES_PER_SEED
         } else {
             cases
