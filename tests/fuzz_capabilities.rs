@@ -463,6 +463,13 @@ async fn check_registry(
                     );
                     continue;
                 };
+                let numbers_valid = list
+                    .iter()
+                    .all(|(number, _, _)| (1..=MAX_PART_NUMBER).contains(number));
+                if !numbers_valid {
+                    prop_assert_eq!(error_of(&answer), "InvalidPartNumber", "finish: {}", answer);
+                    continue;
+                }
                 if let Some(tag) = &entry.tag {
                     prop_assert_eq!(status, 200, "finish again: {}", answer);
                     prop_assert_eq!(answer["tag"].as_str(), Some(tag.as_str()), "finish again");

@@ -820,6 +820,9 @@ async fn collect<DB: Database>(
     let mut collected = Vec::new();
     let mut size = 0u64;
     while let Some(row) = rows.try_next().await.map_err(sql_error)? {
+        // Rows already buffered come without a wait: without this, a flood of them would hold
+        // the thread past the request's deadline, and the worker's heartbeat with it.
+        tokio::task::consume_budget().await;
         if columns.is_empty() {
             columns = row.columns().iter().map(|c| c.name().to_owned()).collect();
         }
@@ -874,28 +877,52 @@ async fn sqlite_rows<'e>(
     .await
 }
 
+// `fetch_many` is deprecated for running several statements at once, which the host never
+// does; it is the stream of results `rows_affected` needs.
+#[allow(deprecated)]
 async fn postgres_execute<'e>(
     executor: impl Executor<'e, Database = Postgres>,
     statement: &str,
     params: Vec<Value>,
 ) -> Answer<u64> {
-    Ok(postgres_query(statement, params)
-        .execute(executor)
-        .await
-        .map_err(sql_error)?
-        .rows_affected())
+    rows_affected::<Postgres>(
+        postgres_query(statement, params).fetch_many(executor),
+        sqlx::postgres::PgQueryResult::rows_affected,
+    )
+    .await
 }
 
+// `fetch_many` is deprecated for running several statements at once, which the host never
+// does; it is the stream of results `rows_affected` needs.
+#[allow(deprecated)]
 async fn sqlite_execute<'e>(
     executor: impl Executor<'e, Database = sqlx::Sqlite>,
     statement: &str,
     params: Vec<Value>,
 ) -> Answer<u64> {
-    Ok(sqlite_query(statement, params)
-        .execute(executor)
-        .await
-        .map_err(sql_error)?
-        .rows_affected())
+    rows_affected::<sqlx::Sqlite>(
+        sqlite_query(statement, params).fetch_many(executor),
+        sqlx::sqlite::SqliteQueryResult::rows_affected,
+    )
+    .await
+}
+
+/// The rows a statement changed, its result rows read and dropped one by one, yielding as
+/// `collect` does (sqlx's own `execute` reads them all in one go).
+async fn rows_affected<DB: Database>(
+    mut results: impl futures::Stream<
+        Item = Result<sqlx::Either<DB::QueryResult, DB::Row>, sqlx::Error>,
+    > + Unpin,
+    count: fn(&DB::QueryResult) -> u64,
+) -> Answer<u64> {
+    let mut affected = 0u64;
+    while let Some(result) = results.try_next().await.map_err(sql_error)? {
+        tokio::task::consume_budget().await;
+        if let sqlx::Either::Left(done) = result {
+            affected = affected.saturating_add(count(&done));
+        }
+    }
+    Ok(affected)
 }
 
 impl OpenTransaction {
@@ -931,9 +958,10 @@ impl GuestState {
         self.capabilities().sql()
     }
 
-    /// The most a result may hold: what the guest's memory could take.
+    /// The most a result may hold: what is left of the guest's memory, which must take it.
     fn result_limit(&self) -> u64 {
         self.memory_limit()
+            .saturating_sub(self.instance_memory() as u64)
     }
 }
 
