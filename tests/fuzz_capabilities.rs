@@ -463,9 +463,13 @@ async fn check_registry(
                     );
                     continue;
                 };
-                let numbers_valid = list
-                    .iter()
-                    .all(|(number, _, _)| (1..=MAX_PART_NUMBER).contains(number));
+                // Each number 1 to 10000, and each once.
+                let mut numbers: Vec<u32> = list.iter().map(|(number, _, _)| *number).collect();
+                numbers.sort_unstable();
+                let numbers_valid = numbers.windows(2).all(|pair| pair[0] != pair[1])
+                    && numbers
+                        .iter()
+                        .all(|number| (1..=MAX_PART_NUMBER).contains(number));
                 if !numbers_valid {
                     prop_assert_eq!(error_of(&answer), "InvalidPartNumber", "finish: {}", answer);
                     continue;

@@ -522,9 +522,11 @@ fn any_statement_leaves_the_neighbour_served(postgres: bool, cases: u32) {
     let apps = TwoApps::start(
         postgres,
         "",
+        // 2 s rather than 1: the master also takes a worker silent for --timeout as stuck, and
+        // on a loaded machine a worker can wait a second for a core.
         &[
             "--timeout",
-            "1",
+            "2",
             "--memory-limit",
             "16MiB",
             "--keep-alive",
