@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use blackbox::{AppHost, Backends, Services, fuzzing};
+use blackbox::{AppHost, Backends, Services, fuzzing, query_encode};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -272,19 +272,6 @@ fn parts_json(parts: &[(u32, u64, String)]) -> Value {
     )
 }
 
-/// A name in a query: every byte but the unreserved ones percent-encoded.
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|byte| {
-            if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
-                (byte as char).to_string()
-            } else {
-                format!("%{byte:02X}")
-            }
-        })
-        .collect()
-}
-
 static CASES: AtomicU64 = AtomicU64::new(0);
 
 /// The names the registry takes: 1 to 1024 bytes.
@@ -337,7 +324,7 @@ async fn check_registry(
                     method,
                     &format!(
                         "/registry/{route}?name={}&key_id={key}&part=1",
-                        encode(&names[n])
+                        query_encode(&names[n])
                     ),
                     "[]",
                 )
@@ -358,7 +345,10 @@ async fn check_registry(
                 let (status, answer) = probe
                     .call(
                         "POST",
-                        &format!("/registry/begin?name={}&key_id={key}", encode(&names[n])),
+                        &format!(
+                            "/registry/begin?name={}&key_id={key}",
+                            query_encode(&names[n])
+                        ),
                         "",
                     )
                     .await;
@@ -387,8 +377,8 @@ async fn check_registry(
                         "PUT",
                         &format!(
                             "/registry/add-bytes?name={}&part={number}&etag={}",
-                            encode(&names[n]),
-                            encode(&etag)
+                            query_encode(&names[n]),
+                            query_encode(&etag)
                         ),
                         data.clone(),
                     )
@@ -421,7 +411,7 @@ async fn check_registry(
                 let (status, answer) = probe
                     .call(
                         "GET",
-                        &format!("/registry/parts?name={}", encode(&names[n])),
+                        &format!("/registry/parts?name={}", query_encode(&names[n])),
                         "",
                     )
                     .await;
@@ -451,7 +441,7 @@ async fn check_registry(
                 let (status, answer) = probe
                     .call(
                         "POST",
-                        &format!("/registry/finish-list?name={}", encode(&names[n])),
+                        &format!("/registry/finish-list?name={}", query_encode(&names[n])),
                         parts_json(&list).to_string(),
                     )
                     .await;
@@ -514,7 +504,7 @@ async fn check_registry(
                 let (status, answer) = probe
                     .call(
                         "GET",
-                        &format!("/registry/tag?name={}", encode(&names[n])),
+                        &format!("/registry/tag?name={}", query_encode(&names[n])),
                         "",
                     )
                     .await;
@@ -533,7 +523,7 @@ async fn check_registry(
                 let (status, answer) = probe
                     .call(
                         "POST",
-                        &format!("/registry/discard?name={}", encode(&names[n])),
+                        &format!("/registry/discard?name={}", query_encode(&names[n])),
                         "",
                     )
                     .await;

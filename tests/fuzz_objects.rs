@@ -9,7 +9,7 @@
 //! `FUZZ_SECONDS=600 cargo test --release -p blackbox --test fuzz_objects -- local` runs the
 //! local store long (`tests/fuzz objects`).
 
-use blackbox::{AppHost, Backends, Services, fuzzing};
+use blackbox::{AppHost, Backends, Services, fuzzing, query_encode};
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -76,20 +76,6 @@ fn case() -> impl Strategy<Value = Case> {
         })
 }
 
-/// Every byte but the unreserved ones percent-encoded, so the guest's query decoding gives the
-/// key back exactly.
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|byte| {
-            if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
-                (byte as char).to_string()
-            } else {
-                format!("%{byte:02X}")
-            }
-        })
-        .collect()
-}
-
 /// The README's key rules, and on the local store the file-name length of a segment.
 fn key_is_valid(key: &str, backends: Backends) -> bool {
     let segments: Vec<&str> = key.split('/').collect();
@@ -121,7 +107,7 @@ fn error_of(answer: &Value) -> String {
 }
 
 async fn check(probe: &AppHost, backends: Backends, case: Case) -> Result<(), TestCaseError> {
-    let key = encode(&case.key);
+    let key = query_encode(&case.key);
     let size = case.content.len() as u64;
     let (status, answer) = probe
         .call(

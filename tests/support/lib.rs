@@ -1547,3 +1547,17 @@ pub fn database_addr() -> SocketAddr {
 pub fn database_url_via(addr: SocketAddr) -> String {
     database_url().replacen(&database_authority(), &addr.to_string(), 1)
 }
+
+/// Every byte but the unreserved ones percent-encoded, so that a guest's query decoding gives
+/// the text back exactly, whatever it holds.
+pub fn query_encode(text: &str) -> String {
+    text.bytes()
+        .map(|byte| {
+            if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+                (byte as char).to_string()
+            } else {
+                format!("%{byte:02X}")
+            }
+        })
+        .collect()
+}
