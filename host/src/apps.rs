@@ -15,10 +15,10 @@ use anyhow::{Context, Result, bail};
 use hyper::Uri;
 use serde::{Deserialize, Serialize};
 
-use crate::capabilities::objects::{S3Settings, Storage};
 use crate::config::ConfigFile;
 use crate::http::limits::RequestLimits;
 use crate::settings::Settings;
+use crate::storage::{S3Settings, Storage};
 
 /// Keys of an `[[app]]` entry that are host settings an app may override.
 pub const APP_SETTINGS: [&str; 18] = [
@@ -54,44 +54,49 @@ const APP_KEYS: [&str; 8] = [
     "secrets",
 ];
 
-/// The host capabilities an app can be granted, by their WIT interface names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Capability {
-    Crypto,
-    HmacRegistry,
-    Objects,
-    Sql,
-    Status,
+/// Declares the capabilities once: the enum, `ALL` and each one's name come from one list, so a
+/// capability added here is grantable at once, and the linker's exhaustive match in
+/// `capabilities::add_to_linker` fails to compile until it is linked.
+macro_rules! capabilities {
+    ($($variant:ident => $name:literal,)*) => {
+        /// The host capabilities an app can be granted, by their WIT interface names.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+        pub enum Capability {
+            $($variant,)*
+        }
+
+        impl Capability {
+            pub const ALL: &[Capability] = &[$(Capability::$variant,)*];
+
+            /// The name in the config file, which is the interface's name in `wit/`.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Capability::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+capabilities! {
+    Crypto => "crypto",
+    HmacRegistry => "hmac-registry",
+    Objects => "objects",
+    Sql => "sql",
+    Status => "status",
 }
 
 impl Capability {
-    pub const ALL: [Capability; 5] = [
-        Capability::Crypto,
-        Capability::HmacRegistry,
-        Capability::Objects,
-        Capability::Sql,
-        Capability::Status,
-    ];
-
-    /// The name in the config file, which is the interface's name in `wit/`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Capability::Crypto => "crypto",
-            Capability::HmacRegistry => "hmac-registry",
-            Capability::Objects => "objects",
-            Capability::Sql => "sql",
-            Capability::Status => "status",
-        }
-    }
-
     fn parse(text: &str) -> Result<Capability> {
         Capability::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .find(|capability| capability.name() == text)
             .with_context(|| {
+                let names: Vec<&str> = Capability::ALL.iter().map(|c| c.name()).collect();
                 format!(
                     "unknown capability `{text}`; the capabilities are: {}",
-                    Capability::ALL.map(Capability::name).join(", ")
+                    names.join(", ")
                 )
             })
     }
@@ -101,7 +106,8 @@ impl Capability {
         let interface = import.strip_prefix("host:capabilities/")?;
         let interface = interface.split('@').next()?;
         Capability::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .find(|capability| capability.name() == interface)
     }
 }
@@ -199,7 +205,7 @@ impl AppSettings {
             body_limit: settings.body_limit,
             env: settings.env.clone(),
             secrets: Vec::new(),
-            capabilities: Capability::ALL.into_iter().collect(),
+            capabilities: Capability::ALL.iter().copied().collect(),
             storage: settings.storage.clone(),
             s3: settings.s3.clone(),
             database_url: settings.database_url.clone(),
@@ -486,7 +492,7 @@ pub fn print(apps: &[AppSettings]) {
             println!("# secret {name} from {}", file.display());
         }
         if let Some(url) = &app.database_url {
-            println!("database_url = {:?}", crate::database::redacted(url));
+            println!("database_url = {:?}", crate::settings::redacted_url(url));
         }
         println!("storage = {:?}", app.storage.describe());
         println!("allow_outbound = {}", list(&app.outbound.allowed_hosts));
@@ -619,6 +625,21 @@ pub fn strip_prefix(uri: &Uri, prefix: &str) -> Option<Uri> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The capabilities are the interfaces the capabilities world imports, no more, no fewer.
+    #[test]
+    fn the_capabilities_are_the_imports_of_the_wit_world() {
+        let world = include_str!("../../wit/world.wit");
+        let mut imported: Vec<&str> = world
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("import "))
+            .map(|name| name.trim_end_matches(';'))
+            .collect();
+        let mut names: Vec<&str> = Capability::ALL.iter().map(|c| c.name()).collect();
+        imported.sort_unstable();
+        names.sort_unstable();
+        assert_eq!(names, imported);
+    }
 
     fn app(name: &str, hosts: &[&str], path: Option<&str>, default: bool) -> AppSettings {
         let mut app = AppSettings {

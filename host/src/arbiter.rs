@@ -270,16 +270,9 @@ pub fn prepare(settings: &Settings) -> Result<Baseline> {
     for app in &settings.apps {
         let component = compile_cache::load_component(&engine, &app.component, &settings.cache_dir)
             .with_context(|| format!("app `{}`", app.name))?;
-        let guest = crate::guest::Guest::new(
-            &engine,
-            &component,
-            settings,
-            app,
-            crate::capabilities::AppCapabilities::for_linking(settings, app)?,
-            crate::metrics::AppMetrics::detached(),
-        )
-        .with_context(|| format!("cannot load {}", app.component.display()))?;
-        guests.push(guest);
+        let linked = crate::guest::link(&engine, &component, app)
+            .with_context(|| format!("cannot load {}", app.component.display()))?;
+        guests.push(linked);
     }
     Ok(Baseline::measure())
 }

@@ -20,6 +20,23 @@ use crate::settings::ServeArgs;
 const DEFAULT_CONFIG_FILE: &str = "host.toml";
 /// Arguments that say what to do with the settings rather than being settings.
 const NOT_SETTINGS: [&str; 3] = ["config", "print_config", "check_config"];
+/// The events the config file's `[hooks]` may name: gunicorn's server hooks.
+pub const HOOK_EVENTS: [&str; 13] = [
+    "on_starting",
+    "on_reload",
+    "when_ready",
+    "pre_fork",
+    "post_fork",
+    "post_worker_init",
+    "worker_int",
+    "worker_abort",
+    "worker_exit",
+    "child_exit",
+    "nworkers_changed",
+    "on_exit",
+    "pre_request",
+];
+
 /// `HOST_` variables the host uses that are not settings.
 const OTHER_HOST_VARIABLES: [&str; 1] = ["HOST_CMD_ARGS"];
 
@@ -340,11 +357,11 @@ pub fn hook_commands(config: Option<&ConfigFile>) -> Result<BTreeMap<String, Str
         .context("`hooks` must be a table of event = \"command\"")?;
     let mut commands = BTreeMap::new();
     for (event, command) in hooks {
-        if !crate::hooks::EVENTS.contains(&event.as_str()) {
+        if !HOOK_EVENTS.contains(&event.as_str()) {
             bail!(
                 "unknown hook `{event}` in {}; the hooks are: {}",
                 path.display(),
-                crate::hooks::EVENTS.join(", ")
+                HOOK_EVENTS.join(", ")
             );
         }
         let command = command
@@ -362,7 +379,10 @@ pub fn print(layered: &Layered) {
         let line = match values.as_slice() {
             _ if name == "master_key" && !values.is_empty() => format!("{name} = \"<secret>\""),
             [url] if name == "database_url" => {
-                format!("{name} = {}", toml_value(&crate::database::redacted(url)))
+                format!(
+                    "{name} = {}",
+                    toml_value(&crate::settings::redacted_url(url))
+                )
             }
             [] => format!("# {name} unset"),
             [one] if !name.ends_with("bind") && name != "env" => {

@@ -55,27 +55,13 @@ impl Backend {
             }
             Some(url) => bail!(
                 "--database-url must be a postgres:// URL (without it, the host uses SQLite files under --data-dir), got {}",
-                redacted(url)
+                crate::settings::redacted_url(url)
             ),
         }
     }
 
     pub fn is_postgres(&self) -> bool {
         matches!(self.kind, BackendKind::Postgres(_))
-    }
-}
-
-/// A database URL fit for a log line: the password replaced.
-pub fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 

@@ -12,9 +12,8 @@ use anyhow::{Context, Result};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::Instrument;
-use wasmtime::component::{Linker, Resource, ResourceTable, ResourceTableError};
+use wasmtime::component::{Linker, ResourceTable, ResourceTableError};
 use wasmtime::{Engine, Store, UpdateDeadline};
-use wasmtime_wasi::p2::DynInputStream;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
@@ -22,9 +21,8 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::apps::AppSettings;
-use crate::capabilities::AppCapabilities;
-use crate::capabilities::crypto::Crypto;
-use crate::capabilities::streams::StreamCount;
+use crate::capabilities::streams::{MAX_CAPABILITY_STREAMS, StreamCount, TooManyStreams};
+use crate::capabilities::{AppCapabilities, CapabilityView, RequestBounds};
 use crate::guest_output::GuestOutput;
 use crate::http::cut;
 use crate::http::drain::DrainedIfDropped;
@@ -101,28 +99,6 @@ impl std::fmt::Display for GuestFailure {
 /// million would let one instance hold hundreds of MiB. Real guests hold tens.
 const MAX_HOST_RESOURCES: usize = 10_000;
 
-/// The streams made by the capabilities (object reads, encryption, MAC taps, verified reads) an
-/// instance may hold at once, wherever they are (in its table or inside another such stream).
-/// Each holds chunks in the host: up to 6 of 256 KiB for a stage that runs ahead of its reader
-/// (encryption, a tap), 1 for the others, and an open file for a local object read. Lenzeye
-/// holds 3 at most (a download: read, verification, decryption).
-pub const MAX_CAPABILITY_STREAMS: usize = 8;
-
-/// Raised when an instance asks for a capability stream beyond `MAX_CAPABILITY_STREAMS`.
-#[derive(Debug)]
-struct TooManyStreams;
-
-impl std::fmt::Display for TooManyStreams {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the instance already holds {MAX_CAPABILITY_STREAMS} capability streams"
-        )
-    }
-}
-
-impl std::error::Error for TooManyStreams {}
-
 /// An instance counted as running, by the epoch ticker and in the app's metrics, until dropped:
 /// also when its task panics or is dropped.
 struct InstanceRunning {
@@ -158,7 +134,37 @@ impl std::fmt::Display for DeadlineExceeded {
 
 impl std::error::Error for DeadlineExceeded {}
 
+/// `component` linked to WASI, `wasi:http` and the capabilities `app` is granted, ready to
+/// instantiate: all `host prepare` needs to check that the host can serve it.
+pub fn link(
+    engine: &Engine,
+    component: &wasmtime::component::Component,
+    app: &AppSettings,
+) -> Result<ProxyPre<GuestState>> {
+    crate::capabilities::check_grants(engine, component, app)?;
+    let mut linker = Linker::<GuestState>::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        .map_err(anyhow::Error::from)
+        .context("cannot link wasi")?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+        .map_err(anyhow::Error::from)
+        .context("cannot link wasi:http")?;
+    crate::capabilities::add_to_linker(
+        &mut linker,
+        &app.capabilities,
+        GuestState::capability_view,
+    )?;
+    let pre = linker
+        .instantiate_pre(component)
+        .map_err(anyhow::Error::from)
+        .context("the component needs imports this host does not provide")?;
+    ProxyPre::new(pre)
+        .map_err(anyhow::Error::from)
+        .context("the component does not export wasi:http/incoming-handler (is it built for the wasi:http/proxy world?)")
+}
+
 impl Guest {
+    /// The component linked and attached to the app's capabilities.
     pub fn new(
         engine: &Engine,
         component: &wasmtime::component::Component,
@@ -167,22 +173,7 @@ impl Guest {
         capabilities: Arc<AppCapabilities>,
         metrics: AppMetrics,
     ) -> Result<Guest> {
-        crate::capabilities::check_grants(engine, component, app)?;
-        let mut linker = Linker::<GuestState>::new(engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-            .map_err(anyhow::Error::from)
-            .context("cannot link wasi")?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
-            .map_err(anyhow::Error::from)
-            .context("cannot link wasi:http")?;
-        crate::capabilities::add_to_linker(&mut linker, &app.capabilities)?;
-        let pre = linker
-            .instantiate_pre(component)
-            .map_err(anyhow::Error::from)
-            .context("the component needs imports this host does not provide")?;
-        let pre = ProxyPre::new(pre)
-            .map_err(anyhow::Error::from)
-            .context("the component does not export wasi:http/incoming-handler (is it built for the wasi:http/proxy world?)")?;
+        let pre = link(engine, component, app)?;
         metrics.set_memory_cap(app.memory_limit.saturating_mul(app.concurrency as u64));
         Ok(Guest {
             engine: engine.clone(),
@@ -377,46 +368,19 @@ pub struct GuestState {
 }
 
 impl GuestState {
-    pub fn crypto(&self) -> &Arc<Crypto> {
-        &self.capabilities.crypto
-    }
-
-    pub fn capabilities(&self) -> &AppCapabilities {
-        &self.capabilities
-    }
-
-    pub fn table(&mut self) -> &mut ResourceTable {
-        &mut self.table
-    }
-
-    /// Gives the guest a stream a capability made, counted against `MAX_CAPABILITY_STREAMS`;
-    /// past that the instance is stopped (a 500 that says why), as for a full resource table.
-    pub fn push_stream(
-        &mut self,
-        stream: DynInputStream,
-    ) -> wasmtime::Result<Resource<DynInputStream>> {
-        let counted = self
-            .streams
-            .count(stream, MAX_CAPABILITY_STREAMS)
-            .ok_or_else(|| wasmtime::Error::new(TooManyStreams))?;
-        Ok(self.table.push(counted)?)
-    }
-
-    pub fn instance_memory(&self) -> usize {
-        self.limiter.in_use()
-    }
-
-    pub fn memory_limit(&self) -> u64 {
-        self.memory_limit
-    }
-
-    pub fn memory_budget(&self) -> Option<u64> {
-        self.memory_budget
-    }
-
-    /// When the request must be done (`--timeout` after it started), if it has a deadline.
-    pub fn deadline(&self) -> Option<Instant> {
-        self.hooks.deadline
+    /// What a capability call of this instance sees (`capabilities::add_to_linker`).
+    fn capability_view(&mut self) -> CapabilityView<'_> {
+        CapabilityView {
+            app: &self.capabilities,
+            table: &mut self.table,
+            streams: &mut self.streams,
+            request: RequestBounds {
+                deadline: self.hooks.deadline,
+                memory_limit: self.memory_limit,
+                instance_memory: self.limiter.in_use(),
+                memory_budget: self.memory_budget,
+            },
+        }
     }
 }
 

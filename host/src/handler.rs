@@ -21,8 +21,8 @@ use crate::http::answers::{self, ResponseBody};
 use crate::http::drain::DrainedIfDropped;
 use crate::http::forwarded::TrustedPeers;
 use crate::http::limits::RequestLimits;
+use crate::max_requests::{MaxRequests, random_u64};
 use crate::metrics::AppMetrics;
-use crate::worker::Recycle;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The path prefix an app is mounted at, which the host took off the path it sees.
@@ -44,7 +44,7 @@ pub struct RequestHandler {
     pub router: Router,
     pub trusted_peers: TrustedPeers,
     pub access_log: Option<Arc<AccessLog>>,
-    pub recycle: Option<Arc<Recycle>>,
+    pub recycle: Option<Arc<MaxRequests>>,
 }
 
 /// The two ends of a connection, as requests on it need them.
@@ -233,10 +233,7 @@ fn random_id() -> String {
     })
 }
 
+/// xorshift's state must not be 0.
 fn seed() -> u64 {
-    use std::hash::BuildHasher;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    std::collections::hash_map::RandomState::new().hash_one((nanos, std::process::id())) | 1
+    random_u64() | 1
 }

@@ -6,22 +6,6 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-pub const EVENTS: [&str; 13] = [
-    "on_starting",
-    "on_reload",
-    "when_ready",
-    "pre_fork",
-    "post_fork",
-    "post_worker_init",
-    "worker_int",
-    "worker_abort",
-    "worker_exit",
-    "child_exit",
-    "nworkers_changed",
-    "on_exit",
-    "pre_request",
-];
-
 static COMMANDS: OnceLock<BTreeMap<String, String>> = OnceLock::new();
 
 /// Sets the commands hooks run; once per process.

@@ -18,14 +18,19 @@ mod handoff;
 mod heartbeat;
 mod hooks;
 mod http;
+#[cfg(test)]
+mod layers;
 mod limits;
 mod logging;
+mod max_requests;
 mod metrics;
 mod outbound;
 mod private_fs;
+mod proc_memory;
 mod run_dir;
 mod server;
 mod settings;
+mod storage;
 mod worker;
 
 use std::ffi::OsString;

@@ -438,7 +438,7 @@ pub async fn serve_metrics(
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                crate::server::accept_failed(e).await;
+                crate::http::accept_failed(e).await;
                 continue;
             }
         };

@@ -18,6 +18,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::handler::{Peer, RequestHandler};
+use crate::http::accept_failed;
 use crate::http::limits::RequestLimits;
 use crate::http::write_stall::WriteStallTimeout;
 use crate::settings::BindAddress;
@@ -404,10 +405,4 @@ fn log_connection_end(result: Result<(), hyper::Error>) {
     if let Err(error) = result {
         tracing::debug!("connection ended: {error}");
     }
-}
-
-/// Out of file descriptors or a similar passing condition: wait a little rather than spin.
-pub(crate) async fn accept_failed(error: std::io::Error) {
-    tracing::warn!("accept failed: {error}");
-    tokio::time::sleep(Duration::from_millis(100)).await;
 }

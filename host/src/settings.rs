@@ -11,9 +11,9 @@ use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-use crate::capabilities::objects::{S3Settings, Storage};
 use crate::http::forwarded::TrustedPeers;
 use crate::http::limits::RequestLimits;
+use crate::storage::{S3Settings, Storage};
 
 /// gunicorn's default access log format.
 pub const DEFAULT_ACCESS_LOG_FORMAT: &str =
@@ -535,8 +535,12 @@ impl Settings {
     }
 }
 
-/// `--spill-limit` is counted in MiB by a System V semaphore, which counts to 32767.
-const MAX_SPILL_MIB: u32 = crate::capabilities::slots::MAX_UNITS;
+/// The most a System V semaphore counts (`SEMVMX`): the host-wide slots and the MiB of
+/// `--spill-limit` are counted by them.
+pub const MAX_SEMAPHORE_UNITS: u32 = 32767;
+
+/// `--spill-limit` is counted in MiB by a System V semaphore.
+const MAX_SPILL_MIB: u32 = MAX_SEMAPHORE_UNITS;
 
 fn seconds_or_off(seconds: f64) -> Option<Duration> {
     (seconds > 0.0).then(|| Duration::from_secs_f64(seconds))
@@ -673,6 +677,20 @@ pub fn human_size(bytes: u64) -> String {
         }
     }
     format!("{bytes} bytes")
+}
+
+/// A database URL fit for a log line: the password replaced.
+pub fn redacted_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
 }
 
 #[cfg(test)]

@@ -2,12 +2,10 @@
 //! passed down, stamping its heartbeat, until a signal or `--max-requests` says stop.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::Notify;
 
 use crate::access_log::AccessLog;
 use crate::admission::Admission;
@@ -20,6 +18,7 @@ use crate::heartbeat::Heartbeat;
 use crate::hooks;
 use crate::http::limits::RequestLimits;
 use crate::logging::LogFile;
+use crate::max_requests::MaxRequests;
 use crate::metrics::{AppMetrics, WorkerMetrics};
 use crate::server::{self, ConnectionSettings, Listener, Shutdown};
 use crate::settings::Settings;
@@ -35,39 +34,6 @@ pub enum StartError {
 /// gunicorn's exit codes for a worker that cannot boot and an app that cannot load.
 pub const EXIT_BOOT_ERROR: u8 = 3;
 pub const EXIT_APP_LOAD_ERROR: u8 = 4;
-
-/// Counts requests towards `--max-requests` and says when the worker has served its share.
-pub struct Recycle {
-    served: AtomicU64,
-    limit: u64,
-    reached: Notify,
-}
-
-impl Recycle {
-    /// gunicorn's formula: `max_requests + randint(0, jitter)`, both ends inclusive.
-    fn new(max_requests: u64, jitter: u64) -> Option<Recycle> {
-        if max_requests == 0 {
-            return None;
-        }
-        let extra = if jitter == 0 {
-            0
-        } else {
-            random_u64() % (jitter + 1)
-        };
-        Some(Recycle {
-            served: AtomicU64::new(0),
-            limit: max_requests + extra,
-            reached: Notify::new(),
-        })
-    }
-
-    pub fn count_request(&self) {
-        if self.served.fetch_add(1, Ordering::AcqRel) + 1 == self.limit {
-            tracing::info!("Autorestarting worker after current request.");
-            self.reached.notify_one();
-        }
-    }
-}
 
 pub fn run(
     settings: &Settings,
@@ -141,7 +107,8 @@ pub fn run(
         ))),
         None => None,
     };
-    let recycle = Recycle::new(settings.max_requests, settings.max_requests_jitter).map(Arc::new);
+    let recycle =
+        MaxRequests::new(settings.max_requests, settings.max_requests_jitter).map(Arc::new);
     runtime
         .block_on(async {
             engine::start_epoch_ticker(&engine)?;
@@ -198,7 +165,7 @@ fn keep_beating(heartbeat: Arc<Heartbeat>, timeout: Option<Duration>) {
 /// before the worker serves, so no early signal finds the default disposition.
 fn stop_signal(
     settings: &Settings,
-    recycle: Option<Arc<Recycle>>,
+    recycle: Option<Arc<MaxRequests>>,
     heartbeat: Arc<Heartbeat>,
 ) -> Result<impl Future<Output = Shutdown> + use<>> {
     let grace = settings.graceful_timeout;
@@ -209,7 +176,7 @@ fn stop_signal(
     Ok(async move {
         let recycled = async {
             match &recycle {
-                Some(recycle) => recycle.reached.notified().await,
+                Some(recycle) => recycle.reached().await,
                 None => std::future::pending().await,
             }
         };
@@ -251,9 +218,4 @@ fn reopen_logs_on_usr1(error_log: LogFile, access_log: Option<Arc<AccessLog>>) -
         }
     });
     Ok(())
-}
-
-pub fn random_u64() -> u64 {
-    use std::hash::BuildHasher;
-    std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now())
 }

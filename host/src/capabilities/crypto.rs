@@ -22,10 +22,10 @@ use bytes::{Bytes, BytesMut};
 use wasmtime::component::Resource;
 use wasmtime_wasi::p2::DynInputStream;
 
+use crate::capabilities::CapabilityView;
 use crate::capabilities::host::capabilities::crypto::{CryptoError, Host};
 use crate::capabilities::slots::{self, Bound, HostWideSlots};
 use crate::capabilities::streams::{self, Ahead, Change, Next, Produced};
-use crate::guest::GuestState;
 
 const KEY_LENGTH: usize = 32;
 const NONCE_LENGTH: usize = 12;
@@ -282,10 +282,11 @@ fn apply_logged(app: &str, keystream: &Keystream, offset: u64, data: &mut [u8]) 
     Ok(())
 }
 
-impl Host for GuestState {
+impl Host for CapabilityView<'_> {
     async fn generate_key(&mut self) -> wasmtime::Result<String> {
         // Without randomness the host cannot make keys at all: a trap, not an app error.
-        self.crypto()
+        self.app
+            .crypto
             .generate_key()
             .map_err(wasmtime::Error::from_anyhow)
     }
@@ -297,7 +298,8 @@ impl Host for GuestState {
         offset: u64,
         data: Vec<u8>,
     ) -> wasmtime::Result<Result<Vec<u8>, CryptoError>> {
-        self.crypto()
+        self.app
+            .crypto
             .apply(&key_id, &iv, offset, data)
             .await
             .map_err(wasmtime::Error::from_anyhow)
@@ -310,7 +312,8 @@ impl Host for GuestState {
         offset: u64,
         data: Vec<u8>,
     ) -> wasmtime::Result<Result<Vec<u8>, CryptoError>> {
-        self.crypto()
+        self.app
+            .crypto
             .apply(&key_id, &iv, offset, data)
             .await
             .map_err(wasmtime::Error::from_anyhow)
@@ -337,7 +340,7 @@ impl Host for GuestState {
     }
 }
 
-impl GuestState {
+impl CapabilityView<'_> {
     fn crypto_stream(
         &mut self,
         key_id: &str,
@@ -345,9 +348,10 @@ impl GuestState {
         offset: u64,
         source: Resource<DynInputStream>,
     ) -> wasmtime::Result<Result<Resource<DynInputStream>, CryptoError>> {
-        let source = self.table().delete(source)?;
+        let source = self.table.delete(source)?;
         match self
-            .crypto()
+            .app
+            .crypto
             .stream(key_id, iv, offset, source)
             .map_err(wasmtime::Error::from_anyhow)?
         {

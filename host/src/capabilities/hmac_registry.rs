@@ -15,6 +15,7 @@ use sqlx::Row;
 use wasmtime::component::Resource;
 use wasmtime_wasi::p2::DynInputStream;
 
+use crate::capabilities::CapabilityView;
 use crate::capabilities::crypto::Crypto;
 use crate::capabilities::host::capabilities::hmac_registry::{
     Host, HostPartMac, Part, RegistryError,
@@ -23,7 +24,6 @@ use crate::capabilities::objects::MAX_PART_NUMBER;
 use crate::capabilities::part_buffer::{PartBuffers, PartReader};
 use crate::capabilities::streams::{self, Ahead, Change, Next, Produce, Produced};
 use crate::database::{self, HostDatabase};
-use crate::guest::GuestState;
 
 const TAG_CONTEXT: &[u8] = b"host-hmac-v1";
 /// Entry names are the app's own, not object keys, so their bound is the registry's.
@@ -576,32 +576,26 @@ impl Produce for Verify {
     }
 }
 
-impl GuestState {
-    fn registry_or_trap(&self) -> wasmtime::Result<&Registry> {
-        self.capabilities().registry()
-    }
-}
-
-impl HostPartMac for GuestState {
+impl HostPartMac for CapabilityView<'_> {
     async fn number(&mut self, mac: Resource<PartMac>) -> wasmtime::Result<u32> {
-        Ok(self.table().get(&mac)?.number)
+        Ok(self.table.get(&mac)?.number)
     }
 
     async fn size(&mut self, mac: Resource<PartMac>) -> wasmtime::Result<u64> {
-        let state = self.table().get(&mac)?.state.clone();
+        let state = self.table.get(&mac)?.state.clone();
         let size = state.lock().map(|state| state.size).unwrap_or(0);
         Ok(size)
     }
 
     async fn drop(&mut self, mac: Resource<PartMac>) -> wasmtime::Result<()> {
-        self.table().delete(mac)?;
+        self.table.delete(mac)?;
         Ok(())
     }
 }
 
-impl Host for GuestState {
+impl Host for CapabilityView<'_> {
     async fn begin(&mut self, name: String, key_id: String) -> wasmtime::Result<Answer<()>> {
-        Ok(self.registry_or_trap()?.begin(&name, &key_id).await)
+        Ok(self.app.registry.begin(&name, &key_id).await)
     }
 
     async fn tap(
@@ -610,10 +604,10 @@ impl Host for GuestState {
         number: u32,
         source: Resource<DynInputStream>,
     ) -> wasmtime::Result<Answer<(Resource<DynInputStream>, Resource<PartMac>)>> {
-        let source = self.table().delete(source)?;
-        let tapped = self.registry_or_trap()?.tap(&name, number, source).await;
+        let source = self.table.delete(source)?;
+        let tapped = self.app.registry.tap(&name, number, source).await;
         Ok(match tapped {
-            Ok((stream, mac)) => Ok((self.push_stream(stream)?, self.table().push(mac)?)),
+            Ok((stream, mac)) => Ok((self.push_stream(stream)?, self.table.push(mac)?)),
             Err(error) => Err(error),
         })
     }
@@ -624,8 +618,8 @@ impl Host for GuestState {
         mac: Resource<PartMac>,
         etag: String,
     ) -> wasmtime::Result<Answer<Part>> {
-        let mac = self.table().delete(mac)?;
-        Ok(self.registry_or_trap()?.add_tapped(&name, mac, &etag).await)
+        let mac = self.table.delete(mac)?;
+        Ok(self.app.registry.add_tapped(&name, mac, &etag).await)
     }
 
     async fn add_part_bytes(
@@ -636,13 +630,14 @@ impl Host for GuestState {
         etag: String,
     ) -> wasmtime::Result<Answer<Part>> {
         Ok(self
-            .registry_or_trap()?
+            .app
+            .registry
             .add_bytes(&name, number, &data, &etag)
             .await)
     }
 
     async fn parts(&mut self, name: String) -> wasmtime::Result<Answer<Vec<Part>>> {
-        Ok(self.registry_or_trap()?.parts(&name).await)
+        Ok(self.app.registry.parts(&name).await)
     }
 
     async fn finish(
@@ -650,11 +645,11 @@ impl Host for GuestState {
         name: String,
         stored: Vec<Part>,
     ) -> wasmtime::Result<Answer<String>> {
-        Ok(self.registry_or_trap()?.finish(&name, &stored).await)
+        Ok(self.app.registry.finish(&name, &stored).await)
     }
 
     async fn tag(&mut self, name: String) -> wasmtime::Result<Answer<String>> {
-        Ok(self.registry_or_trap()?.tag(&name).await)
+        Ok(self.app.registry.tag(&name).await)
     }
 
     async fn verify_stream(
@@ -665,9 +660,10 @@ impl Host for GuestState {
         skip: u64,
         take: u64,
     ) -> wasmtime::Result<Answer<Resource<DynInputStream>>> {
-        let source = self.table().delete(source)?;
+        let source = self.table.delete(source)?;
         let verified = self
-            .registry_or_trap()?
+            .app
+            .registry
             .verify_stream(&name, first, source, skip, take)
             .await;
         Ok(match verified {
@@ -677,7 +673,7 @@ impl Host for GuestState {
     }
 
     async fn discard(&mut self, name: String) -> wasmtime::Result<Answer<()>> {
-        Ok(self.registry_or_trap()?.discard(&name).await)
+        Ok(self.app.registry.discard(&name).await)
     }
 }
 

@@ -15,12 +15,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use wasmtime::component::{HasSelf, Linker};
+use tokio::time::Instant;
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+use wasmtime_wasi::p2::DynInputStream;
 
 use crate::apps::{AppSettings, Capability};
 use crate::database::{Backend, BackendKind, HostDatabase};
-use crate::guest::GuestState;
 use crate::settings::Settings;
+use streams::{MAX_CAPABILITY_STREAMS, StreamCount, TooManyStreams};
 
 wasmtime::component::bindgen!({
     path: "../wit",
@@ -33,26 +35,69 @@ wasmtime::component::bindgen!({
     },
 });
 
-/// Links the capability interfaces `granted` (the `wasi:io` they use is linked with WASI). A
-/// capability not granted is not linked at all: a component importing it cannot be
-/// instantiated, which `check_grants` reports by name before linking is tried.
-pub fn add_to_linker(
-    linker: &mut Linker<GuestState>,
+/// What a capability call sees of the instance that makes it: the app's capabilities, the
+/// instance's resource table and capability streams, and the request's bounds. The guest store
+/// hands one out per call (`add_to_linker`'s `view`), so the capabilities know nothing of it.
+pub struct CapabilityView<'a> {
+    pub app: &'a AppCapabilities,
+    pub table: &'a mut ResourceTable,
+    pub streams: &'a mut StreamCount,
+    pub request: RequestBounds,
+}
+
+/// The bounds of the request an instance serves, as a capability call sees them.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestBounds {
+    /// When the request must be done (`--timeout` after it started), if it has a deadline.
+    pub deadline: Option<Instant>,
+    /// The instance's `--memory-limit`.
+    pub memory_limit: u64,
+    /// The instance's linear memory in use when the call was made.
+    pub instance_memory: usize,
+    pub memory_budget: Option<u64>,
+}
+
+impl CapabilityView<'_> {
+    /// Gives the guest a stream a capability made, counted against `MAX_CAPABILITY_STREAMS`;
+    /// past that the instance is stopped (a 500 that says why), as for a full resource table.
+    pub fn push_stream(
+        &mut self,
+        stream: DynInputStream,
+    ) -> wasmtime::Result<Resource<DynInputStream>> {
+        let counted = self
+            .streams
+            .count(stream, MAX_CAPABILITY_STREAMS)
+            .ok_or_else(|| wasmtime::Error::new(TooManyStreams))?;
+        Ok(self.table.push(counted)?)
+    }
+}
+
+/// `CapabilityView` as the data the bindings' `add_to_linker` functions hand to the traits.
+struct CapabilityData;
+
+impl HasData for CapabilityData {
+    type Data<'a> = CapabilityView<'a>;
+}
+
+/// Links the capability interfaces `granted` (the `wasi:io` they use is linked with WASI); each
+/// call gets the `view` of the calling instance's state. A capability not granted is not
+/// linked at all: a component importing it cannot be instantiated, which `check_grants`
+/// reports by name before linking is tried.
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
     granted: &std::collections::BTreeSet<Capability>,
+    view: fn(&mut T) -> CapabilityView<'_>,
 ) -> Result<()> {
     use host::capabilities::{crypto, hmac_registry, objects, sql, status};
-    fn get(state: &mut GuestState) -> &mut GuestState {
-        state
-    }
     for capability in granted {
         match capability {
-            Capability::Status => status::add_to_linker::<_, HasSelf<GuestState>>(linker, get),
-            Capability::Crypto => crypto::add_to_linker::<_, HasSelf<GuestState>>(linker, get),
+            Capability::Status => status::add_to_linker::<_, CapabilityData>(linker, view),
+            Capability::Crypto => crypto::add_to_linker::<_, CapabilityData>(linker, view),
             Capability::HmacRegistry => {
-                hmac_registry::add_to_linker::<_, HasSelf<GuestState>>(linker, get)
+                hmac_registry::add_to_linker::<_, CapabilityData>(linker, view)
             }
-            Capability::Objects => objects::add_to_linker::<_, HasSelf<GuestState>>(linker, get),
-            Capability::Sql => sql::add_to_linker::<_, HasSelf<GuestState>>(linker, get),
+            Capability::Objects => objects::add_to_linker::<_, CapabilityData>(linker, view),
+            Capability::Sql => sql::add_to_linker::<_, CapabilityData>(linker, view),
         }
         .map_err(anyhow::Error::from)
         .with_context(|| format!("cannot link the {} capability", capability.name()))?;
@@ -139,9 +184,9 @@ impl HostDatabases {
 /// The capabilities of one app, shared by its instances in a worker.
 pub struct AppCapabilities {
     pub crypto: Arc<crypto::Crypto>,
-    registry: Option<hmac_registry::Registry>,
-    objects: Option<objects::ObjectStore>,
-    sql: Option<sql::AppDatabase>,
+    pub registry: hmac_registry::Registry,
+    pub objects: objects::ObjectStore,
+    pub sql: sql::AppDatabase,
 }
 
 impl AppCapabilities {
@@ -193,38 +238,10 @@ impl AppCapabilities {
         )?;
         Ok(Arc::new(AppCapabilities {
             crypto,
-            registry: Some(registry),
-            objects: Some(objects),
-            sql: Some(sql),
+            registry,
+            objects,
+            sql,
         }))
-    }
-
-    /// Only what linking needs (the compile step instantiates nothing).
-    pub fn for_linking(settings: &Settings, app: &AppSettings) -> Result<Arc<AppCapabilities>> {
-        Ok(Arc::new(AppCapabilities {
-            crypto: crypto::for_app(settings, &app.name)?.0,
-            registry: None,
-            objects: None,
-            sql: None,
-        }))
-    }
-
-    pub fn registry(&self) -> wasmtime::Result<&hmac_registry::Registry> {
-        self.registry
-            .as_ref()
-            .ok_or_else(|| wasmtime::format_err!("the HMAC registry is not available here"))
-    }
-
-    pub fn objects(&self) -> wasmtime::Result<&objects::ObjectStore> {
-        self.objects
-            .as_ref()
-            .ok_or_else(|| wasmtime::format_err!("the object store is not available here"))
-    }
-
-    pub fn sql(&self) -> wasmtime::Result<&sql::AppDatabase> {
-        self.sql
-            .as_ref()
-            .ok_or_else(|| wasmtime::format_err!("SQL is not available here"))
     }
 }
 

@@ -21,8 +21,8 @@ pub enum Bound {
 
 const BOUNDS: [Bound; 3] = [Bound::Encryption, Bound::Buffers, Bound::SpilledMib];
 
-/// The most a System V semaphore counts (`SEMVMX`), and so the most MiB `--spill-limit` counts.
-pub const MAX_UNITS: u32 = 32767;
+/// The most a System V semaphore counts, and so the most MiB `--spill-limit` counts.
+pub const MAX_UNITS: u32 = crate::settings::MAX_SEMAPHORE_UNITS;
 
 /// The semaphore set, by its System V id.
 #[derive(Debug, Clone, Copy)]

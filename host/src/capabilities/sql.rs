@@ -35,11 +35,11 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 use wasmtime::component::Resource;
 
+use crate::capabilities::CapabilityView;
 use crate::capabilities::host::capabilities::sql::{
     DatabaseError as GuestDatabaseError, Host, HostTransaction, Rows, SqlError, Value,
 };
 use crate::database::{self, Backend, BackendKind, HostDatabase};
-use crate::guest::GuestState;
 
 type Answer<T> = Result<T, SqlError>;
 
@@ -276,7 +276,10 @@ impl AppDatabase {
             }
             BackendKind::Postgres(url) => {
                 let options: PgConnectOptions = url.parse().with_context(|| {
-                    format!("invalid --database-url {}", database::redacted(url))
+                    format!(
+                        "invalid --database-url {}",
+                        crate::settings::redacted_url(url)
+                    )
                 })?;
                 let database = options
                     .get_database()
@@ -953,28 +956,26 @@ where
     Ok(())
 }
 
-impl GuestState {
-    fn database(&self) -> wasmtime::Result<&AppDatabase> {
-        self.capabilities().sql()
-    }
-
+impl CapabilityView<'_> {
     /// The most a result may hold: what is left of the guest's memory, which must take it.
     fn result_limit(&self) -> u64 {
-        self.memory_limit()
-            .saturating_sub(self.instance_memory() as u64)
+        self.request
+            .memory_limit
+            .saturating_sub(self.request.instance_memory as u64)
     }
 }
 
-impl Host for GuestState {
+impl Host for CapabilityView<'_> {
     async fn query(
         &mut self,
         statement: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Answer<Rows>> {
         let limit = self.result_limit();
-        let deadline = self.deadline();
+        let deadline = self.request.deadline;
         Ok(self
-            .database()?
+            .app
+            .sql
             .query(&statement, params, limit, deadline)
             .await)
     }
@@ -984,20 +985,20 @@ impl Host for GuestState {
         statement: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Answer<u64>> {
-        let deadline = self.deadline();
-        Ok(self.database()?.execute(&statement, params, deadline).await)
+        let deadline = self.request.deadline;
+        Ok(self.app.sql.execute(&statement, params, deadline).await)
     }
 
     async fn begin(&mut self) -> wasmtime::Result<Answer<Resource<OpenTransaction>>> {
-        let deadline = self.deadline();
-        Ok(match self.database()?.begin(deadline).await {
-            Ok(transaction) => Ok(self.table().push(transaction)?),
+        let deadline = self.request.deadline;
+        Ok(match self.app.sql.begin(deadline).await {
+            Ok(transaction) => Ok(self.table.push(transaction)?),
             Err(error) => Err(error),
         })
     }
 }
 
-impl HostTransaction for GuestState {
+impl HostTransaction for CapabilityView<'_> {
     async fn query(
         &mut self,
         transaction: Resource<OpenTransaction>,
@@ -1005,7 +1006,7 @@ impl HostTransaction for GuestState {
         params: Vec<Value>,
     ) -> wasmtime::Result<Answer<Rows>> {
         let limit = self.result_limit();
-        Ok(match self.table().get_mut(&transaction)? {
+        Ok(match self.table.get_mut(&transaction)? {
             OpenTransaction::Sqlite(Some(lent)) => {
                 let rows = sqlite_rows(lent.start(), &statement, params, limit).await;
                 lent.finished();
@@ -1026,7 +1027,7 @@ impl HostTransaction for GuestState {
         statement: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Answer<u64>> {
-        Ok(match self.table().get_mut(&transaction)? {
+        Ok(match self.table.get_mut(&transaction)? {
             OpenTransaction::Sqlite(Some(lent)) => {
                 let done = sqlite_execute(lent.start(), &statement, params).await;
                 lent.finished();
@@ -1045,19 +1046,19 @@ impl HostTransaction for GuestState {
         &mut self,
         transaction: Resource<OpenTransaction>,
     ) -> wasmtime::Result<Answer<()>> {
-        Ok(self.table().get_mut(&transaction)?.end(true).await)
+        Ok(self.table.get_mut(&transaction)?.end(true).await)
     }
 
     async fn rollback(
         &mut self,
         transaction: Resource<OpenTransaction>,
     ) -> wasmtime::Result<Answer<()>> {
-        Ok(self.table().get_mut(&transaction)?.end(false).await)
+        Ok(self.table.get_mut(&transaction)?.end(false).await)
     }
 
     async fn drop(&mut self, transaction: Resource<OpenTransaction>) -> wasmtime::Result<()> {
         // A transaction still open is closed with its connection, which rolls it back.
-        self.table().delete(transaction)?;
+        self.table.delete(transaction)?;
         Ok(())
     }
 }

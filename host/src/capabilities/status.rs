@@ -3,19 +3,22 @@
 
 use std::sync::OnceLock;
 
-use crate::budget;
+use crate::capabilities::CapabilityView;
 use crate::capabilities::host::capabilities::status::{Host, MemoryFigures};
-use crate::guest::GuestState;
+use crate::proc_memory;
 
-impl Host for GuestState {
+impl Host for CapabilityView<'_> {
     async fn memory(&mut self) -> wasmtime::Result<MemoryFigures> {
         Ok(MemoryFigures {
-            host_resident: budget::host_resident_bytes(),
-            host_budget: self.memory_budget(),
-            host_limit: self.memory_budget().unwrap_or_else(machine_memory_limit),
-            worker_resident: budget::resident_bytes(),
-            instance_used: self.instance_memory() as u64,
-            instance_limit: self.memory_limit(),
+            host_resident: proc_memory::host_resident_bytes(),
+            host_budget: self.request.memory_budget,
+            host_limit: self
+                .request
+                .memory_budget
+                .unwrap_or_else(machine_memory_limit),
+            worker_resident: proc_memory::resident_bytes(),
+            instance_used: self.request.instance_memory as u64,
+            instance_limit: self.request.memory_limit,
         })
     }
 }
@@ -24,5 +27,5 @@ impl Host for GuestState {
 /// taken as fixed for the life of the worker, so a status call does not pay for two file reads.
 fn machine_memory_limit() -> u64 {
     static LIMIT: OnceLock<u64> = OnceLock::new();
-    *LIMIT.get_or_init(budget::machine_memory_limit)
+    *LIMIT.get_or_init(proc_memory::machine_memory_limit)
 }

@@ -313,3 +313,25 @@ fn bulk_threads() -> &'static tokio::runtime::Handle {
     })
     .handle()
 }
+
+/// The streams made by the capabilities (object reads, encryption, MAC taps, verified reads) an
+/// instance may hold at once, wherever they are (in its table or inside another such stream).
+/// Each holds chunks in the host: up to 6 of 256 KiB for a stage that runs ahead of its reader
+/// (encryption, a tap), 1 for the others, and an open file for a local object read. Lenzeye
+/// holds 3 at most (a download: read, verification, decryption).
+pub const MAX_CAPABILITY_STREAMS: usize = 8;
+
+/// Raised when an instance asks for a capability stream beyond `MAX_CAPABILITY_STREAMS`.
+#[derive(Debug)]
+pub struct TooManyStreams;
+
+impl std::fmt::Display for TooManyStreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the instance already holds {MAX_CAPABILITY_STREAMS} capability streams"
+        )
+    }
+}
+
+impl std::error::Error for TooManyStreams {}

@@ -6,18 +6,16 @@
 mod local;
 mod s3;
 
-use std::path::PathBuf;
-
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use wasmtime::component::Resource;
 use wasmtime_wasi::p2::DynInputStream;
 
+use crate::capabilities::CapabilityView;
 use crate::capabilities::host::capabilities::objects::{Host, ObjectError, ObjectInfo, PartInfo};
 use crate::capabilities::part_buffer::PartBuffers;
-use crate::guest::GuestState;
 
 pub use local::LocalStore;
-pub use s3::{S3Location, S3Store};
+pub use s3::S3Store;
 
 pub const MAX_KEY_LENGTH: usize = 1024;
 pub const MAX_PART_NUMBER: u32 = 10_000;
@@ -29,67 +27,7 @@ pub const MAX_LISTED: usize = 1000;
 
 pub type Answer<T> = Result<T, ObjectError>;
 
-/// Where objects are kept, from `--storage`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Storage {
-    /// Under this directory (the default: `<data-dir>/apps`).
-    Local(Option<PathBuf>),
-    S3(S3Location),
-}
-
-impl Storage {
-    /// `local`, a directory path, or `s3://BUCKET[/PREFIX]`.
-    pub fn parse(text: &str) -> Result<Storage> {
-        let text = text.trim();
-        if text.is_empty() || text == "local" {
-            return Ok(Storage::Local(None));
-        }
-        if let Some(rest) = text.strip_prefix("s3://") {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                bail!(
-                    "--storage {text:?}: an S3 location needs a bucket, as in s3://my-bucket/some/prefix"
-                );
-            }
-            let prefix = prefix.trim_matches('/');
-            return Ok(Storage::S3(S3Location {
-                bucket: bucket.to_owned(),
-                prefix: if prefix.is_empty() {
-                    String::new()
-                } else {
-                    format!("{prefix}/")
-                },
-            }));
-        }
-        if text.contains("://") {
-            bail!("--storage {text:?}: expected `local`, a directory, or s3://BUCKET[/PREFIX]");
-        }
-        Ok(Storage::Local(Some(PathBuf::from(text))))
-    }
-
-    /// The location as `--storage` takes it.
-    pub fn describe(&self) -> String {
-        match self {
-            Storage::Local(None) => "local".to_owned(),
-            Storage::Local(Some(dir)) => dir.display().to_string(),
-            Storage::S3(location) => format!(
-                "s3://{}/{}",
-                location.bucket,
-                location.prefix.trim_end_matches('/')
-            )
-            .trim_end_matches('/')
-            .to_owned(),
-        }
-    }
-}
-
-/// Settings of the S3 client, as the seed configured boto3.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct S3Settings {
-    pub endpoint: Option<String>,
-    pub region: Option<String>,
-    pub path_style: bool,
-}
+pub use crate::storage::{S3Location, S3Settings, Storage};
 
 /// One app's object store.
 pub enum ObjectStore {
@@ -378,9 +316,9 @@ fn too_long(length: u64) -> ObjectError {
     ObjectError::LengthMismatch(format!("the stream holds more than {length} bytes"))
 }
 
-impl Host for GuestState {
+impl Host for CapabilityView<'_> {
     async fn create_multipart(&mut self, key: String) -> wasmtime::Result<Answer<String>> {
-        Ok(self.capabilities().objects()?.create_multipart(&key).await)
+        Ok(self.app.objects.create_multipart(&key).await)
     }
 
     async fn upload_part(
@@ -391,10 +329,10 @@ impl Host for GuestState {
         source: Resource<DynInputStream>,
         length: u64,
     ) -> wasmtime::Result<Answer<PartInfo>> {
-        let source = self.table().delete(source)?;
+        let source = self.table.delete(source)?;
         Ok(self
-            .capabilities()
-            .objects()?
+            .app
+            .objects
             .upload_part(&key, &upload_id, number, source, length)
             .await)
     }
@@ -409,8 +347,8 @@ impl Host for GuestState {
         let length = data.len() as u64;
         let source = crate::capabilities::streams::from_bytes(data.into());
         Ok(self
-            .capabilities()
-            .objects()?
+            .app
+            .objects
             .upload_part(&key, &upload_id, number, source, length)
             .await)
     }
@@ -420,11 +358,7 @@ impl Host for GuestState {
         key: String,
         upload_id: String,
     ) -> wasmtime::Result<Answer<Vec<PartInfo>>> {
-        Ok(self
-            .capabilities()
-            .objects()?
-            .list_parts(&key, &upload_id)
-            .await)
+        Ok(self.app.objects.list_parts(&key, &upload_id).await)
     }
 
     async fn complete_multipart(
@@ -434,8 +368,8 @@ impl Host for GuestState {
         parts: Vec<PartInfo>,
     ) -> wasmtime::Result<Answer<ObjectInfo>> {
         Ok(self
-            .capabilities()
-            .objects()?
+            .app
+            .objects
             .complete_multipart(&key, &upload_id, parts)
             .await)
     }
@@ -445,15 +379,11 @@ impl Host for GuestState {
         key: String,
         upload_id: String,
     ) -> wasmtime::Result<Answer<()>> {
-        Ok(self
-            .capabilities()
-            .objects()?
-            .abort_multipart(&key, &upload_id)
-            .await)
+        Ok(self.app.objects.abort_multipart(&key, &upload_id).await)
     }
 
     async fn put(&mut self, key: String, data: Vec<u8>) -> wasmtime::Result<Answer<ObjectInfo>> {
-        Ok(self.capabilities().objects()?.put(&key, data).await)
+        Ok(self.app.objects.put(&key, data).await)
     }
 
     async fn get(
@@ -462,11 +392,7 @@ impl Host for GuestState {
         start: u64,
         length: Option<u64>,
     ) -> wasmtime::Result<Answer<(ObjectInfo, Resource<DynInputStream>)>> {
-        let got = self
-            .capabilities()
-            .objects()?
-            .get(&key, start, length)
-            .await;
+        let got = self.app.objects.get(&key, start, length).await;
         Ok(match got {
             Ok((info, stream)) => Ok((info, self.push_stream(stream)?)),
             Err(error) => Err(error),
@@ -474,15 +400,15 @@ impl Host for GuestState {
     }
 
     async fn head(&mut self, key: String) -> wasmtime::Result<Answer<Option<ObjectInfo>>> {
-        Ok(self.capabilities().objects()?.head(&key).await)
+        Ok(self.app.objects.head(&key).await)
     }
 
     async fn delete(&mut self, key: String) -> wasmtime::Result<Answer<()>> {
-        Ok(self.capabilities().objects()?.delete(&key).await)
+        Ok(self.app.objects.delete(&key).await)
     }
 
     async fn list_objects(&mut self, prefix: String) -> wasmtime::Result<Answer<Vec<ObjectInfo>>> {
-        Ok(self.capabilities().objects()?.list(&prefix).await)
+        Ok(self.app.objects.list(&prefix).await)
     }
 }
 

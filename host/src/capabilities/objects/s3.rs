@@ -32,14 +32,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_REQUESTS_IN_FLIGHT: usize = 50;
 const DEFAULT_REGION: &str = "us-east-1";
 
-/// A bucket and the prefix under which the host keeps its apps' objects.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct S3Location {
-    pub bucket: String,
-    /// Empty, or ending with `/`.
-    pub prefix: String,
-}
-
 pub struct S3Store {
     client: Client,
     bucket: String,
