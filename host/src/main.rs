@@ -78,86 +78,96 @@ fn main() -> ExitCode {
     }
 }
 
+/// An error that ends a command with `code`, printed as gunicorn prints its own: `Error: …`.
+struct Exit {
+    error: anyhow::Error,
+    code: ExitCode,
+}
+
+trait OrExit<T> {
+    /// The error, to end the command with `code`.
+    fn or_exit(self, code: ExitCode) -> Result<T, Exit>;
+}
+
+impl<T> OrExit<T> for Result<T> {
+    fn or_exit(self, code: ExitCode) -> Result<T, Exit> {
+        self.map_err(|error| Exit { error, code })
+    }
+}
+
+/// Runs a command, printing the error it ends with, if any.
+fn exit_code(command: impl FnOnce() -> Result<ExitCode, Exit>) -> ExitCode {
+    command().unwrap_or_else(|exit| {
+        eprintln!("Error: {:#}", exit.error);
+        exit.code
+    })
+}
+
 fn serve() -> ExitCode {
-    let command_line: Vec<OsString> = std::env::args_os().skip(2).collect();
-    let layered = match config::load(&command_line) {
-        Ok(layered) => layered,
-        Err(error) => {
-            eprintln!("Error: {error:#}");
-            return ExitCode::FAILURE;
+    exit_code(|| {
+        let command_line: Vec<OsString> = std::env::args_os().skip(2).collect();
+        let layered = config::load(&command_line).or_exit(ExitCode::FAILURE)?;
+        if layered.args.print_config {
+            config::print(&layered);
+            let declares_apps = layered
+                .config
+                .as_ref()
+                .is_some_and(|config| config.document.contains_key("app"));
+            if declares_apps {
+                // The apps as they will run: the host's settings with each entry's overrides.
+                let settings = settings_from(layered).or_exit(ExitCode::FAILURE)?;
+                apps::print(&settings.apps);
+            }
+            return Ok(ExitCode::SUCCESS);
         }
-    };
-    if layered.args.print_config {
-        config::print(&layered);
-        let declares_apps = layered
-            .config
-            .as_ref()
-            .is_some_and(|config| config.document.contains_key("app"));
-        if declares_apps {
-            // The apps as they will run: the host's settings with each entry's overrides.
-            match settings_from(layered) {
-                Ok(settings) => apps::print(&settings.apps),
+        let check_only = layered.args.check_config;
+        let settings = settings_from(layered).or_exit(ExitCode::FAILURE)?;
+        for (key, value) in &settings.env {
+            // SAFETY: no other thread exists yet.
+            unsafe { std::env::set_var(key, value) };
+        }
+        let error_log = start_logging(&settings).or_exit(ExitCode::FAILURE)?;
+        hooks::install(settings.hooks.clone());
+        if check_only {
+            return check(&settings);
+        }
+        tracing::info!("Starting host {}", env!("CARGO_PKG_VERSION"));
+        Ok(
+            match arbiter::run(settings.clone(), error_log, reload_settings) {
+                Ok(code) => ExitCode::from(code),
                 Err(error) => {
-                    eprintln!("Error: {error:#}");
-                    return ExitCode::FAILURE;
+                    report(&settings, &error);
+                    match error.downcast_ref::<arbiter::Refusal>() {
+                        Some(arbiter::Refusal::Budget(_)) => ExitCode::FAILURE,
+                        Some(arbiter::Refusal::AppLoad(_)) => ExitCode::from(EXIT_APP_LOAD_ERROR),
+                        None => ExitCode::from(EXIT_BOOT_ERROR),
+                    }
                 }
+            },
+        )
+    })
+}
+
+/// `--check-config`: a budget that does not fit is a settings error (1); a component the host
+/// cannot load is gunicorn's app-load error (4).
+fn check(settings: &Settings) -> Result<ExitCode, Exit> {
+    match arbiter::check(settings) {
+        Ok(()) => {
+            for app in &settings.apps {
+                println!(
+                    "configuration OK: {} is a wasi:http component this host can serve (app `{}`)",
+                    app.component.display(),
+                    app.name
+                );
             }
+            Ok(ExitCode::SUCCESS)
         }
-        return ExitCode::SUCCESS;
-    }
-    let check_only = layered.args.check_config;
-    let settings = match settings_from(layered) {
-        Ok(settings) => settings,
         Err(error) => {
-            eprintln!("Error: {error:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    for (key, value) in &settings.env {
-        // SAFETY: no other thread exists yet.
-        unsafe { std::env::set_var(key, value) };
-    }
-    let Some(error_log) = start_logging(&settings) else {
-        return ExitCode::FAILURE;
-    };
-    hooks::install(settings.hooks.clone());
-    if check_only {
-        return match arbiter::check(&settings) {
-            Ok(()) => {
-                for app in &settings.apps {
-                    println!(
-                        "configuration OK: {} is a wasi:http component this host can serve (app `{}`)",
-                        app.component.display(),
-                        app.name
-                    );
-                }
-                ExitCode::SUCCESS
-            }
-            Err(error)
-                if matches!(
-                    error.downcast_ref::<arbiter::Refusal>(),
-                    Some(arbiter::Refusal::Budget(_))
-                ) =>
-            {
-                eprintln!("Error: {error:#}");
-                ExitCode::FAILURE
-            }
-            Err(error) => {
-                eprintln!("Error: {error:#}");
-                ExitCode::from(EXIT_APP_LOAD_ERROR)
-            }
-        };
-    }
-    tracing::info!("Starting host {}", env!("CARGO_PKG_VERSION"));
-    match arbiter::run(settings.clone(), error_log, reload_settings) {
-        Ok(code) => ExitCode::from(code),
-        Err(error) => {
-            report(&settings, &error);
-            match error.downcast_ref::<arbiter::Refusal>() {
+            let code = match error.downcast_ref::<arbiter::Refusal>() {
                 Some(arbiter::Refusal::Budget(_)) => ExitCode::FAILURE,
-                Some(arbiter::Refusal::AppLoad(_)) => ExitCode::from(EXIT_APP_LOAD_ERROR),
-                None => ExitCode::from(EXIT_BOOT_ERROR),
-            }
+                _ => ExitCode::from(EXIT_APP_LOAD_ERROR),
+            };
+            Err(Exit { error, code })
         }
     }
 }
@@ -202,16 +212,13 @@ fn reload_settings() -> Result<Settings> {
 }
 
 fn worker() -> ExitCode {
-    let settings = match handoff::read_inherited() {
-        Ok(settings) => settings,
-        Err(error) => {
-            eprintln!("Error: {error:#}");
-            return ExitCode::from(EXIT_BOOT_ERROR);
-        }
-    };
-    let Some(error_log) = start_logging(&settings) else {
-        return ExitCode::from(EXIT_BOOT_ERROR);
-    };
+    exit_code(run_worker)
+}
+
+fn run_worker() -> Result<ExitCode, Exit> {
+    let boot_error = || ExitCode::from(EXIT_BOOT_ERROR);
+    let settings = handoff::read_inherited().or_exit(boot_error())?;
+    let error_log = start_logging(&settings).or_exit(boot_error())?;
     // The worker's own events (post_worker_init, worker_int, worker_abort, worker_exit) run
     // their commands here.
     hooks::install(settings.hooks.clone());
@@ -234,22 +241,24 @@ fn worker() -> ExitCode {
         Ok(listeners) => listeners,
         Err(error) => {
             report(&settings, &error);
-            return ExitCode::from(EXIT_BOOT_ERROR);
+            return Ok(boot_error());
         }
     };
     // SAFETY: the master placed the heartbeat file right after the listeners.
     let heartbeat = heartbeat::Heartbeat::from_fd(unsafe { heartbeat::owned_fd(heartbeat_fd) });
-    match worker::run(&settings, error_log, listeners, heartbeat) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(StartError::App(error)) => {
-            report(&settings, &error);
-            ExitCode::from(EXIT_APP_LOAD_ERROR)
-        }
-        Err(StartError::Boot(error)) => {
-            report(&settings, &error);
-            ExitCode::from(EXIT_BOOT_ERROR)
-        }
-    }
+    Ok(
+        match worker::run(&settings, error_log, listeners, heartbeat) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(StartError::App(error)) => {
+                report(&settings, &error);
+                ExitCode::from(EXIT_APP_LOAD_ERROR)
+            }
+            Err(StartError::Boot(error)) => {
+                report(&settings, &error);
+                boot_error()
+            }
+        },
+    )
 }
 
 fn prepare() -> ExitCode {
@@ -260,7 +269,8 @@ fn prepare() -> ExitCode {
             return ExitCode::from(EXIT_APP_LOAD_ERROR);
         }
     };
-    if start_logging(&settings).is_none() {
+    if let Err(error) = start_logging(&settings) {
+        eprintln!("Error: {error:#}");
         return ExitCode::from(EXIT_BOOT_ERROR);
     }
     match arbiter::prepare(&settings) {
@@ -275,16 +285,9 @@ fn prepare() -> ExitCode {
     }
 }
 
-fn start_logging(settings: &Settings) -> Option<LogFile> {
-    match LogFile::open(&settings.error_logfile, false)
+fn start_logging(settings: &Settings) -> Result<LogFile> {
+    LogFile::open(&settings.error_logfile, false)
         .and_then(|log| logging::init(settings.log_level, log.clone()).map(|()| log))
-    {
-        Ok(log) => Some(log),
-        Err(error) => {
-            eprintln!("Error: {error:#}");
-            None
-        }
-    }
 }
 
 /// A fatal error goes to the error log, and to the terminal too when the log is a file.
