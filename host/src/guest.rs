@@ -26,7 +26,7 @@ use crate::capabilities::{AppCapabilities, CapabilityView, RequestBounds};
 use crate::guest_output::GuestOutput;
 use crate::http::cut;
 use crate::http::drain::DrainedIfDropped;
-use crate::limits::MemoryLimiter;
+use crate::memory_limiter::MemoryLimiter;
 use crate::metrics::AppMetrics;
 use crate::outbound::OutboundClient;
 use crate::settings::{Settings, human_size};

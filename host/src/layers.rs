@@ -26,7 +26,13 @@ const LAYERS: &[(&str, &[&str])] = &[
     // Components compiled, instantiated and run under their bounds.
     (
         "runtime",
-        &["engine", "compile_cache", "guest", "limits", "outbound"],
+        &[
+            "engine",
+            "compile_cache",
+            "guest",
+            "memory_limiter",
+            "outbound",
+        ],
     ),
     // Connections and requests.
     ("serving", &["server", "handler", "admission", "access_log"]),

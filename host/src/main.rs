@@ -20,9 +20,9 @@ mod hooks;
 mod http;
 #[cfg(test)]
 mod layers;
-mod limits;
 mod logging;
 mod max_requests;
+mod memory_limiter;
 mod metrics;
 mod outbound;
 mod private_fs;
