@@ -50,7 +50,7 @@ struct Tapped {
     digest: Option<[u8; 32]>,
 }
 
-type Answer<T> = Result<T, RegistryError>;
+type RegistryResult<T> = Result<T, RegistryError>;
 
 impl From<sqlx::Error> for RegistryError {
     fn from(error: sqlx::Error) -> RegistryError {
@@ -81,14 +81,14 @@ impl Registry {
         }
     }
 
-    fn check_name(name: &str) -> Answer<()> {
+    fn check_name(name: &str) -> RegistryResult<()> {
         if name.is_empty() || name.len() > MAX_NAME_LENGTH {
             return Err(RegistryError::InvalidName);
         }
         Ok(())
     }
 
-    fn mac_for(&self, key_id: &str) -> Answer<hmac::Key> {
+    fn mac_for(&self, key_id: &str) -> RegistryResult<hmac::Key> {
         let key = self
             .crypto
             .unwrap_key(key_id)
@@ -97,7 +97,7 @@ impl Registry {
     }
 
     /// The entry's key id and tag.
-    async fn entry(&self, name: &str) -> Answer<(String, Option<String>)> {
+    async fn entry(&self, name: &str) -> RegistryResult<(String, Option<String>)> {
         Self::check_name(name)?;
         let pool = self.database.pool().await?;
         self.entry_in(pool, name, false).await
@@ -110,7 +110,7 @@ impl Registry {
         executor: impl sqlx::Executor<'e, Database = sqlx::Any>,
         name: &str,
         lock: bool,
-    ) -> Answer<(String, Option<String>)> {
+    ) -> RegistryResult<(String, Option<String>)> {
         let lock_rows = if lock { self.database.lock_rows() } else { "" };
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT key_id, tag FROM hmac_entries WHERE app = $1 AND name = $2{lock_rows}"
@@ -123,7 +123,7 @@ impl Registry {
         Ok((row.try_get(0)?, row.try_get(1)?))
     }
 
-    async fn recorded(&self, name: &str) -> Answer<Vec<Recorded>> {
+    async fn recorded(&self, name: &str) -> RegistryResult<Vec<Recorded>> {
         let pool = self.database.pool().await?;
         self.recorded_in(pool, name).await
     }
@@ -133,7 +133,7 @@ impl Registry {
         &self,
         executor: impl sqlx::Executor<'e, Database = sqlx::Any>,
         name: &str,
-    ) -> Answer<Vec<Recorded>> {
+    ) -> RegistryResult<Vec<Recorded>> {
         let rows = sqlx::query(
             "SELECT number, size, mac, etag FROM hmac_parts WHERE app = $1 AND name = $2 ORDER BY number",
         )
@@ -144,7 +144,7 @@ impl Registry {
         rows.iter().map(recorded_from).collect()
     }
 
-    pub async fn begin(&self, name: &str, key_id: &str) -> Answer<()> {
+    pub async fn begin(&self, name: &str, key_id: &str) -> RegistryResult<()> {
         Self::check_name(name)?;
         self.mac_for(key_id)?;
         let pool = self.database.pool().await?;
@@ -168,7 +168,7 @@ impl Registry {
         name: &str,
         number: u32,
         source: DynInputStream,
-    ) -> Answer<(DynInputStream, PartMac)> {
+    ) -> RegistryResult<(DynInputStream, PartMac)> {
         check_number(number)?;
         let (key_id, tag) = self.entry(name).await?;
         if tag.is_some() {
@@ -198,7 +198,7 @@ impl Registry {
         size: u64,
         mac: &[u8],
         etag: &str,
-    ) -> Answer<Part> {
+    ) -> RegistryResult<Part> {
         Self::check_name(name)?;
         let mut transaction = self.database.begin_write().await?;
         let (_, tag) = self.entry_in(&mut *transaction, name, true).await?;
@@ -225,7 +225,12 @@ impl Registry {
         })
     }
 
-    pub async fn add_tapped(&self, name: &str, tapped: PartMac, etag: &str) -> Answer<Part> {
+    pub async fn add_tapped(
+        &self,
+        name: &str,
+        tapped: PartMac,
+        etag: &str,
+    ) -> RegistryResult<Part> {
         let (digest, size) = {
             let state = tapped
                 .state
@@ -245,7 +250,7 @@ impl Registry {
         number: u32,
         data: &[u8],
         etag: &str,
-    ) -> Answer<Part> {
+    ) -> RegistryResult<Part> {
         check_number(number)?;
         let (key_id, _) = self.entry(name).await?;
         let mut mac = hmac::Context::with_key(&self.mac_for(&key_id)?);
@@ -256,7 +261,7 @@ impl Registry {
             .await
     }
 
-    pub async fn parts(&self, name: &str) -> Answer<Vec<Part>> {
+    pub async fn parts(&self, name: &str) -> RegistryResult<Vec<Part>> {
         self.entry(name).await?;
         Ok(self
             .recorded(name)
@@ -270,7 +275,7 @@ impl Registry {
             .collect())
     }
 
-    pub async fn finish(&self, name: &str, stored: &[Part]) -> Answer<String> {
+    pub async fn finish(&self, name: &str, stored: &[Part]) -> RegistryResult<String> {
         Self::check_name(name)?;
         let stored = stored_parts(stored)?;
         let mut transaction = self.database.begin_write().await?;
@@ -322,7 +327,7 @@ impl Registry {
         Ok(tag)
     }
 
-    pub async fn tag(&self, name: &str) -> Answer<String> {
+    pub async fn tag(&self, name: &str) -> RegistryResult<String> {
         self.entry(name).await?.1.ok_or(RegistryError::Unfinished)
     }
 
@@ -333,7 +338,7 @@ impl Registry {
         source: DynInputStream,
         skip: u64,
         take: u64,
-    ) -> Answer<DynInputStream> {
+    ) -> RegistryResult<DynInputStream> {
         let (key_id, tag) = self.entry(name).await?;
         let tag = tag.ok_or(RegistryError::Unfinished)?;
         let recorded = self.recorded(name).await?;
@@ -371,7 +376,7 @@ impl Registry {
         }
     }
 
-    pub async fn discard(&self, name: &str) -> Answer<()> {
+    pub async fn discard(&self, name: &str) -> RegistryResult<()> {
         Self::check_name(name)?;
         let mut transaction = self.database.begin_write().await?;
         for table in ["hmac_parts", "hmac_entries"] {
@@ -391,7 +396,7 @@ impl Registry {
 /// The stored parts the guest names, by number: each number within S3's 1..=10000 and named
 /// once, so what `finish` does is bounded by the parts that can exist, not by a number the
 /// guest chose.
-fn stored_parts(stored: &[Part]) -> Answer<std::collections::BTreeMap<u32, &Part>> {
+fn stored_parts(stored: &[Part]) -> RegistryResult<std::collections::BTreeMap<u32, &Part>> {
     let mut by_number = std::collections::BTreeMap::new();
     for part in stored {
         check_number(part.number)?;
@@ -402,7 +407,7 @@ fn stored_parts(stored: &[Part]) -> Answer<std::collections::BTreeMap<u32, &Part
     Ok(by_number)
 }
 
-fn check_number(number: u32) -> Answer<()> {
+fn check_number(number: u32) -> RegistryResult<()> {
     if (1..=MAX_PART_NUMBER).contains(&number) {
         Ok(())
     } else {
@@ -410,7 +415,7 @@ fn check_number(number: u32) -> Answer<()> {
     }
 }
 
-fn recorded_from(row: &database::Row) -> Answer<Recorded> {
+fn recorded_from(row: &database::Row) -> RegistryResult<Recorded> {
     let number: i64 = row.try_get(0)?;
     let size: i64 = row.try_get(1)?;
     Ok(Recorded {
@@ -594,7 +599,11 @@ impl HostPartMac for CapabilityView<'_> {
 }
 
 impl Host for CapabilityView<'_> {
-    async fn begin(&mut self, name: String, key_id: String) -> wasmtime::Result<Answer<()>> {
+    async fn begin(
+        &mut self,
+        name: String,
+        key_id: String,
+    ) -> wasmtime::Result<RegistryResult<()>> {
         Ok(self.app.registry.begin(&name, &key_id).await)
     }
 
@@ -603,7 +612,7 @@ impl Host for CapabilityView<'_> {
         name: String,
         number: u32,
         source: Resource<DynInputStream>,
-    ) -> wasmtime::Result<Answer<(Resource<DynInputStream>, Resource<PartMac>)>> {
+    ) -> wasmtime::Result<RegistryResult<(Resource<DynInputStream>, Resource<PartMac>)>> {
         let source = self.table.delete(source)?;
         let tapped = self.app.registry.tap(&name, number, source).await;
         Ok(match tapped {
@@ -617,7 +626,7 @@ impl Host for CapabilityView<'_> {
         name: String,
         mac: Resource<PartMac>,
         etag: String,
-    ) -> wasmtime::Result<Answer<Part>> {
+    ) -> wasmtime::Result<RegistryResult<Part>> {
         let mac = self.table.delete(mac)?;
         Ok(self.app.registry.add_tapped(&name, mac, &etag).await)
     }
@@ -628,7 +637,7 @@ impl Host for CapabilityView<'_> {
         number: u32,
         data: Vec<u8>,
         etag: String,
-    ) -> wasmtime::Result<Answer<Part>> {
+    ) -> wasmtime::Result<RegistryResult<Part>> {
         Ok(self
             .app
             .registry
@@ -636,7 +645,7 @@ impl Host for CapabilityView<'_> {
             .await)
     }
 
-    async fn parts(&mut self, name: String) -> wasmtime::Result<Answer<Vec<Part>>> {
+    async fn parts(&mut self, name: String) -> wasmtime::Result<RegistryResult<Vec<Part>>> {
         Ok(self.app.registry.parts(&name).await)
     }
 
@@ -644,11 +653,11 @@ impl Host for CapabilityView<'_> {
         &mut self,
         name: String,
         stored: Vec<Part>,
-    ) -> wasmtime::Result<Answer<String>> {
+    ) -> wasmtime::Result<RegistryResult<String>> {
         Ok(self.app.registry.finish(&name, &stored).await)
     }
 
-    async fn tag(&mut self, name: String) -> wasmtime::Result<Answer<String>> {
+    async fn tag(&mut self, name: String) -> wasmtime::Result<RegistryResult<String>> {
         Ok(self.app.registry.tag(&name).await)
     }
 
@@ -659,7 +668,7 @@ impl Host for CapabilityView<'_> {
         source: Resource<DynInputStream>,
         skip: u64,
         take: u64,
-    ) -> wasmtime::Result<Answer<Resource<DynInputStream>>> {
+    ) -> wasmtime::Result<RegistryResult<Resource<DynInputStream>>> {
         let source = self.table.delete(source)?;
         let verified = self
             .app
@@ -672,7 +681,7 @@ impl Host for CapabilityView<'_> {
         })
     }
 
-    async fn discard(&mut self, name: String) -> wasmtime::Result<Answer<()>> {
+    async fn discard(&mut self, name: String) -> wasmtime::Result<RegistryResult<()>> {
         Ok(self.app.registry.discard(&name).await)
     }
 }

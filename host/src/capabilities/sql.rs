@@ -41,7 +41,7 @@ use crate::capabilities::host::capabilities::sql::{
 };
 use crate::database::{self, Backend, BackendKind, HostDatabase};
 
-type Answer<T> = Result<T, SqlError>;
+type SqlResult<T> = Result<T, SqlError>;
 
 /// One app's database.
 pub enum AppDatabase {
@@ -207,7 +207,10 @@ const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// A connection of the app's SQLite pool for a request that must be done by `deadline`: its
 /// statements are interrupted once the request is dropped, or past the deadline, and wait for
 /// the write lock no longer than that.
-async fn lend_sqlite(pool: &SqlitePool, deadline: Option<Instant>) -> Answer<Lent<sqlx::Sqlite>> {
+async fn lend_sqlite(
+    pool: &SqlitePool,
+    deadline: Option<Instant>,
+) -> SqlResult<Lent<sqlx::Sqlite>> {
     let mut lent = Lent::new(pool.acquire().await.map_err(sql_error)?);
     let stop = Arc::clone(&lent.stop);
     let deadline = deadline.map(|deadline| (deadline + DEADLINE_GRACE).into_std());
@@ -232,7 +235,7 @@ async fn lend_sqlite(pool: &SqlitePool, deadline: Option<Instant>) -> Answer<Len
 
 /// A connection of the app's PostgreSQL pool for a request that must be done by `deadline`:
 /// the server stops a statement, a lock wait or an idle transaction of it past the deadline.
-async fn lend_postgres(pool: &PgPool, deadline: Option<Instant>) -> Answer<Lent<Postgres>> {
+async fn lend_postgres(pool: &PgPool, deadline: Option<Instant>) -> SqlResult<Lent<Postgres>> {
     let mut lent = Lent::new(pool.acquire().await.map_err(sql_error)?);
     if let Some(deadline) = deadline {
         let left = (deadline + DEADLINE_GRACE).saturating_duration_since(Instant::now());
@@ -309,7 +312,7 @@ impl AppDatabase {
         params: Vec<Value>,
         limit: u64,
         deadline: Option<Instant>,
-    ) -> Answer<Rows> {
+    ) -> SqlResult<Rows> {
         match self {
             AppDatabase::Sqlite(pool) => {
                 let mut lent = lend_sqlite(pool, deadline).await?;
@@ -331,7 +334,7 @@ impl AppDatabase {
         statement: &str,
         params: Vec<Value>,
         deadline: Option<Instant>,
-    ) -> Answer<u64> {
+    ) -> SqlResult<u64> {
         match self {
             AppDatabase::Sqlite(pool) => {
                 let mut lent = lend_sqlite(pool, deadline).await?;
@@ -348,7 +351,7 @@ impl AppDatabase {
         }
     }
 
-    pub async fn begin(&self, deadline: Option<Instant>) -> Answer<OpenTransaction> {
+    pub async fn begin(&self, deadline: Option<Instant>) -> SqlResult<OpenTransaction> {
         Ok(match self {
             AppDatabase::Sqlite(pool) => {
                 // Taking the write lock at once: a transaction that reads, then writes after
@@ -366,7 +369,7 @@ impl AppDatabase {
 
 /// Opens a transaction on `lent`; it stays open (and the connection is closed if it is
 /// dropped) until it is committed or rolled back.
-async fn begin<DB: Database>(mut lent: Lent<DB>, statement: &'static str) -> Answer<Lent<DB>>
+async fn begin<DB: Database>(mut lent: Lent<DB>, statement: &'static str) -> SqlResult<Lent<DB>>
 where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
 {
@@ -381,7 +384,7 @@ where
 
 impl PostgresApp {
     /// The pool, once the app's role and schema exist.
-    async fn pool(&self) -> Answer<&PgPool> {
+    async fn pool(&self) -> SqlResult<&PgPool> {
         let PostgresApp {
             admin,
             options,
@@ -763,7 +766,7 @@ fn sqlite_query(
     query
 }
 
-fn postgres_value(row: &PgRow, index: usize) -> Answer<Value> {
+fn postgres_value(row: &PgRow, index: usize) -> SqlResult<Value> {
     let raw = row.try_get_raw(index).map_err(sql_error)?;
     if raw.is_null() {
         return Ok(Value::Null);
@@ -797,7 +800,7 @@ fn postgres_value(row: &PgRow, index: usize) -> Answer<Value> {
     })
 }
 
-fn sqlite_value(row: &SqliteRow, index: usize) -> Answer<Value> {
+fn sqlite_value(row: &SqliteRow, index: usize) -> SqlResult<Value> {
     let raw = row.try_get_raw(index).map_err(sql_error)?;
     if raw.is_null() {
         return Ok(Value::Null);
@@ -816,9 +819,9 @@ fn sqlite_value(row: &SqliteRow, index: usize) -> Answer<Value> {
 /// Collects rows, refusing a result larger than `limit` bytes.
 async fn collect<DB: Database>(
     mut rows: impl futures::Stream<Item = Result<DB::Row, sqlx::Error>> + Unpin,
-    decode: fn(&DB::Row, usize) -> Answer<Value>,
+    decode: fn(&DB::Row, usize) -> SqlResult<Value>,
     limit: u64,
-) -> Answer<Rows> {
+) -> SqlResult<Rows> {
     let mut columns = Vec::new();
     let mut collected = Vec::new();
     let mut size = 0u64;
@@ -831,7 +834,7 @@ async fn collect<DB: Database>(
         }
         let values = (0..row.len())
             .map(|index| decode(&row, index))
-            .collect::<Answer<Vec<_>>>()?;
+            .collect::<SqlResult<Vec<_>>>()?;
         size += values.iter().map(value_size).sum::<u64>();
         if size > limit {
             return Err(SqlError::TooLarge(limit));
@@ -857,7 +860,7 @@ async fn postgres_rows<'e>(
     statement: &str,
     params: Vec<Value>,
     limit: u64,
-) -> Answer<Rows> {
+) -> SqlResult<Rows> {
     collect::<Postgres>(
         postgres_query(statement, params).fetch(executor),
         postgres_value,
@@ -871,7 +874,7 @@ async fn sqlite_rows<'e>(
     statement: &str,
     params: Vec<Value>,
     limit: u64,
-) -> Answer<Rows> {
+) -> SqlResult<Rows> {
     collect::<sqlx::Sqlite>(
         sqlite_query(statement, params).fetch(executor),
         sqlite_value,
@@ -887,7 +890,7 @@ async fn postgres_execute<'e>(
     executor: impl Executor<'e, Database = Postgres>,
     statement: &str,
     params: Vec<Value>,
-) -> Answer<u64> {
+) -> SqlResult<u64> {
     rows_affected::<Postgres>(
         postgres_query(statement, params).fetch_many(executor),
         sqlx::postgres::PgQueryResult::rows_affected,
@@ -902,7 +905,7 @@ async fn sqlite_execute<'e>(
     executor: impl Executor<'e, Database = sqlx::Sqlite>,
     statement: &str,
     params: Vec<Value>,
-) -> Answer<u64> {
+) -> SqlResult<u64> {
     rows_affected::<sqlx::Sqlite>(
         sqlite_query(statement, params).fetch_many(executor),
         sqlx::sqlite::SqliteQueryResult::rows_affected,
@@ -917,7 +920,7 @@ async fn rows_affected<DB: Database>(
         Item = Result<sqlx::Either<DB::QueryResult, DB::Row>, sqlx::Error>,
     > + Unpin,
     count: fn(&DB::QueryResult) -> u64,
-) -> Answer<u64> {
+) -> SqlResult<u64> {
     let mut affected = 0u64;
     while let Some(result) = results.try_next().await.map_err(sql_error)? {
         tokio::task::consume_budget().await;
@@ -931,7 +934,7 @@ async fn rows_affected<DB: Database>(
 impl OpenTransaction {
     /// Commits or rolls back; a transaction ends once. One that fails to end is closed with
     /// its connection, which rolls it back.
-    async fn end(&mut self, commit: bool) -> Answer<()> {
+    async fn end(&mut self, commit: bool) -> SqlResult<()> {
         let statement = if commit { "COMMIT" } else { "ROLLBACK" };
         match self {
             OpenTransaction::Sqlite(open) => end(open.take(), statement).await,
@@ -940,7 +943,7 @@ impl OpenTransaction {
     }
 }
 
-async fn end<DB: Database>(open: Option<Lent<DB>>, statement: &'static str) -> Answer<()>
+async fn end<DB: Database>(open: Option<Lent<DB>>, statement: &'static str) -> SqlResult<()>
 where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
 {
@@ -970,7 +973,7 @@ impl Host for CapabilityView<'_> {
         &mut self,
         statement: String,
         params: Vec<Value>,
-    ) -> wasmtime::Result<Answer<Rows>> {
+    ) -> wasmtime::Result<SqlResult<Rows>> {
         let limit = self.result_limit();
         let deadline = self.request.deadline;
         Ok(self
@@ -984,12 +987,12 @@ impl Host for CapabilityView<'_> {
         &mut self,
         statement: String,
         params: Vec<Value>,
-    ) -> wasmtime::Result<Answer<u64>> {
+    ) -> wasmtime::Result<SqlResult<u64>> {
         let deadline = self.request.deadline;
         Ok(self.app.sql.execute(&statement, params, deadline).await)
     }
 
-    async fn begin(&mut self) -> wasmtime::Result<Answer<Resource<OpenTransaction>>> {
+    async fn begin(&mut self) -> wasmtime::Result<SqlResult<Resource<OpenTransaction>>> {
         let deadline = self.request.deadline;
         Ok(match self.app.sql.begin(deadline).await {
             Ok(transaction) => Ok(self.table.push(transaction)?),
@@ -1004,7 +1007,7 @@ impl HostTransaction for CapabilityView<'_> {
         transaction: Resource<OpenTransaction>,
         statement: String,
         params: Vec<Value>,
-    ) -> wasmtime::Result<Answer<Rows>> {
+    ) -> wasmtime::Result<SqlResult<Rows>> {
         let limit = self.result_limit();
         Ok(match self.table.get_mut(&transaction)? {
             OpenTransaction::Sqlite(Some(lent)) => {
@@ -1026,7 +1029,7 @@ impl HostTransaction for CapabilityView<'_> {
         transaction: Resource<OpenTransaction>,
         statement: String,
         params: Vec<Value>,
-    ) -> wasmtime::Result<Answer<u64>> {
+    ) -> wasmtime::Result<SqlResult<u64>> {
         Ok(match self.table.get_mut(&transaction)? {
             OpenTransaction::Sqlite(Some(lent)) => {
                 let done = sqlite_execute(lent.start(), &statement, params).await;
@@ -1045,14 +1048,14 @@ impl HostTransaction for CapabilityView<'_> {
     async fn commit(
         &mut self,
         transaction: Resource<OpenTransaction>,
-    ) -> wasmtime::Result<Answer<()>> {
+    ) -> wasmtime::Result<SqlResult<()>> {
         Ok(self.table.get_mut(&transaction)?.end(true).await)
     }
 
     async fn rollback(
         &mut self,
         transaction: Resource<OpenTransaction>,
-    ) -> wasmtime::Result<Answer<()>> {
+    ) -> wasmtime::Result<SqlResult<()>> {
         Ok(self.table.get_mut(&transaction)?.end(false).await)
     }
 

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use wasmtime_wasi::p2::DynInputStream;
 
-use super::{Answer, Exact};
+use super::{Exact, ObjectResult};
 use crate::capabilities::host::capabilities::objects::{ObjectError, ObjectInfo, PartInfo};
 use crate::capabilities::streams::{CHUNK, Next, Produce, Produced};
 
@@ -59,7 +59,7 @@ impl LocalStore {
         self.root.join("objects")
     }
 
-    fn object_path(&self, key: &str) -> Answer<PathBuf> {
+    fn object_path(&self, key: &str) -> ObjectResult<PathBuf> {
         let mut path = self.objects();
         let segments: Vec<&str> = key.split('/').collect();
         for (index, segment) in segments.iter().enumerate() {
@@ -79,7 +79,7 @@ impl LocalStore {
     }
 
     /// The upload's directory, if `upload_id` is an upload of `key`.
-    async fn upload_dir(&self, key: &str, upload_id: &str) -> Answer<PathBuf> {
+    async fn upload_dir(&self, key: &str, upload_id: &str) -> ObjectResult<PathBuf> {
         if upload_id.len() != 32 || !upload_id.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(ObjectError::NoSuchUpload);
         }
@@ -95,7 +95,7 @@ impl LocalStore {
     }
 
     /// A new file under `tmp/`, removed if it is dropped before being renamed into place.
-    fn temporary(&self) -> Answer<tempfile::NamedTempFile> {
+    fn temporary(&self) -> ObjectResult<tempfile::NamedTempFile> {
         tempfile::Builder::new()
             .prefix("write-")
             .tempfile_in(&self.tmp)
@@ -107,7 +107,7 @@ impl LocalStore {
             })
     }
 
-    pub async fn create_multipart(&self, key: &str) -> Answer<String> {
+    pub async fn create_multipart(&self, key: &str) -> ObjectResult<String> {
         self.object_path(key)?;
         let upload_id =
             random_token().map_err(|e| unavailable("no randomness for an upload id", e))?;
@@ -132,7 +132,7 @@ impl LocalStore {
         number: u32,
         mut source: DynInputStream,
         length: u64,
-    ) -> Answer<PartInfo> {
+    ) -> ObjectResult<PartInfo> {
         let dir = self.upload_dir(key, upload_id).await?;
         let temporary = self.temporary()?;
         let file = Arc::new(
@@ -169,7 +169,7 @@ impl LocalStore {
         })
     }
 
-    pub async fn list_parts(&self, key: &str, upload_id: &str) -> Answer<Vec<PartInfo>> {
+    pub async fn list_parts(&self, key: &str, upload_id: &str) -> ObjectResult<Vec<PartInfo>> {
         let dir = self.upload_dir(key, upload_id).await?;
         let mut parts: Vec<PartInfo> = Vec::new();
         for (part, _) in part_files(&dir).await? {
@@ -187,7 +187,7 @@ impl LocalStore {
         key: &str,
         upload_id: &str,
         parts: &[PartInfo],
-    ) -> Answer<ObjectInfo> {
+    ) -> ObjectResult<ObjectInfo> {
         let dir = self.upload_dir(key, upload_id).await?;
         let temporary = self.temporary()?;
         let mut object = tokio::fs::File::from_std(
@@ -216,7 +216,7 @@ impl LocalStore {
     }
 
     /// Renames a written file into the place of `key`.
-    async fn place(&self, temporary: tempfile::NamedTempFile, key: &str) -> Answer<()> {
+    async fn place(&self, temporary: tempfile::NamedTempFile, key: &str) -> ObjectResult<()> {
         let path = self.object_path(key)?;
         if let Some(parent) = path.parent() {
             crate::private_fs::create_dir_all_async(parent)
@@ -231,14 +231,14 @@ impl LocalStore {
         Ok(())
     }
 
-    pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Answer<()> {
+    pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> ObjectResult<()> {
         let dir = self.upload_dir(key, upload_id).await?;
         tokio::fs::remove_dir_all(&dir)
             .await
             .map_err(|e| unavailable("cannot remove the upload", e))
     }
 
-    pub async fn put(&self, key: &str, data: Vec<u8>) -> Answer<ObjectInfo> {
+    pub async fn put(&self, key: &str, data: Vec<u8>) -> ObjectResult<ObjectInfo> {
         self.object_path(key)?;
         let temporary = self.temporary()?;
         let mut file = tokio::fs::File::from_std(
@@ -261,7 +261,7 @@ impl LocalStore {
         key: &str,
         start: u64,
         length: Option<u64>,
-    ) -> Answer<(ObjectInfo, DynInputStream)> {
+    ) -> ObjectResult<(ObjectInfo, DynInputStream)> {
         let path = self.object_path(key)?;
         let file = match blocking(move || std::fs::File::open(&path)).await {
             Ok(file) => file,
@@ -288,7 +288,7 @@ impl LocalStore {
         ))
     }
 
-    pub async fn head(&self, key: &str) -> Answer<Option<ObjectInfo>> {
+    pub async fn head(&self, key: &str) -> ObjectResult<Option<ObjectInfo>> {
         match tokio::fs::metadata(self.object_path(key)?).await {
             Ok(metadata) => Ok(Some(info(key, &metadata))),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -296,7 +296,7 @@ impl LocalStore {
         }
     }
 
-    pub async fn delete(&self, key: &str) -> Answer<()> {
+    pub async fn delete(&self, key: &str) -> ObjectResult<()> {
         match tokio::fs::remove_file(self.object_path(key)?).await {
             Ok(()) => Ok(()),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -305,7 +305,7 @@ impl LocalStore {
     }
 
     /// The objects under `prefix` by key; it stops past `limit` of them.
-    pub async fn list(&self, prefix: &str, limit: usize) -> Answer<Vec<ObjectInfo>> {
+    pub async fn list(&self, prefix: &str, limit: usize) -> ObjectResult<Vec<ObjectInfo>> {
         // Walk only below the directory the prefix's whole segments name.
         let (directory_part, _) = prefix.rsplit_once('/').unwrap_or(("", prefix));
         let mut start = self.objects();
@@ -368,7 +368,7 @@ impl LocalStore {
 }
 
 /// The stored parts of an upload with their paths, oldest first.
-async fn part_files(dir: &Path) -> Answer<Vec<(PartInfo, PathBuf)>> {
+async fn part_files(dir: &Path) -> ObjectResult<Vec<(PartInfo, PathBuf)>> {
     let mut entries = tokio::fs::read_dir(dir)
         .await
         .map_err(|e| unavailable("cannot list the parts", e))?;

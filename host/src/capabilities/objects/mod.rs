@@ -25,7 +25,7 @@ pub const MAX_PART_SIZE: u64 = 5 << 30;
 /// before the guest gets it, so it is bounded rather than as long as the bucket.
 pub const MAX_LISTED: usize = 1000;
 
-pub type Answer<T> = Result<T, ObjectError>;
+pub type ObjectResult<T> = Result<T, ObjectError>;
 
 pub use crate::storage::{S3Location, S3Settings, Storage};
 
@@ -36,7 +36,7 @@ pub enum ObjectStore {
 }
 
 impl ObjectStore {
-    async fn create_multipart(&self, key: &str) -> Answer<String> {
+    async fn create_multipart(&self, key: &str) -> ObjectResult<String> {
         check_key(key)?;
         match self {
             ObjectStore::Local(store) => store.create_multipart(key).await,
@@ -51,7 +51,7 @@ impl ObjectStore {
         number: u32,
         source: DynInputStream,
         length: u64,
-    ) -> Answer<PartInfo> {
+    ) -> ObjectResult<PartInfo> {
         check_key(key)?;
         check_part(number, length)?;
         match self {
@@ -68,7 +68,7 @@ impl ObjectStore {
         }
     }
 
-    async fn list_parts(&self, key: &str, upload_id: &str) -> Answer<Vec<PartInfo>> {
+    async fn list_parts(&self, key: &str, upload_id: &str) -> ObjectResult<Vec<PartInfo>> {
         check_key(key)?;
         match self {
             ObjectStore::Local(store) => store.list_parts(key, upload_id).await,
@@ -81,7 +81,7 @@ impl ObjectStore {
         key: &str,
         upload_id: &str,
         parts: Vec<PartInfo>,
-    ) -> Answer<ObjectInfo> {
+    ) -> ObjectResult<ObjectInfo> {
         check_key(key)?;
         let stored = self.list_parts(key, upload_id).await?;
         check_completion(&parts, &stored)?;
@@ -91,7 +91,7 @@ impl ObjectStore {
         }
     }
 
-    async fn abort_multipart(&self, key: &str, upload_id: &str) -> Answer<()> {
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> ObjectResult<()> {
         check_key(key)?;
         match self {
             ObjectStore::Local(store) => store.abort_multipart(key, upload_id).await,
@@ -99,7 +99,7 @@ impl ObjectStore {
         }
     }
 
-    async fn put(&self, key: &str, data: Vec<u8>) -> Answer<ObjectInfo> {
+    async fn put(&self, key: &str, data: Vec<u8>) -> ObjectResult<ObjectInfo> {
         check_key(key)?;
         match self {
             ObjectStore::Local(store) => store.put(key, data).await,
@@ -112,7 +112,7 @@ impl ObjectStore {
         key: &str,
         start: u64,
         length: Option<u64>,
-    ) -> Answer<(ObjectInfo, DynInputStream)> {
+    ) -> ObjectResult<(ObjectInfo, DynInputStream)> {
         check_key(key)?;
         match self {
             ObjectStore::Local(store) => store.get(key, start, length).await,
@@ -120,7 +120,7 @@ impl ObjectStore {
         }
     }
 
-    async fn head(&self, key: &str) -> Answer<Option<ObjectInfo>> {
+    async fn head(&self, key: &str) -> ObjectResult<Option<ObjectInfo>> {
         check_key(key)?;
         match self {
             ObjectStore::Local(store) => store.head(key).await,
@@ -128,7 +128,7 @@ impl ObjectStore {
         }
     }
 
-    async fn delete(&self, key: &str) -> Answer<()> {
+    async fn delete(&self, key: &str) -> ObjectResult<()> {
         check_key(key)?;
         match self {
             ObjectStore::Local(store) => store.delete(key).await,
@@ -136,7 +136,7 @@ impl ObjectStore {
         }
     }
 
-    async fn list(&self, prefix: &str) -> Answer<Vec<ObjectInfo>> {
+    async fn list(&self, prefix: &str) -> ObjectResult<Vec<ObjectInfo>> {
         if prefix.len() > MAX_KEY_LENGTH {
             return Err(ObjectError::InvalidKey(format!(
                 "a prefix is at most {MAX_KEY_LENGTH} bytes"
@@ -182,7 +182,7 @@ pub async fn for_app(
 }
 
 /// A key every backend can store: S3's limits, and segments a file system can hold.
-pub fn check_key(key: &str) -> Answer<()> {
+pub fn check_key(key: &str) -> ObjectResult<()> {
     let invalid = |why: &str| Err(ObjectError::InvalidKey(format!("{key:?}: {why}")));
     if key.is_empty() {
         return invalid("a key cannot be empty");
@@ -203,7 +203,7 @@ pub fn check_key(key: &str) -> Answer<()> {
     Ok(())
 }
 
-fn check_part(number: u32, length: u64) -> Answer<()> {
+fn check_part(number: u32, length: u64) -> ObjectResult<()> {
     if !(1..=MAX_PART_NUMBER).contains(&number) {
         return Err(ObjectError::InvalidPart(format!(
             "part number {number}: part numbers go from 1 to {MAX_PART_NUMBER}"
@@ -219,7 +219,7 @@ fn check_part(number: u32, length: u64) -> Answer<()> {
 
 /// S3's rules for completing an upload, checked before the storage is asked, so both backends
 /// give the same answer.
-fn check_completion(parts: &[PartInfo], stored: &[PartInfo]) -> Answer<()> {
+fn check_completion(parts: &[PartInfo], stored: &[PartInfo]) -> ObjectResult<()> {
     if parts.is_empty() {
         return Err(ObjectError::InvalidPart(
             "an upload is completed with at least one part".to_owned(),
@@ -282,7 +282,7 @@ impl<'a> Exact<'a> {
     }
 
     /// The next chunk, `None` once all `length` bytes were read and the stream ended there.
-    pub async fn next(&mut self) -> Answer<Option<bytes::Bytes>> {
+    pub async fn next(&mut self) -> ObjectResult<Option<bytes::Bytes>> {
         use crate::capabilities::streams::{CHUNK, read_chunk};
         if self.read < self.length {
             let want = (self.length - self.read).min(CHUNK as u64) as usize;
@@ -317,7 +317,7 @@ fn too_long(length: u64) -> ObjectError {
 }
 
 impl Host for CapabilityView<'_> {
-    async fn create_multipart(&mut self, key: String) -> wasmtime::Result<Answer<String>> {
+    async fn create_multipart(&mut self, key: String) -> wasmtime::Result<ObjectResult<String>> {
         Ok(self.app.objects.create_multipart(&key).await)
     }
 
@@ -328,7 +328,7 @@ impl Host for CapabilityView<'_> {
         number: u32,
         source: Resource<DynInputStream>,
         length: u64,
-    ) -> wasmtime::Result<Answer<PartInfo>> {
+    ) -> wasmtime::Result<ObjectResult<PartInfo>> {
         let source = self.table.delete(source)?;
         Ok(self
             .app
@@ -343,7 +343,7 @@ impl Host for CapabilityView<'_> {
         upload_id: String,
         number: u32,
         data: Vec<u8>,
-    ) -> wasmtime::Result<Answer<PartInfo>> {
+    ) -> wasmtime::Result<ObjectResult<PartInfo>> {
         let length = data.len() as u64;
         let source = crate::capabilities::streams::from_bytes(data.into());
         Ok(self
@@ -357,7 +357,7 @@ impl Host for CapabilityView<'_> {
         &mut self,
         key: String,
         upload_id: String,
-    ) -> wasmtime::Result<Answer<Vec<PartInfo>>> {
+    ) -> wasmtime::Result<ObjectResult<Vec<PartInfo>>> {
         Ok(self.app.objects.list_parts(&key, &upload_id).await)
     }
 
@@ -366,7 +366,7 @@ impl Host for CapabilityView<'_> {
         key: String,
         upload_id: String,
         parts: Vec<PartInfo>,
-    ) -> wasmtime::Result<Answer<ObjectInfo>> {
+    ) -> wasmtime::Result<ObjectResult<ObjectInfo>> {
         Ok(self
             .app
             .objects
@@ -378,11 +378,15 @@ impl Host for CapabilityView<'_> {
         &mut self,
         key: String,
         upload_id: String,
-    ) -> wasmtime::Result<Answer<()>> {
+    ) -> wasmtime::Result<ObjectResult<()>> {
         Ok(self.app.objects.abort_multipart(&key, &upload_id).await)
     }
 
-    async fn put(&mut self, key: String, data: Vec<u8>) -> wasmtime::Result<Answer<ObjectInfo>> {
+    async fn put(
+        &mut self,
+        key: String,
+        data: Vec<u8>,
+    ) -> wasmtime::Result<ObjectResult<ObjectInfo>> {
         Ok(self.app.objects.put(&key, data).await)
     }
 
@@ -391,7 +395,7 @@ impl Host for CapabilityView<'_> {
         key: String,
         start: u64,
         length: Option<u64>,
-    ) -> wasmtime::Result<Answer<(ObjectInfo, Resource<DynInputStream>)>> {
+    ) -> wasmtime::Result<ObjectResult<(ObjectInfo, Resource<DynInputStream>)>> {
         let got = self.app.objects.get(&key, start, length).await;
         Ok(match got {
             Ok((info, stream)) => Ok((info, self.push_stream(stream)?)),
@@ -399,15 +403,18 @@ impl Host for CapabilityView<'_> {
         })
     }
 
-    async fn head(&mut self, key: String) -> wasmtime::Result<Answer<Option<ObjectInfo>>> {
+    async fn head(&mut self, key: String) -> wasmtime::Result<ObjectResult<Option<ObjectInfo>>> {
         Ok(self.app.objects.head(&key).await)
     }
 
-    async fn delete(&mut self, key: String) -> wasmtime::Result<Answer<()>> {
+    async fn delete(&mut self, key: String) -> wasmtime::Result<ObjectResult<()>> {
         Ok(self.app.objects.delete(&key).await)
     }
 
-    async fn list_objects(&mut self, prefix: String) -> wasmtime::Result<Answer<Vec<ObjectInfo>>> {
+    async fn list_objects(
+        &mut self,
+        prefix: String,
+    ) -> wasmtime::Result<ObjectResult<Vec<ObjectInfo>>> {
         Ok(self.app.objects.list(&prefix).await)
     }
 }

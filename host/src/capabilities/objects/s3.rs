@@ -21,7 +21,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime_wasi::p2::DynInputStream;
 
-use super::{Answer, Exact, S3Settings};
+use super::{Exact, ObjectResult, S3Settings};
 use crate::capabilities::host::capabilities::objects::{ObjectError, ObjectInfo, PartInfo};
 use crate::capabilities::part_buffer::{PartBuffers, Whole};
 use crate::capabilities::streams::{Next, Produce, Produced};
@@ -157,7 +157,7 @@ impl S3Store {
     }
 
     /// S3's upload id inside a sealed one, if the seal is this app's for this key.
-    fn unseal<'a>(&self, key: &str, upload_id: &'a str) -> Answer<&'a str> {
+    fn unseal<'a>(&self, key: &str, upload_id: &'a str) -> ObjectResult<&'a str> {
         let (s3_upload_id, seal) = upload_id
             .rsplit_once('.')
             .ok_or(ObjectError::NoSuchUpload)?;
@@ -179,7 +179,7 @@ impl S3Store {
         }
     }
 
-    pub async fn create_multipart(&self, key: &str) -> Answer<String> {
+    pub async fn create_multipart(&self, key: &str) -> ObjectResult<String> {
         let _permit = self.permit().await;
         let created = self
             .client
@@ -202,7 +202,7 @@ impl S3Store {
         number: u32,
         mut source: DynInputStream,
         length: u64,
-    ) -> Answer<PartInfo> {
+    ) -> ObjectResult<PartInfo> {
         let upload_id = self.unseal(key, upload_id)?;
         let unavailable = |e: anyhow::Error| ObjectError::Unavailable(format!("{e:#}"));
         let mut buffer = self.buffers.buffer(length).map_err(unavailable)?;
@@ -237,7 +237,7 @@ impl S3Store {
         })
     }
 
-    pub async fn list_parts(&self, key: &str, upload_id: &str) -> Answer<Vec<PartInfo>> {
+    pub async fn list_parts(&self, key: &str, upload_id: &str) -> ObjectResult<Vec<PartInfo>> {
         let upload_id = self.unseal(key, upload_id)?;
         let _permit = self.permit().await;
         let mut parts = Vec::new();
@@ -274,7 +274,7 @@ impl S3Store {
         key: &str,
         upload_id: &str,
         parts: &[PartInfo],
-    ) -> Answer<ObjectInfo> {
+    ) -> ObjectResult<ObjectInfo> {
         let s3_upload_id = self.unseal(key, upload_id)?;
         let completed = CompletedMultipartUpload::builder()
             .set_parts(Some(
@@ -304,7 +304,7 @@ impl S3Store {
         self.head(key).await?.ok_or(ObjectError::NotFound)
     }
 
-    pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Answer<()> {
+    pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> ObjectResult<()> {
         let s3_upload_id = self.unseal(key, upload_id)?;
         // S3 may keep a part whose upload was in flight during the abort: abort until none is
         // left, as its documentation advises.
@@ -335,7 +335,7 @@ impl S3Store {
         Ok(())
     }
 
-    pub async fn put(&self, key: &str, data: Vec<u8>) -> Answer<ObjectInfo> {
+    pub async fn put(&self, key: &str, data: Vec<u8>) -> ObjectResult<ObjectInfo> {
         {
             let _permit = self.permit().await;
             self.client
@@ -355,7 +355,7 @@ impl S3Store {
         key: &str,
         start: u64,
         length: Option<u64>,
-    ) -> Answer<(ObjectInfo, DynInputStream)> {
+    ) -> ObjectResult<(ObjectInfo, DynInputStream)> {
         if length == Some(0) {
             return self.empty_read(key, start).await;
         }
@@ -405,7 +405,11 @@ impl S3Store {
     }
 
     /// A read of nothing at `start`: empty at or before the end, refused past it.
-    async fn empty_read(&self, key: &str, start: u64) -> Answer<(ObjectInfo, DynInputStream)> {
+    async fn empty_read(
+        &self,
+        key: &str,
+        start: u64,
+    ) -> ObjectResult<(ObjectInfo, DynInputStream)> {
         let info = self.head(key).await?.ok_or(ObjectError::NotFound)?;
         if start > info.size {
             return Err(ObjectError::InvalidRange);
@@ -416,7 +420,7 @@ impl S3Store {
         ))
     }
 
-    pub async fn head(&self, key: &str) -> Answer<Option<ObjectInfo>> {
+    pub async fn head(&self, key: &str) -> ObjectResult<Option<ObjectInfo>> {
         let _permit = self.permit().await;
         match self
             .client
@@ -439,7 +443,7 @@ impl S3Store {
         }
     }
 
-    pub async fn delete(&self, key: &str) -> Answer<()> {
+    pub async fn delete(&self, key: &str) -> ObjectResult<()> {
         let _permit = self.permit().await;
         self.client
             .delete_object()
@@ -452,7 +456,7 @@ impl S3Store {
     }
 
     /// The objects under `prefix` by key; it stops past `limit` of them.
-    pub async fn list(&self, prefix: &str, limit: usize) -> Answer<Vec<ObjectInfo>> {
+    pub async fn list(&self, prefix: &str, limit: usize) -> ObjectResult<Vec<ObjectInfo>> {
         let _permit = self.permit().await;
         let mut found = Vec::new();
         let mut token: Option<String> = None;
