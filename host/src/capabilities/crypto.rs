@@ -255,16 +255,11 @@ impl Change for Encrypting {
         let mut data = bytes
             .try_into_mut()
             .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-        let offset = self.offset;
-        if !in_range(offset, data.len()) {
-            return Err(anyhow!(
-                "the stream ran past offset 2^64, where its keystream would start again"
-            ));
-        }
-        self.offset += data.len() as u64;
         let _share = take_share(&self.share).await;
         let _slot = slots::take_if_bounded(self.slots, Bound::Encryption).await;
-        apply_logged(&self.app, &self.keystream, offset, &mut data)?;
+        // Fails the stream for bytes past offset 2^64, before the offset could wrap.
+        apply_logged(&self.app, &self.keystream, self.offset, &mut data)?;
+        self.offset += data.len() as u64;
         Ok(Some(data.freeze()))
     }
 }
