@@ -441,6 +441,12 @@ impl Settings {
                 "--memory-limit must be at least 64KiB (one WebAssembly page), got {memory_limit} bytes"
             );
         }
+        if args.encrypt_concurrency > MAX_SEMAPHORE_UNITS {
+            bail!(
+                "--encrypt-concurrency {} is more than the host-wide semaphore counts ({MAX_SEMAPHORE_UNITS})",
+                args.encrypt_concurrency
+            );
+        }
         if memory_limit > MAX_MEMORY_LIMIT {
             bail!(
                 "--memory-limit {} is more than a WebAssembly memory can hold (4GiB)",
@@ -718,6 +724,33 @@ mod tests {
         assert!(parse_seconds("1e19").is_err());
         assert!(parse_seconds("1e20").is_err());
         assert!(parse_seconds("inf").is_err());
+    }
+
+    /// `Settings::from_args` of `host serve x.wasm` with `extra`: the refusal, if any.
+    fn refusal(extra: &[&str]) -> Option<String> {
+        use clap::FromArgMatches;
+        let matches = crate::config::settings_table()
+            .try_get_matches_from(["x.wasm"].iter().chain(extra))
+            .expect("the arguments parse");
+        let args = ServeArgs::from_arg_matches(&matches).expect("serve arguments");
+        Settings::from_args(args)
+            .err()
+            .map(|error| error.to_string())
+    }
+
+    #[test]
+    fn counts_and_limits_past_what_the_host_can_hold_are_refused() {
+        assert_eq!(refusal(&[]), None);
+        let refused = refusal(&["--outbound-connections", "2305843009213693952"]);
+        assert!(refused.is_some_and(|r| r.contains("--outbound-connections")));
+        assert!(refusal(&["--threads", "0"]).is_some_and(|r| r.contains("at least 1")));
+        let refused = refusal(&["--encrypt-concurrency", "40000"]);
+        assert!(refused.is_some_and(|r| r.contains("semaphore")));
+        assert_eq!(refusal(&["--encrypt-concurrency", "32767"]), None);
+        let refused = refusal(&["--memory-limit", "5GiB"]);
+        assert!(refused.is_some_and(|r| r.contains("4GiB")));
+        let refused = refusal(&["--master-key", "sync"]);
+        assert!(refused.is_some_and(|r| r.contains("--master-key")));
     }
 
     #[test]
