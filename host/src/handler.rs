@@ -21,8 +21,9 @@ use crate::http::answers::{self, ResponseBody};
 use crate::http::drain::DrainedIfDropped;
 use crate::http::forwarded::TrustedPeers;
 use crate::http::limits::RequestLimits;
-use crate::max_requests::{MaxRequests, random_u64};
+use crate::max_requests::MaxRequests;
 use crate::metrics::AppMetrics;
+use crate::random::random_u64;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The path prefix an app is mounted at, which the host took off the path it sees.

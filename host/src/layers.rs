@@ -15,6 +15,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "heartbeat",
             "run_dir",
             "max_requests",
+            "random",
             "storage",
         ],
     ),

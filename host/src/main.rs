@@ -27,6 +27,7 @@ mod metrics;
 mod outbound;
 mod private_fs;
 mod proc_memory;
+mod random;
 mod run_dir;
 mod server;
 mod settings;

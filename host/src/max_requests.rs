@@ -4,6 +4,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 
+use crate::random::random_u64;
+
 /// Counts a worker's requests and says when it has served its share.
 pub struct MaxRequests {
     served: AtomicU64,
@@ -41,15 +43,4 @@ impl MaxRequests {
     pub async fn reached(&self) {
         self.reached.notified().await
     }
-}
-
-/// A random number for spreading things out (jitter, request-id seeds); not for secrets. The
-/// clock stands in if the system has no randomness to give.
-pub fn random_u64() -> u64 {
-    getrandom::u64().unwrap_or_else(|_| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-            ^ u64::from(std::process::id())
-    })
 }
