@@ -685,8 +685,18 @@ fn the_example_config_files_are_valid() {
         "allow_outbound = [\"ccp.netcup.net\"]",
         "timeout = 90",
         "capabilities = [\"status\"]",
-        "# 4 instances at once per worker, 1000 more waiting",
     ] {
         assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
     }
+    // The whole output is a config file: each app carries every app setting, the host's value
+    // where its entry sets none.
+    let printed: toml::Table = stdout.parse().expect("--print-config prints TOML");
+    let apps = printed["app"].as_array().expect("[[app]] entries");
+    let dns_proxy = apps
+        .iter()
+        .find(|app| app["name"].as_str() == Some("dns-proxy"))
+        .expect("the dns-proxy app");
+    assert_eq!(dns_proxy["memory_limit"].as_str(), Some("16MiB"));
+    assert_eq!(dns_proxy["threads"].as_integer(), Some(4));
+    assert_eq!(dns_proxy["worker_class"].as_str(), Some("gthread"));
 }

@@ -11,15 +11,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::metrics::AppMetrics;
 
 pub struct Admission {
-    slots: Arc<Semaphore>,
+    running: Arc<Semaphore>,
     waiting: AtomicUsize,
     queue_limit: usize,
     max_wait: Option<Duration>,
     metrics: AppMetrics,
 }
 
-/// A running slot, held until the guest instance is gone.
-pub type Slot = OwnedSemaphorePermit;
+/// A permit to run, held until the guest instance is gone.
+pub type Permit = OwnedSemaphorePermit;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Busy {
@@ -51,7 +51,7 @@ impl Admission {
         metrics: AppMetrics,
     ) -> Admission {
         Admission {
-            slots: Arc::new(Semaphore::new(concurrency)),
+            running: Arc::new(Semaphore::new(concurrency)),
             waiting: AtomicUsize::new(0),
             queue_limit,
             max_wait,
@@ -59,9 +59,9 @@ impl Admission {
         }
     }
 
-    pub async fn admit(&self) -> Result<Slot, Busy> {
-        if let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() {
-            return Ok(slot);
+    pub async fn admit(&self) -> Result<Permit, Busy> {
+        if let Ok(permit) = Arc::clone(&self.running).try_acquire_owned() {
+            return Ok(permit);
         }
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.queue_limit {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
@@ -72,8 +72,8 @@ impl Admission {
         }
         let _waiting = WaitingGuard(&self.waiting, &self.metrics);
         self.metrics.queued();
-        let acquire = Arc::clone(&self.slots).acquire_owned();
-        let slot = match self.max_wait {
+        let acquire = Arc::clone(&self.running).acquire_owned();
+        let permit = match self.max_wait {
             Some(max_wait) => tokio::time::timeout(max_wait, acquire).await.map_err(|_| {
                 self.metrics.busy();
                 Busy::WaitedTooLong { waited: max_wait }
@@ -81,7 +81,7 @@ impl Admission {
             None => acquire.await,
         };
         // The semaphore is never closed.
-        Ok(slot.expect("admission semaphore closed"))
+        Ok(permit.expect("admission semaphore closed"))
     }
 
     #[cfg(test)]

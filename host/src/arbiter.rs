@@ -14,23 +14,19 @@ use tokio::sync::mpsc;
 
 use crate::budget::{Baseline, Plan};
 use crate::capabilities::crypto;
-use crate::capabilities::slots::HostWideSlots;
+use crate::capabilities::host_semaphores::HostSemaphores;
 use crate::compile_cache;
 use crate::engine::{self, EngineSizing};
-use crate::handoff::{self, SettingsFile};
+use crate::handoff::{self, HandoffFile, PrepareReport, WorkerHandoff};
 use crate::heartbeat::Heartbeat;
 use crate::hooks;
+use crate::lock::lock;
 use crate::logging::LogFile;
 use crate::metrics::MetricsCollector;
 use crate::private_fs;
 use crate::run_dir::RunDir;
 use crate::server::Listener;
 use crate::settings::{BindAddress, Settings, human_size};
-use crate::worker::{EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR};
-
-/// Descriptors a worker inherits: its settings at 3 (`handoff::SETTINGS_FD`), its listeners
-/// from 4 on, then its heartbeat file.
-pub const FIRST_LISTENER_FD: i32 = handoff::SETTINGS_FD + 1;
 
 /// How often the master looks at its workers: gunicorn's "at least once a second".
 const CHECK_EVERY: Duration = Duration::from_millis(250);
@@ -47,6 +43,9 @@ struct WorkerProcess {
 
 struct Master {
     settings: Settings,
+    /// Handed to every worker (`WorkerHandoff`).
+    master_key: [u8; 32],
+    host_semaphores: i32,
     listeners: Vec<(BindAddress, Listener)>,
     /// The private directory of the workers' heartbeat and metrics files.
     run_dir: RunDir,
@@ -67,21 +66,20 @@ pub type ExitCode = u8;
 
 /// Runs the master until it is stopped; `reload` re-reads the settings on HUP.
 pub fn run(
-    mut settings: Settings,
+    settings: Settings,
     error_log: LogFile,
     reload: impl Fn() -> Result<Settings>,
 ) -> Result<ExitCode> {
     hooks::event("on_starting", &[("pid", std::process::id().to_string())]);
     prepare_directories(&settings)?;
-    resolve_master_key(&mut settings)?;
+    let master_key = settle_master_key(&settings)?;
     crate::capabilities::remove_leftovers(&settings)?;
-    let slots = HostWideSlots::create(
+    let semaphores = HostSemaphores::create(
         settings.encrypt_concurrency,
         (settings.spill_limit >> 20) as u32,
     )?;
-    settings.host_slots = Some(slots.id());
-    let outcome = run_with(settings, error_log, reload);
-    slots.remove();
+    let outcome = run_with(settings, master_key, semaphores.id(), error_log, reload);
+    semaphores.remove();
     outcome
 }
 
@@ -94,18 +92,18 @@ fn prepare_directories(settings: &Settings) -> Result<()> {
 
 /// Every worker must wrap keys under the same master key: the master settles it (generating it
 /// on first use) before any worker starts.
-fn resolve_master_key(settings: &mut Settings) -> Result<()> {
-    let key = crypto::master_key(
+fn settle_master_key(settings: &Settings) -> Result<[u8; 32]> {
+    crypto::master_key(
         settings.master_key.as_deref(),
         settings.master_key_file.as_deref(),
         &settings.data_dir,
-    )?;
-    settings.master_key = Some(hex::encode(key));
-    Ok(())
+    )
 }
 
 fn run_with(
     mut settings: Settings,
+    master_key: [u8; 32],
+    host_semaphores: i32,
     error_log: LogFile,
     reload: impl Fn() -> Result<Settings>,
 ) -> Result<ExitCode> {
@@ -132,6 +130,8 @@ fn run_with(
         metrics,
         target: settings.workers,
         settings,
+        master_key,
+        host_semaphores,
         listeners,
         run_dir,
         workers: BTreeMap::new(),
@@ -166,13 +166,6 @@ async fn serve_metrics(
         }
     });
     Ok(collector)
-}
-
-/// The counters stay usable after a panic elsewhere: they hold no invariant a panic can break.
-fn lock(collector: &Mutex<MetricsCollector>) -> std::sync::MutexGuard<'_, MetricsCollector> {
-    collector
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Why the master refused to start; `main` turns it into the exit code.
@@ -227,8 +220,8 @@ fn check_budget(settings: &Settings, workers: usize, baseline: Baseline) -> Resu
 /// done by a short-lived child (`host prepare`), so the compiler's memory never stays in the
 /// long-lived master.
 fn precompile(settings: &Settings) -> Result<Baseline> {
-    let settings_file = SettingsFile::new(settings)?;
-    let inherited = [settings_file.as_raw_fd()];
+    let handed = HandoffFile::new(settings)?;
+    let inherited = [handed.as_raw_fd()];
     let mut command =
         std::process::Command::new(std::env::current_exe().context("cannot find the host binary")?);
     handoff::without_secrets(&mut command)
@@ -239,29 +232,21 @@ fn precompile(settings: &Settings) -> Result<Baseline> {
     // SAFETY: the closure runs in the child between fork and exec and only calls fcntl and
     // dup2, which are async-signal-safe.
     unsafe {
-        command.pre_exec(move || place_inherited_fds(&inherited));
+        command.pre_exec(move || handoff::place_inherited_fds(&inherited));
     }
     let output = command.output().context("cannot run the compile step")?;
-    drop(settings_file);
-    let report = String::from_utf8_lossy(&output.stdout);
-    if let Some(baseline) = report.trim().strip_prefix(PREPARED) {
-        return baseline
-            .trim()
+    drop(handed);
+    match PrepareReport::read(&String::from_utf8_lossy(&output.stdout)) {
+        Some(PrepareReport::Prepared(baseline)) => baseline
             .parse()
-            .context("the compile step reported no baseline");
-    }
-    match report.trim().strip_prefix(PREPARE_FAILED) {
-        Some(reason) => Err(anyhow::anyhow!(Refusal::AppLoad(reason.trim().to_owned()))),
+            .context("the compile step reported no baseline"),
+        Some(PrepareReport::Failed(reason)) => Err(anyhow::anyhow!(Refusal::AppLoad(reason))),
         None => Err(anyhow::anyhow!(Refusal::AppLoad(format!(
             "the compile step failed ({})",
             output.status
         )))),
     }
 }
-
-/// What `host prepare` prints: `prepared <private bytes> <shared bytes>` or `failed <reason>`.
-pub const PREPARED: &str = "prepared ";
-pub const PREPARE_FAILED: &str = "failed ";
 
 /// `host prepare`: loads the components as a worker would and reports the resident memory.
 pub fn prepare(settings: &Settings) -> Result<Baseline> {
@@ -338,7 +323,7 @@ impl Master {
         reload: impl Fn() -> Result<Settings>,
     ) -> Result<ExitCode> {
         let mut signals = MasterSignals::install()?;
-        tracing::info!("Using worker: {}", self.settings.worker_class.name());
+        tracing::info!("Using worker: {}", self.settings.app.worker_class.name());
         hooks::event("when_ready", &[("pid", std::process::id().to_string())]);
         let mut checks = tokio::time::interval(CHECK_EVERY);
         let stop = loop {
@@ -427,9 +412,13 @@ impl Master {
         let age = self.next_age;
         self.next_age += 1;
         hooks::event("pre_fork", &[("age", age.to_string())]);
-        let settings_file =
-            SettingsFile::new(&self.settings).context("cannot pass the settings to a worker")?;
-        let mut inherited = vec![settings_file.as_raw_fd()];
+        let handoff = WorkerHandoff {
+            settings: self.settings.clone(),
+            master_key: self.master_key,
+            host_semaphores: self.host_semaphores,
+        };
+        let handed = HandoffFile::new(&handoff).context("cannot pass the settings to a worker")?;
+        let mut inherited = vec![handed.as_raw_fd()];
         inherited.extend(
             self.listeners
                 .iter()
@@ -447,10 +436,10 @@ impl Master {
         // SAFETY: the closure runs in the child between fork and exec and only calls fcntl and
         // dup2, which are async-signal-safe.
         unsafe {
-            command.pre_exec(move || place_inherited_fds(&inherited));
+            command.pre_exec(move || handoff::place_inherited_fds(&inherited));
         }
         let mut child = command.spawn().context("cannot start a worker process")?;
-        drop(settings_file);
+        drop(handed);
         let pid = child.id().context("the worker exited at once")?;
         let exits = self.exits.clone();
         tokio::spawn(async move {
@@ -486,16 +475,18 @@ impl Master {
         match (status.code(), status.signal()) {
             (Some(0), _) => {}
             (Some(code), _)
-                if worker.retiring_since.is_none() && code == i32::from(EXIT_BOOT_ERROR) =>
+                if worker.retiring_since.is_none()
+                    && code == i32::from(handoff::EXIT_BOOT_ERROR) =>
             {
                 tracing::error!("Worker (pid:{pid}) failed to boot; shutting down");
-                return Some(EXIT_BOOT_ERROR);
+                return Some(handoff::EXIT_BOOT_ERROR);
             }
             (Some(code), _)
-                if worker.retiring_since.is_none() && code == i32::from(EXIT_APP_LOAD_ERROR) =>
+                if worker.retiring_since.is_none()
+                    && code == i32::from(handoff::EXIT_APP_LOAD_ERROR) =>
             {
                 tracing::error!("Worker (pid:{pid}) failed to load the app; shutting down");
-                return Some(EXIT_APP_LOAD_ERROR);
+                return Some(handoff::EXIT_APP_LOAD_ERROR);
             }
             (Some(code), _) => tracing::error!("Worker (pid:{pid}) exited with code {code}"),
             (None, Some(libc::SIGKILL)) if worker.killed_by_master => {
@@ -538,7 +529,7 @@ impl Master {
                 worker.retiring_since = Some(now);
                 continue;
             }
-            let Some(timeout) = self.settings.timeout else {
+            let Some(timeout) = self.settings.app.timeout else {
                 continue;
             };
             let silent = worker.heartbeat.silence().unwrap_or_default();
@@ -562,7 +553,7 @@ impl Master {
         hooks::event("on_reload", &[("pid", std::process::id().to_string())]);
         let reloaded = reload().and_then(|mut settings| {
             prepare_directories(&settings)?;
-            resolve_master_key(&mut settings)?;
+            let master_key = settle_master_key(&settings)?;
             if settings.encrypt_concurrency != self.settings.encrypt_concurrency {
                 tracing::warn!(
                     "--encrypt-concurrency changes only on a restart; keeping {}",
@@ -570,7 +561,6 @@ impl Master {
                 );
                 settings.encrypt_concurrency = self.settings.encrypt_concurrency;
             }
-            settings.host_slots = self.settings.host_slots;
             if settings.metrics_bind != self.settings.metrics_bind {
                 tracing::warn!("--metrics-bind changes only on a restart; keeping the old address");
                 settings.metrics_bind = self.settings.metrics_bind;
@@ -585,9 +575,9 @@ impl Master {
             settings.worker_tmp_dir = self.run_dir.path().to_owned();
             let baseline = precompile(&settings)?;
             check_budget(&settings, settings.workers, baseline)?;
-            Ok((settings, baseline))
+            Ok((settings, master_key, baseline))
         });
-        let (settings, baseline) = match reloaded {
+        let (settings, master_key, baseline) = match reloaded {
             Ok(reloaded) => reloaded,
             Err(error) => {
                 tracing::error!("reload refused, the workers keep the old settings: {error:#}");
@@ -609,6 +599,7 @@ impl Master {
         self.listeners = listeners;
         self.target = settings.workers;
         self.settings = settings;
+        self.master_key = master_key;
         self.baseline = baseline;
         // New workers first, then the old ones finish what they have and leave.
         for worker in self.workers.values_mut() {
@@ -715,28 +706,6 @@ fn remove_unix_sockets<'a>(listeners: impl Iterator<Item = &'a (BindAddress, Lis
             let _ = std::fs::remove_file(path);
         }
     }
-}
-
-/// In the child before exec: moves the inherited descriptors to 3, 4, … (clearing close-on-exec).
-/// They are first copied above the target range, so that no move overwrites a later source.
-fn place_inherited_fds(fds: &[i32]) -> std::io::Result<()> {
-    let above = handoff::SETTINGS_FD + fds.len() as i32;
-    let mut staged = Vec::with_capacity(fds.len());
-    for &fd in fds {
-        // SAFETY: fcntl on a descriptor the parent holds open.
-        let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, above) };
-        if copy < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        staged.push(copy);
-    }
-    for (index, &copy) in staged.iter().enumerate() {
-        // SAFETY: dup2 onto a small descriptor number; the result has close-on-exec cleared.
-        if unsafe { libc::dup2(copy, handoff::SETTINGS_FD + index as i32) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 fn signal_name(signal: i32) -> String {

@@ -117,17 +117,18 @@ impl Plan {
                 .iter()
                 .map(|app| AppShare {
                     name: app.name.clone(),
-                    instances: app.concurrency as u64,
-                    memory_limit: app.memory_limit,
+                    instances: app.settings.concurrency as u64,
+                    memory_limit: app.settings.memory_limit,
                     sqlite_heap: SqlLimits::sqlite_heap_of(settings, app),
                 })
                 .collect(),
             baseline: baseline.private,
-            host_tables_heap: if settings
-                .apps
-                .iter()
-                .any(|app| app.database_url.as_deref().is_none_or(str::is_empty))
-            {
+            host_tables_heap: if settings.apps.iter().any(|app| {
+                app.settings
+                    .database_url
+                    .as_deref()
+                    .is_none_or(str::is_empty)
+            }) {
                 crate::database::SQLITE_HOST_TABLES_HEAP
             } else {
                 0

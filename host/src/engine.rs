@@ -42,12 +42,12 @@ pub struct EngineSizing {
 impl EngineSizing {
     /// One engine serves all of a worker's apps: its pool holds every app's instances, each
     /// slot as large as the largest cap (each app's own cap is enforced by its limiter).
-    pub fn for_apps(apps: &[crate::apps::AppSettings]) -> EngineSizing {
+    pub fn for_apps(apps: &[crate::settings::App]) -> EngineSizing {
         EngineSizing {
-            instances: apps.iter().map(|app| app.concurrency).sum(),
+            instances: apps.iter().map(|app| app.settings.concurrency).sum(),
             memory_limit: apps
                 .iter()
-                .map(|app| app.memory_limit)
+                .map(|app| app.settings.memory_limit)
                 .max()
                 .unwrap_or(1 << 16),
         }

@@ -20,7 +20,6 @@ use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
-use crate::apps::AppSettings;
 use crate::capabilities::streams::{MAX_CAPABILITY_STREAMS, StreamCount, TooManyStreams};
 use crate::capabilities::{AppCapabilities, CapabilityView, RequestBounds};
 use crate::guest_output::GuestOutput;
@@ -29,6 +28,7 @@ use crate::http::drain::DrainedIfDropped;
 use crate::memory_limiter::MemoryLimiter;
 use crate::metrics::AppMetrics;
 use crate::outbound::OutboundClient;
+use crate::settings::App;
 use crate::settings::{Settings, human_size};
 
 pub struct Guest {
@@ -139,7 +139,7 @@ impl std::error::Error for DeadlineExceeded {}
 pub fn link(
     engine: &Engine,
     component: &wasmtime::component::Component,
-    app: &AppSettings,
+    app: &App,
 ) -> Result<ProxyPre<GuestState>> {
     crate::capabilities::check_grants(engine, component, app)?;
     let mut linker = Linker::<GuestState>::new(engine);
@@ -169,23 +169,27 @@ impl Guest {
         engine: &Engine,
         component: &wasmtime::component::Component,
         settings: &Settings,
-        app: &AppSettings,
+        app: &App,
         capabilities: Arc<AppCapabilities>,
         metrics: AppMetrics,
     ) -> Result<Guest> {
         let pre = link(engine, component, app)?;
-        metrics.set_memory_cap(app.memory_limit.saturating_mul(app.concurrency as u64));
+        metrics.set_memory_cap(
+            app.settings
+                .memory_limit
+                .saturating_mul(app.settings.concurrency as u64),
+        );
         Ok(Guest {
             engine: engine.clone(),
             pre,
-            memory_limit: app.memory_limit,
+            memory_limit: app.settings.memory_limit,
             memory_budget: settings.memory_budget,
-            timeout: app.timeout,
+            timeout: app.settings.timeout,
             capabilities,
             env: app.guest_env()?,
             outbound: Arc::new(OutboundClient::new(
                 &app.name,
-                &app.outbound,
+                &app.settings.outbound,
                 metrics.clone(),
             )?),
             metrics,
@@ -193,13 +197,13 @@ impl Guest {
     }
 
     /// Runs `request` in a fresh instance and returns the guest's response as soon as it has
-    /// set one; the guest keeps streaming the body from its own task, holding `slot` until it
+    /// set one; the guest keeps streaming the body from its own task, holding `permit` until it
     /// is done.
     pub async fn serve(
         self: &Arc<Self>,
         request: hyper::Request<DrainedIfDropped>,
         scheme: Scheme,
-        slot: impl Send + 'static,
+        permit: impl Send + 'static,
     ) -> Result<hyper::Response<HyperOutgoingBody>, GuestFailure> {
         let (sender, receiver) = oneshot::channel();
         let (guest_finished, ending) = cut::guest_outcome();
@@ -213,7 +217,7 @@ impl Guest {
                 let outcome = guest
                     .run(request, scheme, sender, deadline, guest_finished)
                     .await;
-                drop(slot);
+                drop(permit);
                 if let Err(failure) = &outcome
                     && responded.load(Ordering::Acquire)
                 {

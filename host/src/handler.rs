@@ -15,7 +15,6 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use crate::access_log::AccessLog;
 use crate::admission::Admission;
-use crate::apps::{self, Router};
 use crate::guest::Guest;
 use crate::http::answers::{self, ResponseBody};
 use crate::http::drain::DrainedIfDropped;
@@ -24,6 +23,7 @@ use crate::http::limits::RequestLimits;
 use crate::max_requests::MaxRequests;
 use crate::metrics::AppMetrics;
 use crate::random::random_u64;
+use crate::router::{self, Router};
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The path prefix an app is mounted at, which the host took off the path it sees.
@@ -181,22 +181,22 @@ impl RequestHandler {
         }
         request.body_mut().limit(app.body_limit);
         if let Some(prefix) = prefix {
-            if let Some(uri) = apps::strip_prefix(request.uri(), prefix) {
+            if let Some(uri) = router::strip_prefix(request.uri(), prefix) {
                 *request.uri_mut() = uri;
             }
             if let Ok(value) = HeaderValue::from_str(prefix) {
                 request.headers_mut().insert(X_FORWARDED_PREFIX, value);
             }
         }
-        let slot = match app.admission.admit().await {
-            Ok(slot) => slot,
+        let permit = match app.admission.admit().await {
+            Ok(permit) => permit,
             Err(busy) => {
                 tracing::warn!("{busy}");
                 return answers::busy(&busy.to_string());
             }
         };
         let scheme = if https { Scheme::Https } else { Scheme::Http };
-        match app.guest.serve(request, scheme, slot).await {
+        match app.guest.serve(request, scheme, permit).await {
             Ok(response) => response,
             Err(failure) => {
                 tracing::error!("{failure}");

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use crate::clock;
+
 pub struct Heartbeat {
     file: File,
 }
@@ -39,7 +41,7 @@ impl Heartbeat {
     }
 
     pub fn beat(&self) -> std::io::Result<()> {
-        let now = monotonic_now();
+        let now = clock::now();
         let times = [now, now];
         // SAFETY: the descriptor is open for the life of `self.file`; `times` is two timespecs.
         let rc = unsafe { libc::futimens(self.file.as_raw_fd(), times.as_ptr()) };
@@ -76,7 +78,7 @@ impl Heartbeat {
             stat.st_mtime.max(0) as u64,
             stat.st_mtime_nsec.clamp(0, 999_999_999) as u32,
         );
-        Ok(timespec_duration(monotonic_now()).saturating_sub(stamp))
+        Ok(clock::since_start().saturating_sub(stamp))
     }
 
     pub fn as_raw_fd(&self) -> i32 {
@@ -90,23 +92,6 @@ impl Heartbeat {
 /// `fd` must be open, owned by nobody else in this process, and not used again by the caller.
 pub unsafe fn owned_fd(fd: i32) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
-fn monotonic_now() -> libc::timespec {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: CLOCK_MONOTONIC is always available on Linux; `now` is a valid out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now
-}
-
-fn timespec_duration(time: libc::timespec) -> Duration {
-    Duration::new(
-        time.tv_sec.max(0) as u64,
-        time.tv_nsec.clamp(0, 999_999_999) as u32,
-    )
 }
 
 #[cfg(test)]

@@ -16,11 +16,12 @@ const LAYERS: &[(&str, &[&str])] = &[
             "run_dir",
             "max_requests",
             "random",
-            "storage",
+            "clock",
+            "lock",
         ],
     ),
     // What the operator asked for: flags, config files, apps, and where logs go.
-    ("configuration", &["settings", "apps", "config", "logging"]),
+    ("configuration", &["settings", "config", "logging"]),
     ("metrics", &["metrics"]),
     // What guests may call, and the databases behind it.
     ("capabilities", &["capabilities", "database"]),
@@ -36,7 +37,10 @@ const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     // Connections and requests.
-    ("serving", &["server", "handler", "admission", "access_log"]),
+    (
+        "serving",
+        &["server", "handler", "router", "admission", "access_log"],
+    ),
     // The master and its workers.
     (
         "process",

@@ -47,10 +47,7 @@ impl LogFile {
 
     /// Reopens a file target under its path, so a rotated file is let go.
     pub fn reopen(&self) -> Result<()> {
-        let mut target = self
-            .target
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut target = crate::lock::lock(&self.target);
         if let Target::File { path, file } = &mut *target {
             *file = open_append(path)?;
         }
@@ -59,10 +56,7 @@ impl LogFile {
 
     /// Writes one whole line at once, so lines from concurrent requests never interleave.
     pub fn write_line(&self, line: &[u8]) {
-        let mut target = self
-            .target
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut target = crate::lock::lock(&self.target);
         // A log that cannot be written must not fail the request; nothing better can be done.
         let _ = match &mut *target {
             Target::Stderr => io::stderr().lock().write_all(line),

@@ -3,10 +3,10 @@
 
 mod access_log;
 mod admission;
-mod apps;
 mod arbiter;
 mod budget;
 mod capabilities;
+mod clock;
 mod compile_cache;
 mod config;
 mod database;
@@ -20,6 +20,7 @@ mod hooks;
 mod http;
 #[cfg(test)]
 mod layers;
+mod lock;
 mod logging;
 mod max_requests;
 mod memory_limiter;
@@ -28,22 +29,23 @@ mod outbound;
 mod private_fs;
 mod proc_memory;
 mod random;
+mod router;
 mod run_dir;
 mod server;
 mod settings;
-mod storage;
 mod worker;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+use crate::handoff::{EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR, PrepareReport, WorkerHandoff};
 use crate::logging::LogFile;
 use crate::server::Listener;
 use crate::settings::{ServeArgs, Settings};
-use crate::worker::{EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR, StartError};
+use crate::worker::StartError;
 
 /// Many small allocations per request (headers, resources, futures) from several threads.
 #[global_allocator]
@@ -116,13 +118,13 @@ fn serve() -> ExitCode {
                 .is_some_and(|config| config.document.contains_key("app"));
             if declares_apps {
                 // The apps as they will run: the host's settings with each entry's overrides.
-                let settings = settings_from(layered).or_exit(ExitCode::FAILURE)?;
-                apps::print(&settings.apps);
+                let settings = config::settings(&layered).or_exit(ExitCode::FAILURE)?;
+                config::apps::print(&layered, &settings).or_exit(ExitCode::FAILURE)?;
             }
             return Ok(ExitCode::SUCCESS);
         }
         let check_only = layered.args.check_config;
-        let settings = settings_from(layered).or_exit(ExitCode::FAILURE)?;
+        let settings = config::settings(&layered).or_exit(ExitCode::FAILURE)?;
         for (key, value) in &settings.env {
             // SAFETY: no other thread exists yet.
             unsafe { std::env::set_var(key, value) };
@@ -173,43 +175,10 @@ fn check(settings: &Settings) -> Result<ExitCode, Exit> {
     }
 }
 
-fn settings_from(layered: config::Layered) -> Result<Settings> {
-    let declarations = apps::declarations(layered.config.as_ref())?;
-    let component = layered.args.component.clone();
-    let mut settings = Settings::from_args(layered.args.clone())?;
-    settings.hooks = config::hook_commands(layered.config.as_ref())?;
-    settings.apps = match component {
-        Some(component) if declarations.is_empty() => {
-            vec![apps::AppSettings::single(component, &settings)?]
-        }
-        None if declarations.is_empty() => anyhow::bail!(
-            "no component to serve: host serve COMPONENT.wasm (or `component`, or [[app]] entries, in the config file)"
-        ),
-        Some(component) => anyhow::bail!(
-            "{} is given as the component, but the config file declares [[app]] entries: serve one or the other",
-            component.display()
-        ),
-        None => declarations
-            .iter()
-            .enumerate()
-            .map(|(index, declaration)| {
-                let source = format!("[[app]] entry {}", index + 1);
-                let overrides = declaration.override_arguments().context(source.clone())?;
-                let overridden =
-                    Settings::from_args(config::with_overrides(&layered, &overrides, &source)?)
-                        .context(source.clone())?;
-                declaration.resolve(&overridden).context(source)
-            })
-            .collect::<Result<Vec<_>>>()?,
-    };
-    apps::validate(&settings.apps)?;
-    Ok(settings)
-}
-
 /// On HUP the settings are read again from every source, as at start.
 fn reload_settings() -> Result<Settings> {
     let command_line: Vec<OsString> = std::env::args_os().skip(2).collect();
-    settings_from(config::load(&command_line)?)
+    config::settings(&config::load(&command_line)?)
 }
 
 fn worker() -> ExitCode {
@@ -218,14 +187,15 @@ fn worker() -> ExitCode {
 
 fn run_worker() -> Result<ExitCode, Exit> {
     let boot_error = || ExitCode::from(EXIT_BOOT_ERROR);
-    let settings = handoff::read_inherited().or_exit(boot_error())?;
-    let error_log = start_logging(&settings).or_exit(boot_error())?;
+    let handed: WorkerHandoff = handoff::read_inherited().or_exit(boot_error())?;
+    let settings = &handed.settings;
+    let error_log = start_logging(settings).or_exit(boot_error())?;
     // The worker's own events (post_worker_init, worker_int, worker_abort, worker_exit) run
     // their commands here.
     hooks::install(settings.hooks.clone());
-    let heartbeat_fd = arbiter::FIRST_LISTENER_FD + settings.binds.len() as i32;
+    let heartbeat_fd = handoff::heartbeat_fd(settings.binds.len());
     // A hook command this worker runs must not hold its listeners or its heartbeat open.
-    for fd in arbiter::FIRST_LISTENER_FD..=heartbeat_fd {
+    for fd in handoff::FIRST_LISTENER_FD..=heartbeat_fd {
         // SAFETY: fcntl on descriptors the master placed; a closed one only fails the call.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
@@ -235,27 +205,27 @@ fn run_worker() -> Result<ExitCode, Exit> {
         .enumerate()
         // SAFETY: the master placed one listening socket per bind, in order, from fd 4 on.
         .map(|(index, bind)| unsafe {
-            Listener::inherit(bind, arbiter::FIRST_LISTENER_FD + index as i32)
+            Listener::inherit(bind, handoff::FIRST_LISTENER_FD + index as i32)
         })
         .collect::<Result<Vec<_>>>();
     let listeners = match inherited {
         Ok(listeners) => listeners,
         Err(error) => {
-            report(&settings, &error);
+            report(settings, &error);
             return Ok(boot_error());
         }
     };
     // SAFETY: the master placed the heartbeat file right after the listeners.
     let heartbeat = heartbeat::Heartbeat::from_fd(unsafe { heartbeat::owned_fd(heartbeat_fd) });
     Ok(
-        match worker::run(&settings, error_log, listeners, heartbeat) {
+        match worker::run(&handed, error_log, listeners, heartbeat) {
             Ok(()) => ExitCode::SUCCESS,
             Err(StartError::App(error)) => {
-                report(&settings, &error);
+                report(settings, &error);
                 ExitCode::from(EXIT_APP_LOAD_ERROR)
             }
             Err(StartError::Boot(error)) => {
-                report(&settings, &error);
+                report(settings, &error);
                 boot_error()
             }
         },
@@ -263,10 +233,10 @@ fn run_worker() -> Result<ExitCode, Exit> {
 }
 
 fn prepare() -> ExitCode {
-    let settings = match handoff::read_inherited() {
+    let settings: Settings = match handoff::read_inherited() {
         Ok(settings) => settings,
         Err(error) => {
-            println!("{}{error:#}", arbiter::PREPARE_FAILED);
+            PrepareReport::Failed(format!("{error:#}")).print();
             return ExitCode::from(EXIT_APP_LOAD_ERROR);
         }
     };
@@ -276,11 +246,11 @@ fn prepare() -> ExitCode {
     }
     match arbiter::prepare(&settings) {
         Ok(baseline) => {
-            println!("{}{baseline}", arbiter::PREPARED);
+            PrepareReport::Prepared(baseline.to_string()).print();
             ExitCode::SUCCESS
         }
         Err(error) => {
-            println!("{}{error:#}", arbiter::PREPARE_FAILED);
+            PrepareReport::Failed(format!("{error:#}")).print();
             ExitCode::from(EXIT_APP_LOAD_ERROR)
         }
     }

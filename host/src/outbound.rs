@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,8 +23,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody};
 
-use crate::apps::Outbound;
 use crate::metrics::AppMetrics;
+use crate::settings::Outbound;
 
 /// An app's outbound HTTP, shared by its instances in a worker.
 pub struct OutboundClient {
@@ -292,9 +292,7 @@ struct IdleConnections {
 
 impl IdleConnections {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Origin, Kept>> {
-        self.by_origin
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        crate::lock::lock(&self.by_origin)
     }
 
     /// Keeps `sender` for the next request to `origin`; unless it is taken, it is closed

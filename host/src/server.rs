@@ -276,10 +276,7 @@ impl ConnectionCap {
     }
 
     fn warn_full(&self) {
-        let mut last = self
-            .last_warning
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut last = crate::lock::lock(&self.last_warning);
         if last.is_none_or(|at| at.elapsed() >= CAP_WARNING_INTERVAL) {
             *last = Some(Instant::now());
             tracing::warn!(

@@ -9,11 +9,13 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::access_log::AccessLog;
 use crate::admission::Admission;
+use crate::capabilities::host_semaphores::HostSemaphores;
 use crate::capabilities::{AppCapabilities, HostDatabases};
 use crate::compile_cache;
 use crate::engine::{self, EngineSizing};
 use crate::guest::Guest;
 use crate::handler::{RequestHandler, ServedApp};
+use crate::handoff::WorkerHandoff;
 use crate::heartbeat::Heartbeat;
 use crate::hooks;
 use crate::http::limits::RequestLimits;
@@ -31,20 +33,21 @@ pub enum StartError {
     Boot(anyhow::Error),
 }
 
-/// gunicorn's exit codes for a worker that cannot boot and an app that cannot load.
-pub const EXIT_BOOT_ERROR: u8 = 3;
-pub const EXIT_APP_LOAD_ERROR: u8 = 4;
-
 pub fn run(
-    settings: &Settings,
+    handoff: &WorkerHandoff,
     error_log: LogFile,
     listeners: Vec<Listener>,
     heartbeat: Heartbeat,
 ) -> Result<(), StartError> {
+    let settings = &handoff.settings;
     let pid = std::process::id();
     tracing::info!("Booting worker with pid: {pid}");
     let engine = engine::build(EngineSizing::for_apps(&settings.apps)).map_err(StartError::Boot)?;
-    let instances: usize = settings.apps.iter().map(|app| app.concurrency).sum();
+    let instances: usize = settings
+        .apps
+        .iter()
+        .map(|app| app.settings.concurrency)
+        .sum();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("worker")
@@ -70,7 +73,13 @@ pub fn run(
             .as_ref()
             .map_or_else(AppMetrics::detached, |metrics| metrics.app(index));
         let capabilities = runtime
-            .block_on(AppCapabilities::for_app(settings, app, &mut host_databases))
+            .block_on(AppCapabilities::for_app(
+                settings,
+                &handoff.master_key,
+                Some(HostSemaphores::open(handoff.host_semaphores)),
+                app,
+                &mut host_databases,
+            ))
             .with_context(|| format!("cannot set up the host capabilities of app `{}`", app.name))
             .map_err(StartError::Boot)?;
         let guest = compile_cache::load_component(&engine, &app.component, &settings.cache_dir)
@@ -90,13 +99,13 @@ pub fn run(
             name: app.name.clone(),
             guest: Arc::new(guest),
             admission: Admission::new(
-                app.concurrency,
-                app.queue_limit,
-                app.timeout,
+                app.settings.concurrency,
+                app.settings.queue_limit,
+                app.settings.timeout,
                 metrics.clone(),
             ),
-            limits: app.request_limits,
-            body_limit: app.body_limit,
+            limits: app.settings.request_limits,
+            body_limit: app.settings.body_limit,
             metrics,
         });
     }
@@ -114,9 +123,9 @@ pub fn run(
             engine::start_epoch_ticker(&engine)?;
             reopen_logs_on_usr1(error_log, access_log.clone())?;
             let heartbeat = Arc::new(heartbeat);
-            keep_beating(Arc::clone(&heartbeat), settings.timeout);
+            keep_beating(Arc::clone(&heartbeat), settings.app.timeout);
             let handler = Arc::new(RequestHandler {
-                router: crate::apps::Router::new(&settings.apps),
+                router: crate::router::Router::new(&settings.apps),
                 apps,
                 trusted_peers: settings.trusted_peers.clone(),
                 access_log,
@@ -125,12 +134,14 @@ pub fn run(
             let connections = ConnectionSettings {
                 keep_alive: settings.keep_alive,
                 max_connections: settings.max_connections,
-                limits: RequestLimits::loosest(settings.apps.iter().map(|app| app.request_limits)),
+                limits: RequestLimits::loosest(
+                    settings.apps.iter().map(|app| app.settings.request_limits),
+                ),
                 // An app without a deadline lets its clients take their time too.
                 write_stall_timeout: settings
                     .apps
                     .iter()
-                    .map(|app| app.timeout)
+                    .map(|app| app.settings.timeout)
                     .reduce(|a, b| a.zip(b).map(|(a, b)| a.max(b)))
                     .flatten(),
             };

@@ -5,7 +5,7 @@
 //! `base64url(nonce[12] || ciphertext[32] || tag[16])`, with the associated data
 //! `host:crypto:v1:<app>`, so a key id issued to one app is refused for every other.
 //!
-//! Every encryption takes a slot of the host-wide bound (`slots.rs`), a chunk at a time for
+//! Every encryption takes a slot of the host-wide bound (`host_semaphores.rs`), a chunk at a time for
 //! streams, so a slow client never holds a slot while the host waits for its bytes; and first a
 //! place in its app's share of those slots in the worker (a fair queue), so one app's many
 //! streams cannot keep every slot from another app.
@@ -24,7 +24,7 @@ use wasmtime_wasi::p2::DynInputStream;
 
 use crate::capabilities::CapabilityView;
 use crate::capabilities::host::capabilities::crypto::{CryptoError, Host};
-use crate::capabilities::slots::{self, Bound, HostWideSlots};
+use crate::capabilities::host_semaphores::{self, Bound, HostSemaphores};
 use crate::capabilities::streams::{self, Ahead, Change, Next, Produced};
 
 const KEY_LENGTH: usize = 32;
@@ -41,7 +41,7 @@ pub struct Crypto {
     wrapping_aad: Vec<u8>,
     /// The app's name, in the debug log of each encryption.
     app: Arc<str>,
-    slots: Option<HostWideSlots>,
+    slots: Option<HostSemaphores>,
     /// The app's share of the encryption slots in this worker.
     share: Arc<tokio::sync::Semaphore>,
 }
@@ -112,7 +112,7 @@ impl Crypto {
     pub fn new(
         master_key: &[u8; KEY_LENGTH],
         app: &str,
-        slots: Option<HostWideSlots>,
+        slots: Option<HostSemaphores>,
         share: u32,
     ) -> Crypto {
         let master =
@@ -124,11 +124,6 @@ impl Crypto {
             slots,
             share: Arc::new(tokio::sync::Semaphore::new(share.max(1) as usize)),
         }
-    }
-
-    /// The host-wide bounds this app's work is counted in.
-    pub fn slots(&self) -> Option<HostWideSlots> {
-        self.slots
     }
 
     fn aad(&self) -> Aad<&[u8]> {
@@ -198,7 +193,7 @@ impl Crypto {
             return Ok(Err(CryptoError::OutOfRange));
         }
         let share = take_share(&self.share).await;
-        let slot = slots::take_if_bounded(self.slots, Bound::Encryption).await;
+        let slot = host_semaphores::take_if_bounded(self.slots, Bound::Encryption).await;
         let app = Arc::clone(&self.app);
         let work = tokio::task::spawn_blocking(move || {
             let _slots = (share, slot);
@@ -239,7 +234,7 @@ struct Encrypting {
     app: Arc<str>,
     keystream: Keystream,
     offset: u64,
-    slots: Option<HostWideSlots>,
+    slots: Option<HostSemaphores>,
     share: Arc<tokio::sync::Semaphore>,
 }
 
@@ -256,7 +251,7 @@ impl Change for Encrypting {
             .try_into_mut()
             .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
         let _share = take_share(&self.share).await;
-        let _slot = slots::take_if_bounded(self.slots, Bound::Encryption).await;
+        let _slot = host_semaphores::take_if_bounded(self.slots, Bound::Encryption).await;
         // Fails the stream for bytes past offset 2^64, before the offset could wrap.
         apply_logged(&self.app, &self.keystream, self.offset, &mut data)?;
         self.offset += data.len() as u64;
@@ -267,12 +262,12 @@ impl Change for Encrypting {
 /// The keystream applied; the monotonic start and end are in the debug log, so the host-wide
 /// bound can be checked from outside.
 fn apply_logged(app: &str, keystream: &Keystream, offset: u64, data: &mut [u8]) -> Result<()> {
-    let started = monotonic_nanos();
+    let started = crate::clock::since_start().as_nanos();
     keystream.apply(offset, data)?;
     tracing::debug!(
         "crypto: app {app}: {} bytes from {started} to {} ns (monotonic)",
         data.len(),
-        monotonic_nanos()
+        crate::clock::since_start().as_nanos()
     );
     Ok(())
 }
@@ -356,31 +351,17 @@ impl CapabilityView<'_> {
     }
 }
 
-fn monotonic_nanos() -> u128 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out pointer for CLOCK_MONOTONIC, which is system-wide on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u128 * 1_000_000_000 + now.tv_nsec as u128
-}
-
-/// The crypto capability of `app`, in a worker (or a compile step, which has no slots), with
-/// the master key it was made from, which the other capabilities derive their keys from.
+/// The crypto capability of `app` in a worker, under the master key and within the host-wide
+/// semaphores (none where the host has no bounds).
 pub fn for_app(
     settings: &crate::settings::Settings,
+    master_key: &[u8; KEY_LENGTH],
+    semaphores: Option<HostSemaphores>,
     app: &str,
-) -> Result<(Arc<Crypto>, [u8; KEY_LENGTH])> {
-    let key = master_key(
-        settings.master_key.as_deref(),
-        settings.master_key_file.as_deref(),
-        &settings.data_dir,
-    )?;
-    let slots = settings.host_slots.map(HostWideSlots::open);
+) -> Arc<Crypto> {
     let apps = settings.apps.len().max(1) as u32;
     let share = settings.encrypt_concurrency / apps;
-    Ok((Arc::new(Crypto::new(&key, app, slots, share)), key))
+    Arc::new(Crypto::new(master_key, app, semaphores, share))
 }
 
 /// The master key: `--master-key` (hex, from `HOST_MASTER_KEY`), else `--master-key-file`, else

@@ -4,9 +4,9 @@
 
 pub mod crypto;
 pub mod hmac_registry;
+pub mod host_semaphores;
 pub mod objects;
 pub mod part_buffer;
-pub mod slots;
 pub mod sql;
 pub mod status;
 pub(crate) mod streams;
@@ -19,9 +19,10 @@ use tokio::time::Instant;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 use wasmtime_wasi::p2::DynInputStream;
 
-use crate::apps::{AppSettings, Capability};
 use crate::database::{Backend, BackendKind, HostDatabase};
 use crate::settings::Settings;
+use crate::settings::{App, Capability};
+use host_semaphores::HostSemaphores;
 use streams::{MAX_CAPABILITY_STREAMS, StreamCount, TooManyStreams};
 
 wasmtime::component::bindgen!({
@@ -109,7 +110,7 @@ pub fn add_to_linker<T: Send + 'static>(
 pub fn check_grants(
     engine: &wasmtime::Engine,
     component: &wasmtime::component::Component,
-    app: &AppSettings,
+    app: &App,
 ) -> Result<()> {
     for (import, _) in component.component_type().imports(engine) {
         if let Some(capability) = Capability::of_import(import)
@@ -131,7 +132,7 @@ pub fn check_grants(
 pub fn remove_leftovers(settings: &Settings) -> Result<()> {
     let mut directories = vec![part_buffer::spill_dir(&settings.data_dir)];
     for app in &settings.apps {
-        if let objects::Storage::Local(root) = &app.storage {
+        if let objects::Storage::Local(root) = &app.settings.storage {
             let root = root
                 .clone()
                 .unwrap_or_else(|| settings.data_dir.join("apps"));
@@ -158,7 +159,7 @@ pub fn remove_leftovers(settings: &Settings) -> Result<()> {
 /// other app its own.
 pub fn part_buffer_shares(settings: &Settings) -> (u32, u32) {
     let apps = settings.apps.len().max(1) as u32;
-    let spill_mib = (settings.spill_limit >> 20).min(u64::from(slots::MAX_UNITS)) as u32;
+    let spill_mib = (settings.spill_limit >> 20).min(u64::from(host_semaphores::MAX_UNITS)) as u32;
     (
         (settings.encrypt_concurrency / apps).max(1),
         (spill_mib / apps).max(1),
@@ -194,20 +195,21 @@ impl AppCapabilities {
     /// connected on first use, so one that is down fails only the calls that need it.
     pub async fn for_app(
         settings: &Settings,
-        app: &AppSettings,
+        master_key: &[u8; 32],
+        semaphores: Option<HostSemaphores>,
+        app: &App,
         host_databases: &mut HostDatabases,
     ) -> Result<Arc<AppCapabilities>> {
         let app_settings = app;
         let app = app.name.clone();
-        let (crypto, key) = crypto::for_app(settings, &app)?;
-        let slots = crypto.slots();
-        let backend = Backend::of(settings, app_settings.database_url.as_deref())?;
+        let crypto = crypto::for_app(settings, master_key, semaphores, &app);
+        let backend = Backend::of(settings, app_settings.settings.database_url.as_deref())?;
         let host_database = host_databases.of(&backend)?;
         let spill_dir = part_buffer::spill_dir(&settings.data_dir);
         part_buffer::make_spill_dir(&spill_dir).await?;
         let (memory_share, spill_share_mib) = part_buffer_shares(settings);
         let buffers = part_buffer::PartBuffers::new(
-            slots,
+            semaphores,
             settings.part_buffer,
             spill_dir,
             memory_share,
@@ -220,11 +222,11 @@ impl AppCapabilities {
             Arc::clone(&buffers),
         );
         let objects = objects::for_app(
-            &app_settings.storage,
-            &app_settings.s3,
+            &app_settings.settings.storage,
+            &app_settings.settings.s3,
             &settings.data_dir,
             &app,
-            &key,
+            master_key,
             buffers,
         )
         .await
@@ -233,7 +235,7 @@ impl AppCapabilities {
             &backend,
             &host_database,
             &app,
-            &key,
+            master_key,
             sql::SqlLimits::of(settings, app_settings),
         )?;
         Ok(Arc::new(AppCapabilities {

@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::capabilities::slots::{Bound, HostWideSlots, Slot};
+use crate::capabilities::host_semaphores::{Bound, HostSemaphores, Slot};
 use crate::capabilities::streams::CHUNK;
 
 /// How long a part in memory may keep its slot while the host waits on the other side.
@@ -34,7 +34,7 @@ const MIB: u64 = 1 << 20;
 
 /// The part buffers of one app in a worker.
 pub struct PartBuffers {
-    slots: Option<HostWideSlots>,
+    slots: Option<HostSemaphores>,
     memory_limit: u64,
     spill_dir: PathBuf,
     /// The app's share, in this worker, of the memory slots ...
@@ -54,7 +54,7 @@ impl PartBuffers {
     /// An app's buffers: parts up to `memory_limit` (`--part-buffer`) in memory, with at most
     /// `memory_share` of them and `spill_share_mib` MiB of spill files at once in this worker.
     pub fn new(
-        slots: Option<HostWideSlots>,
+        slots: Option<HostSemaphores>,
         memory_limit: u64,
         spill_dir: PathBuf,
         memory_share: u32,

@@ -66,24 +66,25 @@ pub struct SqlLimits {
 }
 
 impl SqlLimits {
-    pub fn of(settings: &crate::settings::Settings, app: &crate::apps::AppSettings) -> SqlLimits {
+    pub fn of(settings: &crate::settings::Settings, app: &crate::settings::App) -> SqlLimits {
         SqlLimits {
-            connections: (app.concurrency as u32).clamp(1, 10),
+            connections: (app.settings.concurrency as u32).clamp(1, 10),
             workers: settings.workers.max(1) as u32,
-            timeout: app.timeout,
-            memory_limit: app.memory_limit,
-            granted: app.capabilities.contains(&crate::apps::Capability::Sql),
+            timeout: app.settings.timeout,
+            memory_limit: app.settings.memory_limit,
+            granted: app.capabilities.contains(&crate::settings::Capability::Sql),
         }
     }
 
     /// What SQLite may hold in a worker for `app`: its heap if it is granted SQL on SQLite
     /// files, else nothing.
-    pub fn sqlite_heap_of(
-        settings: &crate::settings::Settings,
-        app: &crate::apps::AppSettings,
-    ) -> u64 {
+    pub fn sqlite_heap_of(settings: &crate::settings::Settings, app: &crate::settings::App) -> u64 {
         let limits = SqlLimits::of(settings, app);
-        let on_sqlite = app.database_url.as_deref().is_none_or(str::is_empty);
+        let on_sqlite = app
+            .settings
+            .database_url
+            .as_deref()
+            .is_none_or(str::is_empty);
         if limits.granted && on_sqlite {
             limits.sqlite_heap()
         } else {

@@ -27,7 +27,7 @@ pub const MAX_LISTED: usize = 1000;
 
 pub type ObjectResult<T> = Result<T, ObjectError>;
 
-pub use crate::storage::{S3Location, S3Settings, Storage};
+pub use crate::settings::storage::{S3Location, S3Settings, Storage};
 
 /// One app's object store.
 pub enum ObjectStore {
@@ -35,13 +35,20 @@ pub enum ObjectStore {
     S3(Box<S3Store>),
 }
 
+/// `$call` on the store, whichever it is: both offer the same methods.
+macro_rules! on_store {
+    ($self:expr, $store:ident => $call:expr) => {
+        match $self {
+            ObjectStore::Local($store) => $call,
+            ObjectStore::S3($store) => $call,
+        }
+    };
+}
+
 impl ObjectStore {
     async fn create_multipart(&self, key: &str) -> ObjectResult<String> {
         check_key(key)?;
-        match self {
-            ObjectStore::Local(store) => store.create_multipart(key).await,
-            ObjectStore::S3(store) => store.create_multipart(key).await,
-        }
+        on_store!(self, store => store.create_multipart(key).await)
     }
 
     async fn upload_part(
@@ -54,26 +61,12 @@ impl ObjectStore {
     ) -> ObjectResult<PartInfo> {
         check_key(key)?;
         check_part(number, length)?;
-        match self {
-            ObjectStore::Local(store) => {
-                store
-                    .upload_part(key, upload_id, number, source, length)
-                    .await
-            }
-            ObjectStore::S3(store) => {
-                store
-                    .upload_part(key, upload_id, number, source, length)
-                    .await
-            }
-        }
+        on_store!(self, store => store.upload_part(key, upload_id, number, source, length).await)
     }
 
     async fn list_parts(&self, key: &str, upload_id: &str) -> ObjectResult<Vec<PartInfo>> {
         check_key(key)?;
-        match self {
-            ObjectStore::Local(store) => store.list_parts(key, upload_id).await,
-            ObjectStore::S3(store) => store.list_parts(key, upload_id).await,
-        }
+        on_store!(self, store => store.list_parts(key, upload_id).await)
     }
 
     async fn complete_multipart(
@@ -85,26 +78,17 @@ impl ObjectStore {
         check_key(key)?;
         let stored = self.list_parts(key, upload_id).await?;
         check_completion(&parts, &stored)?;
-        match self {
-            ObjectStore::Local(store) => store.complete_multipart(key, upload_id, &parts).await,
-            ObjectStore::S3(store) => store.complete_multipart(key, upload_id, &parts).await,
-        }
+        on_store!(self, store => store.complete_multipart(key, upload_id, &parts).await)
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> ObjectResult<()> {
         check_key(key)?;
-        match self {
-            ObjectStore::Local(store) => store.abort_multipart(key, upload_id).await,
-            ObjectStore::S3(store) => store.abort_multipart(key, upload_id).await,
-        }
+        on_store!(self, store => store.abort_multipart(key, upload_id).await)
     }
 
     async fn put(&self, key: &str, data: Vec<u8>) -> ObjectResult<ObjectInfo> {
         check_key(key)?;
-        match self {
-            ObjectStore::Local(store) => store.put(key, data).await,
-            ObjectStore::S3(store) => store.put(key, data).await,
-        }
+        on_store!(self, store => store.put(key, data).await)
     }
 
     async fn get(
@@ -114,26 +98,17 @@ impl ObjectStore {
         length: Option<u64>,
     ) -> ObjectResult<(ObjectInfo, DynInputStream)> {
         check_key(key)?;
-        match self {
-            ObjectStore::Local(store) => store.get(key, start, length).await,
-            ObjectStore::S3(store) => store.get(key, start, length).await,
-        }
+        on_store!(self, store => store.get(key, start, length).await)
     }
 
     async fn head(&self, key: &str) -> ObjectResult<Option<ObjectInfo>> {
         check_key(key)?;
-        match self {
-            ObjectStore::Local(store) => store.head(key).await,
-            ObjectStore::S3(store) => store.head(key).await,
-        }
+        on_store!(self, store => store.head(key).await)
     }
 
     async fn delete(&self, key: &str) -> ObjectResult<()> {
         check_key(key)?;
-        match self {
-            ObjectStore::Local(store) => store.delete(key).await,
-            ObjectStore::S3(store) => store.delete(key).await,
-        }
+        on_store!(self, store => store.delete(key).await)
     }
 
     async fn list(&self, prefix: &str) -> ObjectResult<Vec<ObjectInfo>> {
@@ -142,10 +117,7 @@ impl ObjectStore {
                 "a prefix is at most {MAX_KEY_LENGTH} bytes"
             )));
         }
-        let listed = match self {
-            ObjectStore::Local(store) => store.list(prefix, MAX_LISTED).await,
-            ObjectStore::S3(store) => store.list(prefix, MAX_LISTED).await,
-        }?;
+        let listed = on_store!(self, store => store.list(prefix, MAX_LISTED).await)?;
         if listed.len() > MAX_LISTED {
             return Err(ObjectError::InvalidKey(format!(
                 "{prefix:?}: more than {MAX_LISTED} objects have this prefix, the most one listing returns; list by longer prefixes"

@@ -26,7 +26,7 @@ pub const MAX_UNITS: u32 = crate::settings::MAX_SEMAPHORE_UNITS;
 
 /// The semaphore set, by its System V id.
 #[derive(Debug, Clone, Copy)]
-pub struct HostWideSlots {
+pub struct HostSemaphores {
     id: i32,
 }
 
@@ -37,10 +37,10 @@ pub struct Slot {
     units: i16,
 }
 
-impl HostWideSlots {
+impl HostSemaphores {
     /// Made by the master with `slots` encryption and memory-buffer slots and `spill_mib` MiB of
     /// spill files (each at most `MAX_UNITS`); `remove` it when the host stops.
-    pub fn create(slots: u32, spill_mib: u32) -> Result<HostWideSlots> {
+    pub fn create(slots: u32, spill_mib: u32) -> Result<HostSemaphores> {
         // SAFETY: semget/semctl with a private key and valid flags.
         let id = unsafe {
             libc::semget(
@@ -65,12 +65,12 @@ impl HostWideSlots {
                     .context("cannot set the host-wide semaphores");
             }
         }
-        Ok(HostWideSlots { id })
+        Ok(HostSemaphores { id })
     }
 
     /// Opened by a worker from the id the master passed.
-    pub fn open(id: i32) -> HostWideSlots {
-        HostWideSlots { id }
+    pub fn open(id: i32) -> HostSemaphores {
+        HostSemaphores { id }
     }
 
     pub fn id(&self) -> i32 {
@@ -133,7 +133,7 @@ impl HostWideSlots {
 }
 
 /// A slot of `bound` once one is free, or none when the host has no bounds (a compile step).
-pub async fn take_if_bounded(slots: Option<HostWideSlots>, bound: Bound) -> Option<Slot> {
+pub async fn take_if_bounded(slots: Option<HostSemaphores>, bound: Bound) -> Option<Slot> {
     match slots {
         Some(slots) => Some(slots.take_async(bound).await),
         None => None,
@@ -142,7 +142,7 @@ pub async fn take_if_bounded(slots: Option<HostWideSlots>, bound: Bound) -> Opti
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        HostWideSlots { id: self.id }.op(self.bound, self.units, 0);
+        HostSemaphores { id: self.id }.op(self.bound, self.units, 0);
     }
 }
 
@@ -152,7 +152,7 @@ mod tests {
 
     #[test]
     fn a_slot_is_given_back_once_and_only_when_taken() {
-        let slots = HostWideSlots::create(1, 10).unwrap();
+        let slots = HostSemaphores::create(1, 10).unwrap();
         let held = slots.try_take(Bound::Encryption).expect("one slot is free");
         for _ in 0..3 {
             assert!(

@@ -1,7 +1,14 @@
-//! The settings of `host serve`, with gunicorn's names, defaults and rules.
+//! The settings of `host serve`, with gunicorn's names, defaults and rules: declared once, as
+//! clap arguments, in two groups: the host's own (`ServeArgs`) and those an app may override
+//! (`app::AppArgs`, flattened into the host's). Every source of settings (command line,
+//! environment, config file, `[[app]]` entries) is read through this one table.
 //!
-//! `ServeArgs` is what the command line says; `Settings` is the validated, derived form the
-//! rest of the host works from (clamped limits, the concurrency a worker class implies, …).
+//! `Settings` is the validated, derived form the rest of the host works from (clamped limits,
+//! the concurrency a worker class implies, …).
+
+pub mod app;
+pub mod storage;
+mod values;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,23 +18,15 @@ use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
+pub use app::{App, AppArgs, AppSettings, Capability, Outbound};
+pub use values::{MAX_SEMAPHORE_UNITS, human_size, parse_env_pair, redacted_url};
+
 use crate::http::forwarded::TrustedPeers;
-use crate::http::limits::RequestLimits;
-use crate::storage::{S3Settings, Storage};
+use values::{check_count, parse_seconds, parse_size, seconds_or_off};
 
 /// gunicorn's default access log format.
 pub const DEFAULT_ACCESS_LOG_FORMAT: &str =
     r#"%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s""#;
-
-/// The default cap on one guest instance's linear memory.
-pub const DEFAULT_MEMORY_LIMIT: &str = "128MiB";
-
-/// The most workers, threads, connections or slots any count setting may ask for: far past
-/// what a machine serves, and within what the host's semaphores and pools can count.
-const MAX_COUNT: usize = 1_000_000;
-
-/// A 32-bit WebAssembly memory holds at most 65,536 pages of 64 KiB.
-const MAX_MEMORY_LIMIT: u64 = 4 << 30;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -95,36 +94,10 @@ pub struct ServeArgs {
     #[arg(long = "reuse-port")]
     pub reuse_port: bool,
 
-    /// How requests are run: `sync` (one at a time), `gthread` (`--threads` at once),
-    /// `gevent`/`eventlet` (`--worker-connections` at once).
-    #[arg(
-        short = 'k',
-        long = "worker-class",
-        default_value = "sync",
-        value_name = "CLASS"
-    )]
-    pub worker_class: WorkerClass,
-
-    /// Guest instances running at once with the gthread class (`sync` with threads > 1 becomes gthread).
-    #[arg(long, default_value_t = 1, value_name = "INT")]
-    pub threads: usize,
-
-    /// Requests a worker holds at once (running with the async classes, waiting with the others).
-    #[arg(
-        long = "worker-connections",
-        default_value_t = 1000,
-        value_name = "INT"
-    )]
-    pub worker_connections: usize,
-
     /// Connections a worker holds open at once, across its apps and listeners; further clients
     /// wait in the listen backlog until one closes.
     #[arg(long = "max-connections", default_value_t = 1000, value_name = "INT")]
     pub max_connections: usize,
-
-    /// Seconds a request's guest may run before it is stopped and the client gets 504. 0 = no limit.
-    #[arg(short = 't', long, default_value = "30", value_name = "SECONDS", value_parser = parse_seconds)]
-    pub timeout: f64,
 
     /// Seconds in-flight requests get to finish after a stop signal.
     #[arg(long = "graceful-timeout", default_value = "30", value_name = "SECONDS", value_parser = parse_seconds)]
@@ -133,62 +106,6 @@ pub struct ServeArgs {
     /// Seconds an idle keep-alive connection is kept open. 0 = close after every response.
     #[arg(long = "keep-alive", default_value = "2", value_name = "SECONDS", value_parser = parse_seconds)]
     pub keep_alive: f64,
-
-    /// Maximum length of the request line in bytes (0 = unlimited; above 8190 means 8190). Longer: 400.
-    #[arg(
-        long = "limit-request-line",
-        default_value_t = 4094,
-        value_name = "INT",
-        allow_negative_numbers = true
-    )]
-    pub limit_request_line: i64,
-
-    /// Maximum number of header fields in a request (0 or above 32768 means 32768). More: 431.
-    #[arg(
-        long = "limit-request-fields",
-        default_value_t = 100,
-        value_name = "INT",
-        allow_negative_numbers = true
-    )]
-    pub limit_request_fields: i64,
-
-    /// Maximum size of one header line, `name: value`, in bytes (0 = unlimited). Larger: 431.
-    #[arg(
-        long = "limit-request-field_size",
-        alias = "limit-request-field-size",
-        default_value_t = 8190,
-        value_name = "INT",
-        allow_negative_numbers = true
-    )]
-    pub limit_request_field_size: i64,
-
-    /// Largest request body an app is given, e.g. `100MiB` (0 = unlimited). A larger declared
-    /// body is answered 413; a chunked one is cut at the limit.
-    #[arg(long = "limit-request-body", default_value = "0", value_name = "SIZE", value_parser = parse_size)]
-    pub limit_request_body: u64,
-
-    /// A host the app may call over HTTP (`wasi:http/outgoing-handler`): `api.example.com`,
-    /// `*.example.com`, or with a port, `127.0.0.1:9000`. Repeatable; none by default, and a
-    /// call elsewhere is refused before any connection is made.
-    #[arg(long = "allow-outbound", value_name = "HOST")]
-    pub allow_outbound: Vec<String>,
-
-    /// Seconds an outbound request may take to connect (and to wait for a free connection).
-    #[arg(long = "outbound-connect-timeout", default_value = "10", value_name = "SECONDS", value_parser = parse_seconds)]
-    pub outbound_connect_timeout: f64,
-
-    /// Seconds an outbound request may wait for the upstream's response to begin.
-    /// 0 = until the request's --timeout.
-    #[arg(long = "outbound-timeout", default_value = "0", value_name = "SECONDS", value_parser = parse_seconds)]
-    pub outbound_timeout: f64,
-
-    /// Outbound connections open at once per app in a worker; further calls wait.
-    #[arg(
-        long = "outbound-connections",
-        default_value_t = 50,
-        value_name = "INT"
-    )]
-    pub outbound_connections: usize,
 
     /// Where the Prometheus metrics (`/metrics`) and `/healthz` are served, e.g. `127.0.0.1:9100`.
     /// Off unless set.
@@ -203,10 +120,6 @@ pub struct ServeArgs {
         value_name = "LIST"
     )]
     pub forwarded_allow_ips: String,
-
-    /// Cap on one guest instance's linear memory (all its memories together), e.g. `16MiB`, `1GiB`.
-    #[arg(long = "memory-limit", default_value = DEFAULT_MEMORY_LIMIT, value_name = "SIZE", value_parser = parse_size)]
-    pub memory_limit: u64,
 
     /// The most memory the whole host may use: a configuration whose worst case exceeds it is
     /// refused at start with the arithmetic (e.g. `512MiB`).
@@ -232,37 +145,10 @@ pub struct ServeArgs {
     #[arg(long = "master-key", hide = true, value_name = "HEX")]
     pub master_key: Option<String>,
 
-    /// The PostgreSQL database (`postgres://…`) that holds the host's state and its apps' SQL,
-    /// a schema and a role per app. Default: `$DATABASE_URL`, else SQLite files under --data-dir.
-    #[arg(
-        long = "database-url",
-        env = "DATABASE_URL",
-        hide_env_values = true,
-        value_name = "URL"
-    )]
-    pub database_url: Option<String>,
-
     /// Seconds a request waits for a database connection before it gets an `unavailable` error
     /// (sqlx's acquire timeout; it also bounds a connection attempt).
     #[arg(long = "database-timeout", default_value = "30", value_name = "SECONDS", value_parser = parse_seconds)]
     pub database_timeout: f64,
-
-    /// Where apps' objects are stored: `local` (under --data-dir), a directory, or
-    /// `s3://BUCKET[/PREFIX]` (credentials from the AWS environment variables or profile).
-    #[arg(long, default_value = "local", value_name = "LOCATION")]
-    pub storage: String,
-
-    /// The S3 API's endpoint, for S3-compatible services (Wasabi, R2, MinIO, …).
-    #[arg(long = "s3-endpoint", value_name = "URL")]
-    pub s3_endpoint: Option<String>,
-
-    /// The S3 region. Default: `$AWS_REGION`, else us-east-1.
-    #[arg(long = "s3-region", value_name = "REGION")]
-    pub s3_region: Option<String>,
-
-    /// Address buckets by path (`endpoint/bucket/key`) rather than by host name.
-    #[arg(long = "s3-path-style")]
-    pub s3_path_style: bool,
 
     /// A part held whole (checked before a download passes it on, or kept for an S3 retry) stays
     /// in memory up to this size, in a temporary file beyond it. At most
@@ -299,14 +185,20 @@ pub struct ServeArgs {
     /// Where compiled components are cached. Default: `$XDG_CACHE_HOME/host` or `~/.cache/host`.
     #[arg(long = "cache-dir", value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+
+    /// The settings an app may override in its `[[app]]` entry.
+    #[command(flatten)]
+    pub app: AppArgs,
 }
 
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum WorkerClass {
-    Sync,
-    Gthread,
-    Gevent,
-    Eventlet,
+impl ServeArgs {
+    /// The table of settings: every source of settings is read as arguments of it.
+    pub fn table() -> clap::Command {
+        use clap::Args;
+        ServeArgs::augment_args(clap::Command::new("serve"))
+            .no_binary_name(true)
+            .args_override_self(true)
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -316,17 +208,6 @@ pub enum LogLevel {
     Warning,
     Error,
     Critical,
-}
-
-impl WorkerClass {
-    pub fn name(self) -> &'static str {
-        match self {
-            WorkerClass::Sync => "sync",
-            WorkerClass::Gthread => "gthread",
-            WorkerClass::Gevent => "gevent",
-            WorkerClass::Eventlet => "eventlet",
-        }
-    }
 }
 
 /// Where a listener binds.
@@ -349,10 +230,11 @@ impl std::fmt::Display for BindAddress {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Settings {
     /// The apps served: the one component of `host serve COMPONENT.wasm`, or the `[[app]]`
-    /// entries of the config file. The per-app fields below are their defaults.
-    pub apps: Vec<crate::apps::AppSettings>,
+    /// entries of the config file.
+    pub apps: Vec<App>,
+    /// Every app's settings but for what its `[[app]]` entry overrides.
+    pub app: AppSettings,
     pub workers: usize,
-    pub worker_class: WorkerClass,
     pub max_requests: u64,
     pub max_requests_jitter: u64,
     pub worker_tmp_dir: PathBuf,
@@ -363,33 +245,19 @@ pub struct Settings {
     pub binds: Vec<BindAddress>,
     pub backlog: u32,
     pub reuse_port: bool,
-    /// Guest instances running at once in one worker.
-    pub concurrency: usize,
-    /// Requests that may wait for a free instance slot in one worker.
-    pub queue_limit: usize,
     /// Connections one worker holds open at once.
     pub max_connections: usize,
-    pub timeout: Option<Duration>,
     pub graceful_timeout: Duration,
     pub keep_alive: Option<Duration>,
-    pub request_limits: RequestLimits,
-    pub body_limit: Option<u64>,
-    pub outbound: crate::apps::Outbound,
     pub metrics_bind: Option<SocketAddr>,
     pub trusted_peers: TrustedPeers,
-    pub memory_limit: u64,
     pub memory_budget: Option<u64>,
     pub encrypt_concurrency: u32,
     pub data_dir: PathBuf,
     pub master_key_file: Option<PathBuf>,
-    /// The master key (hex): given, or resolved by the master before it starts workers.
+    /// The master key as given (hex); the master settles the key workers use (`WorkerHandoff`).
     pub master_key: Option<String>,
-    /// The System V semaphores of the host-wide bounds, made by the master.
-    pub host_slots: Option<i32>,
-    pub database_url: Option<String>,
     pub database_timeout: Duration,
-    pub storage: Storage,
-    pub s3: S3Settings,
     pub part_buffer: u64,
     pub spill_limit: u64,
     pub log_level: LogLevel,
@@ -411,46 +279,15 @@ impl Settings {
         };
         for (flag, count) in [
             ("--workers", args.workers),
-            ("--threads", args.threads),
-            ("--worker-connections", args.worker_connections),
             ("--max-connections", args.max_connections),
-            ("--outbound-connections", args.outbound_connections),
             ("--encrypt-concurrency", args.encrypt_concurrency as usize),
         ] {
-            if count == 0 {
-                bail!("{flag} must be at least 1");
-            }
-            if count > MAX_COUNT {
-                bail!("{flag} {count} is more than the {MAX_COUNT} a host can hold");
-            }
-        }
-        // gunicorn: the sync class with more than one thread is the gthread class.
-        let worker_class = match args.worker_class {
-            WorkerClass::Sync if args.threads > 1 => WorkerClass::Gthread,
-            class => class,
-        };
-        let concurrency = match args.worker_class {
-            WorkerClass::Sync if args.threads > 1 => args.threads,
-            WorkerClass::Sync => 1,
-            WorkerClass::Gthread => args.threads,
-            WorkerClass::Gevent | WorkerClass::Eventlet => args.worker_connections,
-        };
-        let memory_limit = args.memory_limit;
-        if memory_limit < 64 * 1024 {
-            bail!(
-                "--memory-limit must be at least 64KiB (one WebAssembly page), got {memory_limit} bytes"
-            );
+            check_count(flag, count)?;
         }
         if args.encrypt_concurrency > MAX_SEMAPHORE_UNITS {
             bail!(
                 "--encrypt-concurrency {} is more than the host-wide semaphore counts ({MAX_SEMAPHORE_UNITS})",
                 args.encrypt_concurrency
-            );
-        }
-        if memory_limit > MAX_MEMORY_LIMIT {
-            bail!(
-                "--memory-limit {} is more than a WebAssembly memory can hold (4GiB)",
-                human_size(memory_limit)
             );
         }
         if args.spill_limit < 1 << 20 || args.spill_limit > u64::from(MAX_SPILL_MIB) << 20 {
@@ -477,8 +314,8 @@ impl Settings {
         };
         Ok(Settings {
             apps: Vec::new(),
+            app: AppSettings::from_args(args.app)?,
             workers: args.workers,
-            worker_class,
             max_requests: args.max_requests,
             max_requests_jitter: args.max_requests_jitter,
             worker_tmp_dir: args.worker_tmp_dir.unwrap_or_else(default_worker_tmp_dir),
@@ -488,28 +325,12 @@ impl Settings {
             binds,
             backlog: args.backlog,
             reuse_port: args.reuse_port,
-            concurrency,
-            queue_limit: args.worker_connections,
             max_connections: args.max_connections,
-            timeout: seconds_or_off(args.timeout),
             graceful_timeout: Duration::from_secs_f64(args.graceful_timeout),
             keep_alive: seconds_or_off(args.keep_alive),
-            request_limits: RequestLimits::gunicorn(
-                args.limit_request_line,
-                args.limit_request_fields,
-                args.limit_request_field_size,
-            ),
-            body_limit: (args.limit_request_body > 0).then_some(args.limit_request_body),
-            outbound: crate::apps::Outbound {
-                allowed_hosts: crate::apps::lowercase(args.allow_outbound),
-                connect_timeout: Duration::from_secs_f64(args.outbound_connect_timeout.max(0.001)),
-                first_byte_timeout: seconds_or_off(args.outbound_timeout),
-                connections: args.outbound_connections,
-            },
             metrics_bind,
             trusted_peers: TrustedPeers::parse(&args.forwarded_allow_ips)
                 .context("invalid --forwarded-allow-ips")?,
-            memory_limit,
             memory_budget: args.memory_budget,
             encrypt_concurrency: args.encrypt_concurrency,
             data_dir: match args.data_dir {
@@ -518,15 +339,7 @@ impl Settings {
             },
             master_key_file: args.master_key_file,
             master_key: args.master_key,
-            host_slots: None,
-            database_url: args.database_url.filter(|url| !url.is_empty()),
             database_timeout: Duration::from_secs_f64(args.database_timeout.max(0.1)),
-            storage: Storage::parse(&args.storage)?,
-            s3: S3Settings {
-                endpoint: args.s3_endpoint,
-                region: args.s3_region,
-                path_style: args.s3_path_style,
-            },
             part_buffer: args.part_buffer,
             spill_limit: args.spill_limit,
             log_level: args.log_level,
@@ -541,16 +354,8 @@ impl Settings {
     }
 }
 
-/// The most a System V semaphore counts (`SEMVMX`): the host-wide slots and the MiB of
-/// `--spill-limit` are counted by them.
-pub const MAX_SEMAPHORE_UNITS: u32 = 32767;
-
 /// `--spill-limit` is counted in MiB by a System V semaphore.
 const MAX_SPILL_MIB: u32 = MAX_SEMAPHORE_UNITS;
-
-fn seconds_or_off(seconds: f64) -> Option<Duration> {
-    (seconds > 0.0).then(|| Duration::from_secs_f64(seconds))
-}
 
 fn default_bind() -> Result<BindAddress> {
     match std::env::var("PORT") {
@@ -605,13 +410,6 @@ fn default_worker_tmp_dir() -> PathBuf {
     if is_tmpfs { shm } else { std::env::temp_dir() }
 }
 
-pub(crate) fn parse_env_pair(text: &str) -> Result<(String, String), String> {
-    match text.split_once('=') {
-        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
-        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
-    }
-}
-
 fn default_data_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir).join("host"));
@@ -633,103 +431,14 @@ fn default_cache_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".cache").join("host"))
 }
 
-/// The longest duration a setting takes: about 31 years, so that a deadline computed from it
-/// (`now + timeout`) never overflows, which would panic where it is computed.
-const MAX_SECONDS: f64 = 1e9;
-
-fn parse_seconds(text: &str) -> Result<f64, String> {
-    let seconds: f64 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("expected a number of seconds such as 30 or 0.5, got {text:?}"))?;
-    if !seconds.is_finite() || seconds < 0.0 {
-        return Err(format!(
-            "expected a non-negative number of seconds, got {text:?}"
-        ));
-    }
-    if seconds > MAX_SECONDS {
-        return Err(format!(
-            "expected at most {MAX_SECONDS} seconds (about 31 years; 0 is off), got {text:?}"
-        ));
-    }
-    Ok(seconds)
-}
-
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let size = text
-        .trim()
-        .parse::<bytesize::ByteSize>()
-        .map(|size| size.as_u64())
-        .map_err(|_| format!("expected a size such as 16MiB, 512MB or 1GiB, got {text:?}"))?;
-    // bytesize saturates a size past u64 at its largest value, which would be read as a
-    // limit of 16 EiB.
-    if size == u64::MAX {
-        return Err(format!("{text:?} is past the largest size, 16 EiB"));
-    }
-    Ok(size)
-}
-
-/// A size as people write it: `16 MiB` when it is a whole number of MiB.
-pub fn human_size(bytes: u64) -> String {
-    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
-    for (unit, name) in UNITS {
-        if bytes >= unit && bytes.is_multiple_of(unit) && (unit > 1 << 10 || bytes < 1 << 20) {
-            return format!("{} {name}", bytes / unit);
-        }
-    }
-    for (unit, name) in UNITS {
-        if bytes >= unit {
-            return format!("{:.1} {name}", bytes as f64 / unit as f64);
-        }
-    }
-    format!("{bytes} bytes")
-}
-
-/// A database URL fit for a log line: the password replaced.
-pub fn redacted_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn sizes_read_and_print_as_people_write_them() {
-        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("64MB"), Ok(64_000_000));
-        assert!(parse_size("lots").is_err());
-        // Past u64 bytesize saturates; that must not read as a 16 EiB limit.
-        assert!(parse_size("99999999EiB").is_err());
-        assert_eq!(human_size(16 << 20), "16 MiB");
-        assert_eq!(human_size(3 << 29), "1536 MiB");
-        assert_eq!(human_size(16512 << 10), "16.1 MiB");
-        assert_eq!(human_size(18812 << 10), "18.4 MiB");
-        assert_eq!(human_size(512 << 10), "512 KiB");
-    }
-
-    #[test]
-    fn seconds_past_31_years_are_refused_rather_than_overflowing_a_deadline() {
-        assert_eq!(parse_seconds("1e9"), Ok(1e9));
-        assert!(parse_seconds("1e19").is_err());
-        assert!(parse_seconds("1e20").is_err());
-        assert!(parse_seconds("inf").is_err());
-    }
-
     /// `Settings::from_args` of `host serve x.wasm` with `extra`: the refusal, if any.
     fn refusal(extra: &[&str]) -> Option<String> {
         use clap::FromArgMatches;
-        let matches = crate::config::settings_table()
+        let matches = ServeArgs::table()
             .try_get_matches_from(["x.wasm"].iter().chain(extra))
             .expect("the arguments parse");
         let args = ServeArgs::from_arg_matches(&matches).expect("serve arguments");
@@ -772,5 +481,51 @@ mod tests {
             BindAddress::Tcp("127.0.0.1:8000".parse().unwrap())
         );
         assert!(parse_bind("unix:").is_err());
+    }
+
+    /// The README's flag tables and its list of app settings follow the table of settings, so
+    /// a setting added here fails this test until the README says what it is.
+    #[test]
+    fn the_readme_lists_every_setting_with_its_default() {
+        let readme = include_str!("../../../README.md");
+        let rows: Vec<&str> = readme
+            .lines()
+            .filter(|line| line.starts_with("| `"))
+            .collect();
+        for arg in ServeArgs::table().get_arguments() {
+            let Some(long) = arg.get_long().filter(|_| !arg.is_hide_set()) else {
+                continue;
+            };
+            let flag = format!("--{long}");
+            let row = rows
+                .iter()
+                .find(|row| {
+                    let first = row.split(" | ").next().unwrap_or_default();
+                    first.contains(&format!("{flag} ")) || first.contains(&format!("{flag}`"))
+                })
+                .unwrap_or_else(|| panic!("the README's flag tables have no row for {flag}"));
+            let takes_values = arg.get_action().takes_values();
+            for default in arg.get_default_values().iter().filter(|_| takes_values) {
+                let default = default.to_string_lossy();
+                assert!(
+                    long == "access-logformat" || row.contains(default.as_ref()),
+                    "the README's row for {flag} does not give its default {default:?}: {row}"
+                );
+            }
+        }
+        let listed: Vec<String> = readme
+            .lines()
+            .find_map(|line| line.strip_prefix("The settings an `[[app]]` entry may override: "))
+            .expect("the README lists the app settings")
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(
+            listed,
+            AppArgs::names(),
+            "the README's list of app settings differs from AppArgs"
+        );
     }
 }

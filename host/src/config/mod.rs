@@ -13,9 +13,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Args, FromArgMatches};
+use clap::{ArgMatches, FromArgMatches};
 
-use crate::settings::ServeArgs;
+use crate::settings::{ServeArgs, Settings};
+
+pub mod apps;
 
 const DEFAULT_CONFIG_FILE: &str = "host.toml";
 /// Arguments that say what to do with the settings rather than being settings.
@@ -69,15 +71,9 @@ impl ConfigFile {
     }
 }
 
-fn table() -> clap::Command {
-    ServeArgs::augment_args(clap::Command::new("serve"))
-        .no_binary_name(true)
-        .args_override_self(true)
-}
-
 /// Reads every source; `command_line` is what follows `host serve`.
 pub fn load(command_line: &[OsString]) -> Result<Layered> {
-    let table = table();
+    let table = ServeArgs::table();
     let cli = parse(&table, command_line, "the command line")?;
     let cmd_args = match std::env::var("HOST_CMD_ARGS") {
         Ok(text) => shlex::split(&text).context("HOST_CMD_ARGS is not valid shell words")?,
@@ -175,16 +171,45 @@ pub fn load(command_line: &[OsString]) -> Result<Layered> {
     })
 }
 
+/// The settings the host runs with, from every source: its own, its hooks and its apps.
+pub fn settings(layered: &Layered) -> Result<Settings> {
+    let mut settings = Settings::from_args(layered.args.clone())?;
+    settings.hooks = hook_commands(layered.config.as_ref())?;
+    settings.apps = apps::resolve(layered, &settings)?;
+    Ok(settings)
+}
+
 /// The effective settings with `overrides` (arguments, such as an app's) applied last.
-pub fn with_overrides(
-    layered: &Layered,
-    overrides: &[OsString],
-    source: &str,
-) -> Result<ServeArgs> {
+fn with_overrides(layered: &Layered, overrides: &[OsString], source: &str) -> Result<ArgMatches> {
     let mut arguments = layered.arguments.clone();
     arguments.extend_from_slice(overrides);
-    let matches = parse(&table(), &arguments, source)?;
-    ServeArgs::from_arg_matches(&matches).with_context(|| format!("cannot read {source}"))
+    parse(&ServeArgs::table(), &arguments, source)
+}
+
+/// A setting's effective value in `matches`, as a config file writes it.
+fn setting_value(matches: &ArgMatches, name: &str) -> Option<toml::Value> {
+    let values: Vec<String> = matches
+        .get_raw(name)
+        .map(|raw| raw.map(|v| v.to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    setting_toml(name, &values)
+}
+
+/// A setting's values as a config file writes them, `None` if it is unset; a database URL
+/// without its password.
+fn setting_toml(name: &str, values: &[String]) -> Option<toml::Value> {
+    let repeatable = ServeArgs::table()
+        .get_arguments()
+        .find(|arg| arg.get_id().as_str() == name)
+        .is_some_and(|arg| matches!(arg.get_action(), clap::ArgAction::Append));
+    match values {
+        [] => None,
+        [url] if name == "database_url" => Some(toml_value(&crate::settings::redacted_url(url))),
+        [one] if !repeatable => Some(toml_value(one)),
+        many => Some(toml::Value::Array(
+            many.iter().map(|v| toml_value(v)).collect(),
+        )),
+    }
 }
 
 fn parse(table: &clap::Command, arguments: &[OsString], source: &str) -> Result<ArgMatches> {
@@ -268,11 +293,6 @@ pub fn setting_arguments(
             .flat_map(|value| argument(arg, value))
             .collect(),
     ))
-}
-
-/// The table of settings, for reading values given elsewhere (an app's overrides).
-pub fn settings_table() -> clap::Command {
-    table()
 }
 
 fn scalar(key: &str, value: &toml::Value) -> Result<String> {
@@ -376,25 +396,10 @@ pub fn hook_commands(config: Option<&ConfigFile>) -> Result<BTreeMap<String, Str
 /// source; an unset setting is a comment.
 pub fn print(layered: &Layered) {
     for (name, (values, source)) in &layered.provenance {
-        let line = match values.as_slice() {
-            _ if name == "master_key" && !values.is_empty() => format!("{name} = \"<secret>\""),
-            [url] if name == "database_url" => {
-                format!(
-                    "{name} = {}",
-                    toml_value(&crate::settings::redacted_url(url))
-                )
-            }
-            [] => format!("# {name} unset"),
-            [one] if !name.ends_with("bind") && name != "env" => {
-                format!("{name} = {}", toml_value(one))
-            }
-            many => format!(
-                "{name} = [{}]",
-                many.iter()
-                    .map(|v| toml_value(v))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+        let line = match setting_toml(name, values) {
+            Some(_) if name == "master_key" => format!("{name} = \"<secret>\""),
+            Some(value) => format!("{name} = {value}"),
+            None => format!("# {name} unset"),
         };
         println!("{line:<60} # {source}");
     }
@@ -402,20 +407,16 @@ pub fn print(layered: &Layered) {
 
 /// A value as TOML: bare where TOML reads it back as the same number or boolean, else a
 /// string (every setting accepts its value as a string).
-fn toml_value(text: &str) -> String {
+fn toml_value(text: &str) -> toml::Value {
     let bare = format!("v = {text}")
         .parse::<toml::Table>()
         .ok()
         .and_then(|table| table.get("v").cloned())
-        .is_some_and(|value| match value {
+        .filter(|value| match value {
             toml::Value::Integer(n) => n.to_string() == text,
             toml::Value::Float(f) => f.to_string() == text,
             toml::Value::Boolean(b) => b.to_string() == text,
             _ => false,
         });
-    if bare {
-        text.to_owned()
-    } else {
-        toml::Value::String(text.to_owned()).to_string()
-    }
+    bare.unwrap_or_else(|| toml::Value::String(text.to_owned()))
 }

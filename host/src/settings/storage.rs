@@ -42,21 +42,6 @@ impl Storage {
         }
         Ok(Storage::Local(Some(PathBuf::from(text))))
     }
-
-    /// The location as `--storage` takes it.
-    pub fn describe(&self) -> String {
-        match self {
-            Storage::Local(None) => "local".to_owned(),
-            Storage::Local(Some(dir)) => dir.display().to_string(),
-            Storage::S3(location) => format!(
-                "s3://{}/{}",
-                location.bucket,
-                location.prefix.trim_end_matches('/')
-            )
-            .trim_end_matches('/')
-            .to_owned(),
-        }
-    }
 }
 
 /// Settings of the S3 client, as the seed configured boto3.
