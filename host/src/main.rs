@@ -1,39 +1,23 @@
 //! `host`: serves WebAssembly HTTP components (`wasi:http/proxy`) the way gunicorn serves WSGI
 //! apps, with a memory cap, a deadline and a sandbox around every request.
 
-mod access_log;
-mod admission;
-mod arbiter;
-mod budget;
 mod capabilities;
 mod clock;
-mod compile_cache;
 mod config;
-mod database;
-mod engine;
-mod guest;
-mod guest_output;
-mod handler;
-mod handoff;
-mod heartbeat;
-mod hooks;
 mod http;
 #[cfg(test)]
 mod layers;
 mod lock;
 mod logging;
-mod max_requests;
-mod memory_limiter;
 mod metrics;
-mod outbound;
 mod private_fs;
 mod proc_memory;
+mod process;
 mod random;
-mod router;
 mod run_dir;
-mod server;
+mod runtime;
+mod serving;
 mod settings;
-mod worker;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -41,11 +25,12 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use crate::handoff::{EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR, PrepareReport, WorkerHandoff};
 use crate::logging::LogFile;
-use crate::server::Listener;
+use crate::process::handoff::{EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR, PrepareReport, WorkerHandoff};
+use crate::process::worker::StartError;
+use crate::process::{arbiter, handoff, heartbeat, hooks, worker};
+use crate::serving::server::Listener;
 use crate::settings::{ServeArgs, Settings};
-use crate::worker::StartError;
 
 /// Many small allocations per request (headers, resources, futures) from several threads.
 #[global_allocator]

@@ -17,13 +17,13 @@ use wasmtime_wasi::p2::DynInputStream;
 
 use crate::capabilities::CapabilityView;
 use crate::capabilities::crypto::Crypto;
+use crate::capabilities::database::{self, HostDatabase};
 use crate::capabilities::host::capabilities::hmac_registry::{
     Host, HostPartMac, Part, RegistryError,
 };
 use crate::capabilities::objects::MAX_PART_NUMBER;
 use crate::capabilities::part_buffer::{PartBuffers, PartReader};
 use crate::capabilities::streams::{self, Ahead, Change, Next, Produce, Produced};
-use crate::database::{self, HostDatabase};
 
 const TAG_CONTEXT: &[u8] = b"host-hmac-v1";
 /// Entry names are the app's own, not object keys, so their bound is the registry's.

@@ -3,6 +3,7 @@
 //! database are invisible to every other app.
 
 pub mod crypto;
+pub mod database;
 pub mod hmac_registry;
 pub mod host_semaphores;
 pub mod objects;
@@ -19,7 +20,7 @@ use tokio::time::Instant;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 use wasmtime_wasi::p2::DynInputStream;
 
-use crate::database::{Backend, BackendKind, HostDatabase};
+use crate::capabilities::database::{Backend, BackendKind, HostDatabase};
 use crate::settings::Settings;
 use crate::settings::{App, Capability};
 use host_semaphores::HostSemaphores;
@@ -253,7 +254,7 @@ mod tests {
     use std::time::Duration;
 
     use super::HostDatabases;
-    use crate::database::{Backend, BackendKind};
+    use crate::capabilities::database::{Backend, BackendKind};
 
     #[tokio::test]
     async fn apps_on_one_database_share_the_host_tables_pool() {

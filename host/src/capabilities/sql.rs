@@ -36,10 +36,10 @@ use tokio::time::Instant;
 use wasmtime::component::Resource;
 
 use crate::capabilities::CapabilityView;
+use crate::capabilities::database::{self, Backend, BackendKind, HostDatabase};
 use crate::capabilities::host::capabilities::sql::{
     DatabaseError as GuestDatabaseError, Host, HostTransaction, Rows, SqlError, Value,
 };
-use crate::database::{self, Backend, BackendKind, HostDatabase};
 
 type SqlResult<T> = Result<T, SqlError>;
 

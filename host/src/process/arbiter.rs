@@ -12,20 +12,20 @@ use anyhow::{Context, Result};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
-use crate::budget::{Baseline, Plan};
 use crate::capabilities::crypto;
 use crate::capabilities::host_semaphores::HostSemaphores;
-use crate::compile_cache;
-use crate::engine::{self, EngineSizing};
-use crate::handoff::{self, HandoffFile, PrepareReport, WorkerHandoff};
-use crate::heartbeat::Heartbeat;
-use crate::hooks;
 use crate::lock::lock;
 use crate::logging::LogFile;
 use crate::metrics::MetricsCollector;
 use crate::private_fs;
+use crate::process::budget::{Baseline, Plan};
+use crate::process::handoff::{self, HandoffFile, PrepareReport, WorkerHandoff};
+use crate::process::heartbeat::Heartbeat;
+use crate::process::hooks;
 use crate::run_dir::RunDir;
-use crate::server::Listener;
+use crate::runtime::compile_cache;
+use crate::runtime::engine::{self, EngineSizing};
+use crate::serving::server::Listener;
 use crate::settings::{BindAddress, Settings, human_size};
 
 /// How often the master looks at its workers: gunicorn's "at least once a second".
@@ -255,7 +255,7 @@ pub fn prepare(settings: &Settings) -> Result<Baseline> {
     for app in &settings.apps {
         let component = compile_cache::load_component(&engine, &app.component, &settings.cache_dir)
             .with_context(|| format!("app `{}`", app.name))?;
-        let linked = crate::guest::link(&engine, &component, app)
+        let linked = crate::runtime::guest::link(&engine, &component, app)
             .with_context(|| format!("cannot load {}", app.component.display()))?;
         guests.push(linked);
     }

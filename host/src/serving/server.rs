@@ -17,10 +17,10 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::handler::{Peer, RequestHandler};
 use crate::http::accept_failed;
 use crate::http::limits::RequestLimits;
 use crate::http::write_stall::WriteStallTimeout;
+use crate::serving::handler::{Peer, RequestHandler};
 use crate::settings::BindAddress;
 
 /// How long a draining worker waits for the first request of a connection it has just accepted.

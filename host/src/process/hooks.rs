@@ -25,7 +25,7 @@ pub fn event(name: &str, facts: &[(&str, String)]) {
     };
     let mut process = std::process::Command::new("/bin/sh");
     // The master key and the database URL are not the command's business.
-    crate::handoff::without_secrets(&mut process)
+    crate::process::handoff::without_secrets(&mut process)
         .arg("-c")
         .arg(command)
         .env("HOST_HOOK", name)

@@ -7,22 +7,22 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::access_log::AccessLog;
-use crate::admission::Admission;
 use crate::capabilities::host_semaphores::HostSemaphores;
 use crate::capabilities::{AppCapabilities, HostDatabases};
-use crate::compile_cache;
-use crate::engine::{self, EngineSizing};
-use crate::guest::Guest;
-use crate::handler::{RequestHandler, ServedApp};
-use crate::handoff::WorkerHandoff;
-use crate::heartbeat::Heartbeat;
-use crate::hooks;
 use crate::http::limits::RequestLimits;
 use crate::logging::LogFile;
-use crate::max_requests::MaxRequests;
 use crate::metrics::{AppMetrics, WorkerMetrics};
-use crate::server::{self, ConnectionSettings, Listener, Shutdown};
+use crate::process::handoff::WorkerHandoff;
+use crate::process::heartbeat::Heartbeat;
+use crate::process::hooks;
+use crate::runtime::compile_cache;
+use crate::runtime::engine::{self, EngineSizing};
+use crate::runtime::guest::Guest;
+use crate::serving::access_log::AccessLog;
+use crate::serving::admission::Admission;
+use crate::serving::handler::{RequestHandler, ServedApp};
+use crate::serving::max_requests::MaxRequests;
+use crate::serving::server::{self, ConnectionSettings, Listener, Shutdown};
 use crate::settings::Settings;
 
 /// Why a worker could not start; gunicorn's exit codes tell the master which.
@@ -125,7 +125,7 @@ pub fn run(
             let heartbeat = Arc::new(heartbeat);
             keep_beating(Arc::clone(&heartbeat), settings.app.timeout);
             let handler = Arc::new(RequestHandler {
-                router: crate::router::Router::new(&settings.apps),
+                router: crate::serving::router::Router::new(&settings.apps),
                 apps,
                 trusted_peers: settings.trusted_peers.clone(),
                 access_log,

@@ -22,12 +22,12 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 
 use crate::capabilities::streams::{MAX_CAPABILITY_STREAMS, StreamCount, TooManyStreams};
 use crate::capabilities::{AppCapabilities, CapabilityView, RequestBounds};
-use crate::guest_output::GuestOutput;
 use crate::http::cut;
 use crate::http::drain::DrainedIfDropped;
-use crate::memory_limiter::MemoryLimiter;
 use crate::metrics::AppMetrics;
-use crate::outbound::OutboundClient;
+use crate::runtime::guest_output::GuestOutput;
+use crate::runtime::memory_limiter::MemoryLimiter;
+use crate::runtime::outbound::OutboundClient;
 use crate::settings::App;
 use crate::settings::{Settings, human_size};
 
@@ -103,7 +103,7 @@ const MAX_HOST_RESOURCES: usize = 10_000;
 /// also when its task panics or is dropped.
 struct InstanceRunning {
     metrics: AppMetrics,
-    _epoch: crate::engine::GuestRunning,
+    _epoch: crate::runtime::engine::GuestRunning,
 }
 
 impl InstanceRunning {
@@ -111,7 +111,7 @@ impl InstanceRunning {
         metrics.instance_started();
         InstanceRunning {
             metrics: metrics.clone(),
-            _epoch: crate::engine::GuestRunning::start(),
+            _epoch: crate::runtime::engine::GuestRunning::start(),
         }
     }
 }
@@ -368,7 +368,7 @@ pub struct GuestState {
     capabilities: Arc<AppCapabilities>,
     /// The capability streams the instance holds.
     streams: StreamCount,
-    slices: crate::engine::SliceWatch,
+    slices: crate::runtime::engine::SliceWatch,
 }
 
 impl GuestState {
@@ -421,7 +421,8 @@ impl WasiHttpHooks for OutboundHttp {
         _io: Box<
             dyn Future<Output = wasmtime_wasi_http::Result<(), wasmtime_wasi_http::Error>> + Send,
         >,
-    ) -> Box<dyn Future<Output = wasmtime_wasi_http::Result<crate::outbound::Sent>> + Send> {
+    ) -> Box<dyn Future<Output = wasmtime_wasi_http::Result<crate::runtime::outbound::Sent>> + Send>
+    {
         let client = Arc::clone(&self.client);
         let deadline = self.deadline;
         Box::new(

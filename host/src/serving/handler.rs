@@ -13,17 +13,17 @@ use tracing::Instrument;
 
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
-use crate::access_log::AccessLog;
-use crate::admission::Admission;
-use crate::guest::Guest;
 use crate::http::answers::{self, ResponseBody};
 use crate::http::drain::DrainedIfDropped;
 use crate::http::forwarded::TrustedPeers;
 use crate::http::limits::RequestLimits;
-use crate::max_requests::MaxRequests;
 use crate::metrics::AppMetrics;
 use crate::random::random_u64;
-use crate::router::{self, Router};
+use crate::runtime::guest::Guest;
+use crate::serving::access_log::AccessLog;
+use crate::serving::admission::Admission;
+use crate::serving::max_requests::MaxRequests;
+use crate::serving::router::{self, Router};
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The path prefix an app is mounted at, which the host took off the path it sees.

@@ -129,7 +129,7 @@ impl Plan {
                     .as_deref()
                     .is_none_or(str::is_empty)
             }) {
-                crate::database::SQLITE_HOST_TABLES_HEAP
+                crate::capabilities::database::SQLITE_HOST_TABLES_HEAP
             } else {
                 0
             },

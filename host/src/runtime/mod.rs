@@ -1,0 +1,9 @@
+//! Components compiled, instantiated and run under their bounds: the engine, the compile
+//! cache, the guest store, the memory limiter, guest output and outbound HTTP.
+
+pub mod compile_cache;
+pub mod engine;
+pub mod guest;
+pub mod guest_output;
+pub mod memory_limiter;
+pub mod outbound;
