@@ -10,6 +10,8 @@ pub mod slots;
 pub mod sql;
 pub mod status;
 pub(crate) mod streams;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -246,7 +248,7 @@ impl AppCapabilities {
 }
 
 #[cfg(test)]
-mod tests {
+mod host_databases_tests {
     use std::sync::Arc;
     use std::time::Duration;
 
