@@ -6,6 +6,7 @@
 //! host is configured is made there only.
 
 mod crypto;
+mod hmac_registry;
 
 use std::path::Path;
 use std::sync::Arc;
