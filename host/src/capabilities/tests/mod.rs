@@ -7,6 +7,7 @@
 
 mod crypto;
 mod hmac_registry;
+mod objects;
 
 use std::path::Path;
 use std::sync::Arc;
