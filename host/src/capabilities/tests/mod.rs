@@ -8,6 +8,7 @@
 mod crypto;
 mod hmac_registry;
 mod objects;
+mod sql;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,6 +25,9 @@ use crate::settings::{ServeArgs, Settings};
 
 /// The master key of every test host (64 hex digits, as `--master-key` takes it).
 pub const MASTER_KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+/// The default `--memory-limit`, which the apps made here run with.
+pub const MEMORY_LIMIT: u64 = 128 << 20;
 
 /// One app of a test host, with the state of one of its instances.
 pub struct Fixture {
