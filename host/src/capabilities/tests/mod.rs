@@ -9,6 +9,7 @@ mod crypto;
 mod hmac_registry;
 mod objects;
 mod sql;
+mod status;
 
 use std::path::Path;
 use std::sync::Arc;
