@@ -11,6 +11,8 @@ pub mod part_buffer;
 pub mod sql;
 pub mod status;
 pub(crate) mod streams;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -249,7 +251,7 @@ impl AppCapabilities {
 }
 
 #[cfg(test)]
-mod tests {
+mod host_databases_tests {
     use std::sync::Arc;
     use std::time::Duration;
 

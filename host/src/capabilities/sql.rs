@@ -967,6 +967,23 @@ impl CapabilityView<'_> {
             .memory_limit
             .saturating_sub(self.request.instance_memory as u64)
     }
+
+    /// Refuses to start a statement (or a commit) once the request's deadline has passed: the
+    /// databases' own deadline checks come only every so often, and a short statement would run
+    /// before the first.
+    fn before_deadline(&self) -> SqlResult<()> {
+        match self.request.deadline {
+            Some(deadline) if Instant::now() >= deadline => {
+                Err(SqlError::Database(GuestDatabaseError {
+                    code: None,
+                    message: "the request's deadline has passed; the statement was not run"
+                        .to_owned(),
+                    constraint: None,
+                }))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Host for CapabilityView<'_> {
@@ -975,6 +992,9 @@ impl Host for CapabilityView<'_> {
         statement: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<SqlResult<Rows>> {
+        if let Err(late) = self.before_deadline() {
+            return Ok(Err(late));
+        }
         let limit = self.result_limit();
         let deadline = self.request.deadline;
         Ok(self
@@ -989,11 +1009,17 @@ impl Host for CapabilityView<'_> {
         statement: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<SqlResult<u64>> {
+        if let Err(late) = self.before_deadline() {
+            return Ok(Err(late));
+        }
         let deadline = self.request.deadline;
         Ok(self.app.sql.execute(&statement, params, deadline).await)
     }
 
     async fn begin(&mut self) -> wasmtime::Result<SqlResult<Resource<OpenTransaction>>> {
+        if let Err(late) = self.before_deadline() {
+            return Ok(Err(late));
+        }
         let deadline = self.request.deadline;
         Ok(match self.app.sql.begin(deadline).await {
             Ok(transaction) => Ok(self.table.push(transaction)?),
@@ -1009,6 +1035,9 @@ impl HostTransaction for CapabilityView<'_> {
         statement: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<SqlResult<Rows>> {
+        if let Err(late) = self.before_deadline() {
+            return Ok(Err(late));
+        }
         let limit = self.result_limit();
         Ok(match self.table.get_mut(&transaction)? {
             OpenTransaction::Sqlite(Some(lent)) => {
@@ -1031,6 +1060,9 @@ impl HostTransaction for CapabilityView<'_> {
         statement: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<SqlResult<u64>> {
+        if let Err(late) = self.before_deadline() {
+            return Ok(Err(late));
+        }
         Ok(match self.table.get_mut(&transaction)? {
             OpenTransaction::Sqlite(Some(lent)) => {
                 let done = sqlite_execute(lent.start(), &statement, params).await;
@@ -1050,6 +1082,9 @@ impl HostTransaction for CapabilityView<'_> {
         &mut self,
         transaction: Resource<OpenTransaction>,
     ) -> wasmtime::Result<SqlResult<()>> {
+        if let Err(late) = self.before_deadline() {
+            return Ok(Err(late));
+        }
         Ok(self.table.get_mut(&transaction)?.end(true).await)
     }
 
