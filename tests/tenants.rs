@@ -820,3 +820,31 @@ async fn hup_replacing_one_app_fails_no_request_to_the_others() {
     println!("{served} requests to the other apps across the HUP, none failed");
     assert!(served > 20, "too little load to tell: {served}");
 }
+
+#[tokio::test]
+async fn an_app_granted_no_outbound_host_is_told_so() {
+    let upstream = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+    let target = upstream.local_addr().expect("an address");
+    let host = HostProcess::start(
+        &guest("api-proxy"),
+        &["-e", &format!("UPSTREAM_URL=http://{target}")],
+    );
+    let url = format!("http://{target}/").replace(':', "%3A");
+    let response = http_client()
+        .get(host.url(&format!("/__proxy/target?url={url}")))
+        .send()
+        .await
+        .expect("the host answers");
+    assert_eq!(response.status().as_u16(), 403);
+    upstream
+        .set_nonblocking(true)
+        .expect("a non-blocking listener");
+    assert!(upstream.accept().is_err(), "no connection was made");
+    let log = host.log();
+    assert!(
+        log.contains(&format!(
+            "outbound request to {target} refused: app `api-proxy` may call no host (grant some with --allow-outbound)"
+        )),
+        "{log}"
+    );
+}

@@ -65,12 +65,33 @@ fields! {
     BusyRefusals: counter "host_busy_refusals_total" "Requests refused with 503: the queue was full, or the wait too long.",
     Outbound: counter "host_outbound_requests_total" "Outbound HTTP requests attempted.",
     OutboundDenied: counter "host_outbound_denied_total" "Outbound HTTP requests denied by policy.",
+    InstancesCreated: counter "host_instances_created_total" "Instances created.",
+    InstancesReused: counter "host_instances_reused_total" "Requests served by an instance kept from an earlier request.",
+    InstancesKept: gauge "host_instances_kept" "Idle instances kept for the next requests.",
 }
+
+/// Why an instance that could have been kept was dropped (`host_instances_retired_total`).
+#[derive(Debug, Clone, Copy)]
+pub enum Retired {
+    /// It served its --instance-max-requests.
+    Served = 0,
+    /// It was idle for --instance-idle-timeout.
+    Idle = 1,
+    /// Its request failed: a trap, the deadline, the memory limit, no response.
+    Failed = 2,
+    /// Its response did not go out whole (the client left, or the guest never finished it).
+    Cut = 3,
+    /// Its app's instances cannot serve twice, and are no longer kept.
+    NotReusable = 4,
+}
+
+const RETIRED_REASONS: [&str; 5] = ["served", "idle", "failed", "cut", "not_reusable"];
 
 const REQ: usize = 0;
 const BUCKET: usize = REQ + CLASSES.len();
 const LAT_SUM: usize = BUCKET + LE_US.len();
-const PLAIN: usize = LAT_SUM + 1;
+const RETIRED: usize = LAT_SUM + 1;
+const PLAIN: usize = RETIRED + RETIRED_REASONS.len();
 const SLOTS: usize = PLAIN + FIELDS.len();
 
 fn is_counter(slot: usize) -> bool {
@@ -233,6 +254,21 @@ impl AppMetrics {
     }
     pub fn set_memory_cap(&self, bytes: u64) {
         words(&self.map)[self.base + PLAIN + F::MemoryCap as usize].store(bytes, Relaxed);
+    }
+    pub fn instance_created(&self) {
+        self.add(PLAIN + F::InstancesCreated as usize, 1)
+    }
+    pub fn instance_reused(&self) {
+        self.add(PLAIN + F::InstancesReused as usize, 1)
+    }
+    pub fn instance_kept(&self) {
+        self.add(PLAIN + F::InstancesKept as usize, 1)
+    }
+    pub fn instance_taken(&self) {
+        self.sub(PLAIN + F::InstancesKept as usize, 1)
+    }
+    pub fn instance_retired(&self, why: Retired) {
+        self.add(RETIRED + why as usize, 1)
     }
     pub fn trapped(&self) {
         self.add(PLAIN + F::Traps as usize, 1)
@@ -402,6 +438,18 @@ impl MetricsCollector {
             // From the buckets: a scrape racing an update must see +Inf == _count.
             sample(&mut o, &format!("{DUR}_count"), app, "", cum);
         }
+        family(
+            &mut o,
+            RETIRED_TOTAL,
+            "counter",
+            "Instances dropped that could have been kept, by why.",
+        );
+        for (app, v) in &apps {
+            for (i, reason) in RETIRED_REASONS.iter().enumerate() {
+                let label = format!(",reason=\"{reason}\"");
+                sample(&mut o, RETIRED_TOTAL, app, &label, v[RETIRED + i]);
+            }
+        }
         for (i, &(kind, name, help)) in FIELDS.iter().enumerate() {
             family(&mut o, name, kind, help);
             for (app, v) in &apps {
@@ -416,6 +464,7 @@ impl MetricsCollector {
 
 const REQS: &str = "host_requests_total";
 const DUR: &str = "host_request_duration_seconds";
+const RETIRED_TOTAL: &str = "host_instances_retired_total";
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");

@@ -1,6 +1,7 @@
 //! A guest that misbehaves on request, for the host's tests: it traps, eats memory, hoards
 //! host resources, spins, sleeps, echoes bodies of any size, reports what it was told about the
-//! request, and reads the host's status capability.
+//! request and how many requests its instance has served, and reads the host's status
+//! capability.
 
 use std::hint::black_box;
 
@@ -16,8 +17,13 @@ const MIB: usize = 1 << 20;
 
 struct Faults;
 
+/// Requests this instance has been given, this one included: what a guest sees of the host
+/// keeping its instance between requests.
+static SERVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl wasip2::exports::http::incoming_handler::Guest for Faults {
     fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
+        let served = SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let path_with_query = request.path_with_query().unwrap_or_default();
         let (path, query) = path_with_query
             .split_once('?')
@@ -25,6 +31,15 @@ impl wasip2::exports::http::incoming_handler::Guest for Faults {
         match path {
             "/" => respond(response_out, 200, "text/plain", b"ok\n"),
             "/trap" => panic!("the /trap route fails on purpose"),
+            "/served" => respond(
+                response_out,
+                200,
+                "text/plain",
+                format!("{served}\n").as_bytes(),
+            ),
+            // As a runtime that ends with its first request: a second request traps.
+            "/once" if served > 1 => panic!("this instance served a request already"),
+            "/once" => respond(response_out, 200, "text/plain", b"once\n"),
             "/grow" => {
                 let mb = param(query, "mb").and_then(|mb| mb.parse::<usize>().ok());
                 let held = grow(mb.unwrap_or(usize::MAX));
@@ -36,6 +51,24 @@ impl wasip2::exports::http::incoming_handler::Guest for Faults {
                 );
             }
             "/spin" => spin(),
+            "/keep" => {
+                // Memory the instance holds for good: what its next requests inherit.
+                let mib = param(query, "mb").and_then(|mb| mb.parse::<usize>().ok());
+                let mib = mib.unwrap_or(1);
+                for _ in 0..mib {
+                    let mut chunk = vec![0u8; MIB];
+                    for page in chunk.iter_mut().step_by(4096) {
+                        *page = 1;
+                    }
+                    Box::leak(black_box(chunk).into_boxed_slice());
+                }
+                respond(
+                    response_out,
+                    200,
+                    "text/plain",
+                    format!("keeping {mib} MiB more\n").as_bytes(),
+                );
+            }
             "/hoard" => {
                 // Host resources held and never dropped: empty header maps, each a handle here
                 // and an entry in the host's resource table.

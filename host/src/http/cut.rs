@@ -25,11 +25,23 @@ use crate::http::answers::ResponseBody;
 pub struct GuestOutcome(oneshot::Sender<()>);
 
 /// The other end, which becomes the response body's ending.
-pub struct GuestEnding(oneshot::Receiver<()>);
+pub struct GuestEnding {
+    outcome: oneshot::Receiver<()>,
+    delivered: oneshot::Sender<()>,
+}
 
-pub fn guest_outcome() -> (GuestOutcome, GuestEnding) {
+/// Resolves once the response body has gone out whole; fails if it was cut or dropped (the
+/// client left, or the response never started).
+pub type BodyDelivered = oneshot::Receiver<()>;
+
+pub fn guest_outcome() -> (GuestOutcome, GuestEnding, BodyDelivered) {
     let (sender, receiver) = oneshot::channel();
-    (GuestOutcome(sender), GuestEnding(receiver))
+    let (delivered, body_delivered) = oneshot::channel();
+    let ending = GuestEnding {
+        outcome: receiver,
+        delivered,
+    };
+    (GuestOutcome(sender), ending, body_delivered)
 }
 
 impl GuestOutcome {
@@ -45,11 +57,14 @@ impl GuestOutcome {
 }
 
 impl GuestEnding {
-    /// `body`, ended as the guest's outcome says.
-    pub fn body(self, body: ResponseBody) -> ResponseBody {
+    /// `body`, ended as the guest's outcome says; `declared` is its `Content-Length`.
+    pub fn body(self, body: ResponseBody, declared: Option<u64>) -> ResponseBody {
         CompleteIfFinished {
+            announced: declared,
             inner: body,
-            ending: self.0,
+            ending: self.outcome,
+            delivered: Some(self.delivered),
+            sent: 0,
             ended: false,
         }
         .boxed_unsync()
@@ -59,7 +74,23 @@ impl GuestEnding {
 struct CompleteIfFinished {
     inner: ResponseBody,
     ending: oneshot::Receiver<()>,
+    /// Told when the body has ended whole.
+    delivered: Option<oneshot::Sender<()>>,
+    /// The length the response declared, if it did, and the bytes passed on so far: hyper
+    /// stops reading a body of declared length once it has that many bytes.
+    announced: Option<u64>,
+    sent: u64,
     ended: bool,
+}
+
+impl Drop for CompleteIfFinished {
+    fn drop(&mut self) {
+        if self.announced == Some(self.sent)
+            && let Some(delivered) = self.delivered.take()
+        {
+            let _ = delivered.send(());
+        }
+    }
 }
 
 impl Body for CompleteIfFinished {
@@ -75,17 +106,32 @@ impl Body for CompleteIfFinished {
             return Poll::Ready(None);
         }
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        if frame.is_some() {
-            return Poll::Ready(frame);
+        match &frame {
+            Some(Ok(data)) => {
+                this.sent += data.data_ref().map_or(0, |data| data.len() as u64);
+                return Poll::Ready(frame);
+            }
+            Some(Err(_)) => {
+                // Never whole now, whatever its length.
+                this.delivered = None;
+                return Poll::Ready(frame);
+            }
+            None => {}
         }
         this.ended = true;
         match this.ending.try_recv() {
             // Settled as failed before the instance went: its stream ended because it was dropped.
             Err(TryRecvError::Closed) => {
+                this.delivered = None;
                 Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
             }
             // Still running (it finished the body itself), or returned without failing.
-            Ok(()) | Err(TryRecvError::Empty) => Poll::Ready(None),
+            Ok(()) | Err(TryRecvError::Empty) => {
+                if let Some(delivered) = this.delivered.take() {
+                    let _ = delivered.send(());
+                }
+                Poll::Ready(None)
+            }
         }
     }
 

@@ -38,6 +38,16 @@ impl DrainedIfDropped {
         }
     }
 
+    /// A body with nothing in it.
+    pub fn empty() -> DrainedIfDropped {
+        DrainedIfDropped {
+            inner: None,
+            ended: true,
+            limit: None,
+            read: 0,
+        }
+    }
+
     /// Cuts the body after `limit` bytes (the app's `--limit-request-body`).
     pub fn limit(&mut self, limit: Option<u64>) {
         self.limit = limit;

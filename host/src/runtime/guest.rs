@@ -1,8 +1,8 @@
-//! The guest component: compiled once, instantiated fresh for every request, run under its
-//! memory cap and deadline, with only the imports of the `wasi:http/proxy` world, the `wasi:cli`
-//! pieces that language runtimes pull in (no preopened files, no sockets, outbound HTTP only as
-//! its app is granted) and the host capabilities it is granted; its stdout and stderr become log
-//! lines of the request.
+//! The guest component: compiled once, instantiated for a request (fresh for every request, or
+//! kept for the app's next ones: `kept`), run under its memory cap and deadline, with only the
+//! imports of the `wasi:http/proxy` world, the `wasi:cli` pieces that language runtimes pull in
+//! (no preopened files, no sockets, outbound HTTP only as its app is granted) and the host
+//! capabilities it is granted; its stdout and stderr become log lines of the request.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,8 +15,8 @@ use tracing::Instrument;
 use wasmtime::component::{Linker, ResourceTable, ResourceTableError};
 use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
@@ -26,6 +26,7 @@ use crate::http::cut;
 use crate::http::drain::DrainedIfDropped;
 use crate::metrics::AppMetrics;
 use crate::runtime::guest_output::GuestOutput;
+use crate::runtime::kept::KeptInstances;
 use crate::runtime::memory_limiter::MemoryLimiter;
 use crate::runtime::outbound::OutboundClient;
 use crate::settings::App;
@@ -42,6 +43,74 @@ pub struct Guest {
     env: Vec<(String, String)>,
     outbound: Arc<OutboundClient>,
     metrics: AppMetrics,
+    /// Instances kept between requests; `None` when every request gets a fresh one.
+    kept: Option<Arc<KeptInstances<Kept>>>,
+}
+
+/// An instance kept for the app's next request.
+pub struct Kept {
+    store: Store<GuestState>,
+    proxy: Proxy,
+}
+
+/// How long a kept instance waits, once its guest has returned, for its response to go out
+/// whole (the bytes are written by then, and usually sent): a client slower than that holds
+/// neither the instance nor its permit, and the instance is dropped.
+const DELIVERY_WAIT: Duration = Duration::from_secs(1);
+
+/// What a request's run answers through: the response head, the outcome the response body's
+/// end waits on, and word of the body having gone out whole.
+struct RequestEnds {
+    response: oneshot::Sender<Result<hyper::Response<HyperOutgoingBody>, ErrorCode>>,
+    outcome: cut::GuestOutcome,
+    delivered: cut::BodyDelivered,
+}
+
+/// A request that failed, and the permit it held when it can be sent again.
+struct Failed<P> {
+    failure: GuestFailure,
+    permit: Option<P>,
+}
+
+/// A guest's error for its answer and the error log: its causes on one line, without the wasm
+/// backtrace wasmtime adds (a debug record has it).
+fn one_line(error: &wasmtime::Error) -> String {
+    // The backtrace is a context of the error, not a cause of its own type: known by its text.
+    let backtrace = error
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .map(ToString::to_string);
+    error
+        .chain()
+        .map(|cause| cause.to_string())
+        .filter(|text| Some(text) != backtrace.as_ref())
+        .map(|text| text.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// The whole error, backtrace included, as one log record: its lines joined.
+fn one_record(error: &wasmtime::Error) -> String {
+    format!("{error:?}")
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// A copy of a request without a body, to send again.
+fn replayable(
+    request: &hyper::Request<DrainedIfDropped>,
+) -> Option<hyper::Request<DrainedIfDropped>> {
+    if !hyper::body::Body::is_end_stream(request.body()) {
+        return None;
+    }
+    let mut copy = hyper::Request::new(DrainedIfDropped::empty());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
 }
 
 /// Why a guest gave no response.
@@ -192,21 +261,62 @@ impl Guest {
                 &app.settings.outbound,
                 metrics.clone(),
             )?),
+            kept: app
+                .settings
+                .reuse
+                .keeps_instances()
+                .then(|| KeptInstances::new(&app.name, app.settings.reuse, metrics.clone())),
             metrics,
         })
     }
 
-    /// Runs `request` in a fresh instance and returns the guest's response as soon as it has
-    /// set one; the guest keeps streaming the body from its own task, holding `permit` until it
-    /// is done.
-    pub async fn serve(
+    /// Runs `request` in an instance (kept, or fresh) and returns the guest's response as soon
+    /// as it has set one; the guest keeps streaming the body from its own task, holding `permit`
+    /// until it is done.
+    pub async fn serve<P: Send + 'static>(
         self: &Arc<Self>,
         request: hyper::Request<DrainedIfDropped>,
         scheme: Scheme,
-        permit: impl Send + 'static,
+        permit: P,
     ) -> Result<hyper::Response<HyperOutgoingBody>, GuestFailure> {
+        // A request without a body can be sent again, to a fresh instance, when the kept
+        // instance it went to turns out unable to serve a second request.
+        let replay = self.kept.as_ref().and_then(|_| replayable(&request));
+        let (failure, permit) = match self
+            .serve_once(request, scheme.clone(), permit, false)
+            .await
+        {
+            // The permit comes back with a failure that may be the kept instance's.
+            Err(Failed {
+                failure,
+                permit: Some(permit),
+            }) => (failure, permit),
+            served => return served.map_err(|failed| failed.failure),
+        };
+        let Some(kept) = &self.kept else {
+            return Err(failure);
+        };
+        let Some(request) = replay else {
+            kept.strike(&failure);
+            return Err(failure);
+        };
+        tracing::debug!("sent again, to a fresh instance, after: {failure}");
+        let retried = self.serve_once(request, scheme, permit, true).await;
+        if retried.is_ok() {
+            kept.cannot_serve_twice(&failure);
+        }
+        retried.map_err(|failed| failed.failure)
+    }
+
+    async fn serve_once<P: Send + 'static>(
+        self: &Arc<Self>,
+        request: hyper::Request<DrainedIfDropped>,
+        scheme: Scheme,
+        permit: P,
+        fresh: bool,
+    ) -> Result<hyper::Response<HyperOutgoingBody>, Failed<P>> {
         let (sender, receiver) = oneshot::channel();
-        let (guest_finished, ending) = cut::guest_outcome();
+        let (guest_finished, ending, delivered) = cut::guest_outcome();
         let deadline = self.timeout.map(|timeout| Instant::now() + timeout);
         let guest = Arc::clone(self);
         // Set once the client has the response head: a later failure can only cut the body.
@@ -214,57 +324,96 @@ impl Guest {
         let run = tokio::spawn({
             let responded = Arc::clone(&responded);
             async move {
-                let outcome = guest
-                    .run(request, scheme, sender, deadline, guest_finished)
-                    .await;
-                drop(permit);
+                let ends = RequestEnds {
+                    response: sender,
+                    outcome: guest_finished,
+                    delivered,
+                };
+                let (outcome, suspect) = guest.run(request, scheme, deadline, ends, fresh).await;
                 if let Err(failure) = &outcome
                     && responded.load(Ordering::Acquire)
                 {
                     tracing::error!("the response was cut short: {failure}");
                 }
-                outcome
+                // Given back for the request to be sent again, if it never had a response.
+                let permit = (suspect && !responded.load(Ordering::Acquire)).then_some(permit);
+                (outcome, permit)
             }
             .instrument(tracing::Span::current())
         });
+        let failed = |failure| Failed {
+            failure,
+            permit: None,
+        };
         match receiver.await {
             Ok(Ok(response)) => {
                 responded.store(true, Ordering::Release);
                 // The body ends whole only if the guest finishes; otherwise it looks cut.
-                Ok(response.map(|body| ending.body(body)))
+                let declared = response
+                    .headers()
+                    .get(hyper::header::CONTENT_LENGTH)
+                    .and_then(|length| length.to_str().ok()?.parse().ok());
+                Ok(response.map(|body| ending.body(body, declared)))
             }
-            Ok(Err(code)) => Err(GuestFailure::ErrorCode(format!("{code:?}"))),
+            Ok(Err(code)) => Err(failed(GuestFailure::ErrorCode(format!("{code:?}")))),
             Err(_) => match run.await {
-                Ok(Ok(())) => Err(GuestFailure::NoResponse),
-                Ok(Err(failure)) => Err(failure),
-                Err(panic) => Err(GuestFailure::Trapped(format!(
+                Ok((Ok(()), _)) => Err(failed(GuestFailure::NoResponse)),
+                Ok((Err(failure), permit)) => Err(Failed { failure, permit }),
+                Err(panic) => Err(failed(GuestFailure::Trapped(format!(
                     "the host task failed: {panic}"
-                ))),
+                )))),
             },
         }
     }
 
+    /// Runs the request in an instance (a fresh one if `fresh`); `true` beside a failure that
+    /// may be the kept instance's rather than the request's (`KeptInstances::suspect`).
     async fn run(
         &self,
         request: hyper::Request<DrainedIfDropped>,
         scheme: Scheme,
-        sender: oneshot::Sender<Result<hyper::Response<HyperOutgoingBody>, ErrorCode>>,
         deadline: Option<Instant>,
-        outcome: cut::GuestOutcome,
-    ) -> Result<(), GuestFailure> {
+        ends: RequestEnds,
+        fresh: bool,
+    ) -> (Result<(), GuestFailure>, bool) {
+        let RequestEnds {
+            response: sender,
+            outcome,
+            delivered,
+        } = ends;
         let _running = InstanceRunning::start(&self.metrics);
-        let mut store = self.new_store(deadline);
+        let kept = match &self.kept {
+            Some(kept) if !fresh => kept.take(),
+            _ => None,
+        };
+        let reused = kept.is_some();
+        let (mut store, mut proxy, mut instance) = match kept {
+            Some((kept, instance)) => (kept.store, Some(kept.proxy), instance),
+            None => {
+                let instance = self.kept.as_ref().map(|kept| kept.fresh());
+                (self.new_store(), None, instance.unwrap_or_default())
+            }
+        };
+        store.data_mut().begin_request(deadline);
+        Self::watch_deadline(&mut store, deadline);
         let call = async {
             let request = store
                 .data_mut()
                 .http()
                 .new_incoming_request(scheme, request)?;
             let response = store.data_mut().http().new_response_outparam(sender)?;
-            let proxy = self.pre.instantiate_async(&mut store).await?;
+            let proxy = match proxy.take() {
+                Some(proxy) => proxy,
+                None => {
+                    self.metrics.instance_created();
+                    self.pre.instantiate_async(&mut store).await?
+                }
+            };
             proxy
                 .wasi_http_incoming_handler()
                 .call_handle(&mut store, request, response)
-                .await
+                .await?;
+            Ok::<_, wasmtime::Error>(proxy)
         };
         let result = match deadline {
             Some(deadline) => match tokio::time::timeout_at(deadline, call).await {
@@ -274,10 +423,10 @@ impl Guest {
             },
             None => call.await,
         };
-        let failure = result.map_err(|error| self.failure(error, store.data().limiter.refused()));
+        let result = result.map_err(|error| self.failure(error, store.data().limiter.refused()));
         // Before the store, and with it the response body's sender, is dropped.
-        outcome.settle(failure.is_ok());
-        match &failure {
+        outcome.settle(result.is_ok());
+        match &result {
             Err(GuestFailure::Timeout(_)) => self.metrics.timed_out(),
             Err(GuestFailure::MemoryLimit { .. }) => self.metrics.memory_refused(),
             Err(
@@ -287,7 +436,44 @@ impl Guest {
             ) => self.metrics.trapped(),
             _ => {}
         }
-        failure
+        let Some(kept) = &self.kept else {
+            return (result.map(drop), false);
+        };
+        let proxy = match result {
+            Ok(proxy) => proxy,
+            Err(failure) => {
+                let suspect = kept.suspect(&instance, reused);
+                kept.retire_failed();
+                return (Err(failure), suspect);
+            }
+        };
+        instance.served += 1;
+        // The instance is kept only once its response has gone out whole: until then the
+        // body's sender lives in its store.
+        let wait_until = deadline.map_or(Instant::now() + DELIVERY_WAIT, |deadline| {
+            deadline.min(Instant::now() + DELIVERY_WAIT)
+        });
+        let whole = tokio::time::timeout_at(wait_until, delivered)
+            .await
+            .is_ok_and(|sent| sent.is_ok());
+        if whole {
+            kept.keep(instance, Kept { store, proxy });
+        } else {
+            kept.retire_cut();
+        }
+        (Ok(()), false)
+    }
+
+    /// Every epoch tick the guest yields its thread; past the deadline it is stopped.
+    fn watch_deadline(store: &mut Store<GuestState>, deadline: Option<Instant>) {
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |mut context| {
+            context.data_mut().slices.slice_ended();
+            match deadline {
+                Some(deadline) if Instant::now() >= deadline => Err(DeadlineExceeded.into()),
+                _ => Ok(UpdateDeadline::Yield(1)),
+            }
+        });
     }
 
     fn failure(&self, error: wasmtime::Error, memory_refused: Option<usize>) -> GuestFailure {
@@ -295,13 +481,13 @@ impl Guest {
             return GuestFailure::Timeout(self.timeout.unwrap_or_default());
         }
         if let Some(requested) = memory_refused {
-            tracing::debug!("after a refused memory grow: {error:?}");
+            tracing::debug!("after a refused memory grow: {}", one_record(&error));
             return GuestFailure::MemoryLimit {
                 requested,
                 limit: self.memory_limit,
             };
         }
-        tracing::debug!("guest error: {error:?}");
+        tracing::debug!("guest error: {}", one_record(&error));
         if error
             .chain()
             .any(|cause| matches!(cause.downcast_ref(), Some(ResourceTableError::Full)))
@@ -316,11 +502,11 @@ impl Guest {
         }
         match error.downcast_ref::<wasmtime::Trap>() {
             Some(trap) => GuestFailure::Trapped(trap.to_string()),
-            None => GuestFailure::Trapped(format!("{error:#}")),
+            None => GuestFailure::Trapped(one_line(&error)),
         }
     }
 
-    fn new_store(&self, deadline: Option<Instant>) -> Store<GuestState> {
+    fn new_store(&self) -> Store<GuestState> {
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_HOST_RESOURCES);
         let state = GuestState {
@@ -333,7 +519,7 @@ impl Guest {
             table,
             hooks: OutboundHttp {
                 client: Arc::clone(&self.outbound),
-                deadline,
+                deadline: None,
             },
             limiter: MemoryLimiter::new(self.memory_limit, self.metrics.clone()),
             memory_limit: self.memory_limit,
@@ -344,15 +530,6 @@ impl Guest {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
-        // Every epoch tick the guest yields its thread; past the deadline it is stopped.
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |mut context| {
-            context.data_mut().slices.slice_ended();
-            match deadline {
-                Some(deadline) if Instant::now() >= deadline => Err(DeadlineExceeded.into()),
-                _ => Ok(UpdateDeadline::Yield(1)),
-            }
-        });
         store
     }
 }
@@ -372,6 +549,12 @@ pub struct GuestState {
 }
 
 impl GuestState {
+    /// Readies the instance's state for a request that must be done by `deadline`.
+    fn begin_request(&mut self, deadline: Option<Instant>) {
+        self.hooks.deadline = deadline;
+        self.slices = Default::default();
+    }
+
     /// What a capability call of this instance sees (`capabilities::add_to_linker`).
     fn capability_view(&mut self) -> CapabilityView<'_> {
         CapabilityView {
@@ -430,5 +613,23 @@ impl WasiHttpHooks for OutboundHttp {
                 .send(request, options, deadline)
                 .instrument(tracing::Span::current()),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_error_is_one_line_for_the_client_and_one_record_for_the_log() {
+        let error = wasmtime::Error::msg(
+            "error while executing at wasm backtrace:\n    0: 0x1f - f\n    1: 0x2a - g",
+        )
+        .context("the guest failed");
+        assert_eq!(
+            one_line(&error),
+            "the guest failed: error while executing at wasm backtrace: 0: 0x1f - f 1: 0x2a - g"
+        );
+        assert!(!one_record(&error).contains('\n'), "{}", one_record(&error));
     }
 }

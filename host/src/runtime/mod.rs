@@ -5,5 +5,6 @@ pub mod compile_cache;
 pub mod engine;
 pub mod guest;
 pub mod guest_output;
+pub mod kept;
 pub mod memory_limiter;
 pub mod outbound;

@@ -93,15 +93,18 @@ impl OutboundClient {
             .ok_or(Error::HttpRequestUriInvalid)?;
         if !self.grant.allows(&authority) {
             self.metrics.outbound(true);
-            tracing::warn!(
-                "outbound request to {authority} refused: app `{}` may call only {}",
-                self.app,
-                if self.grant.allowed_hosts.is_empty() {
-                    "no host (--allow-outbound)".to_owned()
-                } else {
+            if self.grant.allowed_hosts.is_empty() {
+                tracing::warn!(
+                    "outbound request to {authority} refused: app `{}` may call no host (grant some with --allow-outbound)",
+                    self.app
+                );
+            } else {
+                tracing::warn!(
+                    "outbound request to {authority} refused: app `{}` may call only {}",
+                    self.app,
                     self.grant.allowed_hosts.join(", ")
-                }
-            );
+                );
+            }
             return Err(Error::HttpRequestDenied);
         }
         self.metrics.outbound(false);

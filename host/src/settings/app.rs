@@ -144,6 +144,29 @@ pub struct AppArgs {
         value_name = "INT"
     )]
     pub outbound_connections: usize,
+
+    /// Requests one guest instance serves, one after another, before it is dropped: 1 = a fresh
+    /// instance for every request (the strongest isolation), 0 = no limit. gunicorn's
+    /// --max-requests, for instances.
+    #[arg(
+        long = "instance-max-requests",
+        default_value_t = 1,
+        value_name = "INT"
+    )]
+    pub instance_max_requests: u64,
+
+    /// Adds a random 0..=N to --instance-max-requests per instance, so that instances are not
+    /// all replaced at once.
+    #[arg(
+        long = "instance-max-requests-jitter",
+        default_value_t = 0,
+        value_name = "INT"
+    )]
+    pub instance_max_requests_jitter: u64,
+
+    /// Seconds a kept instance waits for its next request before it is dropped. 0 = no limit.
+    #[arg(long = "instance-idle-timeout", default_value = "60", value_name = "SECONDS", value_parser = parse_seconds)]
+    pub instance_idle_timeout: f64,
 }
 
 impl AppArgs {
@@ -193,6 +216,23 @@ pub struct AppSettings {
     pub s3: S3Settings,
     pub database_url: Option<String>,
     pub outbound: Outbound,
+    pub reuse: InstanceReuse,
+}
+
+/// How an app's instances are kept between requests.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct InstanceReuse {
+    /// Requests an instance serves before it is dropped; `None` = no limit.
+    pub max_requests: Option<u64>,
+    pub max_requests_jitter: u64,
+    pub idle_timeout: Option<Duration>,
+}
+
+impl InstanceReuse {
+    /// Whether an instance ever serves a second request.
+    pub fn keeps_instances(&self) -> bool {
+        self.max_requests != Some(1) || self.max_requests_jitter > 0
+    }
 }
 
 impl AppSettings {
@@ -250,6 +290,12 @@ impl AppSettings {
                 connect_timeout: Duration::from_secs_f64(args.outbound_connect_timeout.max(0.001)),
                 first_byte_timeout: seconds_or_off(args.outbound_timeout),
                 connections: args.outbound_connections,
+            },
+            reuse: InstanceReuse {
+                max_requests: (args.instance_max_requests > 0)
+                    .then_some(args.instance_max_requests),
+                max_requests_jitter: args.instance_max_requests_jitter,
+                idle_timeout: seconds_or_off(args.instance_idle_timeout),
             },
         })
     }

@@ -80,7 +80,7 @@ pub async fn apps<const N: usize>(dir: &Path, names: [&str; N]) -> [Fixture; N] 
         let capabilities =
             AppCapabilities::for_app(&settings, &master_key(), None, app, &mut host_databases)
                 .await
-            .expect("the app's capabilities are set up");
+                .expect("the app's capabilities are set up");
         fixtures.push(Fixture {
             capabilities,
             table: ResourceTable::new(),
