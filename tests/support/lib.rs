@@ -68,6 +68,20 @@ pub fn guest(name: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// The path of the Python guest `guests/python/<name>`, as `guests/python/build` builds it.
+pub fn python_guest(name: &str) -> String {
+    let path = repo_root()
+        .join("target")
+        .join("python-guests")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "the Python guest {} is missing: run guests/python/build (tests/run does it first)",
+        path.display()
+    );
+    path.to_string_lossy().into_owned()
+}
+
 /// The compile cache shared by the tests, so a component is compiled once per suite run.
 pub fn cache_dir() -> PathBuf {
     repo_root().join("target/test-cache")
