@@ -82,6 +82,20 @@ pub fn python_guest(name: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// The path of the JavaScript guest `guests/js/<name>`, as `guests/js/build` builds it.
+pub fn js_guest(name: &str) -> String {
+    let path = repo_root()
+        .join("target")
+        .join("js-guests")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "the JavaScript guest {} is missing: run guests/js/build (tests/run does it first)",
+        path.display()
+    );
+    path.to_string_lossy().into_owned()
+}
+
 /// The compile cache shared by the tests, so a component is compiled once per suite run.
 pub fn cache_dir() -> PathBuf {
     repo_root().join("target/test-cache")

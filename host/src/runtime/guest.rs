@@ -357,7 +357,10 @@ impl Guest {
             }
             Ok(Err(code)) => Err(failed(GuestFailure::ErrorCode(format!("{code:?}")))),
             Err(_) => match run.await {
-                Ok((Ok(()), _)) => Err(failed(GuestFailure::NoResponse)),
+                Ok((Ok(()), permit)) => Err(Failed {
+                    failure: GuestFailure::NoResponse,
+                    permit,
+                }),
                 Ok((Err(failure), permit)) => Err(Failed { failure, permit }),
                 Err(panic) => Err(failed(GuestFailure::Trapped(format!(
                     "the host task failed: {panic}"
@@ -366,8 +369,9 @@ impl Guest {
         }
     }
 
-    /// Runs the request in an instance (a fresh one if `fresh`); `true` beside a failure that
-    /// may be the kept instance's rather than the request's (`KeptInstances::suspect`).
+    /// Runs the request in an instance (a fresh one if `fresh`); `true` beside the outcome when a
+    /// failure, or no response, would be the kept instance's rather than the request's
+    /// (`KeptInstances::suspect`).
     async fn run(
         &self,
         request: hyper::Request<DrainedIfDropped>,
@@ -394,6 +398,10 @@ impl Guest {
                 (self.new_store(), None, instance.unwrap_or_default())
             }
         };
+        let suspect = self
+            .kept
+            .as_ref()
+            .is_some_and(|kept| kept.suspect(&instance, reused));
         store.data_mut().begin_request(deadline);
         Self::watch_deadline(&mut store, deadline);
         let call = async {
@@ -442,7 +450,6 @@ impl Guest {
         let proxy = match result {
             Ok(proxy) => proxy,
             Err(failure) => {
-                let suspect = kept.suspect(&instance, reused);
                 kept.retire_failed();
                 return (Err(failure), suspect);
             }
@@ -461,7 +468,7 @@ impl Guest {
         } else {
             kept.retire_cut();
         }
-        (Ok(()), false)
+        (Ok(()), suspect)
     }
 
     /// Every epoch tick the guest yields its thread; past the deadline it is stopped.
