@@ -2,27 +2,16 @@
 //! its first request, so an instance of it cannot serve a second: kept instances find that out
 //! without losing a request, and fall back to fresh ones.
 
-use blackbox::{HostProcess, http_client, js_guest};
-
-/// What `path` answers: status and body.
-async fn get(host: &HostProcess, path: &str) -> (u16, String) {
-    let response = http_client()
-        .get(host.url(path))
-        .send()
-        .await
-        .expect("the host answers");
-    let status = response.status().as_u16();
-    (status, response.text().await.expect("a body"))
-}
+use blackbox::{HostProcess, get_text, js_guest};
 
 #[tokio::test]
 async fn a_javascript_app_answers_on_fresh_instances() {
     let host = HostProcess::start(&js_guest("hello"), &["--memory-limit", "64MiB"]);
     assert_eq!(
-        get(&host, "/").await,
+        get_text(&host, "/").await,
         (200, "Hello from JavaScript\n".to_owned())
     );
-    assert_eq!(get(&host, "/served").await, (200, "1\n".to_owned()));
+    assert_eq!(get_text(&host, "/served").await, (200, "1\n".to_owned()));
 }
 
 #[tokio::test]
@@ -33,7 +22,7 @@ async fn a_javascript_app_that_cannot_be_kept_loses_no_request() {
     );
     for attempt in 0..10 {
         assert_eq!(
-            get(&host, "/served").await,
+            get_text(&host, "/served").await,
             (200, "1\n".to_owned()),
             "request {attempt}"
         );

@@ -2,35 +2,17 @@
 //! holds for it, and with kept instances it keeps its interpreter between requests, as it
 //! observes itself.
 
-use blackbox::{HostProcess, http_client, python_guest};
-
-/// What `path` answers: status and body.
-async fn get(host: &HostProcess, path: &str) -> (u16, String) {
-    let response = http_client()
-        .get(host.url(path))
-        .send()
-        .await
-        .expect("the host answers");
-    let status = response.status().as_u16();
-    (status, response.text().await.expect("a body"))
-}
-
-/// The requests the answering instance had been given, this one included.
-async fn served(host: &HostProcess) -> u64 {
-    let (status, body) = get(host, "/served").await;
-    assert_eq!(status, 200, "{body}");
-    body.trim().parse().expect("a count")
-}
+use blackbox::{HostProcess, get_text, python_guest, served_at};
 
 #[tokio::test]
 async fn a_python_app_answers_on_fresh_instances_by_default() {
     let host = HostProcess::start(&python_guest("hello"), &["--memory-limit", "64MiB"]);
     assert_eq!(
-        get(&host, "/").await,
+        get_text(&host, "/").await,
         (200, "Hello from Python\n".to_owned())
     );
     for _ in 0..3 {
-        assert_eq!(served(&host).await, 1);
+        assert_eq!(served_at(&host, "/served").await, 1);
     }
 }
 
@@ -47,22 +29,22 @@ async fn a_kept_python_instance_keeps_its_interpreter_within_every_bound() {
             "2",
         ],
     );
-    let first = served(&host).await;
+    let first = served_at(&host, "/served").await;
     for next in first + 1..first + 5 {
-        assert_eq!(served(&host).await, next);
+        assert_eq!(served_at(&host, "/served").await, next);
     }
     // An exception retires the instance.
-    let (status, body) = get(&host, "/raise").await;
+    let (status, body) = get_text(&host, "/raise").await;
     assert_eq!(status, 500, "{body}");
-    assert_eq!(served(&host).await, 1);
+    assert_eq!(served_at(&host, "/served").await, 1);
     // So does a loop past the deadline.
-    let (status, body) = get(&host, "/spin").await;
+    let (status, body) = get_text(&host, "/spin").await;
     assert_eq!(status, 504, "{body}");
-    assert_eq!(served(&host).await, 1);
+    assert_eq!(served_at(&host, "/served").await, 1);
     // Memory the instance holds adds up over its requests, up to the limit.
     let mut answers = Vec::new();
     while answers.len() < 20 && !answers.contains(&500) {
-        answers.push(get(&host, "/keep").await.0);
+        answers.push(get_text(&host, "/keep").await.0);
     }
     assert_eq!(answers.last(), Some(&500), "{answers:?}");
     assert!(answers.len() > 2, "refused too soon: {answers:?}");
@@ -71,5 +53,5 @@ async fn a_kept_python_instance_keeps_its_interpreter_within_every_bound() {
         "{}",
         host.log()
     );
-    assert_eq!(served(&host).await, 1);
+    assert_eq!(served_at(&host, "/served").await, 1);
 }

@@ -4,25 +4,7 @@
 
 use std::time::Duration;
 
-use blackbox::{HostProcess, free_port, guest, http_client};
-
-/// What `path` answers: status and body.
-async fn get(host: &HostProcess, path: &str) -> (u16, String) {
-    let response = http_client()
-        .get(host.url(path))
-        .send()
-        .await
-        .expect("the host answers");
-    let status = response.status().as_u16();
-    (status, response.text().await.expect("a body"))
-}
-
-/// The requests the instance that answered had been given, this one included.
-async fn served(host: &HostProcess) -> u64 {
-    let (status, body) = get(host, "/served").await;
-    assert_eq!(status, 200, "{body}");
-    body.trim().parse().expect("a count")
-}
+use blackbox::{HostProcess, free_port, get_text, guest, http_client, served_at};
 
 /// The value of one sample of the master's metrics, by its name and labels.
 async fn metric(metrics_port: u16, sample: &str) -> u64 {
@@ -65,7 +47,7 @@ async fn an_instance_serves_its_share_of_requests_then_a_fresh_one_takes_over() 
     ];
     let mut seen = Vec::new();
     for _ in 0..7 {
-        seen.push(served(&host).await);
+        seen.push(served_at(&host, "/served").await);
     }
     let expected: Vec<u64> = std::iter::successors(Some(seen[0]), |n| Some(n % 3 + 1))
         .take(7)
@@ -94,7 +76,7 @@ async fn an_instance_serves_its_share_of_requests_then_a_fresh_one_takes_over() 
     // The default is a fresh instance for every request.
     let fresh = HostProcess::start(&guest("faults"), &[]);
     for _ in 0..3 {
-        assert_eq!(served(&fresh).await, 1);
+        assert_eq!(served_at(&fresh, "/served").await, 1);
     }
 }
 
@@ -112,12 +94,12 @@ async fn a_failed_request_retires_its_instance() {
         ],
     );
     // The start-up probes were served by this instance already.
-    let first = served(&host).await;
+    let first = served_at(&host, "/served").await;
     assert!(
         first > 1,
         "the instance served the start-up probes: {first}"
     );
-    assert_eq!(served(&host).await, first + 1);
+    assert_eq!(served_at(&host, "/served").await, first + 1);
     // A trap, the deadline and the memory limit each leave the next request a fresh instance
     // (and the instance has served two requests, so none of them is blamed on reuse).
     for (path, status) in [
@@ -126,10 +108,10 @@ async fn a_failed_request_retires_its_instance() {
         ("/sleep?ms=3000", 504),
         ("/grow", 500),
     ] {
-        let (answered, body) = get(&host, path).await;
+        let (answered, body) = get_text(&host, path).await;
         assert_eq!(answered, status, "{path}: {body}");
-        assert_eq!(served(&host).await, 1, "after {path}");
-        assert_eq!(served(&host).await, 2, "after {path}");
+        assert_eq!(served_at(&host, "/served").await, 1, "after {path}");
+        assert_eq!(served_at(&host, "/served").await, 2, "after {path}");
     }
     assert!(
         !host.log().contains("cannot serve a second request"),
@@ -149,11 +131,11 @@ async fn an_idle_instance_is_dropped_after_the_idle_timeout() {
             "0.5",
         ],
     );
-    let first = served(&host).await;
-    assert_eq!(served(&host).await, first + 1);
+    let first = served_at(&host, "/served").await;
+    assert_eq!(served_at(&host, "/served").await, first + 1);
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!(served(&host).await, 1);
-    assert_eq!(served(&host).await, 2);
+    assert_eq!(served_at(&host, "/served").await, 1);
+    assert_eq!(served_at(&host, "/served").await, 2);
 }
 
 #[tokio::test]
@@ -164,7 +146,7 @@ async fn an_app_whose_instances_cannot_serve_twice_loses_no_request() {
     // `/once` traps on any instance that served a request before, as a runtime that ends with
     // its first request: every request is still answered, by a fresh instance.
     for attempt in 0..10 {
-        let (status, body) = get(&host, "/kept/once").await;
+        let (status, body) = get_text(&host, "/kept/once").await;
         assert_eq!(
             (status, body.as_str()),
             (200, "once\n"),
@@ -178,8 +160,8 @@ async fn an_app_whose_instances_cannot_serve_twice_loses_no_request() {
         "one line says why the app's instances are no longer kept:\n{log}"
     );
     assert!(!log.contains("[ERROR]"), "no request failed:\n{log}");
-    assert_eq!(get(&host, "/kept/served").await.1.trim(), "1");
-    assert_eq!(get(&host, "/kept/served").await.1.trim(), "1");
+    assert_eq!(get_text(&host, "/kept/served").await.1.trim(), "1");
+    assert_eq!(get_text(&host, "/kept/served").await.1.trim(), "1");
 }
 
 /// A host with the faults guest twice: `kept` on `/kept` with `kept_settings`, and the
@@ -215,10 +197,10 @@ async fn instance_reuse_is_an_app_setting() {
     let (host, _dir) = two_apps("instance_max_requests = 0", "");
     for expected in 1..=3 {
         assert_eq!(
-            get(&host, "/kept/served").await.1.trim(),
+            get_text(&host, "/kept/served").await.1.trim(),
             expected.to_string()
         );
-        assert_eq!(get(&host, "/served").await.1.trim(), "1");
+        assert_eq!(get_text(&host, "/served").await.1.trim(), "1");
     }
 }
 
@@ -229,7 +211,7 @@ async fn the_memory_limit_covers_an_instance_over_all_its_requests() {
     // and the one that takes it past 24 MiB is refused.
     let mut answers = Vec::new();
     while answers.len() < 5 && !answers.contains(&500) {
-        answers.push(get(&host, "/kept/keep?mb=6").await.0);
+        answers.push(get_text(&host, "/kept/keep?mb=6").await.0);
     }
     let refused = answers
         .iter()
@@ -245,8 +227,8 @@ async fn the_memory_limit_covers_an_instance_over_all_its_requests() {
         host.log()
     );
     // The refusal retired the instance: the next request starts afresh.
-    assert_eq!(get(&host, "/kept/served").await.1.trim(), "1");
-    assert_eq!(get(&host, "/kept/keep?mb=6").await.0, 200);
+    assert_eq!(get_text(&host, "/kept/served").await.1.trim(), "1");
+    assert_eq!(get_text(&host, "/kept/keep?mb=6").await.0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -270,7 +252,7 @@ async fn kept_instances_never_outnumber_the_apps_permits() {
         let host = std::sync::Arc::clone(&host);
         clients.push(tokio::spawn(async move {
             for _ in 0..10 {
-                assert_eq!(get(&host, "/sleep?ms=2").await.0, 200);
+                assert_eq!(get_text(&host, "/sleep?ms=2").await.0, 200);
             }
         }));
     }

@@ -96,6 +96,25 @@ pub fn js_guest(name: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// `GET path` on `host`: the status, and the body as text.
+pub async fn get_text(host: &HostProcess, path: &str) -> (u16, String) {
+    let response = http_client()
+        .get(host.url(path))
+        .send()
+        .await
+        .expect("the host answers");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("a body"))
+}
+
+/// What a guest's `/served` route says at `path`: the requests the instance that answered has
+/// been given, this one included.
+pub async fn served_at(host: &HostProcess, path: &str) -> u64 {
+    let (status, body) = get_text(host, path).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    body.trim().parse().expect("a count")
+}
+
 /// The compile cache shared by the tests, so a component is compiled once per suite run.
 pub fn cache_dir() -> PathBuf {
     repo_root().join("target/test-cache")
