@@ -55,3 +55,39 @@ async fn a_kept_python_instance_keeps_its_interpreter_within_every_bound() {
     );
     assert_eq!(served_at(&host, "/served").await, 1);
 }
+
+#[tokio::test]
+async fn a_python_app_streams_5_mb_back_and_a_failure_mid_body_looks_cut() {
+    let host = HostProcess::start(
+        &python_guest("hello"),
+        &["--memory-limit", "64MiB", "--instance-max-requests", "0"],
+    );
+    let body = blackbox::random_bytes(5 << 20, 7);
+    let response = blackbox::http_client()
+        .post(host.url("/echo"))
+        .body(body.clone())
+        .send()
+        .await
+        .expect("the host answers");
+    assert_eq!(response.status().as_u16(), 200);
+    let echoed = response.bytes().await.expect("the whole body");
+    assert!(
+        echoed == body,
+        "{} bytes came back, not the 5 MiB sent",
+        echoed.len()
+    );
+
+    // An exception after the response began: the client sees a cut body, never a whole one.
+    let response = blackbox::http_client()
+        .get(host.url("/raise-mid-response"))
+        .send()
+        .await
+        .expect("the head arrives");
+    assert_eq!(response.status().as_u16(), 200);
+    assert!(
+        response.bytes().await.is_err(),
+        "a body cut by an exception read as complete"
+    );
+    // And the instance went with it.
+    assert_eq!(served_at(&host, "/served").await, 1);
+}
