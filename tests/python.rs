@@ -33,9 +33,18 @@ async fn a_kept_python_instance_keeps_its_interpreter_within_every_bound() {
     for next in first + 1..first + 5 {
         assert_eq!(served_at(&host, "/served").await, next);
     }
-    // An exception retires the instance.
+    // A refused grow the app handles leaves the instance serving; a later exception is told
+    // as what it is, not as that old refusal, and retires the instance.
+    let (status, body) = get_text(&host, "/try-grow").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "refused, and carried on\n"),
+        "{}",
+        host.log()
+    );
     let (status, body) = get_text(&host, "/raise").await;
     assert_eq!(status, 500, "{body}");
+    assert!(body.contains("trapped"), "{body}");
     assert_eq!(served_at(&host, "/served").await, 1);
     // So does a loop past the deadline.
     let (status, body) = get_text(&host, "/spin").await;

@@ -84,6 +84,13 @@ class IncomingHandler(exports.IncomingHandler):
             fail_mid_response(response_out)
         elif path == "/raise":
             raise RuntimeError("the /raise route fails on purpose")
+        elif path == "/try-grow":
+            # A refused grow, handled: the instance goes on, and its memory with it.
+            try:
+                bytearray(256 << 20)
+                respond(response_out, 200, b"grew\n")
+            except MemoryError:
+                respond(response_out, 200, b"refused, and carried on\n")
         elif path == "/keep":
             # 4 MiB held by the instance for good.
             KEPT.append(bytearray(4 << 20))

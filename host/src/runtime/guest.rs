@@ -457,9 +457,8 @@ impl Guest {
         instance.served += 1;
         // The instance is kept only once its response has gone out whole: until then the
         // body's sender lives in its store.
-        let wait_until = deadline.map_or(Instant::now() + DELIVERY_WAIT, |deadline| {
-            deadline.min(Instant::now() + DELIVERY_WAIT)
-        });
+        let waited_enough = Instant::now() + DELIVERY_WAIT;
+        let wait_until = deadline.map_or(waited_enough, |deadline| deadline.min(waited_enough));
         let whole = tokio::time::timeout_at(wait_until, delivered)
             .await
             .is_ok_and(|sent| sent.is_ok());
@@ -560,6 +559,7 @@ impl GuestState {
     fn begin_request(&mut self, deadline: Option<Instant>) {
         self.hooks.deadline = deadline;
         self.slices = Default::default();
+        self.limiter.forget_refusal();
     }
 
     /// What a capability call of this instance sees (`capabilities::add_to_linker`).

@@ -36,6 +36,12 @@ impl MemoryLimiter {
         self.refused
     }
 
+    /// Forgets a refusal: a kept instance that lived through one (its guest handled it) starts
+    /// its next request with a clean record, so a later failure is not blamed on it.
+    pub fn forget_refusal(&mut self) {
+        self.refused = None;
+    }
+
     /// Linear memory the instance holds now, all memories together.
     pub fn in_use(&self) -> usize {
         self.in_use
