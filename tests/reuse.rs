@@ -266,3 +266,31 @@ async fn kept_instances_never_outnumber_the_apps_permits() {
         "{created} instances created and {kept} kept for 3 threads"
     );
 }
+
+#[tokio::test]
+async fn the_jitter_spreads_each_instances_share_within_its_bounds() {
+    // Shares of 2 + randint(0, 3) requests: from 2 to 5.
+    let (host, _dir) = two_apps(
+        "instance_max_requests = 2\ninstance_max_requests_jitter = 3",
+        "",
+    );
+    let mut shares = Vec::new();
+    let mut last = 0;
+    for _ in 0..80 {
+        let count = served_at(&host, "/kept/served").await;
+        if count == 1 && last > 0 {
+            shares.push(last);
+        }
+        last = count;
+    }
+    assert!(shares.len() >= 10, "{shares:?}");
+    assert!(
+        shares.iter().all(|share| (2..=5).contains(share)),
+        "an instance served outside 2..=5: {shares:?}"
+    );
+    // With 4 equally likely shares, the chance that all instances drew the same is negligible.
+    assert!(
+        shares.iter().any(|&share| share != shares[0]),
+        "every instance drew the same share: {shares:?}"
+    );
+}
