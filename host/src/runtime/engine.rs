@@ -80,6 +80,9 @@ pub fn build(sizing: EngineSizing) -> Result<Engine> {
     let mut config = Config::new();
     config
         .wasm_component_model(true)
+        // WASIp3 components (`wasi:http/service`) are built on the async ABI: streams, futures
+        // and tasks.
+        .wasm_component_model_async(true)
         .epoch_interruption(true)
         .memory_init_cow(true)
         .cranelift_opt_level(OptLevel::Speed)

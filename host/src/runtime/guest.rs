@@ -1,9 +1,11 @@
 //! The guest component: compiled once, instantiated for a request (fresh for every request, or
 //! kept for the app's next ones: `kept`), run under its memory cap and deadline, with only the
-//! imports of the `wasi:http/proxy` world, the `wasi:cli` pieces that language runtimes pull in
-//! (no preopened files, no sockets, outbound HTTP only as its app is granted) and the host
-//! capabilities it is granted; its stdout and stderr become log lines of the request.
+//! imports of the `wasi:http/proxy` world (WASIp2) or the `wasi:http/service` world (WASIp3),
+//! the `wasi:cli` pieces that language runtimes pull in (no preopened files, no sockets,
+//! outbound HTTP only as its app is granted) and the host capabilities it is granted; its stdout
+//! and stderr become log lines of the request.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -15,9 +17,11 @@ use tracing::Instrument;
 use wasmtime::component::{Linker, ResourceTable, ResourceTableError};
 use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
-use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::p3;
+use wasmtime_wasi_http::p3::bindings::{Service, ServicePre};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::capabilities::streams::{MAX_CAPABILITY_STREAMS, StreamCount, TooManyStreams};
@@ -34,7 +38,7 @@ use crate::settings::{Settings, human_size};
 
 pub struct Guest {
     engine: Engine,
-    pre: ProxyPre<GuestState>,
+    pre: HandlerPre,
     memory_limit: u64,
     memory_budget: Option<u64>,
     timeout: Option<Duration>,
@@ -47,11 +51,38 @@ pub struct Guest {
     kept: Option<Arc<KeptInstances<Kept>>>,
 }
 
+/// The HTTP handler a component exports, linked and ready to instantiate.
+pub enum HandlerPre {
+    /// `wasi:http/incoming-handler@0.2`: the `wasi:http/proxy` world.
+    P2(ProxyPre<GuestState>),
+    /// `wasi:http/handler@0.3`: the `wasi:http/service` world, on the component model's async
+    /// ABI.
+    P3(ServicePre<GuestState>),
+}
+
+/// The HTTP handler of one instance.
+enum Handler {
+    P2(Proxy),
+    P3(Service),
+}
+
+impl HandlerPre {
+    async fn instantiate(&self, store: &mut Store<GuestState>) -> wasmtime::Result<Handler> {
+        Ok(match self {
+            HandlerPre::P2(pre) => Handler::P2(pre.instantiate_async(store).await?),
+            HandlerPre::P3(pre) => Handler::P3(pre.instantiate_async(store).await?),
+        })
+    }
+}
+
 /// An instance kept for the app's next request.
 pub struct Kept {
     store: Store<GuestState>,
-    proxy: Proxy,
+    handler: Handler,
 }
+
+/// A response head, or the error code a guest answered with instead.
+type ResponseOrCode = Result<hyper::Response<HyperOutgoingBody>, String>;
 
 /// How long a kept instance waits, once its guest has returned, for its response to go out
 /// whole (the bytes are written by then, and usually sent): a client slower than that holds
@@ -61,9 +92,26 @@ const DELIVERY_WAIT: Duration = Duration::from_secs(1);
 /// What a request's run answers through: the response head, the outcome the response body's
 /// end waits on, and word of the body having gone out whole.
 struct RequestEnds {
-    response: oneshot::Sender<Result<hyper::Response<HyperOutgoingBody>, ErrorCode>>,
+    response: ResponseSender,
     outcome: cut::GuestOutcome,
     delivered: cut::BodyDelivered,
+}
+
+/// Where a guest's response head goes; it marks the request as responded as it sends, so that a
+/// failure right after is known as one that cut the body.
+struct ResponseSender {
+    sender: oneshot::Sender<ResponseOrCode>,
+    responded: Arc<AtomicBool>,
+}
+
+impl ResponseSender {
+    /// Whether the response went to a request still waiting for it.
+    fn send(self, response: ResponseOrCode) -> bool {
+        if response.is_ok() {
+            self.responded.store(true, Ordering::Release);
+        }
+        self.sender.send(response).is_ok()
+    }
 }
 
 /// A request that failed, and the permit it held when it can be sent again.
@@ -111,6 +159,70 @@ fn replayable(
     *copy.version_mut() = request.version();
     *copy.headers_mut() = request.headers().clone();
     Some(copy)
+}
+
+/// Runs a p3 guest's handler on `request` and sends its response head through `sender`. The
+/// guest writes the body from its own tasks, which run only while the store's event loop does:
+/// so the loop goes on until the body has gone out whole (`true`) or cannot (`false`: the
+/// client left, or there was no body to deliver).
+async fn serve_p3(
+    store: &mut Store<GuestState>,
+    service: &Service,
+    request: hyper::Request<DrainedIfDropped>,
+    scheme: Scheme,
+    sender: ResponseSender,
+    delivered: Option<cut::BodyDelivered>,
+) -> wasmtime::Result<bool> {
+    let request = with_absolute_uri(request, scheme);
+    store
+        .run_concurrent(async |accessor| {
+            let (request, request_io) = accessor.with(|mut access| {
+                let (request, io) = p3::Request::from_http(access.data_mut().http().hooks, request);
+                // Its type names the hooks' lifetime, though it holds nothing of them.
+                let io: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(io);
+                (request, io)
+            });
+            let response = match service.handle(accessor, request).await? {
+                Ok(response) => response,
+                Err(code) => {
+                    sender.send(Err(format!("{code:?}")));
+                    return Ok(false);
+                }
+            };
+            let response =
+                accessor.with(|mut access| response.into_http(&mut access, request_io))?;
+            if !sender.send(Ok(response)) {
+                return Ok(false);
+            }
+            Ok(match delivered {
+                Some(delivered) => delivered.await.is_ok(),
+                None => false,
+            })
+        })
+        .await?
+}
+
+/// The request with its scheme and authority (from `Host`) in its URI, where a p3 guest reads
+/// them; a p2 guest is given them beside the request.
+fn with_absolute_uri(
+    mut request: hyper::Request<DrainedIfDropped>,
+    scheme: Scheme,
+) -> hyper::Request<DrainedIfDropped> {
+    let mut parts = request.uri().clone().into_parts();
+    if parts.authority.is_none() {
+        parts.authority = request
+            .headers()
+            .get(hyper::header::HOST)
+            .and_then(|host| host.to_str().ok()?.parse().ok());
+    }
+    parts.scheme = Some(match scheme {
+        Scheme::Https => http::uri::Scheme::HTTPS,
+        _ => http::uri::Scheme::HTTP,
+    });
+    if let Ok(uri) = http::Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
+    }
+    request
 }
 
 /// Why a guest gave no response.
@@ -203,13 +315,14 @@ impl std::fmt::Display for DeadlineExceeded {
 
 impl std::error::Error for DeadlineExceeded {}
 
-/// `component` linked to WASI, `wasi:http` and the capabilities `app` is granted, ready to
-/// instantiate: all `host prepare` needs to check that the host can serve it.
+/// `component` linked to WASI (p2 and p3), `wasi:http` and the capabilities `app` is granted,
+/// ready to instantiate: all `host prepare` needs to check that the host can serve it. Its
+/// exports tell which `wasi:http` it serves.
 pub fn link(
     engine: &Engine,
     component: &wasmtime::component::Component,
     app: &App,
-) -> Result<ProxyPre<GuestState>> {
+) -> Result<HandlerPre> {
     crate::capabilities::check_grants(engine, component, app)?;
     let mut linker = Linker::<GuestState>::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)
@@ -218,6 +331,12 @@ pub fn link(
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
         .map_err(anyhow::Error::from)
         .context("cannot link wasi:http")?;
+    wasmtime_wasi::p3::add_to_linker(&mut linker)
+        .map_err(anyhow::Error::from)
+        .context("cannot link wasi@0.3")?;
+    wasmtime_wasi_http::p3::add_to_linker(&mut linker)
+        .map_err(anyhow::Error::from)
+        .context("cannot link wasi:http@0.3")?;
     crate::capabilities::add_to_linker(
         &mut linker,
         &app.capabilities,
@@ -227,9 +346,17 @@ pub fn link(
         .instantiate_pre(component)
         .map_err(anyhow::Error::from)
         .context("the component needs imports this host does not provide")?;
-    ProxyPre::new(pre)
+    if let Ok(pre) = ProxyPre::new(pre.clone()) {
+        return Ok(HandlerPre::P2(pre));
+    }
+    ServicePre::new(pre)
+        .map(HandlerPre::P3)
         .map_err(anyhow::Error::from)
-        .context("the component does not export wasi:http/incoming-handler (is it built for the wasi:http/proxy world?)")
+        .context(
+            "the component exports neither wasi:http/incoming-handler@0.2 (the wasi:http/proxy \
+             world) nor wasi:http/handler@0.3 (the wasi:http/service world): this host serves \
+             those two",
+        )
 }
 
 impl Guest {
@@ -319,13 +446,16 @@ impl Guest {
         let (guest_finished, ending, delivered) = cut::guest_outcome();
         let deadline = self.timeout.map(|timeout| Instant::now() + timeout);
         let guest = Arc::clone(self);
-        // Set once the client has the response head: a later failure can only cut the body.
+        // Set as the guest sends its response head: a later failure can only cut the body.
         let responded = Arc::new(AtomicBool::new(false));
         let run = tokio::spawn({
             let responded = Arc::clone(&responded);
             async move {
                 let ends = RequestEnds {
-                    response: sender,
+                    response: ResponseSender {
+                        sender,
+                        responded: Arc::clone(&responded),
+                    },
                     outcome: guest_finished,
                     delivered,
                 };
@@ -347,7 +477,6 @@ impl Guest {
         };
         match receiver.await {
             Ok(Ok(response)) => {
-                responded.store(true, Ordering::Release);
                 // The body ends whole only if the guest finishes; otherwise it looks cut.
                 let declared = response
                     .headers()
@@ -355,7 +484,7 @@ impl Guest {
                     .and_then(|length| length.to_str().ok()?.parse().ok());
                 Ok(response.map(|body| ending.body(body, declared)))
             }
-            Ok(Err(code)) => Err(failed(GuestFailure::ErrorCode(format!("{code:?}")))),
+            Ok(Err(code)) => Err(failed(GuestFailure::ErrorCode(code))),
             Err(_) => match run.await {
                 Ok((Ok(()), permit)) => Err(Failed {
                     failure: GuestFailure::NoResponse,
@@ -391,8 +520,8 @@ impl Guest {
             _ => None,
         };
         let reused = kept.is_some();
-        let (mut store, mut proxy, mut instance) = match kept {
-            Some((kept, instance)) => (kept.store, Some(kept.proxy), instance),
+        let (mut store, mut handler, mut instance) = match kept {
+            Some((kept, instance)) => (kept.store, Some(kept.handler), instance),
             None => {
                 let instance = self.kept.as_ref().map(|kept| kept.fresh());
                 (self.new_store(), None, instance.unwrap_or_default())
@@ -404,24 +533,43 @@ impl Guest {
             .is_some_and(|kept| kept.suspect(&instance, reused));
         store.data_mut().begin_request(deadline);
         Self::watch_deadline(&mut store, deadline);
+        // Known once the response has gone out whole or cannot: a p3 guest's body is written
+        // while its instance runs, so its run lasts until then.
+        let mut delivered = Some(delivered);
+        let mut whole = None;
         let call = async {
-            let request = store
-                .data_mut()
-                .http()
-                .new_incoming_request(scheme, request)?;
-            let response = store.data_mut().http().new_response_outparam(sender)?;
-            let proxy = match proxy.take() {
-                Some(proxy) => proxy,
+            let handler = match handler.take() {
+                Some(handler) => handler,
                 None => {
                     self.metrics.instance_created();
-                    self.pre.instantiate_async(&mut store).await?
+                    self.pre.instantiate(&mut store).await?
                 }
             };
-            proxy
-                .wasi_http_incoming_handler()
-                .call_handle(&mut store, request, response)
-                .await?;
-            Ok::<_, wasmtime::Error>(proxy)
+            match &handler {
+                Handler::P2(proxy) => {
+                    let request = store
+                        .data_mut()
+                        .http()
+                        .new_incoming_request(scheme, request)?;
+                    let response = store
+                        .data_mut()
+                        .http()
+                        .new_response_outparam_from_callback(move |response| {
+                            sender.send(response.map_err(|code| format!("{code:?}")));
+                        })?;
+                    proxy
+                        .wasi_http_incoming_handler()
+                        .call_handle(&mut store, request, response)
+                        .await?;
+                }
+                Handler::P3(service) => {
+                    let delivered = delivered.take();
+                    whole = Some(
+                        serve_p3(&mut store, service, request, scheme, sender, delivered).await?,
+                    );
+                }
+            }
+            Ok::<_, wasmtime::Error>(handler)
         };
         let result = match deadline {
             Some(deadline) => match tokio::time::timeout_at(deadline, call).await {
@@ -447,8 +595,8 @@ impl Guest {
         let Some(kept) = &self.kept else {
             return (result.map(drop), false);
         };
-        let proxy = match result {
-            Ok(proxy) => proxy,
+        let handler = match result {
+            Ok(handler) => handler,
             Err(failure) => {
                 kept.retire_failed();
                 return (Err(failure), suspect);
@@ -457,13 +605,20 @@ impl Guest {
         instance.served += 1;
         // The instance is kept only once its response has gone out whole: until then the
         // body's sender lives in its store.
-        let waited_enough = Instant::now() + DELIVERY_WAIT;
-        let wait_until = deadline.map_or(waited_enough, |deadline| deadline.min(waited_enough));
-        let whole = tokio::time::timeout_at(wait_until, delivered)
-            .await
-            .is_ok_and(|sent| sent.is_ok());
+        let whole = match (whole, delivered) {
+            (Some(whole), _) => whole,
+            (None, None) => false,
+            (None, Some(delivered)) => {
+                let waited_enough = Instant::now() + DELIVERY_WAIT;
+                let wait_until =
+                    deadline.map_or(waited_enough, |deadline| deadline.min(waited_enough));
+                tokio::time::timeout_at(wait_until, delivered)
+                    .await
+                    .is_ok_and(|sent| sent.is_ok())
+            }
+        };
         if whole {
-            kept.keep(instance, Kept { store, proxy });
+            kept.keep(instance, Kept { store, handler });
         } else {
             kept.retire_cut();
         }
