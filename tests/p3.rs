@@ -123,3 +123,120 @@ async fn a_p3_app_streams_5_mb_back_and_a_trap_mid_body_looks_cut() {
     // And the instance went with it.
     assert_eq!(served_at(&host, "/served").await, 1);
 }
+
+/// A host whose p3 instances serve up to 4 requests at once, kept for good.
+fn shared_host(timeout: &str) -> HostProcess {
+    HostProcess::start(
+        &guest("hello-p3"),
+        &[
+            "--instance-max-requests",
+            "0",
+            "--instance-concurrency",
+            "4",
+            "--threads",
+            "8",
+            "--memory-limit",
+            "32MiB",
+            "--timeout",
+            timeout,
+        ],
+    )
+}
+
+/// Sends `path` after `delay`.
+async fn get_after(host: &HostProcess, delay_ms: u64, path: &str) -> (u16, String) {
+    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    get_text(host, path).await
+}
+
+#[tokio::test]
+async fn a_shared_p3_instance_serves_requests_at_once_within_its_memory_cap() {
+    let host = shared_host("5");
+    let first = served_at(&host, "/served").await;
+    // One request waits; three more join it on the same instance while it does.
+    let started = Instant::now();
+    let (a, b, c, d) = tokio::join!(
+        get_text(&host, "/together?ms=1000"),
+        get_after(&host, 200, "/together?ms=600"),
+        get_after(&host, 200, "/together?ms=600"),
+        get_after(&host, 200, "/together?ms=600"),
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1800),
+        "served one after another: {:?}",
+        started.elapsed()
+    );
+    for (status, body) in [&a, &b, &c, &d] {
+        assert_eq!(*status, 200, "{body}");
+    }
+    assert_eq!(a.1.trim(), "4", "the instance never served 4 at once");
+    assert_eq!(served_at(&host, "/served").await, first + 5);
+
+    // The memory cap covers the instance, whatever the requests it serves at once hold.
+    let mut answers = Vec::new();
+    while answers.len() < 20 && !answers.contains(&500) {
+        answers.push(get_text(&host, "/grow?mb=4").await.0);
+    }
+    assert_eq!(answers.last(), Some(&500), "{answers:?}");
+    assert!(answers.len() > 2, "refused too soon: {answers:?}");
+    assert!(
+        host.log().contains("memory limit exceeded"),
+        "{}",
+        host.log()
+    );
+    assert_eq!(served_at(&host, "/served").await, 1);
+}
+
+#[tokio::test]
+async fn a_trap_on_a_shared_p3_instance_fails_the_requests_beside_it_clearly() {
+    let host = shared_host("5");
+    let (waiting, beside, trap) = tokio::join!(
+        get_text(&host, "/together?ms=2000"),
+        get_after(&host, 200, "/together?ms=2000"),
+        get_after(&host, 400, "/trap"),
+    );
+    // Which of them trapped the instance cannot be told: each is told that the app failed
+    // while its instance served it and others.
+    for (status, body) in [waiting, beside, trap] {
+        assert_eq!(status, 500, "{body}");
+        assert!(body.contains("trapped"), "{body}");
+        assert!(body.contains("others at once"), "{body}");
+    }
+    // The next request gets a new instance.
+    assert_eq!(served_at(&host, "/served").await, 1);
+}
+
+#[tokio::test]
+async fn a_deadline_on_a_shared_p3_instance_retires_it_and_tells_the_requests_beside_it() {
+    let host = shared_host("1");
+    // A request computing past its deadline holds the whole instance: it is stopped, and the
+    // one given to the instance meanwhile is told why.
+    let (spin, beside) = tokio::join!(
+        get_text(&host, "/spin"),
+        get_after(&host, 200, "/together?ms=300"),
+    );
+    assert_eq!(spin.0, 504, "{}", spin.1);
+    assert_eq!(beside.0, 503, "{}", beside.1);
+    assert!(
+        beside.1.contains("ran past the 1s --timeout"),
+        "{}",
+        beside.1
+    );
+
+    // A request waiting past its deadline is answered 504 at its deadline; the one beside it
+    // finishes, and the instance takes no more.
+    let first = served_at(&host, "/served").await;
+    let (waiting, beside) = tokio::join!(
+        get_text(&host, "/sleep?ms=10000"),
+        get_after(&host, 100, "/together?ms=1400"),
+    );
+    assert_eq!(waiting.0, 504, "{}", waiting.1);
+    assert_eq!(beside.0, 504, "{}", beside.1);
+    let (waiting, beside) = tokio::join!(
+        get_text(&host, "/sleep?ms=10000"),
+        get_after(&host, 100, "/together?ms=500"),
+    );
+    assert_eq!(waiting.0, 504, "{}", waiting.1);
+    assert_eq!(beside.0, 200, "{}", beside.1);
+    assert_eq!(served_at(&host, "/served").await, 1, "first was {first}");
+}

@@ -6,7 +6,8 @@
 //! - `/echo` streams the request body back.
 //! - `/trap-mid-response` declares 1 MiB, sends 64 KiB and traps.
 //! - `/grow?mb=N` holds N MiB more for the instance's life, and answers its total.
-//! - `/spin` never returns; `/sleep?ms=N` waits N ms before it answers.
+//! - `/spin` never returns; `/sleep?ms=N` waits N ms before it answers; `/trap` traps.
+//! - `/together?ms=N` waits N ms and answers the most requests its instance has served at once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -18,6 +19,8 @@ wasip3::http::service::export!(HelloP3);
 struct HelloP3;
 
 static SERVED: AtomicU64 = AtomicU64::new(0);
+static IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
+static PEAK: AtomicU64 = AtomicU64::new(0);
 static HELD: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 
 const CHUNK: usize = 64 * 1024;
@@ -49,6 +52,15 @@ impl wasip3::exports::http::handler::Guest for HelloP3 {
             "/spin" => loop {
                 std::hint::spin_loop();
             },
+            "/trap" => panic!("trapped on purpose"),
+            "/together" => {
+                let now = IN_FLIGHT.fetch_add(1, Ordering::Relaxed) + 1;
+                PEAK.fetch_max(now, Ordering::Relaxed);
+                wasip3::clocks::monotonic_clock::wait_for(number("ms") * 1_000_000).await;
+                IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+                let peak = PEAK.load(Ordering::Relaxed);
+                Ok(answer(format!("{peak}\n").into_bytes()))
+            }
             "/sleep" => {
                 wasip3::clocks::monotonic_clock::wait_for(number("ms") * 1_000_000).await;
                 Ok(answer(b"slept\n".to_vec()))

@@ -5,7 +5,6 @@
 //! outbound HTTP only as its app is granted) and the host capabilities it is granted; its stdout
 //! and stderr become log lines of the request.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -20,7 +19,6 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
-use wasmtime_wasi_http::p3;
 use wasmtime_wasi_http::p3::bindings::{Service, ServicePre};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
@@ -33,6 +31,8 @@ use crate::runtime::guest_output::GuestOutput;
 use crate::runtime::kept::KeptInstances;
 use crate::runtime::memory_limiter::MemoryLimiter;
 use crate::runtime::outbound::OutboundClient;
+use crate::runtime::p3;
+use crate::runtime::shared::SharedInstances;
 use crate::settings::App;
 use crate::settings::{Settings, human_size};
 
@@ -49,6 +49,8 @@ pub struct Guest {
     metrics: AppMetrics,
     /// Instances kept between requests; `None` when every request gets a fresh one.
     kept: Option<Arc<KeptInstances<Kept>>>,
+    /// p3 instances that serve several requests at once, in place of `kept`.
+    shared: Option<Arc<SharedInstances<p3::Job>>>,
 }
 
 /// The HTTP handler a component exports, linked and ready to instantiate.
@@ -91,22 +93,22 @@ const DELIVERY_WAIT: Duration = Duration::from_secs(1);
 
 /// What a request's run answers through: the response head, the outcome the response body's
 /// end waits on, and word of the body having gone out whole.
-struct RequestEnds {
-    response: ResponseSender,
-    outcome: cut::GuestOutcome,
-    delivered: cut::BodyDelivered,
+pub struct RequestEnds {
+    pub response: ResponseSender,
+    pub outcome: cut::GuestOutcome,
+    pub delivered: cut::BodyDelivered,
 }
 
 /// Where a guest's response head goes; it marks the request as responded as it sends, so that a
 /// failure right after is known as one that cut the body.
-struct ResponseSender {
+pub struct ResponseSender {
     sender: oneshot::Sender<ResponseOrCode>,
     responded: Arc<AtomicBool>,
 }
 
 impl ResponseSender {
     /// Whether the response went to a request still waiting for it.
-    fn send(self, response: ResponseOrCode) -> bool {
+    pub fn send(self, response: ResponseOrCode) -> bool {
         if response.is_ok() {
             self.responded.store(true, Ordering::Release);
         }
@@ -161,86 +163,34 @@ fn replayable(
     Some(copy)
 }
 
-/// Runs a p3 guest's handler on `request` and sends its response head through `sender`. The
-/// guest writes the body from its own tasks, which run only while the store's event loop does:
-/// so the loop goes on until the body has gone out whole (`true`) or cannot (`false`: the
-/// client left, or there was no body to deliver).
-async fn serve_p3(
-    store: &mut Store<GuestState>,
-    service: &Service,
-    request: hyper::Request<DrainedIfDropped>,
-    scheme: Scheme,
-    sender: ResponseSender,
-    delivered: Option<cut::BodyDelivered>,
-) -> wasmtime::Result<bool> {
-    let request = with_absolute_uri(request, scheme);
-    store
-        .run_concurrent(async |accessor| {
-            let (request, request_io) = accessor.with(|mut access| {
-                let (request, io) = p3::Request::from_http(access.data_mut().http().hooks, request);
-                // Its type names the hooks' lifetime, though it holds nothing of them.
-                let io: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(io);
-                (request, io)
-            });
-            let response = match service.handle(accessor, request).await? {
-                Ok(response) => response,
-                Err(code) => {
-                    sender.send(Err(format!("{code:?}")));
-                    return Ok(false);
-                }
-            };
-            let response =
-                accessor.with(|mut access| response.into_http(&mut access, request_io))?;
-            if !sender.send(Ok(response)) {
-                return Ok(false);
-            }
-            Ok(match delivered {
-                Some(delivered) => delivered.await.is_ok(),
-                None => false,
-            })
-        })
-        .await?
-}
-
-/// The request with its scheme and authority (from `Host`) in its URI, where a p3 guest reads
-/// them; a p2 guest is given them beside the request.
-fn with_absolute_uri(
-    mut request: hyper::Request<DrainedIfDropped>,
-    scheme: Scheme,
-) -> hyper::Request<DrainedIfDropped> {
-    let mut parts = request.uri().clone().into_parts();
-    if parts.authority.is_none() {
-        parts.authority = request
-            .headers()
-            .get(hyper::header::HOST)
-            .and_then(|host| host.to_str().ok()?.parse().ok());
-    }
-    parts.scheme = Some(match scheme {
-        Scheme::Https => http::uri::Scheme::HTTPS,
-        _ => http::uri::Scheme::HTTP,
-    });
-    if let Ok(uri) = http::Uri::from_parts(parts) {
-        *request.uri_mut() = uri;
-    }
-    request
-}
-
 /// Why a guest gave no response.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum GuestFailure {
     Timeout(Duration),
-    MemoryLimit { requested: usize, limit: u64 },
+    MemoryLimit {
+        requested: usize,
+        limit: u64,
+    },
     Trapped(String),
     TooManyResources,
     TooManyStreams,
     NoResponse,
     ErrorCode(String),
+    /// The instance failed while it served this request and others at once: why.
+    SharedInstanceFailed(Box<GuestFailure>),
 }
 
 impl GuestFailure {
     pub fn status(&self) -> hyper::StatusCode {
         match self {
             GuestFailure::Timeout(_) => hyper::StatusCode::GATEWAY_TIMEOUT,
+            // Stopped for another request's deadline: sent again, it may well be answered.
+            GuestFailure::SharedInstanceFailed(why)
+                if matches!(**why, GuestFailure::Timeout(_)) =>
+            {
+                hyper::StatusCode::SERVICE_UNAVAILABLE
+            }
+            GuestFailure::SharedInstanceFailed(why) => why.status(),
             _ => hyper::StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -271,6 +221,17 @@ impl std::fmt::Display for GuestFailure {
             ),
             GuestFailure::NoResponse => write!(f, "the app returned without sending a response"),
             GuestFailure::ErrorCode(code) => write!(f, "the app answered with an error: {code}"),
+            GuestFailure::SharedInstanceFailed(why) => match &**why {
+                GuestFailure::Timeout(timeout) => write!(
+                    f,
+                    "the app's instance was stopped while it served this request: another request it served at once ran past the {}s --timeout",
+                    timeout.as_secs_f64()
+                ),
+                why => write!(
+                    f,
+                    "the app failed while its instance served this request and others at once: {why}"
+                ),
+            },
         }
     }
 }
@@ -370,6 +331,20 @@ impl Guest {
         metrics: AppMetrics,
     ) -> Result<Guest> {
         let pre = link(engine, component, app)?;
+        let reuse = &app.settings.reuse;
+        let shared = reuse.concurrency > 1 && reuse.keeps_instances();
+        let shared = match &pre {
+            HandlerPre::P3(_) => shared,
+            HandlerPre::P2(_) => {
+                if shared {
+                    tracing::info!(
+                        "app {}: a WASIp2 instance serves one request at a time (--instance-concurrency applies to WASIp3 components)",
+                        app.name
+                    );
+                }
+                false
+            }
+        };
         metrics.set_memory_cap(
             app.settings
                 .memory_limit
@@ -388,11 +363,10 @@ impl Guest {
                 &app.settings.outbound,
                 metrics.clone(),
             )?),
-            kept: app
-                .settings
-                .reuse
-                .keeps_instances()
+            kept: (app.settings.reuse.keeps_instances() && !shared)
                 .then(|| KeptInstances::new(&app.name, app.settings.reuse, metrics.clone())),
+            shared: shared
+                .then(|| Arc::new(SharedInstances::new(app.settings.reuse, metrics.clone()))),
             metrics,
         })
     }
@@ -502,19 +476,25 @@ impl Guest {
     /// failure, or no response, would be the kept instance's rather than the request's
     /// (`KeptInstances::suspect`).
     async fn run(
-        &self,
+        self: &Arc<Self>,
         request: hyper::Request<DrainedIfDropped>,
         scheme: Scheme,
         deadline: Option<Instant>,
         ends: RequestEnds,
         fresh: bool,
     ) -> (Result<(), GuestFailure>, bool) {
+        let _running = InstanceRunning::start(&self.metrics);
+        if let Some(shared) = &self.shared {
+            let result = self
+                .run_shared(shared, request, scheme, deadline, ends)
+                .await;
+            return (result, false);
+        }
         let RequestEnds {
             response: sender,
             outcome,
             delivered,
         } = ends;
-        let _running = InstanceRunning::start(&self.metrics);
         let kept = match &self.kept {
             Some(kept) if !fresh => kept.take(),
             _ => None,
@@ -565,7 +545,8 @@ impl Guest {
                 Handler::P3(service) => {
                     let delivered = delivered.take();
                     whole = Some(
-                        serve_p3(&mut store, service, request, scheme, sender, delivered).await?,
+                        p3::serve_alone(&mut store, service, request, scheme, sender, delivered)
+                            .await?,
                     );
                 }
             }
@@ -579,18 +560,11 @@ impl Guest {
             },
             None => call.await,
         };
-        let result = result.map_err(|error| self.failure(error, store.data().limiter.refused()));
+        let result = result.map_err(|error| self.failure(error, store.data().refused_memory()));
         // Before the store, and with it the response body's sender, is dropped.
         outcome.settle(result.is_ok());
-        match &result {
-            Err(GuestFailure::Timeout(_)) => self.metrics.timed_out(),
-            Err(GuestFailure::MemoryLimit { .. }) => self.metrics.memory_refused(),
-            Err(
-                GuestFailure::Trapped(_)
-                | GuestFailure::TooManyResources
-                | GuestFailure::TooManyStreams,
-            ) => self.metrics.trapped(),
-            _ => {}
+        if let Err(failure) = &result {
+            self.count_failure(failure);
         }
         let Some(kept) = &self.kept else {
             return (result.map(drop), false);
@@ -625,6 +599,79 @@ impl Guest {
         (Ok(()), suspect)
     }
 
+    /// Gives the request to a shared p3 instance with room, or to a new one, and waits for its
+    /// outcome.
+    async fn run_shared(
+        self: &Arc<Self>,
+        shared: &Arc<SharedInstances<p3::Job>>,
+        request: hyper::Request<DrainedIfDropped>,
+        scheme: Scheme,
+        deadline: Option<Instant>,
+        ends: RequestEnds,
+    ) -> Result<(), GuestFailure> {
+        let (done, outcome) = oneshot::channel();
+        let job = p3::Job {
+            request,
+            scheme,
+            deadline,
+            ends,
+            done,
+            span: tracing::Span::current(),
+        };
+        if let Err(job) = shared.assign(job) {
+            let mut store = self.new_store();
+            watch_shared_deadlines(&mut store);
+            self.metrics.instance_created();
+            let service = match self.pre.instantiate(&mut store).await {
+                Ok(Handler::P3(service)) => service,
+                Ok(Handler::P2(_)) => unreachable!("a shared instance is a p3 one"),
+                Err(error) => {
+                    let failure = self.failure(error, store.data().refused_memory());
+                    self.count_failure(&failure);
+                    return Err(failure);
+                }
+            };
+            let (id, jobs) = shared.open_instance(job);
+            tokio::spawn(
+                p3::drive(
+                    Arc::clone(self),
+                    Arc::clone(shared),
+                    store,
+                    service,
+                    id,
+                    jobs,
+                )
+                .instrument(tracing::info_span!(parent: None, "instance")),
+            );
+        }
+        outcome.await.unwrap_or_else(|_| {
+            Err(GuestFailure::Trapped(
+                "the host task serving the instance failed".to_owned(),
+            ))
+        })
+    }
+
+    pub fn metrics(&self) -> &AppMetrics {
+        &self.metrics
+    }
+
+    /// A request stopped at its deadline.
+    pub fn timeout_failure(&self) -> GuestFailure {
+        GuestFailure::Timeout(self.timeout.unwrap_or_default())
+    }
+
+    /// Counts a failed request in the app's metrics.
+    pub fn count_failure(&self, failure: &GuestFailure) {
+        match failure {
+            GuestFailure::Timeout(_) => self.metrics.timed_out(),
+            GuestFailure::MemoryLimit { .. } => self.metrics.memory_refused(),
+            GuestFailure::Trapped(_)
+            | GuestFailure::TooManyResources
+            | GuestFailure::TooManyStreams => self.metrics.trapped(),
+            _ => {}
+        }
+    }
+
     /// Every epoch tick the guest yields its thread; past the deadline it is stopped.
     fn watch_deadline(store: &mut Store<GuestState>, deadline: Option<Instant>) {
         store.set_epoch_deadline(1);
@@ -637,9 +684,9 @@ impl Guest {
         });
     }
 
-    fn failure(&self, error: wasmtime::Error, memory_refused: Option<usize>) -> GuestFailure {
+    pub fn failure(&self, error: wasmtime::Error, memory_refused: Option<usize>) -> GuestFailure {
         if error.downcast_ref::<DeadlineExceeded>().is_some() {
-            return GuestFailure::Timeout(self.timeout.unwrap_or_default());
+            return self.timeout_failure();
         }
         if let Some(requested) = memory_refused {
             tracing::debug!("after a refused memory grow: {}", one_record(&error));
@@ -688,6 +735,7 @@ impl Guest {
             capabilities: Arc::clone(&self.capabilities),
             streams: Default::default(),
             slices: Default::default(),
+            shared: Default::default(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
@@ -707,6 +755,40 @@ pub struct GuestState {
     /// The capability streams the instance holds.
     streams: StreamCount,
     slices: crate::runtime::engine::SliceWatch,
+    /// The requests a shared p3 instance serves at once.
+    shared: SharedRequests,
+}
+
+#[derive(Default)]
+struct SharedRequests {
+    /// The deadlines of the requests it serves, by their sequence numbers.
+    deadlines: Vec<(u64, Instant)>,
+    serving: usize,
+    /// It takes no more requests: once it serves none, whatever the guest still runs is
+    /// stopped.
+    closed: bool,
+}
+
+/// A shared instance's guest yields its thread every epoch tick, and is stopped once one of its
+/// requests is past its deadline (one request computing holds the whole instance, so the
+/// others cannot be served anyway), or once it is closed and still runs with no request.
+pub fn watch_shared_deadlines(store: &mut Store<GuestState>) {
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(|mut context| {
+        let state = context.data_mut();
+        state.slices.slice_ended();
+        let now = Instant::now();
+        let shared = &state.shared;
+        if (shared.closed && shared.serving == 0)
+            || shared
+                .deadlines
+                .iter()
+                .any(|&(_, deadline)| now >= deadline)
+        {
+            return Err(DeadlineExceeded.into());
+        }
+        Ok(UpdateDeadline::Yield(1))
+    });
 }
 
 impl GuestState {
@@ -715,6 +797,34 @@ impl GuestState {
         self.hooks.deadline = deadline;
         self.slices = Default::default();
         self.limiter.forget_refusal();
+    }
+
+    /// A shared instance takes a request that must be done by `deadline`. Outbound calls and
+    /// capabilities, which cannot tell its requests apart, keep within the earliest deadline.
+    pub fn shared_request_began(&mut self, seq: u64, deadline: Option<Instant>) {
+        if self.shared.serving == 0 {
+            self.limiter.forget_refusal();
+        }
+        self.shared.serving += 1;
+        if let Some(deadline) = deadline {
+            self.shared.deadlines.push((seq, deadline));
+        }
+        self.hooks.deadline = self.shared.deadlines.iter().map(|&(_, at)| at).min();
+    }
+
+    pub fn shared_request_ended(&mut self, seq: u64) {
+        self.shared.serving -= 1;
+        self.shared.deadlines.retain(|&(of, _)| of != seq);
+        self.hooks.deadline = self.shared.deadlines.iter().map(|&(_, at)| at).min();
+    }
+
+    pub fn shared_closed(&mut self) {
+        self.shared.closed = true;
+    }
+
+    /// The size of a memory grow the limiter refused since it last forgot one.
+    pub fn refused_memory(&self) -> Option<usize> {
+        self.limiter.refused()
     }
 
     /// What a capability call of this instance sees (`capabilities::add_to_linker`).

@@ -8,3 +8,5 @@ pub mod guest_output;
 pub mod kept;
 pub mod memory_limiter;
 pub mod outbound;
+pub mod p3;
+pub mod shared;

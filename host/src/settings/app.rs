@@ -167,6 +167,10 @@ pub struct AppArgs {
     /// Seconds a kept instance waits for its next request before it is dropped. 0 = no limit.
     #[arg(long = "instance-idle-timeout", default_value = "60", value_name = "SECONDS", value_parser = parse_seconds)]
     pub instance_idle_timeout: f64,
+
+    /// Requests a kept WASIp3 instance serves at once (a p2 instance serves one at a time).
+    #[arg(long = "instance-concurrency", default_value_t = 1, value_name = "INT")]
+    pub instance_concurrency: usize,
 }
 
 impl AppArgs {
@@ -226,6 +230,8 @@ pub struct InstanceReuse {
     pub max_requests: Option<u64>,
     pub max_requests_jitter: u64,
     pub idle_timeout: Option<Duration>,
+    /// Requests a p3 instance serves at once.
+    pub concurrency: usize,
 }
 
 impl InstanceReuse {
@@ -241,6 +247,7 @@ impl AppSettings {
             ("--threads", args.threads),
             ("--worker-connections", args.worker_connections),
             ("--outbound-connections", args.outbound_connections),
+            ("--instance-concurrency", args.instance_concurrency),
         ] {
             check_count(flag, count)?;
         }
@@ -296,6 +303,7 @@ impl AppSettings {
                     .then_some(args.instance_max_requests),
                 max_requests_jitter: args.instance_max_requests_jitter,
                 idle_timeout: seconds_or_off(args.instance_idle_timeout),
+                concurrency: args.instance_concurrency,
             },
         })
     }

@@ -1,0 +1,302 @@
+//! Serving WASIp3 (`wasi:http/service`) instances: a request on its own instance, and an
+//! instance that serves several requests at once (`shared`).
+//!
+//! A p3 guest returns its response head from `handle` and writes the body from tasks of its
+//! own, which run only while the store's event loop (`run_concurrent`) does: so a request's
+//! run lasts until its body has gone out whole, or cannot.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::Instrument;
+use wasmtime::Store;
+use wasmtime::component::Accessor;
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p3;
+use wasmtime_wasi_http::p3::bindings::Service;
+
+use crate::http::cut;
+use crate::http::drain::DrainedIfDropped;
+use crate::lock::lock;
+use crate::metrics::Retired;
+use crate::runtime::guest::{Guest, GuestFailure, GuestState, RequestEnds, ResponseSender};
+use crate::runtime::shared::SharedInstances;
+
+/// Runs `service`'s handler on `request` and sends its response head; then lets the guest write
+/// the body until it has gone out whole (`true`) or cannot (`false`: the client left, or the
+/// guest answered with an error code instead).
+pub async fn handle(
+    accessor: &Accessor<GuestState>,
+    service: &Service,
+    request: hyper::Request<DrainedIfDropped>,
+    scheme: Scheme,
+    sender: ResponseSender,
+    delivered: Option<cut::BodyDelivered>,
+) -> wasmtime::Result<bool> {
+    let request = with_absolute_uri(request, scheme);
+    let (request, request_io) = accessor.with(|mut access| {
+        let (request, io) = p3::Request::from_http(access.data_mut().http().hooks, request);
+        // Its type names the hooks' lifetime, though it holds nothing of them.
+        let io: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(io);
+        (request, io)
+    });
+    let response = match service.handle(accessor, request).await? {
+        Ok(response) => response,
+        Err(code) => {
+            sender.send(Err(format!("{code:?}")));
+            return Ok(false);
+        }
+    };
+    let response = accessor.with(|mut access| response.into_http(&mut access, request_io))?;
+    if !sender.send(Ok(response)) {
+        return Ok(false);
+    }
+    Ok(match delivered {
+        Some(delivered) => delivered.await.is_ok(),
+        None => false,
+    })
+}
+
+/// Serves one request on an instance of its own (or one kept between requests).
+pub async fn serve_alone(
+    store: &mut Store<GuestState>,
+    service: &Service,
+    request: hyper::Request<DrainedIfDropped>,
+    scheme: Scheme,
+    sender: ResponseSender,
+    delivered: Option<cut::BodyDelivered>,
+) -> wasmtime::Result<bool> {
+    store
+        .run_concurrent(async |accessor| {
+            handle(accessor, service, request, scheme, sender, delivered).await
+        })
+        .await?
+}
+
+/// The request with its scheme and authority (from `Host`) in its URI, where a p3 guest reads
+/// them; a p2 guest is given them beside the request.
+fn with_absolute_uri(
+    mut request: hyper::Request<DrainedIfDropped>,
+    scheme: Scheme,
+) -> hyper::Request<DrainedIfDropped> {
+    let mut parts = request.uri().clone().into_parts();
+    if parts.authority.is_none() {
+        parts.authority = request
+            .headers()
+            .get(hyper::header::HOST)
+            .and_then(|host| host.to_str().ok()?.parse().ok());
+    }
+    parts.scheme = Some(match scheme {
+        Scheme::Https => http::uri::Scheme::HTTPS,
+        _ => http::uri::Scheme::HTTP,
+    });
+    if let Ok(uri) = http::Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
+    }
+    request
+}
+
+/// A request given to a shared instance.
+pub struct Job {
+    pub request: hyper::Request<DrainedIfDropped>,
+    pub scheme: Scheme,
+    pub deadline: Option<Instant>,
+    pub ends: RequestEnds,
+    /// The request's outcome, for the task that waits on it.
+    pub done: oneshot::Sender<Result<(), GuestFailure>>,
+    pub span: tracing::Span,
+}
+
+/// How a job on a shared instance ended, short of the instance failing.
+enum JobEnd {
+    /// Its response went out whole.
+    Whole,
+    /// Its response did not go out whole (the client left, or the guest gave an error code):
+    /// what the guest still holds of it stays in the instance.
+    Cut,
+    /// Its deadline passed while the guest waited; the guest's task may still be running.
+    Expired,
+}
+
+/// A shared instance that failed: its error, and the job whose call failed, if one did.
+struct InstanceFailed {
+    error: wasmtime::Error,
+    job: Option<u64>,
+}
+
+/// Runs a shared instance: takes its jobs and serves them at once on its event loop, until it
+/// is closed (its share given, idle, or after a request that did not end well) and its jobs
+/// are done, or until it fails, which fails every request it holds.
+pub async fn drive(
+    guest: Arc<Guest>,
+    shared: Arc<SharedInstances<Job>>,
+    mut store: Store<GuestState>, // watched by `guest::watch_shared_deadlines` since made
+    service: Service,
+    id: u64,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+) {
+    // Each job's `done`, and its deadline, by its sequence number: answered from here even
+    // when the instance fails and its jobs' futures are dropped.
+    let waiting: Mutex<HashMap<u64, (oneshot::Sender<Result<(), GuestFailure>>, Option<Instant>)>> =
+        Mutex::new(HashMap::new());
+    let service = &service;
+    let ended = store
+        .run_concurrent(async |accessor| {
+            let mut running = FuturesUnordered::<
+                Pin<Box<dyn Future<Output = (u64, wasmtime::Result<JobEnd>)> + Send + '_>>,
+            >::new();
+            let mut retired = None;
+            let mut channel_open = true;
+            let mut next_seq = 0u64;
+            loop {
+                if !channel_open && running.is_empty() {
+                    return Ok(retired.unwrap_or(Retired::Served));
+                }
+                let idle = running.is_empty();
+                let idle_timeout = shared.idle_timeout().filter(|_| idle);
+                tokio::select! {
+                    Some((seq, end)) = running.next(), if !idle => {
+                        let end = end.map_err(|error| InstanceFailed { error, job: Some(seq) })?;
+                        shared.finished(id);
+                        accessor.with(|mut access| access.data_mut().shared_request_ended(seq));
+                        let Some((done, _)) = lock(&waiting).remove(&seq) else { continue };
+                        let closes = match end {
+                            JobEnd::Whole => {
+                                let _ = done.send(Ok(()));
+                                None
+                            }
+                            JobEnd::Cut => {
+                                let _ = done.send(Ok(()));
+                                Some(Retired::Cut)
+                            }
+                            JobEnd::Expired => {
+                                let _ = done.send(Err(guest.timeout_failure()));
+                                Some(Retired::Failed)
+                            }
+                        };
+                        if let Some(reason) = closes && shared.close(id) {
+                            retired = Some(reason);
+                            accessor.with(|mut access| access.data_mut().shared_closed());
+                        }
+                    }
+                    job = jobs.recv(), if channel_open => match job {
+                        Some(job) => {
+                            let seq = next_seq;
+                            next_seq += 1;
+                            let Job { request, scheme, deadline, ends, done, span } = job;
+                            lock(&waiting).insert(seq, (done, deadline));
+                            accessor.with(|mut access| {
+                                access.data_mut().shared_request_began(seq, deadline)
+                            });
+                            running.push(Box::pin(
+                                serve_job(accessor, service, seq, request, scheme, deadline, ends)
+                                    .instrument(span),
+                            ));
+                        }
+                        None => channel_open = false,
+                    },
+                    () = sleep_or_never(idle_timeout), if channel_open => {
+                        if shared.close_if_idle(id) {
+                            retired = Some(Retired::Idle);
+                            accessor.with(|mut access| access.data_mut().shared_closed());
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+    let failed = match ended {
+        Ok(Ok(reason)) => {
+            guest.metrics().instance_retired(reason);
+            return;
+        }
+        Ok(Err(failed)) => failed,
+        Err(error) => InstanceFailed { error, job: None },
+    };
+    shared.close(id);
+    guest.metrics().instance_retired(Retired::Failed);
+    let failure = guest.failure(failed.error, store.data().refused_memory());
+    // Jobs given to the instance that it had not taken yet fail with it.
+    jobs.close();
+    let mut waiting = std::mem::take(&mut *lock(&waiting));
+    while let Ok(job) = jobs.try_recv() {
+        waiting.insert(u64::MAX - waiting.len() as u64, (job.done, job.deadline));
+    }
+    // A guest stopped with no request left (what an expired request had still running) is
+    // nobody's failure.
+    if !waiting.is_empty() {
+        guest.count_failure(&failure);
+    }
+    let now = Instant::now();
+    let alone = waiting.len() == 1;
+    for (seq, (done, deadline)) in waiting {
+        // The request whose call failed, or whose deadline has passed, or the only one, has the
+        // failure itself; the others it served at once are told why they were stopped. (Which
+        // request trapped is not known when the instance, rather than a call, fails.)
+        let its_own = alone
+            || failed.job == Some(seq)
+            || (matches!(failure, GuestFailure::Timeout(_))
+                && deadline.is_some_and(|deadline| deadline <= now));
+        let _ = done.send(Err(if its_own {
+            failure.clone()
+        } else {
+            GuestFailure::SharedInstanceFailed(Box::new(failure.clone()))
+        }));
+    }
+}
+
+async fn sleep_or_never(timeout: Option<std::time::Duration>) {
+    match timeout {
+        Some(timeout) => tokio::time::sleep(timeout).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves one job of a shared instance, within its deadline.
+async fn serve_job(
+    accessor: &Accessor<GuestState>,
+    service: &Service,
+    seq: u64,
+    request: hyper::Request<DrainedIfDropped>,
+    scheme: Scheme,
+    deadline: Option<Instant>,
+    ends: RequestEnds,
+) -> (u64, wasmtime::Result<JobEnd>) {
+    let RequestEnds {
+        response,
+        outcome,
+        delivered,
+    } = ends;
+    let work = handle(
+        accessor,
+        service,
+        request,
+        scheme,
+        response,
+        Some(delivered),
+    );
+    let end = match deadline {
+        Some(deadline) => match tokio::time::timeout_at(deadline, work).await {
+            Ok(whole) => whole.map(JobEnd::from_whole),
+            // Its outcome is dropped unsettled: a body it began looks cut.
+            Err(_) => return (seq, Ok(JobEnd::Expired)),
+        },
+        None => work.await.map(JobEnd::from_whole),
+    };
+    if end.is_ok() {
+        outcome.settle(true);
+    }
+    (seq, end)
+}
+
+impl JobEnd {
+    fn from_whole(whole: bool) -> JobEnd {
+        if whole { JobEnd::Whole } else { JobEnd::Cut }
+    }
+}
