@@ -35,3 +35,57 @@ async fn a_javascript_app_that_cannot_be_kept_loses_no_request() {
         "one line says why the app's instances are no longer kept:\n{log}"
     );
 }
+
+#[tokio::test]
+async fn a_javascript_app_streams_5_mb_back_and_a_failure_mid_body_looks_cut() {
+    let host = HostProcess::start(&js_guest("hello"), &["--memory-limit", "64MiB"]);
+    let body = blackbox::random_bytes(5 << 20, 13);
+    let response = blackbox::http_client()
+        .post(host.url("/echo"))
+        .body(body.clone())
+        .send()
+        .await
+        .expect("the host answers");
+    assert_eq!(response.status().as_u16(), 200);
+    let echoed = response.bytes().await.expect("the whole body");
+    assert!(
+        echoed == body,
+        "{} bytes came back, not the 5 MiB sent",
+        echoed.len()
+    );
+
+    // An exception after the response began: the client sees a cut response, never a whole one.
+    let cut = match blackbox::http_client()
+        .get(host.url("/throw-mid-response"))
+        .send()
+        .await
+    {
+        Ok(response) => response.bytes().await.is_err(),
+        Err(error) => error.is_request(),
+    };
+    assert!(cut, "a body cut by an exception read as complete");
+}
+
+#[tokio::test]
+async fn a_javascript_app_is_held_to_its_memory_cap_and_its_deadline() {
+    let host = HostProcess::start(
+        &js_guest("hello"),
+        &["--memory-limit", "64MiB", "--timeout", "1"],
+    );
+    // The runtime turns the refused grow into an exception, and answers 500 itself.
+    let (status, body) = get_text(&host, "/grow").await;
+    assert_eq!(status, 500, "{body}");
+    assert!(host.log().contains("out of memory"), "{}", host.log());
+    let started = std::time::Instant::now();
+    let (status, body) = get_text(&host, "/spin").await;
+    assert_eq!(status, 504, "{body}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        get_text(&host, "/").await,
+        (200, "Hello from JavaScript\n".to_owned())
+    );
+}
