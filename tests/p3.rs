@@ -240,3 +240,27 @@ async fn a_deadline_on_a_shared_p3_instance_retires_it_and_tells_the_requests_be
     assert_eq!(beside.0, 200, "{}", beside.1);
     assert_eq!(served_at(&host, "/served").await, 1, "first was {first}");
 }
+
+#[tokio::test]
+async fn p2_and_p3_apps_are_served_side_by_side_each_with_its_own_reuse() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("host.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "threads = 4\n\
+             [[app]]\nname = \"p2\"\ncomponent = \"{}\"\npath = \"/p2\"\n\
+             [[app]]\nname = \"p3\"\ncomponent = \"{}\"\ndefault = true\ninstance_max_requests = 0\n",
+            guest("faults"),
+            guest("hello-p3"),
+        ),
+    )
+    .expect("write the config");
+    let host = HostProcess::start_with_config(&config, &[]);
+    let first = served_at(&host, "/served").await;
+    assert_eq!(served_at(&host, "/served").await, first + 1);
+    // The p2 app keeps fresh instances, the default.
+    for _ in 0..2 {
+        assert_eq!(served_at(&host, "/p2/served").await, 1);
+    }
+}

@@ -37,6 +37,9 @@ pub struct EngineSizing {
     pub instances: usize,
     /// Cap on one instance's linear memory.
     pub memory_limit: u64,
+    /// Whether an app is a WASIp3 component: the component model's async ABI costs every
+    /// request of every app some 10-20% (measured on the p2 hello), so it is on only then.
+    pub async_components: bool,
 }
 
 impl EngineSizing {
@@ -50,8 +53,36 @@ impl EngineSizing {
                 .map(|app| app.settings.memory_limit)
                 .max()
                 .unwrap_or(1 << 16),
+            // A component that cannot be read is reported when it is loaded.
+            async_components: apps
+                .iter()
+                .any(|app| serves_p3(&app.component).unwrap_or(true)),
         }
     }
+}
+
+/// Whether the component at `path` exports `wasi:http/handler@0.3` (the `wasi:http/service`
+/// world of WASIp3), read from its own export section without compiling it.
+fn serves_p3(path: &std::path::Path) -> Result<bool> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // The payloads of nested modules and components come between their section and its end.
+    let mut depth = 0usize;
+    for payload in wasmparser::Parser::new(0).parse_all(&bytes) {
+        match payload? {
+            wasmparser::Payload::ModuleSection { .. }
+            | wasmparser::Payload::ComponentSection { .. } => depth += 1,
+            wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
+            wasmparser::Payload::ComponentExportSection(exports) if depth == 0 => {
+                for export in exports {
+                    if export?.name.name.starts_with("wasi:http/handler@0.3") {
+                        return Ok(true);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(false)
 }
 
 pub fn build(sizing: EngineSizing) -> Result<Engine> {
@@ -82,7 +113,8 @@ pub fn build(sizing: EngineSizing) -> Result<Engine> {
         .wasm_component_model(true)
         // WASIp3 components (`wasi:http/service`) are built on the async ABI: streams, futures
         // and tasks.
-        .wasm_component_model_async(true)
+        .wasm_component_model_async(sizing.async_components)
+        .concurrency_support(sizing.async_components)
         .epoch_interruption(true)
         .memory_init_cow(true)
         .cranelift_opt_level(OptLevel::Speed)

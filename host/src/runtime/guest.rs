@@ -292,12 +292,20 @@ pub fn link(
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
         .map_err(anyhow::Error::from)
         .context("cannot link wasi:http")?;
-    wasmtime_wasi::p3::add_to_linker(&mut linker)
-        .map_err(anyhow::Error::from)
-        .context("cannot link wasi@0.3")?;
-    wasmtime_wasi_http::p3::add_to_linker(&mut linker)
-        .map_err(anyhow::Error::from)
-        .context("cannot link wasi:http@0.3")?;
+    // WASIp3 only for a p3 component: the engine runs async components only when an app is
+    // one (`EngineSizing::async_components`).
+    let p3 = component
+        .component_type()
+        .exports(engine)
+        .any(|(name, _)| name.starts_with("wasi:http/handler@0.3"));
+    if p3 {
+        wasmtime_wasi::p3::add_to_linker(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("cannot link wasi@0.3")?;
+        wasmtime_wasi_http::p3::add_to_linker(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("cannot link wasi:http@0.3")?;
+    }
     crate::capabilities::add_to_linker(
         &mut linker,
         &app.capabilities,
