@@ -39,20 +39,7 @@ async fn a_javascript_app_that_cannot_be_kept_loses_no_request() {
 #[tokio::test]
 async fn a_javascript_app_streams_5_mb_back_and_a_failure_mid_body_looks_cut() {
     let host = HostProcess::start(&js_guest("hello"), &["--memory-limit", "64MiB"]);
-    let body = blackbox::random_bytes(5 << 20, 13);
-    let response = blackbox::http_client()
-        .post(host.url("/echo"))
-        .body(body.clone())
-        .send()
-        .await
-        .expect("the host answers");
-    assert_eq!(response.status().as_u16(), 200);
-    let echoed = response.bytes().await.expect("the whole body");
-    assert!(
-        echoed == body,
-        "{} bytes came back, not the 5 MiB sent",
-        echoed.len()
-    );
+    blackbox::assert_echoes_5_mib(&host, "/echo").await;
 
     // An exception after the response began: the client sees a cut response, never a whole one.
     let cut = match blackbox::http_client()

@@ -71,37 +71,14 @@ async fn a_kept_p3_instance_counts_its_requests_within_every_bound() {
     assert_eq!(served_at(&host, "/served").await, 1);
 
     // Memory the instance holds adds up over its requests, up to the limit, which retires it.
-    let mut answers = Vec::new();
-    while answers.len() < 20 && !answers.contains(&500) {
-        answers.push(get_text(&host, "/grow?mb=4").await.0);
-    }
-    assert_eq!(answers.last(), Some(&500), "{answers:?}");
-    assert!(answers.len() > 2, "refused too soon: {answers:?}");
-    assert!(
-        host.log().contains("memory limit exceeded"),
-        "{}",
-        host.log()
-    );
+    blackbox::assert_memory_adds_up_to_the_limit(&host, "/grow?mb=4").await;
     assert_eq!(served_at(&host, "/served").await, 1);
 }
 
 #[tokio::test]
 async fn a_p3_app_streams_5_mb_back_and_a_trap_mid_body_looks_cut() {
     let host = HostProcess::start(&guest("hello-p3"), &["--instance-max-requests", "0"]);
-    let body = blackbox::random_bytes(5 << 20, 11);
-    let response = http_client()
-        .post(host.url("/echo"))
-        .body(body.clone())
-        .send()
-        .await
-        .expect("the host answers");
-    assert_eq!(response.status().as_u16(), 200);
-    let echoed = response.bytes().await.expect("the whole body");
-    assert!(
-        echoed == body,
-        "{} bytes came back, not the 5 MiB sent",
-        echoed.len()
-    );
+    blackbox::assert_echoes_5_mib(&host, "/echo").await;
     let served = served_at(&host, "/served").await;
     assert!(served > 1, "the instance that echoed was not kept");
 
@@ -173,17 +150,7 @@ async fn a_shared_p3_instance_serves_requests_at_once_within_its_memory_cap() {
     assert_eq!(served_at(&host, "/served").await, first + 5);
 
     // The memory cap covers the instance, whatever the requests it serves at once hold.
-    let mut answers = Vec::new();
-    while answers.len() < 20 && !answers.contains(&500) {
-        answers.push(get_text(&host, "/grow?mb=4").await.0);
-    }
-    assert_eq!(answers.last(), Some(&500), "{answers:?}");
-    assert!(answers.len() > 2, "refused too soon: {answers:?}");
-    assert!(
-        host.log().contains("memory limit exceeded"),
-        "{}",
-        host.log()
-    );
+    blackbox::assert_memory_adds_up_to_the_limit(&host, "/grow?mb=4").await;
     assert_eq!(served_at(&host, "/served").await, 1);
 }
 

@@ -51,17 +51,7 @@ async fn a_kept_python_instance_keeps_its_interpreter_within_every_bound() {
     assert_eq!(status, 504, "{body}");
     assert_eq!(served_at(&host, "/served").await, 1);
     // Memory the instance holds adds up over its requests, up to the limit.
-    let mut answers = Vec::new();
-    while answers.len() < 20 && !answers.contains(&500) {
-        answers.push(get_text(&host, "/keep").await.0);
-    }
-    assert_eq!(answers.last(), Some(&500), "{answers:?}");
-    assert!(answers.len() > 2, "refused too soon: {answers:?}");
-    assert!(
-        host.log().contains("memory limit exceeded"),
-        "{}",
-        host.log()
-    );
+    blackbox::assert_memory_adds_up_to_the_limit(&host, "/keep").await;
     assert_eq!(served_at(&host, "/served").await, 1);
 }
 
@@ -71,20 +61,7 @@ async fn a_python_app_streams_5_mb_back_and_a_failure_mid_body_looks_cut() {
         &python_guest("hello"),
         &["--memory-limit", "64MiB", "--instance-max-requests", "0"],
     );
-    let body = blackbox::random_bytes(5 << 20, 7);
-    let response = blackbox::http_client()
-        .post(host.url("/echo"))
-        .body(body.clone())
-        .send()
-        .await
-        .expect("the host answers");
-    assert_eq!(response.status().as_u16(), 200);
-    let echoed = response.bytes().await.expect("the whole body");
-    assert!(
-        echoed == body,
-        "{} bytes came back, not the 5 MiB sent",
-        echoed.len()
-    );
+    blackbox::assert_echoes_5_mib(&host, "/echo").await;
 
     // An exception after the response began: the client sees a cut body, never a whole one.
     let response = blackbox::http_client()

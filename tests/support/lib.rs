@@ -115,6 +115,41 @@ pub async fn served_at(host: &HostProcess, path: &str) -> u64 {
     body.trim().parse().expect("a count")
 }
 
+/// POSTs 5 MiB of random bytes to `path`, an echo, and asserts that they come back whole.
+pub async fn assert_echoes_5_mib(host: &HostProcess, path: &str) {
+    let body = random_bytes(5 << 20, 7);
+    let response = http_client()
+        .post(host.url(path))
+        .body(body.clone())
+        .send()
+        .await
+        .expect("the host answers");
+    assert_eq!(response.status().as_u16(), 200);
+    let echoed = response.bytes().await.expect("the whole body");
+    assert!(
+        echoed == body,
+        "{} bytes came back, not the 5 MiB sent",
+        echoed.len()
+    );
+}
+
+/// Asks `path`, which makes the instance hold more memory for good, until the host refuses it
+/// (at most 20 times): memory a kept instance holds adds up over its requests, up to the limit,
+/// and the refusal is logged as the memory limit.
+pub async fn assert_memory_adds_up_to_the_limit(host: &HostProcess, path: &str) {
+    let mut answers = Vec::new();
+    while answers.len() < 20 && !answers.contains(&500) {
+        answers.push(get_text(host, path).await.0);
+    }
+    assert_eq!(answers.last(), Some(&500), "{answers:?}");
+    assert!(answers.len() > 2, "refused too soon: {answers:?}");
+    assert!(
+        host.log().contains("memory limit exceeded"),
+        "{}",
+        host.log()
+    );
+}
+
 /// The compile cache shared by the tests, so a component is compiled once per suite run.
 pub fn cache_dir() -> PathBuf {
     repo_root().join("target/test-cache")

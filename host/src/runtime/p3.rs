@@ -124,6 +124,9 @@ enum JobEnd {
     Expired,
 }
 
+/// A job a shared instance holds: where its outcome goes, and its deadline.
+type Waiting = (oneshot::Sender<Result<(), GuestFailure>>, Option<Instant>);
+
 /// A shared instance that failed: its error, and the job whose call failed, if one did.
 struct InstanceFailed {
     error: wasmtime::Error,
@@ -143,8 +146,7 @@ pub async fn drive(
 ) {
     // Each job's `done`, and its deadline, by its sequence number: answered from here even
     // when the instance fails and its jobs' futures are dropped.
-    let waiting: Mutex<HashMap<u64, (oneshot::Sender<Result<(), GuestFailure>>, Option<Instant>)>> =
-        Mutex::new(HashMap::new());
+    let waiting: Mutex<HashMap<u64, Waiting>> = Mutex::new(HashMap::new());
     let service = &service;
     let ended = store
         .run_concurrent(async |accessor| {
