@@ -206,6 +206,20 @@ async fn a_deadline_on_a_shared_p3_instance_retires_it_and_tells_the_requests_be
     assert_eq!(waiting.0, 504, "{}", waiting.1);
     assert_eq!(beside.0, 200, "{}", beside.1);
     assert_eq!(served_at(&host, "/served").await, 1, "first was {first}");
+
+    // What a guest goes on running for a request that expired while it waited is stopped once
+    // the instance serves no request: it burns no CPU after the deadline.
+    let (status, body) = get_text(&host, "/sleep-then-spin?ms=1500").await;
+    assert_eq!(status, 504, "{body}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = host.cpu_time();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let burnt = host.cpu_time() - before;
+    assert!(
+        burnt < Duration::from_millis(300),
+        "{burnt:?} of CPU burnt in 1 s after the deadline"
+    );
+    assert_eq!(served_at(&host, "/served").await, 1);
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@
 //! - `/grow?mb=N` holds N MiB more for the instance's life, and answers its total.
 //! - `/spin` never returns; `/sleep?ms=N` waits N ms before it answers; `/trap` traps.
 //! - `/together?ms=N` waits N ms and answers the most requests its instance has served at once.
+//! - `/sleep-then-spin?ms=N` waits N ms, then loops for good.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -53,6 +54,12 @@ impl wasip3::exports::http::handler::Guest for HelloP3 {
                 std::hint::spin_loop();
             },
             "/trap" => panic!("trapped on purpose"),
+            "/sleep-then-spin" => {
+                wasip3::clocks::monotonic_clock::wait_for(number("ms") * 1_000_000).await;
+                loop {
+                    std::hint::spin_loop();
+                }
+            }
             "/together" => {
                 let now = IN_FLIGHT.fetch_add(1, Ordering::Relaxed) + 1;
                 PEAK.fetch_max(now, Ordering::Relaxed);
