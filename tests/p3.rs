@@ -101,11 +101,14 @@ async fn a_p3_app_streams_5_mb_back_and_a_trap_mid_body_looks_cut() {
     assert_eq!(served_at(&host, "/served").await, 1);
 }
 
-/// A host whose p3 instances serve up to 4 requests at once, kept for good.
-fn shared_host(timeout: &str) -> HostProcess {
+/// A host whose p3 instances serve up to 4 requests at once, kept for good; its metrics on
+/// `metrics_bind`.
+fn shared_host_with_metrics(timeout: &str, metrics_bind: &str) -> HostProcess {
     HostProcess::start(
         &guest("hello-p3"),
         &[
+            "--metrics-bind",
+            metrics_bind,
             "--instance-max-requests",
             "0",
             "--instance-concurrency",
@@ -120,6 +123,10 @@ fn shared_host(timeout: &str) -> HostProcess {
     )
 }
 
+fn shared_host(timeout: &str) -> HostProcess {
+    shared_host_with_metrics(timeout, &format!("127.0.0.1:{}", blackbox::free_port()))
+}
+
 /// Sends `path` after `delay`.
 async fn get_after(host: &HostProcess, delay_ms: u64, path: &str) -> (u16, String) {
     tokio::time::sleep(Duration::from_millis(delay_ms)).await;
@@ -128,8 +135,15 @@ async fn get_after(host: &HostProcess, delay_ms: u64, path: &str) -> (u16, Strin
 
 #[tokio::test]
 async fn a_shared_p3_instance_serves_requests_at_once_within_its_memory_cap() {
-    let host = shared_host("5");
+    let metrics_port = blackbox::free_port();
+    let host = shared_host_with_metrics("5", &format!("127.0.0.1:{metrics_port}"));
     let first = served_at(&host, "/served").await;
+    let created = "host_instances_created_total{app=\"hello-p3\"}";
+    let reused = "host_instances_reused_total{app=\"hello-p3\"}";
+    let before = [
+        blackbox::metric(metrics_port, created).await,
+        blackbox::metric(metrics_port, reused).await,
+    ];
     // One request waits; three more join it on the same instance while it does.
     let started = Instant::now();
     let (a, b, c, d) = tokio::join!(
@@ -148,6 +162,12 @@ async fn a_shared_p3_instance_serves_requests_at_once_within_its_memory_cap() {
     }
     assert_eq!(a.1.trim(), "4", "the instance never served 4 at once");
     assert_eq!(served_at(&host, "/served").await, first + 5);
+    // The metrics say the same: no instance made, five requests given to the kept one.
+    let after = [
+        blackbox::metric(metrics_port, created).await,
+        blackbox::metric(metrics_port, reused).await,
+    ];
+    assert_eq!([after[0] - before[0], after[1] - before[1]], [0, 5]);
 
     // The memory cap covers the instance, whatever the requests it serves at once hold.
     blackbox::assert_memory_adds_up_to_the_limit(&host, "/grow?mb=4").await;

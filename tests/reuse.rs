@@ -4,24 +4,7 @@
 
 use std::time::Duration;
 
-use blackbox::{HostProcess, free_port, get_text, guest, http_client, served_at};
-
-/// The value of one sample of the master's metrics, by its name and labels.
-async fn metric(metrics_port: u16, sample: &str) -> u64 {
-    let text = http_client()
-        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-        .send()
-        .await
-        .expect("the metrics endpoint answers")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {sample} in:\n{text}"))
-        .parse()
-        .expect("a number")
-}
+use blackbox::{HostProcess, free_port, get_text, guest, metric, served_at};
 
 #[tokio::test]
 async fn an_instance_serves_its_share_of_requests_then_a_fresh_one_takes_over() {

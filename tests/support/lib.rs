@@ -115,6 +115,23 @@ pub async fn served_at(host: &HostProcess, path: &str) -> u64 {
     body.trim().parse().expect("a count")
 }
 
+/// The value of one sample of the master's metrics, by its name and labels.
+pub async fn metric(metrics_port: u16, sample: &str) -> u64 {
+    let text = http_client()
+        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .send()
+        .await
+        .expect("the metrics endpoint answers")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {sample} in:\n{text}"))
+        .parse()
+        .expect("a number")
+}
+
 /// POSTs 5 MiB of random bytes to `path`, an echo, and asserts that they come back whole.
 pub async fn assert_echoes_5_mib(host: &HostProcess, path: &str) {
     let body = random_bytes(5 << 20, 7);
