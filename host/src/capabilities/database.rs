@@ -89,6 +89,7 @@ impl HostDatabase {
                 reserve_sqlite_heap(SQLITE_HOST_TABLES_HEAP);
                 crate::private_fs::create_dir_all(dir).context("the data directory")?;
                 crate::private_fs::sqlite_files(&dir.join("host.sqlite"))?;
+                write_ahead_log(&dir.join("host.sqlite"))?;
                 options
                     .after_connect(|connection, _| {
                         Box::pin(async move {
@@ -214,11 +215,109 @@ pub fn sqlite_url(path: &Path) -> String {
     format!("sqlite://{}?mode=rwc", path.display())
 }
 
-/// Write-ahead logging lets readers in other workers go on during a write; writers wait for
-/// each other (30 s) rather than fail. The page cache is kept small (SQLite's default is 2 MiB
-/// a connection): the host's tables are small, and memory is what a 512 MiB plan runs out of.
-pub const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 30000; \
-     PRAGMA foreign_keys = ON; PRAGMA cache_size = -256;";
+/// Writers wait for each other (30 s) rather than fail. The page cache is kept small (SQLite's
+/// default is 2 MiB a connection): the host's tables are small, and memory is what a 512 MiB
+/// plan runs out of. The file is in write-ahead-log mode already (`write_ahead_log`).
+pub const SQLITE_PRAGMAS: &str =
+    "PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON; PRAGMA cache_size = -256;";
+
+/// How long a SQLite statement waits for another connection's write lock.
+pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Puts the SQLite file at `path` in write-ahead-log mode, which lets readers in other
+/// connections and workers go on during a write. Done once per process, before any pool
+/// connects: the switch needs a lock that SQLite's busy timeout does not wait for, so
+/// connections that each switched a new, empty file as they opened (the first requests on a
+/// fresh data directory, at once) could fail one another with `database is locked`. Here a
+/// switch that finds the file in use is tried again for as long as a writer would wait; the
+/// mode is then the file's own, and connections need not set it.
+pub fn write_ahead_log(path: &Path) -> Result<()> {
+    use libsqlite3_sys as ffi;
+    use std::ffi::{CStr, CString, c_char, c_int, c_void};
+    use std::os::unix::ffi::OsStrExt;
+
+    /// An open handle, closed when dropped.
+    struct Handle(*mut ffi::sqlite3);
+    impl Drop for Handle {
+        fn drop(&mut self) {
+            // SAFETY: the handle came from `sqlite3_open_v2` and is closed once, here.
+            unsafe { ffi::sqlite3_close(self.0) };
+        }
+    }
+    /// Keeps the first column of the pragma's answer: the journal mode in effect.
+    unsafe extern "C" fn keep_mode(
+        mode: *mut c_void,
+        columns: c_int,
+        values: *mut *mut c_char,
+        _names: *mut *mut c_char,
+    ) -> c_int {
+        // SAFETY: SQLite passes `columns` values, each null or a C string; `mode` is the
+        // `String` handed to `sqlite3_exec` below.
+        unsafe {
+            if columns > 0 && !(*values).is_null() {
+                *mode.cast::<String>() = CStr::from_ptr(*values).to_string_lossy().into_owned();
+            }
+        }
+        0
+    }
+
+    let name = CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("{} is not a usable file name", path.display()))?;
+    let mut db = std::ptr::null_mut();
+    // SAFETY: `name` is a C string; `db` receives a handle that `Handle` closes, also when the
+    // open fails (SQLite then still hands one over, to read the error from).
+    let opened = unsafe {
+        ffi::sqlite3_open_v2(
+            name.as_ptr(),
+            &mut db,
+            ffi::SQLITE_OPEN_READWRITE | ffi::SQLITE_OPEN_CREATE | ffi::SQLITE_OPEN_NOFOLLOW,
+            std::ptr::null(),
+        )
+    };
+    let db = Handle(db);
+    let error = |db: &Handle| {
+        // SAFETY: the handle is open; the message is SQLite's own C string.
+        unsafe { CStr::from_ptr(ffi::sqlite3_errmsg(db.0)) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    if opened != ffi::SQLITE_OK {
+        bail!("cannot open {}: {}", path.display(), error(&db));
+    }
+    // SAFETY: the handle is open and used by this thread only.
+    unsafe { ffi::sqlite3_busy_timeout(db.0, SQLITE_BUSY_TIMEOUT.as_millis() as c_int) };
+    let give_up = std::time::Instant::now() + SQLITE_BUSY_TIMEOUT;
+    loop {
+        let mut mode = String::new();
+        // SAFETY: the statement is a C string; `keep_mode` writes only to `mode`, which
+        // outlives the call.
+        let done = unsafe {
+            ffi::sqlite3_exec(
+                db.0,
+                c"PRAGMA journal_mode = WAL".as_ptr(),
+                Some(keep_mode),
+                (&raw mut mode).cast(),
+                std::ptr::null_mut(),
+            )
+        };
+        if done == ffi::SQLITE_OK && mode.eq_ignore_ascii_case("wal") {
+            return Ok(());
+        }
+        let busy = done & 0xff == ffi::SQLITE_BUSY;
+        if !busy || std::time::Instant::now() >= give_up {
+            bail!(
+                "cannot put {} in write-ahead-log mode: {}",
+                path.display(),
+                if done == ffi::SQLITE_OK {
+                    format!("it stayed in {mode} mode")
+                } else {
+                    error(&db)
+                }
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
 
 /// The page cache of an app's SQLite connection, in KiB.
 pub const SQLITE_APP_CACHE_KIB: i64 = 256;

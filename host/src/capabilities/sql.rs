@@ -29,7 +29,7 @@ use futures::TryStreamExt;
 use sqlx::error::DatabaseError;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow, PgTypeInfo, Postgres};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteRow};
 use sqlx::{Column, Connection, Database, Executor, PgPool, Row, SqlitePool, TypeInfo, ValueRef};
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
@@ -202,9 +202,6 @@ const DEADLINE_GRACE: Duration = Duration::from_millis(100);
 /// microseconds of work.
 const SQLITE_PROGRESS_STEPS: i32 = 1000;
 
-/// How long a statement may wait for SQLite's write lock without a deadline.
-const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// A connection of the app's SQLite pool for a request that must be done by `deadline`: its
 /// statements are interrupted once the request is dropped, or past the deadline, and wait for
 /// the write lock no longer than that.
@@ -215,7 +212,7 @@ async fn lend_sqlite(
     let mut lent = Lent::new(pool.acquire().await.map_err(sql_error)?);
     let stop = Arc::clone(&lent.stop);
     let deadline = deadline.map(|deadline| (deadline + DEADLINE_GRACE).into_std());
-    let busy = deadline.map_or(SQLITE_BUSY_TIMEOUT, |deadline| {
+    let busy = deadline.map_or(database::SQLITE_BUSY_TIMEOUT, |deadline| {
         deadline.saturating_duration_since(std::time::Instant::now())
     });
     let mut handle = lent.connection.lock_handle().await.map_err(sql_error)?;
@@ -227,7 +224,7 @@ async fn lend_sqlite(
     unsafe {
         libsqlite3_sys::sqlite3_busy_timeout(
             handle.as_raw_handle().as_ptr(),
-            busy.min(SQLITE_BUSY_TIMEOUT).as_millis().max(1) as i32,
+            busy.min(database::SQLITE_BUSY_TIMEOUT).as_millis().max(1) as i32,
         );
     }
     drop(handle);
@@ -268,6 +265,7 @@ impl AppDatabase {
                 let dir = data_dir.join("apps").join(app);
                 crate::private_fs::create_dir_all(&dir)?;
                 crate::private_fs::sqlite_files(&dir.join("app.sqlite"))?;
+                database::write_ahead_log(&dir.join("app.sqlite"))?;
                 if limits.granted {
                     database::reserve_sqlite_heap(limits.sqlite_heap());
                 }
@@ -523,8 +521,7 @@ fn sqlite_pool(
     let options = SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .busy_timeout(SQLITE_BUSY_TIMEOUT)
+        .busy_timeout(database::SQLITE_BUSY_TIMEOUT)
         .foreign_keys(true)
         .pragma("cache_size", format!("-{}", database::SQLITE_APP_CACHE_KIB));
     SqlitePoolOptions::new()

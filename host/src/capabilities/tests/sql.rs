@@ -489,3 +489,34 @@ async fn an_app_reaches_only_its_own_database() {
         .expect("still there");
     assert!(matches!(&rows.rows[0][0], Value::Text(value) if value == "first's"));
 }
+
+/// A connection of the app's pool that finds its file not yet in write-ahead-log mode must not
+/// switch it: the switch needs a lock SQLite's busy timeout does not wait for, so a pool
+/// opening connections at once on a new file (the first requests of a fresh data directory)
+/// failed one of them with `database is locked`. A reader holding the file stands for the
+/// other connections here.
+#[tokio::test]
+async fn the_first_statements_on_a_new_file_are_not_refused_while_it_is_read() {
+    use sqlx::{Connection, Executor};
+
+    let dir = data_dir();
+    let mut fixture = app(dir.path(), "first").await;
+    let file = dir.path().join("apps/first/app.sqlite");
+    let mut reader = sqlx::SqliteConnection::connect(&format!("sqlite://{}", file.display()))
+        .await
+        .expect("a reader connects");
+    reader
+        .execute("BEGIN; SELECT count(*) FROM sqlite_schema")
+        .await
+        .expect("the reader holds the file");
+
+    for statement in [
+        "CREATE TABLE IF NOT EXISTS users (id INTEGER PRIMARY KEY)",
+        "INSERT INTO users DEFAULT VALUES",
+    ] {
+        execute(&mut fixture, statement, vec![])
+            .await
+            .unwrap_or_else(|refused| panic!("{statement}: {refused:?}"));
+    }
+    reader.execute("COMMIT").await.expect("the reader ends");
+}
