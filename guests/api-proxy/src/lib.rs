@@ -150,6 +150,7 @@ fn send(
     authority: &str,
 ) -> Result<IncomingResponse, Failure> {
     let sink = body.as_ref().and_then(|_| request.body().ok());
+    let declared = web::content_length(&request.headers());
     // The body is written after `handle`, once the host is sending it: written before, a large
     // one would fill the host's buffer with nobody reading it.
     let future =
@@ -158,7 +159,7 @@ fn send(
         let spliced = body
             .stream()
             .map_err(|()| "the request body has no stream".to_owned())
-            .and_then(|source| splice(source, sink));
+            .and_then(|source| splice(source, sink, declared));
         // Unfinished, the upstream request is cut, and the answer below says how it ended.
         if let Err(error) = spliced {
             eprintln!("the request body to {authority} was cut: {error}");
@@ -190,7 +191,9 @@ fn failure(code: &ErrorCode, authority: &str) -> Failure {
 /// Answers with the upstream's status, headers and body, the body spliced through as it comes.
 fn relay(response: IncomingResponse, head: bool, out: ResponseOutparam) {
     let status = response.status();
-    let answer = OutgoingResponse::new(end_to_end(&response.headers()));
+    let headers = response.headers();
+    let declared = web::content_length(&headers);
+    let answer = OutgoingResponse::new(end_to_end(&headers));
     if answer.set_status_code(status).is_err() {
         let text = format!("upstream error: status {status}\n");
         return respond(out, 502, "text/plain", text.as_bytes());
@@ -206,7 +209,7 @@ fn relay(response: IncomingResponse, head: bool, out: ResponseOutparam) {
         return respond(out, 502, "text/plain", b"upstream error: no body stream\n");
     };
     ResponseOutparam::set(out, Ok(answer));
-    if let Err(error) = splice(source, sink) {
+    if let Err(error) = splice(source, sink, declared) {
         eprintln!("the answer from upstream was cut: {error}");
     }
 }

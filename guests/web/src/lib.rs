@@ -186,7 +186,8 @@ pub fn respond_stream(
     headers: &[(&str, String)],
     source: InputStream,
 ) -> Result<(), String> {
-    splice(source, start(out, status, headers))
+    let declared = declared_length(headers);
+    splice(source, start(out, status, headers), declared)
 }
 
 /// Answers with the bytes of each source in turn, each made only once the one before is sent,
@@ -198,39 +199,75 @@ pub fn respond_streams(
     headers: &[(&str, String)],
     sources: impl IntoIterator<Item = Result<InputStream, String>>,
 ) -> Result<(), String> {
+    let declared = declared_length(headers);
     let body = start(out, status, headers);
     let sink = body
         .write()
         .map_err(|()| "the body has no stream".to_owned())?;
+    let mut sent = 0;
     for source in sources {
-        splice_to_end(&source?, &sink)?;
+        sent += splice_to_end(&source?, &sink)?;
     }
-    sink.blocking_flush().map_err(|e| format!("{e:?}"))?;
-    drop(sink);
-    OutgoingBody::finish(body, None).map_err(|e| format!("{e:?}"))
+    end(body, sink, sent, declared)
 }
 
-/// Splices `source` into `body` inside the host to its end, then finishes `body`. On a failure
-/// `body` is left unfinished, so the far end sees a cut message, never a short one that looks
-/// whole; the error says why.
-pub fn splice(source: InputStream, body: OutgoingBody) -> Result<(), String> {
+/// Splices `source` into `body` inside the host to its end, then finishes `body`; `declared`
+/// is the body's `Content-Length`, if it has one. On a failure `body` is left unfinished, so
+/// the far end sees a cut message, never a short one that looks whole; the error says why.
+pub fn splice(
+    source: InputStream,
+    body: OutgoingBody,
+    declared: Option<u64>,
+) -> Result<(), String> {
     let sink = body
         .write()
         .map_err(|()| "the body has no stream".to_owned())?;
-    splice_to_end(&source, &sink)?;
-    sink.blocking_flush().map_err(|e| format!("{e:?}"))?;
+    let sent = splice_to_end(&source, &sink)?;
+    drop(source);
+    end(body, sink, sent, declared)
+}
+
+/// The `Content-Length` of a head, if it has a valid one.
+pub fn content_length(headers: &Fields) -> Option<u64> {
+    let values = headers.get("content-length");
+    let value = std::str::from_utf8(values.first()?).ok()?;
+    value.trim().parse().ok()
+}
+
+fn declared_length(headers: &[(&str, String)]) -> Option<u64> {
+    headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, value)| value.trim().parse().ok())
+}
+
+/// Flushes and finishes a body of which `sent` bytes were written. A body of declared length
+/// is complete once that many bytes are out: the receiving end may then close its stream
+/// without waiting for the rest, and a closed stream is no failure.
+fn end(
+    body: OutgoingBody,
+    sink: OutputStream,
+    sent: u64,
+    declared: Option<u64>,
+) -> Result<(), String> {
+    match sink.blocking_flush() {
+        Ok(()) => {}
+        Err(StreamError::Closed) if declared == Some(sent) => {}
+        Err(error) => return Err(format!("{error:?}")),
+    }
     // The stream is a child of the body: it goes first.
     drop(sink);
-    drop(source);
     OutgoingBody::finish(body, None).map_err(|e| format!("{e:?}"))
 }
 
-/// Splices all of `source` into `sink`, inside the host.
-fn splice_to_end(source: &InputStream, sink: &OutputStream) -> Result<(), String> {
+/// Splices all of `source` into `sink`, inside the host, and says how many bytes went. A
+/// closed sink also ends it; the flush that follows tells that apart.
+fn splice_to_end(source: &InputStream, sink: &OutputStream) -> Result<u64, String> {
+    let mut sent = 0;
     loop {
         match sink.blocking_splice(source, CHUNK) {
-            Ok(_) => {}
-            Err(StreamError::Closed) => return Ok(()),
+            Ok(spliced) => sent += spliced,
+            Err(StreamError::Closed) => return Ok(sent),
             Err(StreamError::LastOperationFailed(error)) => return Err(error.to_debug_string()),
         }
     }
