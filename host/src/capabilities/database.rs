@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Executor};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+use sqlx::{AnyPool, Connection, Executor};
 use tokio::sync::OnceCell;
 
 use crate::settings::Settings;
@@ -74,7 +75,7 @@ pub struct HostDatabase {
 
 impl HostDatabase {
     /// A lazy pool: nothing connects until the first query.
-    pub fn new(backend: &Backend) -> Result<Arc<HostDatabase>> {
+    pub async fn new(backend: &Backend) -> Result<Arc<HostDatabase>> {
         sqlx::any::install_default_drivers();
         // SQLite runs one writer at a time whatever the pool; each connection costs a thread
         // and its page cache.
@@ -89,7 +90,7 @@ impl HostDatabase {
                 reserve_sqlite_heap(SQLITE_HOST_TABLES_HEAP);
                 crate::private_fs::create_dir_all(dir).context("the data directory")?;
                 crate::private_fs::sqlite_files(&dir.join("host.sqlite"))?;
-                write_ahead_log(&dir.join("host.sqlite"))?;
+                write_ahead_log(&dir.join("host.sqlite")).await?;
                 options
                     .after_connect(|connection, _| {
                         Box::pin(async move {
@@ -226,97 +227,52 @@ pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Puts the SQLite file at `path` in write-ahead-log mode, which lets readers in other
 /// connections and workers go on during a write. Done once per process, before any pool
-/// connects: the switch needs a lock that SQLite's busy timeout does not wait for, so
+/// connects (the pools' connections do not set it): the switch needs a lock that SQLite's busy timeout does not wait for, so
 /// connections that each switched a new, empty file as they opened (the first requests on a
 /// fresh data directory, at once) could fail one another with `database is locked`. Here a
 /// switch that finds the file in use is tried again for as long as a writer would wait; the
 /// mode is then the file's own, and connections need not set it.
-pub fn write_ahead_log(path: &Path) -> Result<()> {
-    use libsqlite3_sys as ffi;
-    use std::ffi::{CStr, CString, c_char, c_int, c_void};
-    use std::os::unix::ffi::OsStrExt;
-
-    /// An open handle, closed when dropped.
-    struct Handle(*mut ffi::sqlite3);
-    impl Drop for Handle {
-        fn drop(&mut self) {
-            // SAFETY: the handle came from `sqlite3_open_v2` and is closed once, here.
-            unsafe { ffi::sqlite3_close(self.0) };
-        }
-    }
-    /// Keeps the first column of the pragma's answer: the journal mode in effect.
-    unsafe extern "C" fn keep_mode(
-        mode: *mut c_void,
-        columns: c_int,
-        values: *mut *mut c_char,
-        _names: *mut *mut c_char,
-    ) -> c_int {
-        // SAFETY: SQLite passes `columns` values, each null or a C string; `mode` is the
-        // `String` handed to `sqlite3_exec` below.
-        unsafe {
-            if columns > 0 && !(*values).is_null() {
-                *mode.cast::<String>() = CStr::from_ptr(*values).to_string_lossy().into_owned();
-            }
-        }
-        0
-    }
-
-    let name = CString::new(path.as_os_str().as_bytes())
-        .with_context(|| format!("{} is not a usable file name", path.display()))?;
-    let mut db = std::ptr::null_mut();
-    // SAFETY: `name` is a C string; `db` receives a handle that `Handle` closes, also when the
-    // open fails (SQLite then still hands one over, to read the error from).
-    let opened = unsafe {
-        ffi::sqlite3_open_v2(
-            name.as_ptr(),
-            &mut db,
-            ffi::SQLITE_OPEN_READWRITE | ffi::SQLITE_OPEN_CREATE | ffi::SQLITE_OPEN_NOFOLLOW,
-            std::ptr::null(),
-        )
-    };
-    let db = Handle(db);
-    let error = |db: &Handle| {
-        // SAFETY: the handle is open; the message is SQLite's own C string.
-        unsafe { CStr::from_ptr(ffi::sqlite3_errmsg(db.0)) }
-            .to_string_lossy()
-            .into_owned()
-    };
-    if opened != ffi::SQLITE_OK {
-        bail!("cannot open {}: {}", path.display(), error(&db));
-    }
-    // SAFETY: the handle is open and used by this thread only.
-    unsafe { ffi::sqlite3_busy_timeout(db.0, SQLITE_BUSY_TIMEOUT.as_millis() as c_int) };
+pub async fn write_ahead_log(path: &Path) -> Result<()> {
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .busy_timeout(SQLITE_BUSY_TIMEOUT);
+    let mut connection = SqliteConnection::connect_with(&options)
+        .await
+        .with_context(|| format!("cannot open {}", path.display()))?;
     let give_up = std::time::Instant::now() + SQLITE_BUSY_TIMEOUT;
     loop {
-        let mut mode = String::new();
-        // SAFETY: the statement is a C string; `keep_mode` writes only to `mode`, which
-        // outlives the call.
-        let done = unsafe {
-            ffi::sqlite3_exec(
-                db.0,
-                c"PRAGMA journal_mode = WAL".as_ptr(),
-                Some(keep_mode),
-                (&raw mut mode).cast(),
-                std::ptr::null_mut(),
-            )
-        };
-        if done == ffi::SQLITE_OK && mode.eq_ignore_ascii_case("wal") {
-            return Ok(());
+        match sqlx::query_scalar::<_, String>("PRAGMA journal_mode = WAL")
+            .fetch_one(&mut connection)
+            .await
+        {
+            Ok(mode) if mode.eq_ignore_ascii_case("wal") => break,
+            Ok(mode) => bail!(
+                "cannot put {} in write-ahead-log mode: it stayed in {mode} mode",
+                path.display()
+            ),
+            Err(error) if is_busy(&error) && std::time::Instant::now() < give_up => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(error) => {
+                return Err(error).with_context(|| {
+                    format!("cannot put {} in write-ahead-log mode", path.display())
+                });
+            }
         }
-        let busy = done & 0xff == ffi::SQLITE_BUSY;
-        if !busy || std::time::Instant::now() >= give_up {
-            bail!(
-                "cannot put {} in write-ahead-log mode: {}",
-                path.display(),
-                if done == ffi::SQLITE_OK {
-                    format!("it stayed in {mode} mode")
-                } else {
-                    error(&db)
-                }
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
+    connection
+        .close()
+        .await
+        .with_context(|| format!("cannot close {}", path.display()))
+}
+
+/// Whether SQLite refused for a lock another connection holds (`SQLITE_BUSY`, extended or not).
+fn is_busy(error: &sqlx::Error) -> bool {
+    const SQLITE_BUSY: i32 = 5;
+    matches!(error, sqlx::Error::Database(refused)
+        if refused.code().and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| code & 0xff == SQLITE_BUSY))
 }
 
 /// The page cache of an app's SQLite connection, in KiB.

@@ -175,11 +175,11 @@ pub fn part_buffer_shares(settings: &Settings) -> (u32, u32) {
 pub struct HostDatabases(HashMap<BackendKind, Arc<HostDatabase>>);
 
 impl HostDatabases {
-    fn of(&mut self, backend: &Backend) -> Result<Arc<HostDatabase>> {
+    async fn of(&mut self, backend: &Backend) -> Result<Arc<HostDatabase>> {
         if let Some(database) = self.0.get(&backend.kind) {
             return Ok(Arc::clone(database));
         }
-        let database = HostDatabase::new(backend)?;
+        let database = HostDatabase::new(backend).await?;
         self.0.insert(backend.kind.clone(), Arc::clone(&database));
         Ok(database)
     }
@@ -207,7 +207,7 @@ impl AppCapabilities {
         let app = app.name.clone();
         let crypto = crypto::for_app(settings, master_key, semaphores, &app);
         let backend = Backend::of(settings, app_settings.settings.database_url.as_deref())?;
-        let host_database = host_databases.of(&backend)?;
+        let host_database = host_databases.of(&backend).await?;
         let spill_dir = part_buffer::spill_dir(&settings.data_dir);
         part_buffer::make_spill_dir(&spill_dir).await?;
         let (memory_share, spill_share_mib) = part_buffer_shares(settings);
@@ -240,7 +240,8 @@ impl AppCapabilities {
             &app,
             master_key,
             sql::SqlLimits::of(settings, app_settings),
-        )?;
+        )
+        .await?;
         Ok(Arc::new(AppCapabilities {
             crypto,
             registry,
@@ -265,9 +266,9 @@ mod host_databases_tests {
             acquire_timeout: Duration::from_secs(1),
         };
         let mut databases = HostDatabases::default();
-        let first = databases.of(&backend("postgres://a@db/one")).unwrap();
-        let again = databases.of(&backend("postgres://a@db/one")).unwrap();
-        let other = databases.of(&backend("postgres://a@db/two")).unwrap();
+        let first = databases.of(&backend("postgres://a@db/one")).await.unwrap();
+        let again = databases.of(&backend("postgres://a@db/one")).await.unwrap();
+        let other = databases.of(&backend("postgres://a@db/two")).await.unwrap();
         assert!(Arc::ptr_eq(&first, &again));
         assert!(!Arc::ptr_eq(&first, &other));
     }

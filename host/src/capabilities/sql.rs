@@ -253,7 +253,7 @@ async fn lend_postgres(pool: &PgPool, deadline: Option<Instant>) -> SqlResult<Le
 }
 
 impl AppDatabase {
-    pub fn new(
+    pub async fn new(
         backend: &Backend,
         admin: &Arc<HostDatabase>,
         app: &str,
@@ -265,7 +265,7 @@ impl AppDatabase {
                 let dir = data_dir.join("apps").join(app);
                 crate::private_fs::create_dir_all(&dir)?;
                 crate::private_fs::sqlite_files(&dir.join("app.sqlite"))?;
-                database::write_ahead_log(&dir.join("app.sqlite"))?;
+                database::write_ahead_log(&dir.join("app.sqlite")).await?;
                 if limits.granted {
                     database::reserve_sqlite_heap(limits.sqlite_heap());
                 }

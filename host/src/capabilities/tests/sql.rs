@@ -490,11 +490,12 @@ async fn an_app_reaches_only_its_own_database() {
     assert!(matches!(&rows.rows[0][0], Value::Text(value) if value == "first's"));
 }
 
-/// A connection of the app's pool that finds its file not yet in write-ahead-log mode must not
-/// switch it: the switch needs a lock SQLite's busy timeout does not wait for, so a pool
-/// opening connections at once on a new file (the first requests of a fresh data directory)
-/// failed one of them with `database is locked`. A reader holding the file stands for the
-/// other connections here.
+/// The app's file is in write-ahead-log mode before its pool connects, so another connection
+/// reading it holds no statement up. Before, each pool connection switched the new file as it
+/// opened, a switch SQLite's busy timeout does not wait for: beside a reader, every connection
+/// failed to open and the app's statements were refused as "unavailable" for 30 s; beside the
+/// pool's own connections opening at once (the first requests of a fresh data directory), one
+/// could fail with `database is locked`.
 #[tokio::test]
 async fn the_first_statements_on_a_new_file_are_not_refused_while_it_is_read() {
     use sqlx::{Connection, Executor};
