@@ -67,7 +67,7 @@ impl Request {
 
     /// The declared body length.
     pub fn content_length(&self) -> Option<u64> {
-        self.header("content-length")?.trim().parse().ok()
+        content_length(&self.inner.headers())
     }
 
     /// The body as a stream (with the body resource, which must outlive the stream).
@@ -229,16 +229,19 @@ pub fn splice(
 
 /// The `Content-Length` of a head, if it has a valid one.
 pub fn content_length(headers: &Fields) -> Option<u64> {
-    let values = headers.get("content-length");
-    let value = std::str::from_utf8(values.first()?).ok()?;
-    value.trim().parse().ok()
+    length(headers.get("content-length").first()?)
 }
 
+/// The `Content-Length` among headers the guest is about to send.
 fn declared_length(headers: &[(&str, String)]) -> Option<u64> {
-    headers
+    let (_, value) = headers
         .iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, value)| value.trim().parse().ok())
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))?;
+    length(value.as_bytes())
+}
+
+fn length(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
 }
 
 /// Flushes and finishes a body of which `sent` bytes were written. A body of declared length
