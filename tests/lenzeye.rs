@@ -191,6 +191,17 @@ async fn uploads_and_downloads(backends: Backends) {
     let (status, whole, headers) = user.download(&file_id, None).await;
     assert_eq!(status, 200);
     assert!(whole == file, "the download is not the file uploaded");
+    // Several at once, as a download page's clients do: each whole, none logged as cut below.
+    let at_once =
+        futures::future::join_all((0..8).map(|_| user.download(&file_id, Some("bytes=0-1048575"))))
+            .await;
+    for (status, range, _) in at_once {
+        assert_eq!(status, 206);
+        assert!(
+            range == file[..MIB],
+            "a range read at once with others differs"
+        );
+    }
     assert_eq!(headers["content-type"], "application/x-test");
     // A range across a part boundary, and the last bytes.
     let (status, range, headers) = user
