@@ -44,12 +44,25 @@ pub struct S3Store {
 }
 
 /// What the guest is told when S3 fails: the service's code and message, or why no answer came.
+/// Only an outage or an answer the host does not expect is a warning: "no such upload" or "no
+/// such key" answer a question (an abort checks that nothing is left), and go to the guest.
 fn failure<E>(what: &str, error: SdkError<E>) -> ObjectError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
-    tracing::warn!("S3 {what} failed: {}", chain(&error));
-    match &error {
+    let failure = answer(what, &error);
+    match &failure {
+        ObjectError::Unavailable(_) => tracing::warn!("S3 {what} failed: {}", chain(&error)),
+        _ => tracing::debug!("S3 {what}: {}", chain(&error)),
+    }
+    failure
+}
+
+fn answer<E>(what: &str, error: &SdkError<E>) -> ObjectError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match error {
         SdkError::ServiceError(service) => {
             let code = service.err().code().unwrap_or("unknown");
             match code {
@@ -67,7 +80,7 @@ where
         }
         _ => ObjectError::Unavailable(format!(
             "S3 {what} failed after {MAX_ATTEMPTS} attempts: {}",
-            chain(&error)
+            chain(error)
         )),
     }
 }
