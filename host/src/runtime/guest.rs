@@ -389,8 +389,13 @@ impl Guest {
         permit: P,
     ) -> Result<hyper::Response<HyperOutgoingBody>, GuestFailure> {
         // A request without a body can be sent again, to a fresh instance, when the kept
-        // instance it went to turns out unable to serve a second request.
-        let replay = self.kept.as_ref().and_then(|_| replayable(&request));
+        // instance it went to turns out unable to serve a second request: copied only while the
+        // app's instances are on trial, not on every request once one has served two.
+        let replay = self
+            .kept
+            .as_ref()
+            .filter(|kept| kept.on_trial())
+            .and_then(|_| replayable(&request));
         let (failure, permit) = match self
             .serve_once(request, scheme.clone(), permit, false)
             .await

@@ -131,13 +131,16 @@ impl<T: Send + 'static> KeptInstances<T> {
         self.metrics.instance_retired(Retired::Cut);
     }
 
+    /// Whether the app's instances are still on trial: none has served two requests yet, so a
+    /// failure on a kept one may be the instance's, and its request is worth sending again.
+    pub fn on_trial(&self) -> bool {
+        !self.served_twice.load(Ordering::Acquire) && self.reusable.load(Ordering::Acquire)
+    }
+
     /// Whether the failure of a kept instance's request may be the instance's rather than the
     /// request's: it failed its second request, and no instance of the app has served two yet.
     pub fn suspect(&self, instance: &Instance, reused: bool) -> bool {
-        reused
-            && instance.served == 1
-            && !self.served_twice.load(Ordering::Acquire)
-            && self.reusable.load(Ordering::Acquire)
+        reused && instance.served == 1 && self.on_trial()
     }
 
     /// A suspect failure whose request could not be sent again to tell: the app's instances are
