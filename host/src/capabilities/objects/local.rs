@@ -190,24 +190,30 @@ impl LocalStore {
     ) -> ObjectResult<ObjectInfo> {
         let dir = self.upload_dir(key, upload_id).await?;
         let temporary = self.temporary()?;
-        let mut object = tokio::fs::File::from_std(
-            temporary
-                .reopen()
-                .map_err(|e| unavailable("cannot write the object", e))?,
-        );
-        for part in parts {
-            let path = dir.join(format!("{:05}.{}{PART_SUFFIX}", part.number, part.etag));
-            let mut file = tokio::fs::File::open(&path)
-                .await
-                .map_err(|e| unavailable(&format!("cannot read part {}", part.number), e))?;
-            tokio::io::copy(&mut file, &mut object)
-                .await
-                .map_err(|e| unavailable("cannot write the object", e))?;
-        }
-        object
-            .sync_data()
-            .await
+        let mut object = temporary
+            .reopen()
             .map_err(|e| unavailable("cannot write the object", e))?;
+        let paths: Vec<(u32, PathBuf)> = parts
+            .iter()
+            .map(|part| {
+                let name = format!("{:05}.{}{PART_SUFFIX}", part.number, part.etag);
+                (part.number, dir.join(name))
+            })
+            .collect();
+        // One blocking task for the whole join: `std::io::copy` between files is a
+        // `copy_file_range` in the kernel, where an async copy would hand every 8 KiB to a
+        // blocking thread and back.
+        blocking(move || {
+            for (number, path) in paths {
+                let mut part = std::fs::File::open(&path).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("cannot read part {number}: {e}"))
+                })?;
+                std::io::copy(&mut part, &mut object)?;
+            }
+            object.sync_data()
+        })
+        .await
+        .map_err(|e| unavailable("cannot write the object", e))?;
         self.place(temporary, key).await?;
         tokio::fs::remove_dir_all(&dir)
             .await
