@@ -318,7 +318,7 @@ fn settings_sources_take_precedence_as_in_gunicorn() {
     let config = dir.path().join("host.toml");
     std::fs::write(
         &config,
-        "timeout = 11\nkeep_alive = 3\nthreads = 5\nbacklog = 100\n",
+        "timeout = 11\nkeep_alive = 3\nthreads = 5\nbacklog = 100\nmax_requests = 10\n",
     )
     .unwrap();
     let output = Command::new(host_bin())
@@ -329,6 +329,11 @@ fn settings_sources_take_precedence_as_in_gunicorn() {
         .env("HOST_KEEP_ALIVE", "4")
         .env("HOST_THREADS", "6")
         .env("HOST_CMD_ARGS", "--threads 7")
+        // An environment set for gunicorn: above the config file, below the host's own.
+        .env(
+            "GUNICORN_CMD_ARGS",
+            "--threads 9 --keep-alive 8 --max-requests 20 --graceful-timeout 12 --backlog 300",
+        )
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -357,7 +362,47 @@ fn settings_sources_take_precedence_as_in_gunicorn() {
     expect("keep_alive", "4", "HOST_KEEP_ALIVE");
     expect("threads", "7", "HOST_CMD_ARGS");
     expect("backlog", "200", "command line");
-    expect("graceful_timeout", "30", "default");
+    expect("max_requests", "20", "GUNICORN_CMD_ARGS");
+    expect("graceful_timeout", "12", "GUNICORN_CMD_ARGS");
+    expect("max_requests_jitter", "0", "default");
+}
+
+#[test]
+fn gunicorn_cmd_args_are_read_and_named_once() {
+    let output = Command::new(host_bin())
+        .args(["serve", &guest("hello"), "--check-config", "--threads", "3"])
+        .arg("--cache-dir")
+        .arg(blackbox::cache_dir())
+        .env(
+            "GUNICORN_CMD_ARGS",
+            "--threads 9 --timeout 45 --database-url postgres://lenzeye:secret@127.0.0.1:1/lenzeye",
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "stderr:\n{stderr}");
+    // The settings it supplied are named, the one the command line overrode is not, and no
+    // value is printed (a database URL may carry a password).
+    let notices: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("GUNICORN_CMD_ARGS supplied"))
+        .collect();
+    assert_eq!(notices.len(), 1, "stderr:\n{stderr}");
+    assert!(
+        notices[0].contains("--database-url --timeout (HOST_* settings"),
+        "{}",
+        notices[0]
+    );
+    assert!(!stderr.contains("secret"), "stderr:\n{stderr}");
+
+    let refused = Command::new(host_bin())
+        .args(["serve", &guest("hello"), "--check-config"])
+        .env("GUNICORN_CMD_ARGS", "--no-such-flag")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("GUNICORN_CMD_ARGS"), "stderr:\n{stderr}");
 }
 
 #[test]

@@ -116,6 +116,14 @@ fn serve() -> ExitCode {
         }
         let error_log = start_logging(&settings).or_exit(ExitCode::FAILURE)?;
         hooks::install(settings.hooks.clone());
+        let from_gunicorn = config::from_gunicorn(&layered);
+        if !from_gunicorn.is_empty() {
+            tracing::info!(
+                "{} supplied {} (HOST_* settings and the command line override it)",
+                config::GUNICORN_CMD_ARGS,
+                from_gunicorn.join(" ")
+            );
+        }
         if check_only {
             return check(&settings);
         }

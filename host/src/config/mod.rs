@@ -1,6 +1,7 @@
 //! Where settings come from, with gunicorn's precedence (later wins):
 //! defaults (`PORT`, `WEB_CONCURRENCY`, `FORWARDED_ALLOW_IPS` read here) < the TOML config file
-//! (`-c`, else `./host.toml` if present) < `HOST_<NAME>` environment variables < `HOST_CMD_ARGS`
+//! (`-c`, else `./host.toml` if present) < `GUNICORN_CMD_ARGS` (shell-split, so an environment set
+//! for gunicorn keeps working) < `HOST_<NAME>` environment variables < `HOST_CMD_ARGS`
 //! (shell-split) < the command line.
 //!
 //! The one table of settings is the clap definition of `ServeArgs`: each source is turned into
@@ -39,6 +40,11 @@ pub const HOOK_EVENTS: [&str; 13] = [
     "pre_request",
 ];
 
+/// Settings as shell words in the environment, as gunicorn's `GUNICORN_CMD_ARGS`; the
+/// gunicorn one is read too, below the host's own.
+pub const GUNICORN_CMD_ARGS: &str = "GUNICORN_CMD_ARGS";
+const HOST_CMD_ARGS: &str = "HOST_CMD_ARGS";
+
 /// `HOST_` variables the host uses that are not settings.
 const OTHER_HOST_VARIABLES: [&str; 1] = ["HOST_CMD_ARGS"];
 
@@ -75,15 +81,12 @@ impl ConfigFile {
 pub fn load(command_line: &[OsString]) -> Result<Layered> {
     let table = ServeArgs::table();
     let cli = parse(&table, command_line, "the command line")?;
-    let cmd_args = match std::env::var("HOST_CMD_ARGS") {
-        Ok(text) => shlex::split(&text).context("HOST_CMD_ARGS is not valid shell words")?,
-        Err(_) => Vec::new(),
-    };
-    let cmd_args: Vec<OsString> = cmd_args.into_iter().map(OsString::from).collect();
-    let from_cmd_args = parse(&table, &cmd_args, "HOST_CMD_ARGS")?;
+    let from_cmd_args = parse(&table, &shell_words(HOST_CMD_ARGS)?, HOST_CMD_ARGS)?;
+    let from_gunicorn = parse(&table, &shell_words(GUNICORN_CMD_ARGS)?, GUNICORN_CMD_ARGS)?;
 
     let config = config_path(&cli)
         .or_else(|| config_path(&from_cmd_args))
+        .or_else(|| config_path(&from_gunicorn))
         .or_else(|| {
             let default = PathBuf::from(DEFAULT_CONFIG_FILE);
             default.exists().then_some(default)
@@ -98,10 +101,11 @@ pub fn load(command_line: &[OsString]) -> Result<Layered> {
         let label = format!("config file {}", config.path.display());
         sources.push((parse(&table, &arguments, &label)?, label));
     }
+    sources.push((from_gunicorn, GUNICORN_CMD_ARGS.to_owned()));
     let (environment, labels) = environment_arguments(&table)?;
     let from_environment = parse(&table, &environment, "HOST_* environment variables")?;
     sources.push((from_environment, String::new()));
-    sources.push((from_cmd_args, "HOST_CMD_ARGS".to_owned()));
+    sources.push((from_cmd_args, HOST_CMD_ARGS.to_owned()));
     sources.push((cli, "command line".to_owned()));
 
     let mut winners: BTreeMap<String, (Vec<String>, String)> = BTreeMap::new();
@@ -169,6 +173,27 @@ pub fn load(command_line: &[OsString]) -> Result<Layered> {
         config,
         arguments: final_arguments,
     })
+}
+
+/// The flags whose values `GUNICORN_CMD_ARGS` supplied (those no later source replaced):
+/// what the host says it took from an environment set for gunicorn. Names only, as a value may
+/// be a secret (`--database-url`).
+pub fn from_gunicorn(layered: &Layered) -> Vec<String> {
+    layered
+        .provenance
+        .iter()
+        .filter(|(_, (_, source))| source == GUNICORN_CMD_ARGS)
+        .map(|(name, _)| format!("--{}", name.replace('_', "-")))
+        .collect()
+}
+
+/// The words of the environment variable `name`, shell-split; none if it is unset.
+fn shell_words(name: &str) -> Result<Vec<OsString>> {
+    let Ok(text) = std::env::var(name) else {
+        return Ok(Vec::new());
+    };
+    let words = shlex::split(&text).with_context(|| format!("{name} is not valid shell words"))?;
+    Ok(words.into_iter().map(OsString::from).collect())
 }
 
 /// The settings the host runs with, from every source: its own, its hooks and its apps.

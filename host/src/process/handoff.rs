@@ -85,12 +85,13 @@ impl PrepareReport {
 }
 
 /// Variables the master may take secrets from, which no process it starts gets:
-/// `HOST_CMD_ARGS` may carry `--database-url` or `--master-key` too.
-pub const SECRET_VARIABLES: [&str; 4] = [
+/// `HOST_CMD_ARGS` and `GUNICORN_CMD_ARGS` may carry `--database-url` or `--master-key` too.
+pub const SECRET_VARIABLES: [&str; 5] = [
     "HOST_MASTER_KEY",
     "DATABASE_URL",
     "HOST_DATABASE_URL",
     "HOST_CMD_ARGS",
+    "GUNICORN_CMD_ARGS",
 ];
 
 /// What a child is handed, written for it.
