@@ -518,7 +518,7 @@ fn the_readme_and_the_procfile_serve_lenzeye() {
     assert_eq!(
         blocks,
         [
-            "guests/build && cargo build --release --workspace && target/release/host serve guests/lenzeye.wasm",
+            "guests/build && cargo build --release -p host && target/release/host serve guests/lenzeye.wasm",
             "tests/run"
         ],
         "the README's first two commands"
