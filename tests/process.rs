@@ -520,6 +520,116 @@ fn hup_picks_up_a_changed_component_file() {
     );
 }
 
+/// `--reload`: a component written over in pieces is served once whole, after one reload; a
+/// truncated one is refused and the old workers keep serving; a component renamed into place
+/// (as a build does) is seen too. Requests sent all along never fail, and a worker that starts
+/// while the file is broken serves the version last checked.
+#[test]
+fn reload_serves_each_finished_component_and_never_a_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let component = dir.path().join("app.wasm");
+    std::fs::copy(guest("hello"), &component).unwrap();
+    let host = HostProcess::start(
+        &component.to_string_lossy(),
+        &["--workers", "2", "--reload"],
+    );
+    let reloads = || host.log().matches("app.wasm changed").count();
+    let url = host.url("/");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = std::thread::spawn({
+        let stop = std::sync::Arc::clone(&stop);
+        move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            let client = http_client();
+            let mut answers = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let answer = runtime.block_on(async {
+                    let response = client.get(&url).send().await.map_err(|e| e.to_string())?;
+                    let status = response.status();
+                    let body = response.text().await.map_err(|e| e.to_string())?;
+                    Ok::<_, String>(format!("{status} {body}"))
+                });
+                answers.push(answer);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            answers
+        }
+    });
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let body = |host: &HostProcess| {
+        runtime.block_on(async {
+            match http_client().get(host.url("/")).send().await {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            }
+        })
+    };
+
+    // Half a component: refused once, and the old one keeps answering.
+    let faults = std::fs::read(guest("faults")).unwrap();
+    std::fs::write(&component, &faults[..faults.len() / 2]).unwrap();
+    let refused = poll_until(Duration::from_secs(20), Duration::from_millis(50), || {
+        host.log().contains("reload refused").then_some(())
+    });
+    assert!(refused.is_some(), "log:\n{}", host.log());
+    assert_eq!(body(&host), "Hello, world!\n");
+    assert_eq!(
+        host.log().matches("reload refused").count(),
+        1,
+        "{}",
+        host.log()
+    );
+    assert_eq!(reloads(), 1, "{}", host.log());
+    // A worker started now (one that exits, is recycled or added) serves the version that was
+    // checked, not the broken file.
+    let leaving = *wait_for_workers(&host, 2, Duration::from_secs(10))
+        .iter()
+        .next()
+        .unwrap();
+    send(leaving, libc::SIGTERM);
+    let replaced = poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        let now = workers(host.pid());
+        (now.len() == 2 && !now.contains(&leaving)).then_some(())
+    });
+    assert!(replaced.is_some(), "log:\n{}", host.log());
+    std::thread::sleep(Duration::from_secs(1));
+    for _ in 0..10 {
+        assert_eq!(body(&host), "Hello, world!\n", "log:\n{}", host.log());
+    }
+
+    // Written in four pieces 100 ms apart, as a slow build might: one reload, of the whole.
+    let mut file = std::fs::File::create(&component).unwrap();
+    for piece in faults.chunks(faults.len().div_ceil(4)) {
+        std::io::Write::write_all(&mut file, piece).unwrap();
+        file.sync_data().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(file);
+    let switched = poll_until(Duration::from_secs(30), Duration::from_millis(50), || {
+        (body(&host) == "ok\n").then_some(())
+    });
+    assert!(switched.is_some(), "log:\n{}", host.log());
+    assert_eq!(reloads(), 2, "{}", host.log());
+
+    // Renamed into place over the old file.
+    let staged = dir.path().join("app.wasm.new");
+    std::fs::copy(guest("hello"), &staged).unwrap();
+    std::fs::rename(&staged, &component).unwrap();
+    let back = poll_until(Duration::from_secs(30), Duration::from_millis(50), || {
+        (body(&host) == "Hello, world!\n").then_some(())
+    });
+    assert!(back.is_some(), "log:\n{}", host.log());
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answers = client.join().unwrap();
+    let failed: Vec<&Result<String, String>> = answers
+        .iter()
+        .filter(|answer| !matches!(answer, Ok(text) if text.starts_with("200 ")))
+        .collect();
+    assert!(answers.len() > 50, "{} requests", answers.len());
+    assert!(failed.is_empty(), "{failed:?} of {}", answers.len());
+}
+
 #[test]
 fn quit_stops_at_once_without_waiting_for_in_flight_requests() {
     let mut host = HostProcess::start(&guest("faults"), &["--graceful-timeout", "30"]);

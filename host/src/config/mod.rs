@@ -200,6 +200,7 @@ fn shell_words(name: &str) -> Result<Vec<OsString>> {
 pub fn settings(layered: &Layered) -> Result<Settings> {
     let mut settings = Settings::from_args(layered.args.clone())?;
     settings.hooks = hook_commands(layered.config.as_ref())?;
+    settings.config_file = layered.config.as_ref().map(|config| config.path.clone());
     settings.apps = apps::resolve(layered, &settings)?;
     Ok(settings)
 }

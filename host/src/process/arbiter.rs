@@ -22,6 +22,7 @@ use crate::process::budget::{Baseline, Plan};
 use crate::process::handoff::{self, HandoffFile, PrepareReport, WorkerHandoff};
 use crate::process::heartbeat::Heartbeat;
 use crate::process::hooks;
+use crate::process::reloader::Reloader;
 use crate::run_dir::RunDir;
 use crate::runtime::compile_cache;
 use crate::runtime::engine::{self, EngineSizing};
@@ -110,7 +111,7 @@ fn run_with(
     let run_dir = RunDir::create(&settings.worker_tmp_dir)?;
     // Workers make their files in the private directory: to them it is --worker-tmp-dir.
     settings.worker_tmp_dir = run_dir.path().to_owned();
-    let baseline = precompile(&settings)?;
+    let baseline = precompile(&mut settings)?;
     check_budget(&settings, settings.workers, baseline)?;
     let listeners = bind_all(&settings, &[])?;
     if let Some(pidfile) = &settings.pidfile {
@@ -190,7 +191,7 @@ impl std::error::Error for Refusal {}
 /// `--check-config`: the settings are valid, the component loads, the budget holds.
 pub fn check(settings: &Settings) -> Result<()> {
     compile_cache::prepare_dir(&settings.cache_dir)?;
-    let baseline = precompile(settings)?;
+    let baseline = precompile(&mut settings.clone())?;
     check_budget(settings, settings.workers, baseline)
 }
 
@@ -215,11 +216,23 @@ fn check_budget(settings: &Settings, workers: usize, baseline: Baseline) -> Resu
     Ok(())
 }
 
+/// Notes the version of each app's component the master checks, so that workers started later
+/// (recycled, replaced, added) serve that version even if the file changes in between.
+fn pin_components(settings: &mut Settings) -> Result<()> {
+    for app in &mut settings.apps {
+        let version = compile_cache::version_of(&app.component)
+            .map_err(|error| anyhow::anyhow!(Refusal::AppLoad(format!("{error:#}"))))?;
+        app.version = Some(version);
+    }
+    Ok(())
+}
+
 /// Compiles the component into the cache, so workers only map it (gunicorn's `--preload`), and
 /// returns the resident memory of a process that has loaded it as a worker does. The work is
 /// done by a short-lived child (`host prepare`), so the compiler's memory never stays in the
 /// long-lived master.
-fn precompile(settings: &Settings) -> Result<Baseline> {
+fn precompile(settings: &mut Settings) -> Result<Baseline> {
+    pin_components(settings)?;
     let handed = HandoffFile::new(settings)?;
     let inherited = [handed.as_raw_fd()];
     let mut command =
@@ -253,8 +266,13 @@ pub fn prepare(settings: &Settings) -> Result<Baseline> {
     let engine = engine::build(EngineSizing::for_apps(&settings.apps))?;
     let mut guests = Vec::new();
     for app in &settings.apps {
-        let component = compile_cache::load_component(&engine, &app.component, &settings.cache_dir)
-            .with_context(|| format!("app `{}`", app.name))?;
+        let component = compile_cache::load_component(
+            &engine,
+            &app.component,
+            &settings.cache_dir,
+            app.version.as_ref().map(|version| version.digest.as_str()),
+        )
+        .with_context(|| format!("app `{}`", app.name))?;
         let linked = crate::runtime::guest::link(&engine, &component, app)
             .with_context(|| format!("cannot load {}", app.component.display()))?;
         guests.push(linked);
@@ -281,6 +299,14 @@ fn bind_all(
         listeners.push((address.clone(), listener));
     }
     Ok(listeners)
+}
+
+/// The next change `--reload` saw; never, without it.
+async fn next_change(reloader: &mut Option<Reloader>) -> Vec<std::path::PathBuf> {
+    match reloader {
+        Some(reloader) => reloader.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 struct MasterSignals {
@@ -326,6 +352,7 @@ impl Master {
         tracing::info!("Using worker: {}", self.settings.app.worker_class.name());
         hooks::event("when_ready", &[("pid", std::process::id().to_string())]);
         let mut checks = tokio::time::interval(CHECK_EVERY);
+        let mut reloader = Reloader::watch(&self.settings)?;
         let stop = loop {
             self.manage_workers();
             tokio::select! {
@@ -344,6 +371,14 @@ impl Master {
                 _ = signals.hup.recv() => {
                     tracing::info!("Handling signal: hup");
                     self.reload(&reload);
+                    self.watch_again(&mut reloader);
+                }
+                changed = next_change(&mut reloader) => {
+                    let names: Vec<String> =
+                        changed.iter().map(|file| file.display().to_string()).collect();
+                    tracing::info!("reload: {} changed", names.join(", "));
+                    self.reload(&reload);
+                    self.watch_again(&mut reloader);
                 }
                 _ = signals.ttin.recv() => {
                     tracing::info!("Handling signal: ttin");
@@ -549,6 +584,14 @@ impl Master {
         }
     }
 
+    /// The files to watch for `--reload` may have changed with the settings.
+    fn watch_again(&self, reloader: &mut Option<Reloader>) {
+        match Reloader::watch(&self.settings) {
+            Ok(watching) => *reloader = watching,
+            Err(error) => tracing::error!("{error:#}; the old watch stays"),
+        }
+    }
+
     fn reload(&mut self, reload: &impl Fn() -> Result<Settings>) {
         hooks::event("on_reload", &[("pid", std::process::id().to_string())]);
         let reloaded = reload().and_then(|mut settings| {
@@ -573,7 +616,7 @@ impl Master {
             }
             // The heartbeats and metrics files of old and new workers stay in one place.
             settings.worker_tmp_dir = self.run_dir.path().to_owned();
-            let baseline = precompile(&settings)?;
+            let baseline = precompile(&mut settings)?;
             check_budget(&settings, settings.workers, baseline)?;
             Ok((settings, master_key, baseline))
         });

@@ -6,4 +6,5 @@ pub mod budget;
 pub mod handoff;
 pub mod heartbeat;
 pub mod hooks;
+pub mod reloader;
 pub mod worker;

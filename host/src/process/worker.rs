@@ -82,19 +82,24 @@ pub fn run(
             ))
             .with_context(|| format!("cannot set up the host capabilities of app `{}`", app.name))
             .map_err(StartError::Boot)?;
-        let guest = compile_cache::load_component(&engine, &app.component, &settings.cache_dir)
-            .and_then(|component| {
-                Guest::new(
-                    &engine,
-                    &component,
-                    settings,
-                    app,
-                    capabilities,
-                    metrics.clone(),
-                )
-            })
-            .with_context(|| format!("cannot load {}", app.component.display()))
-            .map_err(StartError::App)?;
+        let guest = compile_cache::load_component(
+            &engine,
+            &app.component,
+            &settings.cache_dir,
+            app.version.as_ref().map(|version| version.digest.as_str()),
+        )
+        .and_then(|component| {
+            Guest::new(
+                &engine,
+                &component,
+                settings,
+                app,
+                capabilities,
+                metrics.clone(),
+            )
+        })
+        .with_context(|| format!("cannot load {}", app.component.display()))
+        .map_err(StartError::App)?;
         apps.push(ServedApp {
             name: app.name.clone(),
             guest: Arc::new(guest),

@@ -27,6 +27,7 @@ use wasmtime::Engine;
 use wasmtime::component::Component;
 
 use crate::private_fs;
+use crate::settings::ComponentVersion;
 
 /// Makes the cache directory (0700) if it is missing, and refuses one another local user could
 /// write: the master calls it before anything is compiled.
@@ -38,17 +39,47 @@ pub fn prepare_dir(cache_dir: &Path) -> Result<()> {
         .context("refusing to run machine code from it")
 }
 
+/// The version of the component at `path` that a later `load_component` loads.
+pub fn version_of(path: &Path) -> Result<ComponentVersion> {
+    let bytes = read_component(path)?;
+    Ok(ComponentVersion {
+        digest: hex::encode(digest(&SHA256, &bytes)),
+        // Not a component at all: refused when it is compiled, with the reason.
+        serves_p3: crate::runtime::engine::exports_p3(&bytes).unwrap_or(true),
+    })
+}
+
+fn read_component(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read the component {}", path.display()))
+}
+
+/// The component at `component_path`, compiled, from the cache if it holds it. With `digest`,
+/// the version of that SHA-256: taken from the cache without reading the file, and refused if
+/// it must be compiled and the file no longer holds it.
 pub fn load_component(
     engine: &Engine,
     component_path: &Path,
     cache_dir: &Path,
+    digest_wanted: Option<&str>,
 ) -> Result<Component> {
-    let bytes = std::fs::read(component_path)
-        .with_context(|| format!("cannot read the component {}", component_path.display()))?;
-    let artifact = cache_dir.join(format!("{}.cwasm", cache_key(engine, &bytes)));
     let shown = component_path.display();
+    let read = || -> Result<(Vec<u8>, String)> {
+        let bytes = read_component(component_path)?;
+        let found = hex::encode(digest(&SHA256, &bytes));
+        if digest_wanted.is_some_and(|wanted| wanted != found) {
+            bail!("{shown} changed since it was checked; a reload serves the new version");
+        }
+        Ok((bytes, found))
+    };
+    let (mut bytes, component_digest) = match digest_wanted {
+        Some(wanted) => (None, wanted.to_owned()),
+        None => {
+            let (bytes, found) = read()?;
+            (Some(bytes), found)
+        }
+    };
+    let artifact = cache_dir.join(format!("{}.cwasm", cache_key(engine, &component_digest)));
     prepare_dir(cache_dir)?;
-
     if artifact.symlink_metadata().is_ok() {
         match load_verified(engine, &artifact) {
             Ok(component) => {
@@ -61,7 +92,10 @@ pub fn load_component(
             ),
         }
     }
-
+    let bytes = match bytes.take() {
+        Some(bytes) => bytes,
+        None => read()?.0,
+    };
     let started = Instant::now();
     let compiled = engine
         .precompile_component(&bytes)
@@ -87,13 +121,14 @@ pub fn load_component(
     }
 }
 
-fn cache_key(engine: &Engine, component: &[u8]) -> String {
+/// The artifact's name: the component's SHA-256 (hex) and the engine's compatibility hash.
+fn cache_key(engine: &Engine, component_digest: &str) -> String {
     let mut engine_hash = std::hash::DefaultHasher::new();
     engine
         .precompile_compatibility_hash()
         .hash(&mut engine_hash);
     let mut key = aws_lc_rs::digest::Context::new(&SHA256);
-    key.update(component);
+    key.update(component_digest.as_bytes());
     key.update(&engine_hash.finish().to_le_bytes());
     hex::encode(key.finish().as_ref())
 }

@@ -54,9 +54,10 @@ impl EngineSizing {
                 .max()
                 .unwrap_or(1 << 16),
             // A component that cannot be read is reported when it is loaded.
-            async_components: apps
-                .iter()
-                .any(|app| serves_p3(&app.component).unwrap_or(true)),
+            async_components: apps.iter().any(|app| match &app.version {
+                Some(version) => version.serves_p3,
+                None => serves_p3(&app.component).unwrap_or(true),
+            }),
         }
     }
 }
@@ -65,9 +66,14 @@ impl EngineSizing {
 /// world of WASIp3), read from its own export section without compiling it.
 fn serves_p3(path: &std::path::Path) -> Result<bool> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    exports_p3(&bytes)
+}
+
+/// Whether the component `bytes` export `wasi:http/handler@0.3`.
+pub fn exports_p3(bytes: &[u8]) -> Result<bool> {
     // The payloads of nested modules and components come between their section and its end.
     let mut depth = 0usize;
-    for payload in wasmparser::Parser::new(0).parse_all(&bytes) {
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
         match payload? {
             wasmparser::Payload::ModuleSection { .. }
             | wasmparser::Payload::ComponentSection { .. } => depth += 1,

@@ -401,12 +401,24 @@ impl Outbound {
     }
 }
 
+/// What the master read of a component when it checked it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ComponentVersion {
+    /// SHA-256 of the file, hex: the name of its compiled artifact in the cache.
+    pub digest: String,
+    /// Whether it is a WASIp3 component, which the engine is configured for.
+    pub serves_p3: bool,
+}
+
 /// One app, as its workers serve it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct App {
     /// Scopes its data: keys, objects, registry entries, database.
     pub name: String,
     pub component: PathBuf,
+    /// The version of the component the master checked: workers load it even if the file has
+    /// changed since (a new version is served only once a reload has checked it).
+    pub version: Option<ComponentVersion>,
     pub routes: Routes,
     /// The environment the guest sees: the host's `-e` pairs, then the app's own.
     pub env: Vec<(String, String)>,
@@ -428,6 +440,7 @@ impl App {
         App {
             name,
             component,
+            version: None,
             routes: Routes::default(),
             env,
             secrets: Vec::new(),

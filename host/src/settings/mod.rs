@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-pub use app::{App, AppArgs, AppSettings, Capability, Outbound};
+pub use app::{App, AppArgs, AppSettings, Capability, ComponentVersion, Outbound};
 pub use values::{MAX_SEMAPHORE_UNITS, human_size, parse_env_pair, redacted_url};
 
 use crate::http::forwarded::TrustedPeers;
@@ -72,6 +72,16 @@ pub struct ServeArgs {
     /// accepted for gunicorn compatibility.
     #[arg(long = "preload")]
     pub preload: bool,
+
+    /// Watch each app's component, the config file and every `--reload-extra-file`; when one
+    /// changes, load the new version and, if it loads, roll the workers as HUP does (a version
+    /// that does not load leaves the old workers serving).
+    #[arg(long = "reload")]
+    pub reload: bool,
+
+    /// Another file whose change reloads, with `--reload`. Repeatable.
+    #[arg(long = "reload-extra-file", value_name = "FILE")]
+    pub reload_extra_files: Vec<PathBuf>,
 
     /// A file to write the master's pid to.
     #[arg(short = 'p', long = "pid", value_name = "FILE")]
@@ -240,6 +250,11 @@ pub struct Settings {
     pub worker_tmp_dir: PathBuf,
     pub pidfile: Option<PathBuf>,
     pub env: Vec<(String, String)>,
+    /// `--reload`: the files whose change reloads, when it is on.
+    pub reload: bool,
+    pub reload_extra_files: Vec<PathBuf>,
+    /// The config file the settings were read from, watched by `--reload`.
+    pub config_file: Option<PathBuf>,
     /// Hook event → shell command, from the config file.
     pub hooks: std::collections::BTreeMap<String, String>,
     pub binds: Vec<BindAddress>,
@@ -321,6 +336,9 @@ impl Settings {
             worker_tmp_dir: args.worker_tmp_dir.unwrap_or_else(default_worker_tmp_dir),
             pidfile: args.pidfile,
             env: args.env,
+            reload: args.reload,
+            reload_extra_files: args.reload_extra_files,
+            config_file: None,
             hooks: Default::default(),
             binds,
             backlog: args.backlog,
