@@ -111,7 +111,8 @@ impl HostProcess {
             .stdout(stdout)
             .stderr(stderr);
         // Only the test's arguments configure the host: drop the environment variables it reads
-        // settings from (HOST_*, and gunicorn's PORT, WEB_CONCURRENCY, FORWARDED_ALLOW_IPS).
+        // settings from (HOST_*, and gunicorn's PORT, WEB_CONCURRENCY, FORWARDED_ALLOW_IPS,
+        // GUNICORN_CMD_ARGS).
         for (name, _) in std::env::vars_os() {
             let name_text = name.to_string_lossy();
             if name_text.starts_with("HOST_")
@@ -120,6 +121,7 @@ impl HostProcess {
                     "WEB_CONCURRENCY",
                     "FORWARDED_ALLOW_IPS",
                     "DATABASE_URL",
+                    "GUNICORN_CMD_ARGS",
                 ]
                 .contains(&name_text.as_ref())
             {

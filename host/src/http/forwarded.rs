@@ -9,7 +9,7 @@ use hyper::HeaderMap;
 use hyper::header::{FORWARDED, HOST};
 use ipnet::IpNet;
 
-const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+pub const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
 const X_FORWARDED_HOST: &str = "x-forwarded-host";
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
 

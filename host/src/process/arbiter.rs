@@ -232,6 +232,10 @@ fn pin_components(settings: &mut Settings) -> Result<()> {
 /// done by a short-lived child (`host prepare`), so the compiler's memory never stays in the
 /// long-lived master.
 fn precompile(settings: &mut Settings) -> Result<Baseline> {
+    // The certificate is checked here too, so a reload with a bad one keeps the old workers.
+    if let Some(files) = &settings.tls {
+        crate::serving::tls::server_config(files)?;
+    }
     pin_components(settings)?;
     let handed = HandoffFile::new(settings)?;
     let inherited = [handed.as_raw_fd()];
@@ -293,7 +297,7 @@ fn bind_all(
         };
         tracing::info!(
             "Listening at: {} ({})",
-            listener.describe(),
+            listener.describe(settings.tls.is_some()),
             std::process::id()
         );
         listeners.push((address.clone(), listener));

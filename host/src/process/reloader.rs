@@ -1,5 +1,5 @@
 //! `--reload`: the master watches the files a reload reads again (each app's component, the
-//! config file, every `--reload-extra-file`) and reloads as on HUP once a changed file has been
+//! config file, the TLS certificate and keys, every `--reload-extra-file`) and reloads as on HUP once a changed file has been
 //! quiet for a moment, so a build that writes a component in pieces causes one reload, of the
 //! finished file.
 //!
@@ -43,6 +43,7 @@ impl Reloader {
             .map(|app| app.component.clone())
             .chain(settings.config_file.clone())
             .chain(settings.reload_extra_files.iter().cloned())
+            .chain(settings.tls.iter().flat_map(|tls| tls.files().cloned()))
             .map(|file| absolute(&file))
             .collect::<Result<_>>()?;
         let (sender, changes) = mpsc::unbounded_channel();

@@ -121,6 +121,11 @@ pub fn run(
         ))),
         None => None,
     };
+    // Read as the worker starts, so a HUP or a reload serves renewed certificates.
+    let tls = match &settings.tls {
+        Some(files) => Some(crate::serving::tls::server_config(files).map_err(StartError::Boot)?),
+        None => None,
+    };
     let recycle =
         MaxRequests::new(settings.max_requests, settings.max_requests_jitter).map(Arc::new);
     runtime
@@ -149,6 +154,7 @@ pub fn run(
                     .map(|app| app.settings.timeout)
                     .reduce(|a, b| a.zip(b).map(|(a, b)| a.max(b)))
                     .flatten(),
+                tls,
             };
             let stop = stop_signal(settings, recycle.clone(), heartbeat)?;
             hooks::event("post_worker_init", &[("pid", pid.to_string())]);

@@ -16,6 +16,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use crate::http::answers::{self, ResponseBody};
 use crate::http::drain::DrainedIfDropped;
 use crate::http::forwarded::TrustedPeers;
+use crate::http::forwarded::X_FORWARDED_PROTO;
 use crate::http::limits::RequestLimits;
 use crate::metrics::AppMetrics;
 use crate::random::random_u64;
@@ -55,10 +56,12 @@ pub struct Peer {
     /// The address the client connected to, used as the authority of an HTTP/1.0 request
     /// that names none.
     pub local_authority: String,
+    /// Whether the connection is HTTPS, served by the host itself (`--certfile`).
+    pub tls: bool,
 }
 
 impl Peer {
-    fn label(&self) -> String {
+    pub fn label(&self) -> String {
         self.ip
             .map_or_else(|| "unix".to_owned(), |ip| ip.to_string())
     }
@@ -150,7 +153,14 @@ impl RequestHandler {
         if no_host && let Ok(host) = HeaderValue::from_str(&peer.local_authority) {
             request.headers_mut().insert(HOST, host);
         }
-        let origin = self.trusted_peers.resolve(peer.ip, request.headers_mut());
+        let mut origin = self.trusted_peers.resolve(peer.ip, request.headers_mut());
+        if peer.tls {
+            // The host ended TLS itself: the guest sees what a proxy in front would have said.
+            origin.https = true;
+            request
+                .headers_mut()
+                .insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        }
         if let Ok(value) = HeaderValue::from_str(request_id) {
             request.headers_mut().insert(X_REQUEST_ID, value);
         }

@@ -7,3 +7,4 @@ pub mod handler;
 pub mod max_requests;
 pub mod router;
 pub mod server;
+pub mod tls;

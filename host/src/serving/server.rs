@@ -125,11 +125,12 @@ impl Listener {
     }
 
     /// What gunicorn prints in `Listening at: …`.
-    pub fn describe(&self) -> String {
+    pub fn describe(&self, tls: bool) -> String {
+        let scheme = if tls { "https" } else { "http" };
         match self {
             Listener::Tcp(listener) => match listener.local_addr() {
-                Ok(addr) => format!("http://{addr}"),
-                Err(_) => "http://?".to_owned(),
+                Ok(addr) => format!("{scheme}://{addr}"),
+                Err(_) => format!("{scheme}://?"),
             },
             Listener::Unix { path, .. } => format!("unix:{}", path.display()),
         }
@@ -151,7 +152,7 @@ fn remove_stale_socket(path: &PathBuf) -> Result<()> {
 }
 
 /// How connections are served.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct ConnectionSettings {
     pub keep_alive: Option<Duration>,
     pub limits: RequestLimits,
@@ -160,7 +161,12 @@ pub struct ConnectionSettings {
     /// How long a response may wait on a client that reads none of it (the loosest app's
     /// `--timeout`); `None` = as long as the client likes.
     pub write_stall_timeout: Option<Duration>,
+    /// HTTPS on the TCP listeners (`--certfile`); unix sockets stay plain.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
+
+/// How long a client has to finish its TLS handshake; it holds a connection place meanwhile.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl ConnectionSettings {
     fn http1(&self) -> http1::Builder {
@@ -205,6 +211,7 @@ pub async fn serve(
             handler: Arc::clone(&handler),
             http: settings.http1(),
             write_stall_timeout: settings.write_stall_timeout,
+            tls: settings.tls.clone().map(tokio_rustls::TlsAcceptor::from),
             cap: Arc::clone(&cap),
             draining: draining.clone(),
             alive: alive.clone(),
@@ -287,10 +294,12 @@ impl ConnectionCap {
     }
 }
 
+#[derive(Clone)]
 struct Acceptor {
     handler: Arc<RequestHandler>,
     http: http1::Builder,
     write_stall_timeout: Option<Duration>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     cap: Arc<ConnectionCap>,
     draining: watch::Receiver<bool>,
     alive: mpsc::Sender<()>,
@@ -314,7 +323,11 @@ impl Acceptor {
                         Ok((stream, remote)) => {
                             // Nagle plus delayed ACKs would add tens of milliseconds to small responses.
                             let _ = stream.set_nodelay(true);
-                            self.spawn(stream, tcp_peer(remote, local), place);
+                            let peer = tcp_peer(remote, local, self.tls.is_some());
+                            match &self.tls {
+                                None => self.spawn(stream, peer, place),
+                                Some(tls) => self.spawn_after_handshake(tls, stream, peer, place),
+                            }
                         }
                         Err(error) => accept_failed(error).await,
                     }
@@ -325,6 +338,7 @@ impl Acceptor {
                 let peer = Arc::new(Peer {
                     ip: None,
                     local_authority: "localhost".to_owned(),
+                    tls: false,
                 });
                 loop {
                     let place = self.cap.place().await;
@@ -335,6 +349,30 @@ impl Acceptor {
                 }
             }
         }
+    }
+
+    /// Serves `stream` once its TLS handshake is done, on a task of its own so that a slow
+    /// handshake holds up no other client.
+    fn spawn_after_handshake(
+        &self,
+        tls: &tokio_rustls::TlsAcceptor,
+        stream: tokio::net::TcpStream,
+        peer: Arc<Peer>,
+        place: Place,
+    ) {
+        let handshake = tls.accept(stream);
+        let acceptor = self.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
+                Ok(Ok(stream)) => acceptor.spawn(stream, peer, place),
+                // The client's failure, not the host's: a client that speaks plain HTTP or
+                // offers no certificate where one is required ends here.
+                Ok(Err(error)) => {
+                    tracing::debug!("TLS handshake with {} failed: {error}", peer.label())
+                }
+                Err(_) => tracing::debug!("TLS handshake with {} timed out", peer.label()),
+            }
+        });
     }
 
     fn spawn<S>(&self, stream: S, peer: Arc<Peer>, place: Place)
@@ -391,10 +429,11 @@ impl Acceptor {
     }
 }
 
-fn tcp_peer(remote: SocketAddr, local: SocketAddr) -> Arc<Peer> {
+fn tcp_peer(remote: SocketAddr, local: SocketAddr, tls: bool) -> Arc<Peer> {
     Arc::new(Peer {
         ip: Some(remote.ip()),
         local_authority: local.to_string(),
+        tls,
     })
 }
 

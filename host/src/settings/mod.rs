@@ -79,6 +79,24 @@ pub struct ServeArgs {
     #[arg(long = "reload")]
     pub reload: bool,
 
+    /// Serve HTTPS on every TCP listener with this certificate (PEM, the chain after it).
+    #[arg(long = "certfile", value_name = "FILE")]
+    pub certfile: Option<PathBuf>,
+
+    /// The certificate's private key (PEM). Default: the key in `--certfile`.
+    #[arg(long = "keyfile", value_name = "FILE", requires = "certfile")]
+    pub keyfile: Option<PathBuf>,
+
+    /// The CA certificates (PEM) client certificates are checked against.
+    #[arg(long = "ca-certs", value_name = "FILE", requires = "certfile")]
+    pub ca_certs: Option<PathBuf>,
+
+    /// Client certificates, as gunicorn's `ssl.CERT_*`: 0 not asked for, 1 checked if given,
+    /// 2 required. 1 and 2 need `--ca-certs`.
+    #[arg(long = "cert-reqs", default_value_t = 0, value_name = "INT",
+          value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub cert_reqs: u8,
+
     /// Another file whose change reloads, with `--reload`. Repeatable.
     #[arg(long = "reload-extra-file", value_name = "FILE")]
     pub reload_extra_files: Vec<PathBuf>,
@@ -250,6 +268,8 @@ pub struct Settings {
     pub worker_tmp_dir: PathBuf,
     pub pidfile: Option<PathBuf>,
     pub env: Vec<(String, String)>,
+    /// HTTPS on the TCP listeners.
+    pub tls: Option<TlsFiles>,
     /// `--reload`: the files whose change reloads, when it is on.
     pub reload: bool,
     pub reload_extra_files: Vec<PathBuf>,
@@ -280,6 +300,62 @@ pub struct Settings {
     pub access_logfile: Option<String>,
     pub access_logformat: String,
     pub cache_dir: PathBuf,
+}
+
+/// The files of `--certfile`, `--keyfile` and `--ca-certs`, read by each worker as it starts
+/// (so a HUP or a reload picks up renewed ones).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TlsFiles {
+    pub certfile: PathBuf,
+    pub keyfile: PathBuf,
+    pub ca_certs: Option<PathBuf>,
+    pub client_certs: ClientCerts,
+}
+
+/// `--cert-reqs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientCerts {
+    None,
+    Optional,
+    Required,
+}
+
+impl TlsFiles {
+    fn from_args(
+        certfile: Option<PathBuf>,
+        keyfile: Option<PathBuf>,
+        ca_certs: Option<PathBuf>,
+        cert_reqs: u8,
+    ) -> Result<Option<TlsFiles>> {
+        let client_certs = match cert_reqs {
+            0 => ClientCerts::None,
+            1 => ClientCerts::Optional,
+            _ => ClientCerts::Required,
+        };
+        let Some(certfile) = certfile else {
+            if client_certs != ClientCerts::None {
+                bail!("--cert-reqs {cert_reqs} asks for client certificates: it needs --certfile");
+            }
+            return Ok(None);
+        };
+        if client_certs != ClientCerts::None && ca_certs.is_none() {
+            bail!(
+                "--cert-reqs {cert_reqs} needs --ca-certs, the CAs client certificates are checked against"
+            );
+        }
+        Ok(Some(TlsFiles {
+            keyfile: keyfile.unwrap_or_else(|| certfile.clone()),
+            certfile,
+            ca_certs,
+            client_certs,
+        }))
+    }
+
+    pub fn files(&self) -> impl Iterator<Item = &PathBuf> {
+        [&self.certfile, &self.keyfile]
+            .into_iter()
+            .chain(self.ca_certs.as_ref())
+    }
 }
 
 impl Settings {
@@ -336,6 +412,7 @@ impl Settings {
             worker_tmp_dir: args.worker_tmp_dir.unwrap_or_else(default_worker_tmp_dir),
             pidfile: args.pidfile,
             env: args.env,
+            tls: TlsFiles::from_args(args.certfile, args.keyfile, args.ca_certs, args.cert_reqs)?,
             reload: args.reload,
             reload_extra_files: args.reload_extra_files,
             config_file: None,
