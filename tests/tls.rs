@@ -23,7 +23,7 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// A CA, and `name`.pem / `name`.key signed by it, for `subject_alt_name` if given.
+/// A self-signed CA: `ca`.pem and `ca`.key.
 fn make_ca(dir: &Path, ca: &str) {
     openssl(
         dir,
@@ -47,6 +47,7 @@ fn make_ca(dir: &Path, ca: &str) {
     );
 }
 
+/// `name`.pem and `name`.key, signed by `ca`, with the X.509 `extension` lines.
 fn make_signed(dir: &Path, ca: &str, name: &str, extension: &str) {
     openssl(
         dir,
@@ -157,6 +158,21 @@ impl TlsHost {
             .output()
             .expect("cannot run curl")
     }
+
+    /// curl over HTTPS with `extra` gets no answer.
+    fn refuses(&self, extra: &[&str], what: &str) {
+        let output = self.curl("https", extra);
+        assert!(!output.status.success(), "{what} was let in: {output:?}");
+    }
+
+    /// Clients refused at the handshake are their failures: nothing is logged as the host's.
+    fn assert_nothing_went_wrong(&self) {
+        let log = self.host.log();
+        assert!(
+            !log.contains("[WARNING]") && !log.contains("[ERROR]"),
+            "{log}"
+        );
+    }
 }
 
 fn info(output: &Output) -> Value {
@@ -204,10 +220,7 @@ fn https_is_served_and_the_guest_sees_https() {
         log.contains(&format!("Listening at: https://127.0.0.1:{}", tls.port)),
         "{log}"
     );
-    assert!(
-        !log.contains("[WARNING]") && !log.contains("[ERROR]"),
-        "{log}"
-    );
+    tls.assert_nothing_went_wrong();
 }
 
 #[test]
@@ -222,27 +235,14 @@ fn a_required_client_certificate_is_checked_against_the_ca() {
             "2",
         ],
     );
-    let without = tls.curl("https", &[]);
-    assert!(
-        !without.status.success(),
-        "no certificate was let in: {without:?}"
-    );
-    let stranger = tls.curl(
-        "https",
+    tls.refuses(&[], "no certificate");
+    tls.refuses(
         &["--cert", "stranger.pem", "--key", "stranger.key"],
-    );
-    assert!(
-        !stranger.status.success(),
-        "another CA's certificate was let in: {stranger:?}"
+        "another CA's certificate",
     );
     let answer = info(&tls.curl("https", &["--cert", "client.pem", "--key", "client.key"]));
     assert_eq!(answer["scheme"], "https");
-    // Refused handshakes are the clients' failures: nothing is logged as the host's.
-    let log = tls.host.log();
-    assert!(
-        !log.contains("[WARNING]") && !log.contains("[ERROR]"),
-        "{log}"
-    );
+    tls.assert_nothing_went_wrong();
 }
 
 #[test]
@@ -251,13 +251,9 @@ fn an_optional_client_certificate_may_be_left_out() {
     let ca = certs.path().join("ca.pem").to_string_lossy().into_owned();
     let tls = start(certs.path(), &["--ca-certs", &ca, "--cert-reqs", "1"]);
     assert_eq!(info(&tls.curl("https", &[]))["scheme"], "https");
-    let stranger = tls.curl(
-        "https",
+    tls.refuses(
         &["--cert", "stranger.pem", "--key", "stranger.key"],
-    );
-    assert!(
-        !stranger.status.success(),
-        "a certificate given is checked: {stranger:?}"
+        "a certificate of another CA, given",
     );
 }
 
