@@ -88,9 +88,15 @@ async fn untrusted_peer_loses_its_proxy_headers() {
             ("X-Forwarded-Proto", "https"),
             ("X-Forwarded-Host", "example.com"),
             ("X-Forwarded-For", "203.0.113.7"),
+            ("X-Forwarded-Prefix", "/evil"),
         ],
     )
     .await;
+    assert_eq!(
+        info.header("x-forwarded-prefix"),
+        None,
+        "a client set the path prefix (a WSGI app's SCRIPT_NAME)"
+    );
     assert_eq!(
         info.scheme, "http",
         "an untrusted X-Forwarded-Proto must not set the scheme"

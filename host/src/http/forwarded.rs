@@ -10,6 +10,7 @@ use hyper::header::{FORWARDED, HOST};
 use ipnet::IpNet;
 
 pub const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+pub const X_FORWARDED_PREFIX: &str = "x-forwarded-prefix";
 const X_FORWARDED_HOST: &str = "x-forwarded-host";
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
 
@@ -77,6 +78,9 @@ impl TrustedPeers {
             headers.remove(X_FORWARDED_HOST);
             headers.remove(X_FORWARDED_FOR);
             headers.remove(FORWARDED);
+            // The path prefix an app is mounted at (a WSGI app's SCRIPT_NAME): set by the host
+            // for a mounted app, by a trusted proxy otherwise, never by a client.
+            headers.remove(X_FORWARDED_PREFIX);
         }
         let https = trusted
             && headers

@@ -27,7 +27,7 @@ use crate::capabilities::{AppCapabilities, CapabilityView, RequestBounds};
 use crate::http::cut;
 use crate::http::drain::DrainedIfDropped;
 use crate::metrics::AppMetrics;
-use crate::runtime::guest_output::GuestOutput;
+use crate::runtime::guest_output::{GuestOutput, OutputSpan};
 use crate::runtime::kept::KeptInstances;
 use crate::runtime::memory_limiter::MemoryLimiter;
 use crate::runtime::outbound::OutboundClient;
@@ -730,10 +730,11 @@ impl Guest {
     fn new_store(&self) -> Store<GuestState> {
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_HOST_RESOURCES);
+        let output_span = OutputSpan::current();
         let state = GuestState {
             wasi: WasiCtxBuilder::new()
-                .stdout(GuestOutput::new("stdout"))
-                .stderr(GuestOutput::new("stderr"))
+                .stdout(GuestOutput::new("stdout", output_span.clone()))
+                .stderr(GuestOutput::new("stderr", output_span.clone()))
                 .envs(&self.env)
                 .build(),
             http: WasiHttpCtx::new(),
@@ -749,6 +750,7 @@ impl Guest {
             streams: Default::default(),
             slices: Default::default(),
             shared: Default::default(),
+            output_span,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
@@ -770,6 +772,8 @@ pub struct GuestState {
     slices: crate::runtime::engine::SliceWatch,
     /// The requests a shared p3 instance serves at once.
     shared: SharedRequests,
+    /// Where the guest's stdout and stderr are logged: under the request it serves.
+    output_span: OutputSpan,
 }
 
 #[derive(Default)]
@@ -807,6 +811,7 @@ pub fn watch_shared_deadlines(store: &mut Store<GuestState>) {
 impl GuestState {
     /// Readies the instance's state for a request that must be done by `deadline`.
     fn begin_request(&mut self, deadline: Option<Instant>) {
+        self.output_span.follow_current();
         self.hooks.deadline = deadline;
         self.slices = Default::default();
         self.limiter.forget_refusal();

@@ -2,10 +2,13 @@
 //! operator looks for them (gunicorn leaves an app's prints on the worker's stdout, unattributed).
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+
+use crate::lock::lock;
 
 /// A partial line longer than this is logged as it is.
 const LONGEST_LINE: usize = 8 * 1024;
@@ -13,16 +16,30 @@ const LONGEST_LINE: usize = 8 * 1024;
 #[derive(Clone)]
 pub struct GuestOutput {
     stream: &'static str,
-    span: tracing::Span,
+    span: OutputSpan,
+}
+
+/// The span an instance's output is logged in: the request it serves, set again as a kept
+/// instance takes its next request.
+#[derive(Clone)]
+pub struct OutputSpan(Arc<Mutex<tracing::Span>>);
+
+impl OutputSpan {
+    /// Starts in the current span.
+    pub fn current() -> OutputSpan {
+        OutputSpan(Arc::new(Mutex::new(tracing::Span::current())))
+    }
+
+    /// From now on, the output goes under the current span (the request now served).
+    pub fn follow_current(&self) {
+        *lock(&self.0) = tracing::Span::current();
+    }
 }
 
 impl GuestOutput {
-    /// `stream` is `stdout` or `stderr`; lines are logged in the current span (the request's).
-    pub fn new(stream: &'static str) -> GuestOutput {
-        GuestOutput {
-            stream,
-            span: tracing::Span::current(),
-        }
+    /// `stream` is `stdout` or `stderr`; lines are logged in `span`.
+    pub fn new(stream: &'static str, span: OutputSpan) -> GuestOutput {
+        GuestOutput { stream, span }
     }
 }
 
@@ -54,7 +71,8 @@ impl LineWriter {
             return;
         }
         let text = without_controls(text);
-        let _entered = self.output.span.enter();
+        let span = lock(&self.output.span.0).clone();
+        let _entered = span.enter();
         match self.output.stream {
             "stderr" => tracing::warn!("app stderr: {text}"),
             _ => tracing::info!("app stdout: {text}"),

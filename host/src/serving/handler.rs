@@ -28,7 +28,8 @@ use crate::serving::router::{self, Router};
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The path prefix an app is mounted at, which the host took off the path it sees.
-const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+const X_FORWARDED_PREFIX: HeaderName =
+    HeaderName::from_static(crate::http::forwarded::X_FORWARDED_PREFIX);
 
 /// One app as a worker serves it.
 pub struct ServedApp {
