@@ -404,3 +404,31 @@ async fn a_large_upload_is_read_as_a_stream() {
     assert_eq!(response.status().as_u16(), 200, "{}", host.log());
     assert_eq!(response.text().await.unwrap(), format!("{}\n", 20 << 20));
 }
+
+#[test]
+fn a_memory_limit_below_the_apps_start_is_refused_before_compiling_in_mib() {
+    let output = std::process::Command::new(blackbox::host_bin())
+        .args([
+            "serve",
+            &flask(),
+            "--memory-limit",
+            "16MiB",
+            "--check-config",
+        ])
+        .arg("--cache-dir")
+        .arg(blackbox::cache_dir())
+        .output()
+        .expect("run the host");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains("of linear memory, more than its --memory-limit of 16 MiB")
+            && stderr.contains("give it at least --memory-limit 25MiB"),
+        "{stderr}"
+    );
+    // Refused from the component's own sections: nothing compiled, no pooling message in hex.
+    assert!(
+        !stderr.contains("0x") && !stderr.contains("compiled"),
+        "{stderr}"
+    );
+}

@@ -222,6 +222,19 @@ fn pin_components(settings: &mut Settings) -> Result<()> {
     for app in &mut settings.apps {
         let version = compile_cache::version_of(&app.component)
             .map_err(|error| anyhow::anyhow!(Refusal::AppLoad(format!("{error:#}"))))?;
+        // Told before anything is compiled, in the flag's terms (the engine would refuse it
+        // later, in bytes of hex, per memory).
+        let limit = app.settings.memory_limit;
+        if version.initial_memory > limit {
+            return Err(anyhow::anyhow!(Refusal::AppLoad(format!(
+                "app `{}`: {} starts with {} of linear memory, more than its --memory-limit of {}: give it at least --memory-limit {}MiB",
+                app.name,
+                app.component.display(),
+                human_size(version.initial_memory),
+                human_size(limit),
+                version.initial_memory.div_ceil(1 << 20)
+            ))));
+        }
         app.version = Some(version);
     }
     Ok(())

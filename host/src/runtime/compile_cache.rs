@@ -46,6 +46,7 @@ pub fn version_of(path: &Path) -> Result<ComponentVersion> {
         digest: hex::encode(digest(&SHA256, &bytes)),
         // Not a component at all: refused when it is compiled, with the reason.
         serves_p3: crate::runtime::engine::exports_p3(&bytes).unwrap_or(true),
+        initial_memory: crate::runtime::engine::initial_memory(&bytes).unwrap_or(0),
     })
 }
 

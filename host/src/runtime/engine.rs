@@ -69,6 +69,22 @@ fn serves_p3(path: &std::path::Path) -> Result<bool> {
     exports_p3(&bytes)
 }
 
+/// The linear memory the component `bytes` hold once instantiated: the sum of the minimum sizes
+/// of the memories its core modules define, which its `--memory-limit` must cover.
+pub fn initial_memory(bytes: &[u8]) -> Result<u64> {
+    let mut total = 0u64;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        if let wasmparser::Payload::MemorySection(memories) = payload? {
+            for memory in memories {
+                let memory = memory?;
+                let page = memory.page_size_log2.map_or(64 * 1024, |log2| 1u64 << log2);
+                total = total.saturating_add(memory.initial.saturating_mul(page));
+            }
+        }
+    }
+    Ok(total)
+}
+
 /// Whether the component `bytes` export `wasi:http/handler@0.3`.
 pub fn exports_p3(bytes: &[u8]) -> Result<bool> {
     // The payloads of nested modules and components come between their section and its end.

@@ -408,6 +408,8 @@ pub struct ComponentVersion {
     pub digest: String,
     /// Whether it is a WASIp3 component, which the engine is configured for.
     pub serves_p3: bool,
+    /// Bytes of linear memory it starts with (`engine::initial_memory`).
+    pub initial_memory: u64,
 }
 
 /// One app, as its workers serve it.
