@@ -54,9 +54,9 @@ fn read_component(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read the component {}", path.display()))
 }
 
-/// The component at `component_path`, compiled, from the cache if it holds it. With `digest`,
-/// the version of that SHA-256: taken from the cache without reading the file, and refused if
-/// it must be compiled and the file no longer holds it.
+/// The component at `component_path`, compiled, from the cache if it holds it. With
+/// `digest_wanted`, the version of that SHA-256: taken from the cache without reading the file,
+/// and refused if it must be compiled and the file no longer holds it.
 pub fn load_component(
     engine: &Engine,
     component_path: &Path,
@@ -72,7 +72,7 @@ pub fn load_component(
         }
         Ok((bytes, found))
     };
-    let (mut bytes, component_digest) = match digest_wanted {
+    let (bytes, component_digest) = match digest_wanted {
         Some(wanted) => (None, wanted.to_owned()),
         None => {
             let (bytes, found) = read()?;
@@ -93,7 +93,7 @@ pub fn load_component(
             ),
         }
     }
-    let bytes = match bytes.take() {
+    let bytes = match bytes {
         Some(bytes) => bytes,
         None => read()?.0,
     };
