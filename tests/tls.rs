@@ -23,49 +23,39 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// A new P-256 key `name`.key and, for the subject `name`, a certificate request in `out`, or
+/// with `self_signed` a self-signed certificate there.
+fn key_and_request(dir: &Path, name: &str, out: &str, self_signed: bool) {
+    let key = format!("{name}.key");
+    let subject = format!("/CN={name}");
+    let mut args = vec!["req"];
+    if self_signed {
+        args.extend(["-x509", "-days", "2"]);
+    }
+    args.extend([
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &key,
+        "-out",
+        out,
+        "-subj",
+        &subject,
+    ]);
+    openssl(dir, &args);
+}
+
 /// A self-signed CA: `ca`.pem and `ca`.key.
 fn make_ca(dir: &Path, ca: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{ca}.key"),
-            "-out",
-            &format!("{ca}.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={ca}"),
-        ],
-    );
+    key_and_request(dir, ca, &format!("{ca}.pem"), true);
 }
 
 /// `name`.pem and `name`.key, signed by `ca`, with the X.509 `extension` lines.
 fn make_signed(dir: &Path, ca: &str, name: &str, extension: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    );
+    key_and_request(dir, name, &format!("{name}.csr"), false);
     std::fs::write(dir.join(format!("{name}.ext")), extension).unwrap();
     openssl(
         dir,
@@ -294,4 +284,30 @@ fn bad_tls_settings_are_refused_at_start_with_the_flag_named() {
         ],
         "--ca-certs",
     );
+}
+
+#[test]
+fn a_client_that_never_finishes_its_handshake_is_dropped_and_holds_up_no_one() {
+    use std::io::Read;
+    let certs = certificates();
+    let tls = start(certs.path(), &[]);
+    let mut silent = std::net::TcpStream::connect(("127.0.0.1", tls.port)).unwrap();
+    silent
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let opened = std::time::Instant::now();
+    // A neighbour is served while the silent client waits.
+    assert_eq!(info(&tls.curl("https", &[]))["scheme"], "https");
+    let mut byte = [0u8; 1];
+    let read = silent.read(&mut byte);
+    let held = opened.elapsed();
+    assert!(
+        matches!(read, Ok(0) | Err(_)) && held < std::time::Duration::from_secs(15),
+        "the silent client was still connected after {held:?}: {read:?}"
+    );
+    assert!(
+        held >= std::time::Duration::from_secs(9),
+        "dropped after {held:?}, before the handshake timeout (10 s)"
+    );
+    tls.assert_nothing_went_wrong();
 }
