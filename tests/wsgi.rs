@@ -18,6 +18,28 @@ fn flask() -> String {
     python_guest("wsgi-flask")
 }
 
+/// The Flask app on fresh instances, under `MEMORY_LIMIT`.
+fn start_flask() -> HostProcess {
+    HostProcess::start(&flask(), &["--memory-limit", MEMORY_LIMIT])
+}
+
+/// `GET path`: its response (its head read) and its request id.
+async fn get(host: &HostProcess, path: &str) -> (reqwest::Response, String) {
+    let response = http_client()
+        .get(host.url(path))
+        .send()
+        .await
+        .unwrap_or_else(|error| panic!("GET {path}: {error}"));
+    let id = request_id(&response);
+    (response, id)
+}
+
+/// The traceback of `route`'s own exception, logged under the request `id`.
+fn assert_traceback_logged(host: &HostProcess, id: &str, route: &str) {
+    let raised = format!("RuntimeError: the {route} route fails on purpose");
+    assert_logged_under(host, id, &["Traceback (most recent call last):", &raised]);
+}
+
 fn request_id(response: &reqwest::Response) -> String {
     response.headers()["x-request-id"]
         .to_str()
@@ -55,7 +77,7 @@ async fn environ(host: &HostProcess, request: reqwest::RequestBuilder) -> Value 
 
 #[tokio::test]
 async fn a_flask_app_answers_within_32_mib() {
-    let host = HostProcess::start(&flask(), &["--memory-limit", MEMORY_LIMIT]);
+    let host = start_flask();
     let response = http_client().get(host.url("/")).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 200);
     assert_eq!(
@@ -72,7 +94,7 @@ async fn a_flask_app_answers_within_32_mib() {
 
 #[tokio::test]
 async fn the_environ_says_what_the_request_and_the_proxy_rules_say() {
-    let host = HostProcess::start(&flask(), &["--memory-limit", MEMORY_LIMIT]);
+    let host = start_flask();
     let odd = reqwest::header::HeaderValue::from_bytes(b"caf\xe9").unwrap();
     let seen = environ(
         &host,
@@ -209,7 +231,7 @@ async fn a_64_mib_download_arrives_whole() {
 #[ignore = "componentize-py 0.25.1 never frees a byte string passed to a wasi:io write \
             (its runtime's maybe_pop_list), so a response costs its size in guest memory"]
 async fn a_64_mib_download_streams_within_a_32_mib_memory_limit() {
-    let host = HostProcess::start(&flask(), &["--memory-limit", MEMORY_LIMIT]);
+    let host = start_flask();
     assert_downloads_64_mib(&host).await;
 }
 
@@ -230,9 +252,8 @@ async fn assert_downloads_64_mib(host: &HostProcess) {
 
 #[tokio::test]
 async fn an_exception_in_a_view_is_flasks_500_with_the_traceback_under_the_request_id() {
-    let host = HostProcess::start(&flask(), &["--memory-limit", MEMORY_LIMIT]);
-    let response = http_client().get(host.url("/fail")).send().await.unwrap();
-    let id = request_id(&response);
+    let host = start_flask();
+    let (response, id) = get(&host, "/fail").await;
     assert_eq!(response.status().as_u16(), 500);
     assert!(
         response
@@ -242,48 +263,24 @@ async fn an_exception_in_a_view_is_flasks_500_with_the_traceback_under_the_reque
             .contains("<h1>Internal Server Error</h1>")
     );
     // Flask logs it to wsgi.errors.
-    assert_logged_under(
-        &host,
-        &id,
-        &[
-            "Traceback (most recent call last):",
-            "RuntimeError: the /fail route fails on purpose",
-        ],
-    );
+    assert_traceback_logged(&host, &id, "/fail");
 }
 
 #[tokio::test]
 async fn an_exception_out_of_the_app_is_the_hosts_500_with_the_traceback_under_the_request_id() {
-    let host = HostProcess::start(&flask(), &["--memory-limit", MEMORY_LIMIT]);
+    let host = start_flask();
     // The streamed body fails before its first chunk, outside Flask's error handling.
-    let response = http_client()
-        .get(host.url("/fail-before-body"))
-        .send()
-        .await
-        .unwrap();
-    let id = request_id(&response);
+    let (response, id) = get(&host, "/fail-before-body").await;
     assert_eq!(response.status().as_u16(), 500);
     let body = response.text().await.unwrap();
     assert!(body.starts_with("the app failed"), "{body}");
-    assert_logged_under(
-        &host,
-        &id,
-        &[
-            "Traceback (most recent call last):",
-            "RuntimeError: the /fail-before-body route fails on purpose",
-        ],
-    );
+    assert_traceback_logged(&host, &id, "/fail-before-body");
 }
 
 #[tokio::test]
 async fn an_exception_midway_through_the_body_cuts_the_response() {
-    let host = HostProcess::start(&flask(), &["--memory-limit", MEMORY_LIMIT]);
-    let response = http_client()
-        .get(host.url("/fail-midway"))
-        .send()
-        .await
-        .expect("the head arrives");
-    let id = request_id(&response);
+    let host = start_flask();
+    let (response, id) = get(&host, "/fail-midway").await;
     assert_eq!(response.status().as_u16(), 200);
     assert!(
         response.bytes().await.is_err(),
@@ -324,7 +321,7 @@ async fn close_is_called_on_the_response_iterable() {
 
 #[tokio::test]
 async fn start_response_takes_exc_info_until_the_body_begins_and_write_sends_at_once() {
-    let host = HostProcess::start(&flask(), &["--memory-limit", MEMORY_LIMIT]);
+    let host = start_flask();
     assert_eq!(
         get_text(&host, "/raw/write").await,
         (200, "written, then returned\n".to_owned())
@@ -362,8 +359,7 @@ async fn wsgi_errors_is_logged_under_the_request_id() {
         ],
     );
     for _ in 0..3 {
-        let response = http_client().get(host.url("/errors")).send().await.unwrap();
-        let id = request_id(&response);
+        let (response, id) = get(&host, "/errors").await;
         assert_eq!(response.text().await.unwrap(), "written\n");
         assert_logged_under(&host, &id, &["a line for wsgi.errors from /errors"]);
     }
@@ -393,7 +389,7 @@ fn the_build_refuses_a_requirement_with_a_c_extension_by_name() {
 #[tokio::test]
 async fn a_large_upload_is_read_as_a_stream() {
     // 20 MiB in, its length back: what the app reads is never held whole.
-    let host = HostProcess::start(&flask(), &["--memory-limit", MEMORY_LIMIT]);
+    let host = start_flask();
     let body = random_bytes(20 << 20, 3);
     let response = http_client()
         .post(host.url("/count"))
