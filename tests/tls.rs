@@ -139,9 +139,14 @@ fn start(certs: &Path, extra: &[&str]) -> TlsHost {
 impl TlsHost {
     /// curl to `scheme://127.0.0.1:port/info`, trusting the test CA, with `extra` arguments.
     fn curl(&self, scheme: &str, extra: &[&str]) -> Output {
+        self.curl_trusting("ca.pem", scheme, extra)
+    }
+
+    /// curl to `scheme://127.0.0.1:port/info`, trusting only the CA in `ca`.
+    fn curl_trusting(&self, ca: &str, scheme: &str, extra: &[&str]) -> Output {
         Command::new("curl")
             .args(["--silent", "--show-error", "--max-time", "10", "--cacert"])
-            .arg(self.certs.join("ca.pem"))
+            .arg(self.certs.join(ca))
             .args(extra)
             .arg(format!("{scheme}://127.0.0.1:{}/info", self.port))
             .current_dir(&self.certs)
@@ -308,6 +313,37 @@ fn a_client_that_never_finishes_its_handshake_is_dropped_and_holds_up_no_one() {
     assert!(
         held >= std::time::Duration::from_secs(9),
         "dropped after {held:?}, before the handshake timeout (10 s)"
+    );
+    tls.assert_nothing_went_wrong();
+}
+
+#[test]
+fn hup_serves_a_renewed_certificate() {
+    let certs = certificates();
+    let tls = start(certs.path(), &[]);
+    // A certificate from another CA put in place of the served one, as a renewal does.
+    make_ca(certs.path(), "renewed-ca");
+    make_signed(
+        certs.path(),
+        "renewed-ca",
+        "renewed",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    );
+    for (from, to) in [("renewed.pem", "server.pem"), ("renewed.key", "server.key")] {
+        std::fs::copy(certs.path().join(from), certs.path().join(to)).unwrap();
+    }
+    let renewed = || tls.curl_trusting("renewed-ca.pem", "https", &[]);
+    assert!(!renewed().status.success(), "served before the HUP");
+    tls.host.signal(libc::SIGHUP);
+    let served = blackbox::poll_until(
+        std::time::Duration::from_secs(20),
+        std::time::Duration::from_millis(100),
+        || renewed().status.success().then_some(()),
+    );
+    assert!(
+        served.is_some(),
+        "the renewed certificate was not served after HUP:\n{}",
+        tls.host.log()
     );
     tls.assert_nothing_went_wrong();
 }
