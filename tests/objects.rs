@@ -500,6 +500,69 @@ async fn leftovers_of_a_stopped_host_are_removed_at_start() {
     assert_eq!(status, 200, "the store no longer writes: {answer}");
 }
 
+/// A worker killed while it receives a part leaves the part half-written in its own directory
+/// of the store's `tmp/`; the master removes that as it reaps the worker, not at the host's next
+/// start, and the replacement worker stores parts.
+#[tokio::test]
+async fn a_killed_workers_half_written_part_is_removed_when_it_is_reaped() {
+    use std::io::Write;
+    let mut services = Services::start(Backends::SqliteLocal);
+    let probe = AppHost::start(&mut services, "probe", "killed-mid-part", &[]);
+    let upload = create(&probe, "k").await;
+    let mut client = std::net::TcpStream::connect(probe.host.addr()).unwrap();
+    let head = format!(
+        "PUT /objects/part?key=k&upload_id={upload}&part=1 HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+        8 * MIB
+    );
+    client.write_all(head.as_bytes()).unwrap();
+    client.write_all(&random_bytes(4 * MIB, 9)).unwrap();
+    let tmp = probe
+        .host_data_dir()
+        .join(format!("apps/{}/tmp", probe.app.app));
+    let file_of_a_worker = |dir: &std::path::Path| -> Option<(u32, std::path::PathBuf)> {
+        for worker in std::fs::read_dir(dir).ok()?.flatten() {
+            let pid = worker.file_name().to_str()?.parse().ok()?;
+            for file in std::fs::read_dir(worker.path()).ok()?.flatten() {
+                if file.metadata().ok()?.len() > 0 {
+                    return Some((pid, worker.path()));
+                }
+            }
+        }
+        None
+    };
+    let (pid, worker_dir) = blackbox::poll_until(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(20),
+        || file_of_a_worker(&tmp),
+    )
+    .expect("no part was being written under the store's tmp/<worker pid>/");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let removed = blackbox::poll_until(
+        std::time::Duration::from_secs(5),
+        std::time::Duration::from_millis(20),
+        || (!worker_dir.exists()).then_some(()),
+    );
+    assert!(
+        removed.is_some(),
+        "{} is still there after its worker was killed",
+        worker_dir.display()
+    );
+    drop(client);
+    // A new connection: the client's kept one went with the killed worker.
+    let response = blackbox::http_client()
+        .put(
+            probe
+                .host
+                .url(&format!("/objects/part?key=k&upload_id={upload}&part=1")),
+        )
+        .body(random_bytes(MIB, 10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
 /// An S3 part is buffered whole for retries; with every part beyond `--part-buffer` and
 /// `--spill-limit` smaller than a part, the part is refused at once with an answer that says
 /// why, and a part that fits is stored.

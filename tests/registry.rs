@@ -391,3 +391,89 @@ async fn finish_refuses_part_numbers_beyond_s3s_sqlite_local() {
 async fn finish_refuses_part_numbers_beyond_s3s_postgres_s3() {
     finish_refuses_part_numbers_beyond_s3s(Backends::PostgresS3).await;
 }
+
+/// An upload no part reaches for `--upload-expiry` is removed as an S3 lifecycle rule would
+/// remove it, on both stores: its stored parts, the store's upload and its registry entry. An
+/// upload that keeps receiving parts stays, and so does a finished entry.
+async fn abandoned_uploads_expire(backends: Backends) {
+    let mut services = Services::start(backends);
+    let probe = AppHost::start(&mut services, "probe", "expiry", &["--upload-expiry", "3"]);
+    let mac = key_id(&probe).await;
+    let enc = key_id(&probe).await;
+    let mut uploads = Vec::new();
+    for key in ["abandoned", "active", "done"] {
+        let (status, answer) = probe
+            .call("POST", &format!("/objects/multipart?key={key}"), "")
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        let path = format!("/registry/begin?name={key}&key_id={mac}");
+        assert_eq!(probe.call("POST", &path, "").await.0, 200);
+        let upload = Upload {
+            probe: &probe,
+            key: key.to_owned(),
+            upload: answer["upload_id"].as_str().unwrap().to_owned(),
+            enc: enc.clone(),
+        };
+        assert_eq!(upload.part(1, b"first").await.0, 200);
+        uploads.push(upload);
+    }
+    let [abandoned, active, done] = &uploads[..] else {
+        unreachable!()
+    };
+    let finish = format!(
+        "/registry/finish?key=done&upload_id={}&name=done",
+        done.upload
+    );
+    let (status, answer) = probe.call("POST", &finish, "").await;
+    assert_eq!(status, 200, "{answer}");
+    let tag = answer["tag"].clone();
+
+    // Past the expiry and the sweep's interval, the active upload gets a part every second.
+    for number in 2..=8 {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert_eq!(active.part(number, b"more").await.0, 200);
+    }
+    let parts = |upload: &Upload| {
+        format!(
+            "/objects/parts?key={}&upload_id={}",
+            upload.key, upload.upload
+        )
+    };
+    let (status, answer) = probe.call("GET", &parts(abandoned), "").await;
+    assert_eq!(status, 404, "the abandoned upload is still there: {answer}");
+    let (status, answer) = probe
+        .call("GET", "/registry/parts?name=abandoned", "")
+        .await;
+    assert_eq!(status, 404, "its registry entry is still there: {answer}");
+    let (status, answer) = probe.call("GET", &parts(active), "").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer.as_array().map(Vec::len), Some(8), "{answer}");
+    let (status, answer) = probe.call("GET", "/registry/parts?name=active", "").await;
+    assert_eq!(
+        answer.as_array().map(Vec::len),
+        Some(8),
+        "{status} {answer}"
+    );
+    let (status, answer) = probe.call("GET", "/registry/tag?name=done", "").await;
+    assert_eq!((status, &answer["tag"]), (200, &tag), "{answer}");
+    if let Some(s3) = &services.s3 {
+        let left = s3.uploads();
+        assert!(
+            !left.iter().any(|key| key.ends_with("/abandoned")),
+            "S3 still holds the upload: {left:?}"
+        );
+    }
+    let log = probe.host.log();
+    assert!(log.contains("aborted 1 upload(s)"), "{log}");
+    assert!(!log.contains("[WARNING]"), "{log}");
+}
+
+#[tokio::test]
+async fn abandoned_uploads_expire_sqlite_local() {
+    abandoned_uploads_expire(Backends::SqliteLocal).await;
+}
+
+#[tokio::test]
+async fn abandoned_uploads_expire_postgres_s3() {
+    abandoned_uploads_expire(Backends::PostgresS3).await;
+}

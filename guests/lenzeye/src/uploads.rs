@@ -150,6 +150,8 @@ pub fn registry_refusal(error: RegistryError) -> Refusal {
         RegistryError::MissingParts(parts) => {
             Refusal::with(409, "parts are missing", json!({"missing_parts": parts}))
         }
+        // The host discarded it: the upload was abandoned past --upload-expiry.
+        RegistryError::UnknownEntry => Refusal::new(404, "the registry no longer has this upload"),
         other => Refusal::new(500, format!("the HMAC registry refused: {other:?}")),
     }
 }

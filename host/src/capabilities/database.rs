@@ -170,6 +170,7 @@ impl HostDatabase {
                                 name TEXT NOT NULL,
                                 key_id TEXT NOT NULL,
                                 tag TEXT,
+                                touched BIGINT,
                                 PRIMARY KEY (app, name)
                             );
                             CREATE TABLE IF NOT EXISTS hmac_parts (
@@ -183,6 +184,22 @@ impl HostDatabase {
                             );"
                     ))))
                     .await?;
+                // Tables made before entries had a time of last use (seconds since the epoch:
+                // abandoned ones are discarded after `--upload-expiry`).
+                let has_touched: i64 = sqlx::query_scalar(if self.is_postgres() {
+                    "SELECT COUNT(*) FROM information_schema.columns \
+                     WHERE table_schema = 'host_state' AND table_name = 'hmac_entries' \
+                     AND column_name = 'touched'"
+                } else {
+                    "SELECT COUNT(*) FROM pragma_table_info('hmac_entries') WHERE name = 'touched'"
+                })
+                .fetch_one(&mut *transaction)
+                .await?;
+                if has_touched == 0 {
+                    transaction
+                        .execute("ALTER TABLE hmac_entries ADD COLUMN touched BIGINT")
+                        .await?;
+                }
                 transaction.commit().await?;
                 Ok::<(), sqlx::Error>(())
             })

@@ -7,6 +7,7 @@
 //!     tag         = HMAC-SHA256(K, "host-hmac-v1" || u32be(count) || Σ u64be(size(n)) || part-mac(n))
 
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use anyhow::anyhow;
 use aws_lc_rs::hmac;
@@ -149,11 +150,12 @@ impl Registry {
         self.mac_for(key_id)?;
         let pool = self.database.pool().await?;
         sqlx::query(
-            "INSERT INTO hmac_entries (app, name, key_id) VALUES ($1, $2, $3) ON CONFLICT (app, name) DO NOTHING",
+            "INSERT INTO hmac_entries (app, name, key_id, touched) VALUES ($1, $2, $3, $4) ON CONFLICT (app, name) DO NOTHING",
         )
         .bind(&self.app)
         .bind(name)
         .bind(key_id)
+        .bind(unix_seconds(SystemTime::now()))
         .execute(pool)
         .await?;
         let (existing, _) = self.entry(name).await?;
@@ -217,6 +219,12 @@ impl Registry {
         .bind(etag)
         .execute(&mut *transaction)
         .await?;
+        sqlx::query("UPDATE hmac_entries SET touched = $3 WHERE app = $1 AND name = $2")
+            .bind(&self.app)
+            .bind(name)
+            .bind(unix_seconds(SystemTime::now()))
+            .execute(&mut *transaction)
+            .await?;
         transaction.commit().await?;
         Ok(Part {
             number,
@@ -391,6 +399,36 @@ impl Registry {
         transaction.commit().await?;
         Ok(())
     }
+}
+
+impl Registry {
+    /// Discards the unfinished entries not begun nor given a part since `cutoff` (those of
+    /// abandoned uploads); returns how many. Entries made before entries had a time count from
+    /// the first time this runs.
+    pub async fn discard_idle(&self, cutoff: SystemTime) -> RegistryResult<usize> {
+        let pool = self.database.pool().await?;
+        sqlx::query("UPDATE hmac_entries SET touched = $2 WHERE app = $1 AND touched IS NULL")
+            .bind(&self.app)
+            .bind(unix_seconds(SystemTime::now()))
+            .execute(pool)
+            .await?;
+        let idle: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM hmac_entries WHERE app = $1 AND tag IS NULL AND touched < $2",
+        )
+        .bind(&self.app)
+        .bind(unix_seconds(cutoff))
+        .fetch_all(pool)
+        .await?;
+        for name in &idle {
+            self.discard(name).await?;
+        }
+        Ok(idle.len())
+    }
+}
+
+fn unix_seconds(time: SystemTime) -> i64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs() as i64)
 }
 
 /// The stored parts the guest names, by number: each number within S3's 1..=10000 and named

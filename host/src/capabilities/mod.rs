@@ -4,6 +4,7 @@
 
 pub mod crypto;
 pub mod database;
+pub mod expiry;
 pub mod hmac_registry;
 pub mod host_semaphores;
 pub mod objects;
@@ -15,6 +16,7 @@ pub(crate) mod streams;
 mod tests;
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -129,31 +131,54 @@ pub fn check_grants(
     Ok(())
 }
 
-/// Removes what a host that stopped (or crashed) left half-written: part buffers' spill files
-/// (`<data-dir>/tmp`) and each local store's `tmp/`. Run by the master before any worker
-/// starts, so no file of this host is in use; the directories are made again by the workers.
-pub fn remove_leftovers(settings: &Settings) -> Result<()> {
-    let mut directories = vec![part_buffer::spill_dir(&settings.data_dir)];
+/// The directories the host writes half-done files in: part buffers' spill files
+/// (`<data-dir>/tmp`) and each local store's `tmp/`. Each process writes in a subdirectory of
+/// its own (`scratch_dir`), so what a worker killed mid-write leaves is found by its pid.
+fn scratch_roots(settings: &Settings) -> Vec<PathBuf> {
+    let mut roots = vec![part_buffer::spill_dir(&settings.data_dir)];
     for app in &settings.apps {
         if let objects::Storage::Local(root) = &app.settings.storage {
             let root = root
                 .clone()
                 .unwrap_or_else(|| settings.data_dir.join("apps"));
-            directories.push(objects::LocalStore::tmp_dir(&root.join(&app.name)));
+            roots.push(objects::LocalStore::tmp_dir(&root.join(&app.name)));
         }
     }
-    for directory in directories {
-        match std::fs::remove_dir_all(&directory) {
-            Ok(()) => tracing::debug!("removed the leftovers in {}", directory.display()),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => {
-                return Err(error).with_context(|| {
-                    format!("cannot remove the leftovers in {}", directory.display())
-                });
-            }
+    roots
+}
+
+/// This process's own subdirectory of a scratch root.
+pub fn scratch_dir(root: &Path) -> PathBuf {
+    root.join(std::process::id().to_string())
+}
+
+/// Removes what a host that stopped (or crashed) left half-written, in every scratch root. Run
+/// by the master before any worker starts, so no file of this host is in use; the directories
+/// are made again by the workers.
+pub fn remove_leftovers(settings: &Settings) -> Result<()> {
+    scratch_roots(settings)
+        .iter()
+        .try_for_each(|directory| remove_dir(directory))
+}
+
+/// Removes what the worker `pid`, which has exited, left half-written (a part it was receiving
+/// when it was killed, say), so such files do not wait for the next start of the host.
+pub fn remove_leftovers_of(settings: &Settings, pid: u32) -> Result<()> {
+    scratch_roots(settings)
+        .iter()
+        .try_for_each(|root| remove_dir(&root.join(pid.to_string())))
+}
+
+fn remove_dir(directory: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(directory) {
+        Ok(()) => {
+            tracing::debug!("removed the leftovers in {}", directory.display());
+            Ok(())
         }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(error)
+            .with_context(|| format!("cannot remove the leftovers in {}", directory.display())),
     }
-    Ok(())
 }
 
 /// An app's share, in a worker, of the host-wide part buffers: of the `--encrypt-concurrency`
@@ -208,7 +233,7 @@ impl AppCapabilities {
         let crypto = crypto::for_app(settings, master_key, semaphores, &app);
         let backend = Backend::of(settings, app_settings.settings.database_url.as_deref())?;
         let host_database = host_databases.of(&backend).await?;
-        let spill_dir = part_buffer::spill_dir(&settings.data_dir);
+        let spill_dir = scratch_dir(&part_buffer::spill_dir(&settings.data_dir));
         part_buffer::make_spill_dir(&spill_dir).await?;
         let (memory_share, spill_share_mib) = part_buffer_shares(settings);
         let buffers = part_buffer::PartBuffers::new(

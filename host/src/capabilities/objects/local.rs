@@ -4,7 +4,7 @@
 //! <root>/objects/<segment>/…/<segment>.o     an object: each key segment percent-encoded
 //! <root>/uploads/<upload id>/key             the key of an upload in progress
 //! <root>/uploads/<upload id>/<n>.<etag>.part a stored part
-//! <root>/tmp/                                files being written
+//! <root>/tmp/<pid>/                          files being written, by each process
 //! ```
 //!
 //! Encoding every `.` in a segment keeps the `.o` suffix unambiguous, so `a` and `a/b` can both
@@ -14,7 +14,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -32,7 +32,7 @@ const MAX_FILE_NAME: usize = 255;
 
 pub struct LocalStore {
     root: PathBuf,
-    /// `<root>/tmp`, made with the store.
+    /// This process's directory under `<root>/tmp`, made with the store.
     tmp: PathBuf,
 }
 
@@ -43,7 +43,7 @@ fn unavailable(what: &str, error: impl std::fmt::Display) -> ObjectError {
 impl LocalStore {
     /// The store at `root`, with its `tmp/` made now rather than on every write.
     pub async fn new(root: PathBuf) -> anyhow::Result<LocalStore> {
-        let tmp = LocalStore::tmp_dir(&root);
+        let tmp = crate::capabilities::scratch_dir(&LocalStore::tmp_dir(&root));
         crate::private_fs::create_dir_all_async(&tmp)
             .await
             .with_context(|| format!("cannot create {}", tmp.display()))?;
@@ -242,6 +242,37 @@ impl LocalStore {
         tokio::fs::remove_dir_all(&dir)
             .await
             .map_err(|e| unavailable("cannot remove the upload", e))
+    }
+
+    /// The uploads (key, upload id) with no activity since `cutoff`: their directory, which
+    /// every stored part is renamed into, last changed before it.
+    pub async fn idle_uploads(&self, cutoff: SystemTime) -> ObjectResult<Vec<(String, String)>> {
+        let failed = |e| unavailable("cannot list the uploads", e);
+        let mut entries = match tokio::fs::read_dir(self.root.join("uploads")).await {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(error) => return Err(failed(error)),
+        };
+        let mut idle = Vec::new();
+        while let Some(entry) = entries.next_entry().await.map_err(failed)? {
+            let changed = match entry.metadata().await {
+                Ok(metadata) => metadata.modified().map_err(failed)?,
+                // Completed or aborted since the directory was read.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(failed(error)),
+            };
+            if changed >= cutoff {
+                continue;
+            }
+            let upload_id = entry.file_name().to_string_lossy().into_owned();
+            match tokio::fs::read_to_string(entry.path().join("key")).await {
+                Ok(key) => idle.push((key, upload_id)),
+                // An upload being created (its key not yet in place) or just removed.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(failed(error)),
+            }
+        }
+        Ok(idle)
     }
 
     pub async fn put(&self, key: &str, data: Vec<u8>) -> ObjectResult<ObjectInfo> {

@@ -127,6 +127,23 @@ impl ObjectStore {
     }
 }
 
+impl ObjectStore {
+    /// Aborts the uploads with no activity since `cutoff`, as an S3 lifecycle rule would;
+    /// returns how many. An upload completed or aborted meanwhile is not counted.
+    pub async fn abort_idle_uploads(&self, cutoff: std::time::SystemTime) -> ObjectResult<usize> {
+        let idle = on_store!(self, store => store.idle_uploads(cutoff).await)?;
+        let mut aborted = 0;
+        for (key, upload_id) in idle {
+            match on_store!(self, store => store.abort_multipart(&key, &upload_id).await) {
+                Ok(()) => aborted += 1,
+                Err(ObjectError::NoSuchUpload) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(aborted)
+    }
+}
+
 /// The app's object store, as the settings say.
 pub async fn for_app(
     storage: &Storage,

@@ -7,7 +7,7 @@
 //! before the request to S3 begins.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Result;
 use aws_config::BehaviorVersion;
@@ -346,6 +346,91 @@ impl S3Store {
             }
         }
         Ok(())
+    }
+
+    /// The uploads of the app (key, upload id) with no activity since `cutoff`: started before
+    /// it, and no part stored after it.
+    pub async fn idle_uploads(&self, cutoff: SystemTime) -> ObjectResult<Vec<(String, String)>> {
+        let cutoff = aws_sdk_s3::primitives::DateTime::from(cutoff);
+        let mut idle = Vec::new();
+        let (mut key_marker, mut upload_marker) = (None::<String>, None::<String>);
+        loop {
+            let page = {
+                let _permit = self.permit().await;
+                self.client
+                    .list_multipart_uploads()
+                    .bucket(&self.bucket)
+                    .prefix(&self.app_prefix)
+                    .set_key_marker(key_marker.clone())
+                    .set_upload_id_marker(upload_marker.clone())
+                    .send()
+                    .await
+                    .map_err(|e| failure("list multipart uploads", e))?
+            };
+            for upload in page.uploads() {
+                let (Some(full_key), Some(s3_upload_id)) = (upload.key(), upload.upload_id())
+                else {
+                    continue;
+                };
+                let Some(key) = full_key.strip_prefix(&self.app_prefix) else {
+                    continue;
+                };
+                if upload
+                    .initiated()
+                    .is_some_and(|started| started.secs() < cutoff.secs())
+                {
+                    idle.push((key.to_owned(), self.seal(key, s3_upload_id)));
+                }
+            }
+            match page.is_truncated() {
+                Some(true) => {
+                    key_marker = page.next_key_marker().map(str::to_owned);
+                    upload_marker = page.next_upload_id_marker().map(str::to_owned);
+                    if key_marker.is_none() {
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+        // Started before the cutoff, but a part may have come since.
+        let mut quiet = Vec::new();
+        for (key, upload_id) in idle {
+            match self.last_part_stored(&key, &upload_id).await {
+                Ok(latest) if latest < Some(cutoff.secs()) => quiet.push((key, upload_id)),
+                Ok(_) | Err(ObjectError::NoSuchUpload) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(quiet)
+    }
+
+    /// When the upload's latest part was stored (seconds since the epoch), if it has any.
+    async fn last_part_stored(&self, key: &str, upload_id: &str) -> ObjectResult<Option<i64>> {
+        let s3_upload_id = self.unseal(key, upload_id)?;
+        let _permit = self.permit().await;
+        let mut latest = None;
+        let mut marker: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_parts()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .upload_id(s3_upload_id)
+                .set_part_number_marker(marker.clone())
+                .send()
+                .await
+                .map_err(|e| failure("list parts", e))?;
+            for part in page.parts() {
+                latest = latest.max(part.last_modified().map(|time| time.secs()));
+            }
+            match (page.is_truncated(), page.next_part_number_marker()) {
+                (Some(true), Some(next)) => marker = Some(next.to_owned()),
+                _ => break,
+            }
+        }
+        Ok(latest)
     }
 
     pub async fn put(&self, key: &str, data: Vec<u8>) -> ObjectResult<ObjectInfo> {
