@@ -37,6 +37,8 @@ const SECONDS: &[&str] = &[
     "outbound_connect_timeout",
     "outbound_timeout",
     "database_timeout",
+    "upload_expiry",
+    "idle_recycle",
 ];
 const SIZES: &[&str] = &[
     "limit_request_body",

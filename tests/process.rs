@@ -855,3 +855,77 @@ fn the_example_config_files_are_valid() {
     assert_eq!(dns_proxy["threads"].as_integer(), Some(4));
     assert_eq!(dns_proxy["worker_class"].as_str(), Some("gthread"));
 }
+
+/// A worker's private resident memory (`RssAnon`), in bytes.
+fn private_memory(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("RssAnon:"))
+        .and_then(|value| value.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib << 10)
+}
+
+/// A burst leaves a worker holding the pool slots and allocator pages it grew into; once no
+/// connection has been open for `--idle-recycle`, the worker is replaced by a fresh one that
+/// holds what the first held at its start, and serves. With `--idle-recycle 0` it stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_grown_by_a_burst_is_replaced_once_quiet() {
+    const MIB: u64 = 1 << 20;
+    for (idle_recycle, replaced) in [("1", true), ("0", false)] {
+        let host = HostProcess::start(
+            &guest("faults"),
+            &["--threads", "6", "--idle-recycle", idle_recycle],
+        );
+        let pid = *wait_for_workers(&host, 1, Duration::from_secs(10))
+            .first()
+            .unwrap();
+        let at_start = private_memory(pid);
+        // One connection per request, so none stays open once the burst is over.
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        for _ in 0..3 {
+            let burst = (0..6).map(|_| {
+                let request = client.get(host.url("/grow?mb=8")).send();
+                async move { request.await.map(|r| r.status().as_u16()).unwrap_or(0) }
+            });
+            assert!(
+                futures::future::join_all(burst)
+                    .await
+                    .iter()
+                    .all(|s| *s == 200)
+            );
+        }
+        let grown = private_memory(pid);
+        assert!(
+            grown > at_start + 4 * MIB,
+            "the burst did not grow the worker: {at_start} -> {grown} bytes"
+        );
+        if replaced {
+            let fresh = poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+                workers(host.pid())
+                    .into_iter()
+                    .find(|worker| *worker != pid)
+            })
+            .unwrap_or_else(|| panic!("the grown worker was not replaced; log:\n{}", host.log()));
+            assert_eq!(get_status(&host.url("/")).await, 200);
+            wait_for_workers(&host, 1, Duration::from_secs(5));
+            let now = private_memory(fresh);
+            assert!(
+                now < grown - 4 * MIB,
+                "the fresh worker holds {now} bytes, the grown one held {grown}"
+            );
+            assert!(
+                host.log().contains("Recycling the worker"),
+                "{}",
+                host.log()
+            );
+        } else {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            assert_eq!(workers(host.pid()), BTreeSet::from([pid]));
+        }
+    }
+}

@@ -6,6 +6,18 @@ pub fn resident_bytes() -> u64 {
     process_resident_bytes("self").unwrap_or(0)
 }
 
+/// This process's private resident memory (`RssAnon`): what it took beyond the files it maps.
+pub fn private_resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|line| line.starts_with("RssAnon:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
+}
+
 /// The whole host's resident memory, from a worker: its master and every child of the master.
 pub fn host_resident_bytes() -> u64 {
     // SAFETY: getppid has no preconditions.

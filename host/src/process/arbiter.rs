@@ -521,6 +521,9 @@ impl Master {
     fn reap(&mut self, age: u64, status: ExitStatus) -> Option<ExitCode> {
         let worker = self.workers.remove(&age)?;
         let pid = worker.pid;
+        if let Err(error) = crate::capabilities::remove_leftovers_of(&self.settings, pid) {
+            tracing::warn!("{error:#}");
+        }
         if let Some(metrics) = &self.metrics {
             lock(metrics).worker_exited(pid);
         }
@@ -575,7 +578,7 @@ impl Master {
             }
             if worker.heartbeat.is_retiring() {
                 tracing::info!(
-                    "Worker (pid:{}) is retiring after --max-requests; starting its replacement",
+                    "Worker (pid:{}) is retiring (--max-requests or --idle-recycle); starting its replacement",
                     worker.pid
                 );
                 worker.retiring_since = Some(now);

@@ -8,10 +8,11 @@ use anyhow::{Context, Result};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::capabilities::host_semaphores::HostSemaphores;
-use crate::capabilities::{AppCapabilities, HostDatabases};
+use crate::capabilities::{AppCapabilities, HostDatabases, expiry};
 use crate::http::limits::RequestLimits;
 use crate::logging::LogFile;
 use crate::metrics::{AppMetrics, WorkerMetrics};
+use crate::proc_memory;
 use crate::process::handoff::WorkerHandoff;
 use crate::process::heartbeat::Heartbeat;
 use crate::process::hooks;
@@ -22,8 +23,9 @@ use crate::serving::access_log::AccessLog;
 use crate::serving::admission::Admission;
 use crate::serving::handler::{RequestHandler, ServedApp};
 use crate::serving::max_requests::MaxRequests;
+use crate::serving::quiet::Quiet;
 use crate::serving::server::{self, ConnectionSettings, Listener, Shutdown};
-use crate::settings::Settings;
+use crate::settings::{Capability, Settings};
 
 /// Why a worker could not start; gunicorn's exit codes tell the master which.
 pub enum StartError {
@@ -67,6 +69,7 @@ pub fn run(
         None => None,
     };
     let mut apps = Vec::new();
+    let mut sweeps = Vec::new();
     let mut host_databases = HostDatabases::default();
     for (index, app) in settings.apps.iter().enumerate() {
         let metrics = worker_metrics
@@ -82,6 +85,12 @@ pub fn run(
             ))
             .with_context(|| format!("cannot set up the host capabilities of app `{}`", app.name))
             .map_err(StartError::Boot)?;
+        let uploads_granted = [Capability::Objects, Capability::HmacRegistry]
+            .iter()
+            .any(|capability| app.capabilities.contains(capability));
+        if let (Some(expiry), true) = (settings.upload_expiry, uploads_granted) {
+            sweeps.push((app.name.clone(), Arc::clone(&capabilities), expiry));
+        }
         let guest = compile_cache::load_component(
             &engine,
             &app.component,
@@ -128,9 +137,13 @@ pub fn run(
     };
     let recycle =
         MaxRequests::new(settings.max_requests, settings.max_requests_jitter).map(Arc::new);
+    let quiet = Arc::new(Quiet::default());
     runtime
         .block_on(async {
             engine::start_epoch_ticker(&engine)?;
+            for (app, capabilities, expiry) in sweeps {
+                expiry::sweep_abandoned_uploads(&settings.data_dir, &app, capabilities, expiry);
+            }
             reopen_logs_on_usr1(error_log, access_log.clone())?;
             let heartbeat = Arc::new(heartbeat);
             keep_beating(Arc::clone(&heartbeat), settings.app.timeout);
@@ -155,8 +168,14 @@ pub fn run(
                     .reduce(|a, b| a.zip(b).map(|(a, b)| a.max(b)))
                     .flatten(),
                 tls,
+                quiet: Arc::clone(&quiet),
             };
-            let stop = stop_signal(settings, recycle.clone(), heartbeat)?;
+            let idle_recycle = idle_recycle_wait(settings).map(|wait| IdleRecycle {
+                quiet,
+                wait,
+                baseline: proc_memory::private_resident_bytes(),
+            });
+            let stop = stop_signal(settings, recycle.clone(), idle_recycle, heartbeat)?;
             hooks::event("post_worker_init", &[("pid", pid.to_string())]);
             server::serve(listeners, handler, connections, stop).await
         })
@@ -164,6 +183,56 @@ pub fn run(
     hooks::event("worker_exit", &[("pid", pid.to_string())]);
     tracing::info!("Worker exiting (pid: {pid})");
     Ok(())
+}
+
+/// `--idle-recycle`: a worker quiet for `wait` that holds more private memory than when it
+/// started serving, by more than `RECYCLE_GROWTH`, leaves for a fresh one. wasmtime keeps the
+/// pool slots a burst used resident (`linear_memory_keep_resident`, so that a slot reused soon
+/// costs no page faults) and has no call to give them back later; a new process gives back
+/// those, the allocator's pages and any fragmentation at once, and costs nothing while the
+/// worker is busy.
+struct IdleRecycle {
+    quiet: Arc<Quiet>,
+    wait: Duration,
+    /// The private memory when the worker started serving.
+    baseline: u64,
+}
+
+/// Growth below this is not worth a new process: about what the first requests add.
+const RECYCLE_GROWTH: u64 = 2 << 20;
+/// How long a recycled worker keeps accepting once its replacement is asked for: the master
+/// looks every 250 ms, and a worker starts in well under a second.
+const HANDOVER: Duration = Duration::from_secs(1);
+
+/// `--idle-recycle`, but never before the apps' kept instances have been idle long enough
+/// to be dropped (`--instance-idle-timeout`): a recycle would drop what they chose to keep.
+fn idle_recycle_wait(settings: &Settings) -> Option<Duration> {
+    settings
+        .apps
+        .iter()
+        .filter(|app| app.settings.reuse.keeps_instances())
+        .try_fold(settings.idle_recycle?, |wait, app| {
+            Some(wait.max(app.settings.reuse.idle_timeout?))
+        })
+}
+
+impl IdleRecycle {
+    /// Resolves once the worker is quiet and has grown.
+    async fn grown(&self) {
+        loop {
+            self.quiet.lasted(self.wait).await;
+            let now = proc_memory::private_resident_bytes();
+            if now > self.baseline + RECYCLE_GROWTH {
+                tracing::info!(
+                    "Recycling the worker: no connection for {} s and {:.1} MiB more private memory than when it started (--idle-recycle)",
+                    self.wait.as_secs_f64(),
+                    (now - self.baseline) as f64 / f64::from(1 << 20)
+                );
+                return;
+            }
+            self.quiet.busy().await;
+        }
+    }
 }
 
 /// Stamps the heartbeat from the event loop: if the loop stalls, so does the heartbeat.
@@ -188,6 +257,7 @@ fn keep_beating(heartbeat: Arc<Heartbeat>, timeout: Option<Duration>) {
 fn stop_signal(
     settings: &Settings,
     recycle: Option<Arc<MaxRequests>>,
+    idle_recycle: Option<IdleRecycle>,
     heartbeat: Arc<Heartbeat>,
 ) -> Result<impl Future<Output = Shutdown> + use<>> {
     let grace = settings.graceful_timeout;
@@ -202,15 +272,31 @@ fn stop_signal(
                 None => std::future::pending().await,
             }
         };
+        let mark_retiring = || {
+            if let Err(error) = heartbeat.mark_retiring() {
+                tracing::warn!("cannot tell the master this worker is retiring: {error}");
+            }
+        };
+        let grown = async {
+            match &idle_recycle {
+                Some(idle) => {
+                    idle.grown().await;
+                    mark_retiring();
+                    // The worker keeps accepting while its replacement starts, so that a
+                    // client arriving now is not left waiting for one.
+                    tokio::time::sleep(HANDOVER).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         let pid = std::process::id().to_string();
         tokio::select! {
             _ = term.recv() => Shutdown::Graceful(grace),
             () = recycled => {
-                if let Err(error) = heartbeat.mark_retiring() {
-                    tracing::warn!("cannot tell the master this worker is retiring: {error}");
-                }
+                mark_retiring();
                 Shutdown::Graceful(grace)
             }
+            () = grown => Shutdown::Graceful(grace),
             _ = int.recv() => {
                 hooks::event("worker_int", &[("pid", pid)]);
                 Shutdown::Quick

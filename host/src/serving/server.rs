@@ -21,6 +21,7 @@ use crate::http::accept_failed;
 use crate::http::limits::RequestLimits;
 use crate::http::write_stall::WriteStallTimeout;
 use crate::serving::handler::{Peer, RequestHandler};
+use crate::serving::quiet::{Open, Quiet};
 use crate::settings::BindAddress;
 
 /// How long a draining worker waits for the first request of a connection it has just accepted.
@@ -163,6 +164,8 @@ pub struct ConnectionSettings {
     pub write_stall_timeout: Option<Duration>,
     /// HTTPS on the TCP listeners (`--certfile`); unix sockets stay plain.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Counts the open connections, for `--idle-recycle`.
+    pub quiet: Arc<Quiet>,
 }
 
 /// How long a client has to finish its TLS handshake; it holds a connection place meanwhile.
@@ -213,6 +216,7 @@ pub async fn serve(
             write_stall_timeout: settings.write_stall_timeout,
             tls: settings.tls.clone().map(tokio_rustls::TlsAcceptor::from),
             cap: Arc::clone(&cap),
+            quiet: Arc::clone(&settings.quiet),
             draining: draining.clone(),
             alive: alive.clone(),
         };
@@ -260,6 +264,9 @@ struct ConnectionCap {
 /// A connection's place, held until the connection closes.
 type Place = OwnedSemaphorePermit;
 
+/// What an accepted connection holds until it closes: its place, and its count as open.
+type Held = (Place, Open);
+
 impl ConnectionCap {
     fn new(limit: usize) -> ConnectionCap {
         ConnectionCap {
@@ -301,6 +308,7 @@ struct Acceptor {
     write_stall_timeout: Option<Duration>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     cap: Arc<ConnectionCap>,
+    quiet: Arc<Quiet>,
     draining: watch::Receiver<bool>,
     alive: mpsc::Sender<()>,
 }
@@ -324,9 +332,10 @@ impl Acceptor {
                             // Nagle plus delayed ACKs would add tens of milliseconds to small responses.
                             let _ = stream.set_nodelay(true);
                             let peer = tcp_peer(remote, local, self.tls.is_some());
+                            let held = (place, self.quiet.opened());
                             match &self.tls {
-                                None => self.spawn(stream, peer, place),
-                                Some(tls) => self.spawn_after_handshake(tls, stream, peer, place),
+                                None => self.spawn(stream, peer, held),
+                                Some(tls) => self.spawn_after_handshake(tls, stream, peer, held),
                             }
                         }
                         Err(error) => accept_failed(error).await,
@@ -343,7 +352,10 @@ impl Acceptor {
                 loop {
                     let place = self.cap.place().await;
                     match listener.accept().await {
-                        Ok((stream, _)) => self.spawn(stream, Arc::clone(&peer), place),
+                        Ok((stream, _)) => {
+                            let held = (place, self.quiet.opened());
+                            self.spawn(stream, Arc::clone(&peer), held)
+                        }
                         Err(error) => accept_failed(error).await,
                     }
                 }
@@ -358,13 +370,13 @@ impl Acceptor {
         tls: &tokio_rustls::TlsAcceptor,
         stream: tokio::net::TcpStream,
         peer: Arc<Peer>,
-        place: Place,
+        held: Held,
     ) {
         let handshake = tls.accept(stream);
         let acceptor = self.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
-                Ok(Ok(stream)) => acceptor.spawn(stream, peer, place),
+                Ok(Ok(stream)) => acceptor.spawn(stream, peer, held),
                 // The client's failure, not the host's: a client that speaks plain HTTP or
                 // offers no certificate where one is required ends here.
                 Ok(Err(error)) => {
@@ -375,7 +387,7 @@ impl Acceptor {
         });
     }
 
-    fn spawn<S>(&self, stream: S, peer: Arc<Peer>, place: Place)
+    fn spawn<S>(&self, stream: S, peer: Arc<Peer>, held: Held)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -383,13 +395,13 @@ impl Acceptor {
             Some(timeout) => self.serve(
                 WriteStallTimeout::new(TokioIo::new(stream), timeout),
                 peer,
-                place,
+                held,
             ),
-            None => self.serve(TokioIo::new(stream), peer, place),
+            None => self.serve(TokioIo::new(stream), peer, held),
         }
     }
 
-    fn serve<I>(&self, io: I, peer: Arc<Peer>, place: Place)
+    fn serve<I>(&self, io: I, peer: Arc<Peer>, held: Held)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -407,7 +419,7 @@ impl Acceptor {
         let alive = self.alive.clone();
         tokio::spawn(async move {
             let _alive = alive;
-            let _place = place;
+            let _held = held;
             tokio::pin!(connection);
             let drain = async move {
                 // The watch guard must not live across an await.

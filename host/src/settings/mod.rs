@@ -64,6 +64,11 @@ pub struct ServeArgs {
     #[arg(long = "max-requests-jitter", default_value_t = 0, value_name = "INT")]
     pub max_requests_jitter: u64,
 
+    /// A worker whose private memory grew during a burst is replaced by a fresh one once it has
+    /// had no connection open for this many seconds, which gives back all it took (0 = never).
+    #[arg(long = "idle-recycle", default_value = "5", value_name = "SECONDS", value_parser = parse_seconds)]
+    pub idle_recycle: f64,
+
     /// Where the workers' heartbeat files live. Default: /dev/shm if it is a tmpfs, else the temp dir.
     #[arg(long = "worker-tmp-dir", value_name = "DIR")]
     pub worker_tmp_dir: Option<PathBuf>,
@@ -189,6 +194,11 @@ pub struct ServeArgs {
     #[arg(long = "spill-limit", default_value = "1GiB", value_name = "SIZE", value_parser = parse_size)]
     pub spill_limit: u64,
 
+    /// An upload no part has reached for this many seconds is aborted, its stored parts and its
+    /// registry entry removed, as an S3 lifecycle rule does (for the local store too); 0 = never.
+    #[arg(long = "upload-expiry", default_value = "86400", value_name = "SECONDS", value_parser = parse_seconds)]
+    pub upload_expiry: f64,
+
     /// debug, info, warning, error or critical.
     #[arg(long = "log-level", default_value = "info", value_name = "LEVEL")]
     pub log_level: LogLevel,
@@ -265,6 +275,8 @@ pub struct Settings {
     pub workers: usize,
     pub max_requests: u64,
     pub max_requests_jitter: u64,
+    /// `--idle-recycle`: how long a grown worker waits without connections before it is replaced.
+    pub idle_recycle: Option<Duration>,
     pub worker_tmp_dir: PathBuf,
     pub pidfile: Option<PathBuf>,
     pub env: Vec<(String, String)>,
@@ -295,6 +307,8 @@ pub struct Settings {
     pub database_timeout: Duration,
     pub part_buffer: u64,
     pub spill_limit: u64,
+    /// Abandoned uploads are removed after this long (`None`: never).
+    pub upload_expiry: Option<Duration>,
     pub log_level: LogLevel,
     pub error_logfile: String,
     pub access_logfile: Option<String>,
@@ -409,6 +423,7 @@ impl Settings {
             workers: args.workers,
             max_requests: args.max_requests,
             max_requests_jitter: args.max_requests_jitter,
+            idle_recycle: seconds_or_off(args.idle_recycle),
             worker_tmp_dir: args.worker_tmp_dir.unwrap_or_else(default_worker_tmp_dir),
             pidfile: args.pidfile,
             env: args.env,
@@ -437,6 +452,7 @@ impl Settings {
             database_timeout: Duration::from_secs_f64(args.database_timeout.max(0.1)),
             part_buffer: args.part_buffer,
             spill_limit: args.spill_limit,
+            upload_expiry: seconds_or_off(args.upload_expiry),
             log_level: args.log_level,
             error_logfile: args.error_logfile,
             access_logfile: args.access_logfile,
