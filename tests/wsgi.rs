@@ -10,7 +10,7 @@ use blackbox::{
 };
 use serde_json::Value;
 
-/// Comfortably above the 24.3 MiB the app starts with, with room for a few MiB of responses
+/// Comfortably above the 24.8 MiB the app starts with, with room for a few MiB of responses
 /// (componentize-py 0.25.1 keeps every byte the app writes until its instance ends).
 const MEMORY_LIMIT: &str = "32MiB";
 
@@ -221,7 +221,7 @@ async fn wsgi_input_reads_a_chunked_body_to_its_end_and_echo_streams_5_mib_back(
 
 #[tokio::test]
 async fn a_64_mib_download_arrives_whole() {
-    // The limit holds the app (24.3 MiB) and the 64 MiB componentize-py 0.25.1 keeps of what
+    // The limit holds the app (24.8 MiB) and the 64 MiB componentize-py 0.25.1 keeps of what
     // it writes, not a second copy of the body: the app holds one 64 KiB chunk at a time.
     let host = HostProcess::start(&flask(), &["--memory-limit", "112MiB"]);
     assert_downloads_64_mib(&host).await;
@@ -427,4 +427,170 @@ fn a_memory_limit_below_the_apps_start_is_refused_before_compiling_in_mib() {
         !stderr.contains("0x") && !stderr.contains("compiled"),
         "{stderr}"
     );
+}
+
+// -- host_capabilities, the capabilities' Python API -------------------------------------------
+
+/// The Flask app with its data under a directory of the test's own, so its SQLite file,
+/// objects and registry entries start empty.
+fn start_flask_with_data(
+    data: &tempfile::TempDir,
+    memory_limit: &str,
+    extra: &[&str],
+) -> HostProcess {
+    let data_dir = data.path().to_string_lossy().into_owned();
+    let mut args = vec!["--memory-limit", memory_limit, "--data-dir", &data_dir];
+    args.extend_from_slice(extra);
+    HostProcess::start(&flask(), &args)
+}
+
+#[tokio::test]
+async fn a_wit_error_is_a_typed_exception_with_its_fields() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let host = start_flask_with_data(&data, MEMORY_LIMIT, &[]);
+    let (status, body) = get_text(&host, "/capabilities/errors").await;
+    assert_eq!(status, 200, "{body}\n{}", host.log());
+    let seen: Value = serde_json::from_str(&body).expect("JSON");
+    // A unique constraint: sql.DatabaseError(code, message, constraint), SQLite's extended
+    // code 2067 (SQLITE_CONSTRAINT_UNIQUE).
+    let duplicate = &seen["duplicate"];
+    assert_eq!(
+        duplicate["class"], "host_capabilities.sql.DatabaseError",
+        "{seen:#}"
+    );
+    assert_eq!(duplicate["capability_error"], true, "{seen:#}");
+    assert_eq!(duplicate["fields"]["code"], "2067", "{seen:#}");
+    assert!(
+        duplicate["fields"]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("UNIQUE")),
+        "{seen:#}"
+    );
+    assert_eq!(
+        seen["syntax"]["class"], "host_capabilities.sql.DatabaseError",
+        "{seen:#}"
+    );
+    // Cases without fields, one of each other capability.
+    for (call, class) in [
+        ("missing_object", "host_capabilities.objects.NotFound"),
+        (
+            "unknown_entry",
+            "host_capabilities.hmac_registry.UnknownEntry",
+        ),
+        ("bad_key", "host_capabilities.crypto.InvalidKey"),
+    ] {
+        assert_eq!(seen[call]["class"], class, "{call}: {seen:#}");
+        assert_eq!(seen[call]["capability_error"], true, "{call}: {seen:#}");
+        assert_eq!(
+            seen[call]["fields"],
+            serde_json::json!({}),
+            "{call}: {seen:#}"
+        );
+    }
+    // `with sql.transaction()` rolled back the row of the block that raised.
+    assert_eq!(
+        seen["after_rollback"],
+        serde_json::json!(["taken"]),
+        "{seen:#}"
+    );
+}
+
+/// 1 GiB of request body, `chunks` MiB made from seeds as they are sent, and its SHA-256.
+fn gigabyte_body() -> (reqwest::Body, [u8; 32]) {
+    use sha2::Digest;
+    const CHUNKS: u64 = 1024;
+    let mut expected = sha2::Sha256::new();
+    for seed in 0..CHUNKS {
+        expected.update(random_bytes(1 << 20, seed));
+    }
+    let chunks = futures::stream::iter(
+        (0..CHUNKS).map(|seed| Ok::<_, std::io::Error>(random_bytes(1 << 20, seed))),
+    );
+    (
+        reqwest::Body::wrap_stream(chunks),
+        expected.finalize().into(),
+    )
+}
+
+#[tokio::test]
+async fn a_gigabyte_goes_through_the_capabilities_and_file_wrapper_under_32_mib() {
+    use futures::StreamExt;
+    use sha2::Digest;
+    let data = tempfile::tempdir().expect("temp dir");
+    // The part is checked whole before a download passes it on: 1 GiB spills to disk.
+    let host = start_flask_with_data(
+        &data,
+        MEMORY_LIMIT,
+        &["--timeout", "300", "--spill-limit", "2GiB"],
+    );
+    let (body, expected) = gigabyte_body();
+    // request body → crypto.encrypt_stream → hmac_registry.tap → objects.upload_part, in
+    // the host: 1 GiB through an instance capped at 32 MiB.
+    let response = http_client()
+        .put(host.url("/capabilities/upload"))
+        .header("content-length", (1u64 << 30).to_string())
+        .body(body)
+        .send()
+        .await
+        .expect("the host answers");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    assert_eq!(status, 200, "{text}\n{}", host.log());
+    let stored: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(stored["size"], 1u64 << 30, "{stored}");
+    assert_eq!(stored["hmac"].as_str().map(str::len), Some(64), "{stored}");
+
+    // objects.get → hmac_registry.verify_stream → crypto.decrypt_stream → wsgi.file_wrapper,
+    // spliced into the response in the host.
+    let response = http_client()
+        .get(host.url("/capabilities/download"))
+        .send()
+        .await
+        .expect("the host answers");
+    assert_eq!(response.status().as_u16(), 200, "{}", host.log());
+    let mut received = sha2::Sha256::new();
+    let mut length = 0u64;
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.unwrap_or_else(|error| panic!("the download was cut ({error}):\n{}", host.log()));
+        length += chunk.len() as u64;
+        received.update(&chunk);
+    }
+    assert_eq!(length, 1 << 30);
+    assert!(
+        <[u8; 32]>::from(received.finalize()) == expected,
+        "the gigabyte came back different"
+    );
+}
+
+#[tokio::test]
+async fn file_wrapper_reads_any_other_file_in_chunks() {
+    let host = start_flask();
+    let (status, body) = get_text(&host, "/capabilities/wrapped-bytes").await;
+    assert_eq!(status, 200, "{}", host.log());
+    assert_eq!(body, "0123456789".repeat(100_000));
+}
+
+#[test]
+fn an_app_importing_a_capability_not_built_in_fails_the_build_naming_the_option() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("app.py"),
+        "from host_capabilities import crypto\n\n\
+         def app(environ, start_response):\n    start_response('200 OK', [])\n    return [b'ok']\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(repo_root().join("guests/python/build"))
+        .args(["app:app", "--capabilities", "sql,objects", "-o", "app.wasm"])
+        .current_dir(dir.path())
+        .output()
+        .expect("run guests/python/build");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_ne!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("built without the crypto capability") && stderr.contains("--capabilities"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("app.wasm").exists());
 }

@@ -14,6 +14,9 @@ One request, as gunicorn's sync worker serves it:
   bridge never holds a large download whole; the status and headers go out with the first
   non-empty chunk (or at the end), so until then the app may still call `start_response` again
   with `exc_info`;
+- a `wsgi.file_wrapper` the app returns whose file holds host streams (host_capabilities'
+  `Stream`) is spliced to the client inside the host, its bytes never in Python
+  (`host_wsgi.response.FileWrapper`);
 - `close()` of the iterable is called whatever happens;
 - an exception the app lets out is not answered by the bridge: componentize-py prints its
   traceback to stderr, which the host logs under the request id, and the instance traps, which
@@ -34,7 +37,7 @@ from wit_world.imports.types import (
 )
 
 from host_wsgi.environ import BadRequest, make_environ
-from host_wsgi.response import Response
+from host_wsgi.response import FileWrapper, Response
 from host_wsgi.preload import preload
 
 
@@ -76,8 +79,12 @@ def serve(app, request: IncomingRequest, response_out: ResponseOutparam) -> None
     try:
         result = app(environ, response.start_response)
         try:
-            for chunk in result:
-                response.write(chunk)
+            sources = result.input_streams() if isinstance(result, FileWrapper) else None
+            if sources is not None:
+                response.splice(sources)
+            else:
+                for chunk in result:
+                    response.write(chunk)
             response.finish()
         finally:
             close = getattr(result, "close", None)

@@ -23,6 +23,11 @@ README's "Proxy headers"), and the environ says the same as gunicorn's would:
   `X-Forwarded-For`. wasi:http itself never shows the guest `Host` (it is the authority) nor
   the hop-by-hop headers.
 
+`wsgi.file_wrapper` is `host_wsgi.response.FileWrapper`, which splices host streams (from
+host_capabilities) into the response inside the host. `wsgi.input` hands its stream to
+host_capabilities' `request_body` (`RequestBody.take_input_stream`), so a capability can read
+the body inside the host.
+
 `wsgi.multithread` is False (an instance serves one request at a time) and
 `wsgi.multiprocess` True (instances, one interpreter each, run the app side by side).
 `wsgi.run_once` is False: whether an instance serves one request or many is the host's
@@ -37,6 +42,8 @@ from urllib.parse import unquote_to_bytes
 from componentize_py_types import Err
 from wit_world.imports.streams import StreamError_Closed
 from wit_world.imports.types import IncomingRequest, Scheme_Http, Scheme_Https
+
+from host_wsgi.response import FileWrapper
 
 # What one read of the body asks the stream for.
 CHUNK = 64 * 1024
@@ -78,6 +85,7 @@ def make_environ(request: IncomingRequest) -> tuple:
         "wsgi.input": body,
         "wsgi.input_terminated": True,
         "wsgi.errors": sys.stderr,
+        "wsgi.file_wrapper": FileWrapper,
         "wsgi.multithread": False,
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
@@ -145,6 +153,8 @@ class RequestBody:
         self._stream = self._body.stream()
         self._left = length
         self._buffer = b""
+        # What took the body's stream (take_input_stream), closed before the body is released.
+        self._taker = None
 
     def read(self, size: "int | None" = -1) -> bytes:
         if size is None or size < 0:
@@ -185,14 +195,39 @@ class RequestBody:
         while line := self.readline():
             yield line
 
+    def take_input_stream(self, wrap):
+        """Hands the rest of the body, the wasi:io input-stream itself, to `wrap(stream,
+        length)` and returns what that makes (host_capabilities' `request_body` makes a Stream
+        of it, which capabilities then read inside the host); reads here then find the end.
+        What `wrap` made is closed before the body is released, as wasi:http requires."""
+        if self._buffer:
+            raise ValueError(
+                "the request body cannot be handed on: some of it was already read into a buffer"
+            )
+        if self._stream is None or self._taker is not None:
+            raise ValueError(
+                "the request body cannot be handed on: it was already taken or released"
+            )
+        stream, self._stream = self._stream, None
+        self._taker = wrap(stream, self._left)
+        self._left = 0
+        return self._taker
+
     def release(self) -> None:
         """Gives the stream and the body back to the host (the stream first, as wasi:http
         requires); reads then find the end."""
+        if self._body is None:
+            return
         if self._stream is not None:
             self._stream.__exit__(None, None, None)
-            self._body.__exit__(None, None, None)
             self._stream = None
-            self._left = 0
+        if self._taker is not None:
+            # Closing what took the stream drops it, unless it went on to the host already.
+            self._taker.close()
+            self._taker = None
+        self._body.__exit__(None, None, None)
+        self._body = None
+        self._left = 0
 
     def _take(self, size: int) -> bytes:
         taken, self._buffer = self._buffer[:size], self._buffer[size:]

@@ -1,4 +1,5 @@
-"""`start_response`, and the app's body written to the client as the app produces it."""
+"""`start_response`, the app's body written to the client as the app produces it, and
+`wsgi.file_wrapper`, whose host streams are spliced to the client inside the host."""
 
 from componentize_py_types import Err, Ok
 from wit_world.imports.streams import StreamError_Closed
@@ -21,6 +22,36 @@ DROPPED_HEADERS = frozenset(
     }
 )
 
+# The most one splice moves inside the host (as the Rust guests' `web::CHUNK`).
+SPLICE_CHUNK = 256 * 1024
+
+
+class FileWrapper:
+    """`environ["wsgi.file_wrapper"]` (PEP 3333). A file-like object that holds host streams
+    (a `host_capabilities.Stream`, or anything with a `take_input_streams()` that yields
+    wasi:io input-streams) is spliced into the response inside the host when the app returns
+    the wrapper itself (in Flask: `Response(wrapper, direct_passthrough=True)`, as `send_file`
+    does): none of its bytes enter Python. Any other file-like object, or a wrapper the app
+    iterates itself, is read in `block_size` chunks."""
+
+    def __init__(self, filelike, block_size: int = 64 * 1024):
+        self.filelike = filelike
+        self.block_size = block_size if block_size and block_size > 0 else 64 * 1024
+
+    def __iter__(self):
+        while chunk := self.filelike.read(self.block_size):
+            yield chunk
+
+    def close(self) -> None:
+        close = getattr(self.filelike, "close", None)
+        if close is not None:
+            close()
+
+    def input_streams(self):
+        """The host streams to splice, in order, each handed over; None if there are none."""
+        take = getattr(self.filelike, "take_input_streams", None)
+        return None if take is None else take()
+
 
 class Response:
     """One request's response. Its head goes out with the first non-empty chunk of the body
@@ -35,6 +66,9 @@ class Response:
         self._body = None
         self._stream = None
         self._writable = None
+        # Bytes spliced into the body, and the Content-Length it declares.
+        self._sent = 0
+        self._declared = None
 
     def start_response(self, status: str, headers: list, exc_info=None):
         if exc_info is not None:
@@ -62,8 +96,39 @@ class Response:
         if not self._head_only:
             self._write_all(data)
 
+    def splice(self, sources) -> None:
+        """Sends each wasi:io input-stream of `sources` in turn, spliced into the body inside
+        the host, and drops it. A source that fails midway raises, so the response is cut,
+        never short and looking whole."""
+        self._send_head()
+        if self._head_only:
+            # Nothing is taken: the app's close() of the wrapper gives the streams back.
+            return
+        for source in sources:
+            try:
+                self._sent += self._splice_all(source)
+            finally:
+                source.__exit__(None, None, None)
+
+    def _splice_all(self, source) -> int:
+        sent = 0
+        while True:
+            try:
+                sent += self._stream.blocking_splice(source, SPLICE_CHUNK)
+            except Err as error:
+                # Closed: the source ended (or the client's end closed, which the flush at the
+                # finish tells apart).
+                if isinstance(error.value, StreamError_Closed):
+                    return sent
+                # The source failed (a part that fails verification, storage gone): the
+                # exception leaves the app, and the host cuts the response.
+                why = error.value.value.to_debug_string()
+                raise OSError(f"the response body failed midway: {why}") from None
+
     def finish(self) -> None:
         self._send_head()
+        if self._sent:
+            self._flush_spliced()
         self._writable.__exit__(None, None, None)
         self._stream.__exit__(None, None, None)
         try:
@@ -82,8 +147,10 @@ class Response:
         for name, value in self._headers:
             # wasi:http holds a body to the length its head declares, and a HEAD response has
             # no body: its Content-Length is left out (gunicorn would pass it on).
-            if self._head_only and name == "content-length":
-                continue
+            if name == "content-length":
+                if self._head_only:
+                    continue
+                self._declared = value
             try:
                 fields.append(name, value)
             except Err as error:
@@ -99,6 +166,18 @@ class Response:
         ResponseOutparam.set(self._out, Ok(response))
         self._stream = self._body.write()
         self._writable = self._stream.subscribe()
+
+    def _flush_spliced(self) -> None:
+        """A body of declared length is complete once that many bytes are out: the client's
+        end may then close without waiting for the rest, and a closed stream is no failure."""
+        try:
+            self._stream.blocking_flush()
+        except Err as error:
+            complete = self._declared is not None and self._declared.strip() == b"%d" % self._sent
+            if not (isinstance(error.value, StreamError_Closed) and complete):
+                raise ConnectionError(
+                    "the response could not be sent: the client is gone"
+                ) from None
 
     def _write_all(self, data: bytes) -> None:
         """Writes as much as the stream takes at once (what its check-write allows: 1 MiB with
