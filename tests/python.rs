@@ -77,3 +77,27 @@ async fn a_python_app_streams_5_mb_back_and_a_failure_mid_body_looks_cut() {
     // And the instance went with it.
     assert_eq!(served_at(&host, "/served").await, 1);
 }
+
+/// The memory budget counts what a worker holds once it has loaded the component, also on the
+/// start that compiles it: the compiler's heap (about 110 MiB for a 30 MB Flask component) is
+/// not the workers' baseline (about 4 MiB). A budget that fits with the true baseline (the
+/// worst case is 220 MiB) and not with the compiler's is accepted from an empty cache, as
+/// from a full one.
+#[tokio::test]
+async fn a_cold_cache_does_not_inflate_the_memory_budget() {
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_string_lossy().into_owned();
+    let args = [
+        "--memory-limit",
+        "64MiB",
+        "--memory-budget",
+        "260MiB",
+        "--cache-dir",
+        cache_dir.as_str(),
+    ];
+    for (start, said) in [("cold", "and cached at"), ("warm", "from cache")] {
+        let host = HostProcess::start(&python_guest("wsgi-flask"), &args);
+        assert_eq!(get_text(&host, "/").await.0, 200, "{start} cache");
+        assert!(host.log().contains(said), "{start} cache: {}", host.log());
+    }
+}

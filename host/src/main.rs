@@ -238,8 +238,12 @@ fn prepare() -> ExitCode {
         return ExitCode::from(EXIT_BOOT_ERROR);
     }
     match arbiter::prepare(&settings) {
-        Ok(baseline) => {
+        Ok((baseline, false)) => {
             PrepareReport::Prepared(baseline.to_string()).print();
+            ExitCode::SUCCESS
+        }
+        Ok((baseline, true)) => {
+            PrepareReport::Compiled(baseline.to_string()).print();
             ExitCode::SUCCESS
         }
         Err(error) => {

@@ -58,16 +58,21 @@ pub enum PrepareReport {
     /// The components are compiled; a process that loaded them as a worker does takes this
     /// resident memory (`<private bytes> <shared bytes>`).
     Prepared(String),
+    /// The same, from a process that compiled them first: its figure holds what the compiler
+    /// left in the heap, so the master measures again in a process that finds them cached.
+    Compiled(String),
     Failed(String),
 }
 
 const PREPARED: &str = "prepared ";
+const COMPILED: &str = "compiled ";
 const PREPARE_FAILED: &str = "failed ";
 
 impl PrepareReport {
     pub fn print(&self) {
         match self {
             PrepareReport::Prepared(baseline) => println!("{PREPARED}{baseline}"),
+            PrepareReport::Compiled(baseline) => println!("{COMPILED}{baseline}"),
             PrepareReport::Failed(reason) => println!("{PREPARE_FAILED}{reason}"),
         }
     }
@@ -77,6 +82,9 @@ impl PrepareReport {
         let output = output.trim();
         if let Some(baseline) = output.strip_prefix(PREPARED) {
             return Some(PrepareReport::Prepared(baseline.trim().to_owned()));
+        }
+        if let Some(baseline) = output.strip_prefix(COMPILED) {
+            return Some(PrepareReport::Compiled(baseline.trim().to_owned()));
         }
         output
             .strip_prefix(PREPARE_FAILED)

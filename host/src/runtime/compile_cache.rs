@@ -63,6 +63,17 @@ pub fn load_component(
     cache_dir: &Path,
     digest_wanted: Option<&str>,
 ) -> Result<Component> {
+    load_or_compile(engine, component_path, cache_dir, digest_wanted)
+        .map(|(component, _)| component)
+}
+
+/// `load_component`, and whether it had to compile the component.
+pub fn load_or_compile(
+    engine: &Engine,
+    component_path: &Path,
+    cache_dir: &Path,
+    digest_wanted: Option<&str>,
+) -> Result<(Component, bool)> {
     let shown = component_path.display();
     let read = || -> Result<(Vec<u8>, String)> {
         let bytes = read_component(component_path)?;
@@ -85,7 +96,7 @@ pub fn load_component(
         match load_verified(engine, &artifact) {
             Ok(component) => {
                 tracing::info!("loaded compiled {shown} from cache {}", artifact.display());
-                return Ok(component);
+                return Ok((component, false));
             }
             Err(error) => tracing::warn!(
                 "cached compilation {} is unusable ({error:#}); rebuilding",
@@ -110,12 +121,13 @@ pub fn load_component(
                 elapsed.as_secs_f64(),
                 artifact.display()
             );
-            load_verified(engine, &artifact)
+            load_verified(engine, &artifact).map(|component| (component, true))
         }
         Err(error) => {
             tracing::warn!("compiled {shown} but cannot cache it ({error:#}); serving from memory");
             // SAFETY: these bytes were produced by this engine a moment ago.
             unsafe { Component::deserialize(engine, &compiled) }
+                .map(|component| (component, true))
                 .map_err(anyhow::Error::from)
                 .context("cannot load the compiled component")
         }
