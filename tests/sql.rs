@@ -211,3 +211,41 @@ async fn a_database_outage_fails_requests_with_unavailable_and_passes() {
     assert_eq!(status, 200, "after the outage: {answer}");
     blackbox::drop_postgres_app(&probe.app.app);
 }
+
+/// A statement whose connection the server ends (what a PostgreSQL restart does: SQLSTATE
+/// 57P01) fails as `unavailable`, which apps answer 503 and clients retry, not as a refusal of
+/// the statement; the next one is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_server_ends_mid_statement_is_unavailable_not_refused() {
+    let mut services = Services::start(Backends::PostgresS3);
+    let probe = AppHost::start(&mut services, "probe", "terminated", &[]);
+    let app = probe.app.app.to_ascii_lowercase();
+    let sleeping = probe.sql("query", "SELECT pg_sleep(20)::text AS slept", json!([]));
+    let terminate = tokio::task::spawn_blocking(move || {
+        let ended = blackbox::poll_until(
+            std::time::Duration::from_secs(10),
+            std::time::Duration::from_millis(50),
+            || {
+                let ended = blackbox::psql(&format!(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                     WHERE usename LIKE 'host\\_app\\_{app}\\_%' AND query LIKE '%pg_sleep%'"
+                ));
+                (ended != "0").then_some(())
+            },
+        );
+        assert!(ended.is_some(), "the statement never reached PostgreSQL");
+    });
+    let ((status, answer), terminated) = futures::join!(sleeping, terminate);
+    terminated.unwrap();
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer["error"]["kind"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Unavailable"),
+        "{answer}"
+    );
+    let (status, answer) = probe.sql("query", "SELECT 1 AS one", json!([])).await;
+    assert_eq!(status, 200, "{answer}");
+    blackbox::drop_postgres_app(&probe.app.app);
+}

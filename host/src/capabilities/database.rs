@@ -323,16 +323,39 @@ pub fn reserve_sqlite_heap(bytes: u64) {
 /// Whether an error means the database could not be used at all (as opposed to refusing a
 /// statement).
 pub fn is_unavailable(error: &sqlx::Error) -> bool {
-    matches!(
-        error,
+    match error {
         sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed
-            | sqlx::Error::Protocol(_)
-            | sqlx::Error::Configuration(_)
-    )
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::Configuration(_) => true,
+        sqlx::Error::Database(error) => error.code().is_some_and(|code| is_outage(&code)),
+        _ => false,
+    }
+}
+
+/// Whether a database's error code says the database could not serve, not that it refused
+/// the statement: the server going down or not yet up, its connections or disk exhausted
+/// (PostgreSQL's SQLSTATEs); SQLite busy past its timeout, out of disk or unable to read its
+/// file (its result codes, given extended).
+fn is_outage(code: &str) -> bool {
+    const POSTGRES: [&str; 6] = ["57P01", "57P02", "57P03", "53100", "53200", "53300"];
+    if code.starts_with("08") || POSTGRES.contains(&code) {
+        return true;
+    }
+    // SQLite: the primary result code is the low byte of the extended one.
+    const SQLITE_BUSY: i64 = 5;
+    const SQLITE_IOERR: i64 = 10;
+    const SQLITE_FULL: i64 = 13;
+    const SQLITE_CANTOPEN: i64 = 14;
+    code.parse::<i64>().is_ok_and(|extended| {
+        matches!(
+            extended & 0xff,
+            SQLITE_BUSY | SQLITE_IOERR | SQLITE_FULL | SQLITE_CANTOPEN
+        )
+    })
 }
 
 pub type Row = AnyRow;

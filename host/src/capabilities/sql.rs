@@ -673,11 +673,11 @@ fn confine(db: *mut libsqlite3_sys::sqlite3, longest: u64) {
 
 fn sql_error(error: sqlx::Error) -> SqlError {
     match &error {
-        sqlx::Error::Database(refused) => {
-            SqlError::Database(guest_database_error(refused.as_ref()))
-        }
         _ if database::is_unavailable(&error) => {
             SqlError::Unavailable(format!("the database is unreachable: {error}"))
+        }
+        sqlx::Error::Database(refused) => {
+            SqlError::Database(guest_database_error(refused.as_ref()))
         }
         sqlx::Error::ColumnDecode { index, source } => {
             SqlError::UnsupportedType(format!("column {index}: {source}"))
