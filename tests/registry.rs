@@ -428,6 +428,20 @@ async fn abandoned_uploads_expire(backends: Backends) {
     assert_eq!(status, 200, "{answer}");
     let tag = answer["tag"].clone();
 
+    // What a host that failed to create an upload (a full disk) once left: a directory with
+    // no key, which no upload id reaches.
+    let keyless =
+        probe
+            .host_data_dir()
+            .join(format!("apps/{}/uploads/{}", probe.app.app, "0".repeat(32)));
+    if services.s3.is_none() {
+        std::fs::create_dir_all(&keyless).unwrap();
+        let day_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(86_400);
+        std::fs::File::open(&keyless)
+            .unwrap()
+            .set_modified(day_ago)
+            .unwrap();
+    }
     // Past the expiry and the sweep's interval, the active upload gets a part every second.
     for number in 2..=8 {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -463,6 +477,7 @@ async fn abandoned_uploads_expire(backends: Backends) {
             "S3 still holds the upload: {left:?}"
         );
     }
+    assert!(!keyless.exists(), "{} is still there", keyless.display());
     let log = probe.host.log();
     assert!(log.contains("aborted 1 upload(s)"), "{log}");
     assert!(!log.contains("[WARNING]"), "{log}");

@@ -115,13 +115,20 @@ impl LocalStore {
         crate::private_fs::create_dir_all_async(&dir)
             .await
             .map_err(|e| unavailable("cannot create the upload", e))?;
-        let temporary = self.temporary()?;
-        tokio::fs::write(temporary.path(), key)
-            .await
-            .map_err(|e| unavailable("cannot create the upload", e))?;
-        temporary
-            .persist(dir.join("key"))
-            .map_err(|e| unavailable("cannot create the upload", e))?;
+        let written = async {
+            let temporary = self.temporary()?;
+            tokio::fs::write(temporary.path(), key)
+                .await
+                .map_err(|e| unavailable("cannot create the upload", e))?;
+            temporary
+                .persist(dir.join("key"))
+                .map_err(|e| unavailable("cannot create the upload", e))
+        };
+        if let Err(error) = written.await {
+            // A full disk, say: no directory stays behind that no upload id reaches.
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(error);
+        }
         Ok(upload_id)
     }
 
@@ -267,8 +274,15 @@ impl LocalStore {
             let upload_id = entry.file_name().to_string_lossy().into_owned();
             match tokio::fs::read_to_string(entry.path().join("key")).await {
                 Ok(key) => idle.push((key, upload_id)),
-                // An upload being created (its key not yet in place) or just removed.
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                // An upload whose creation failed before its key was in place (a host before
+                // this one left those), or one just removed: nothing can reach it.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    match tokio::fs::remove_dir_all(entry.path()).await {
+                        Ok(()) => {}
+                        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(error) => return Err(failed(error)),
+                    }
+                }
                 Err(error) => return Err(failed(error)),
             }
         }
