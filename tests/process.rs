@@ -929,3 +929,37 @@ async fn a_worker_grown_by_a_burst_is_replaced_once_quiet() {
         }
     }
 }
+
+/// Whether the process `pid` is running (not gone, not a zombie).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| Some(stat.rsplit_once(") ")?.1.chars().next()? != 'Z'))
+        .unwrap_or(false)
+}
+
+/// A master killed outright leaves its workers no one to stop them: they see their parent
+/// change and leave, and a host started at once on the same address and data directory binds
+/// (retrying while they go, as gunicorn does) and serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workers_of_a_killed_master_leave_and_a_restart_takes_its_address() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_string_lossy().into_owned();
+    let bind = format!("127.0.0.1:{}", blackbox::free_port());
+    let args = ["--workers", "2", "--bind", &bind, "--data-dir", &data_dir];
+    let killed = HostProcess::start(&guest("hello"), &args);
+    let orphans = wait_for_workers(&killed, 2, Duration::from_secs(10));
+    killed.signal(libc::SIGKILL);
+    let restarted = HostProcess::start(&guest("hello"), &args);
+    let gone = poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        orphans.iter().all(|pid| !running(*pid)).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "the killed master's workers {orphans:?} still run"
+    );
+    assert_eq!(get_status(&format!("http://{bind}/")).await, 200);
+    drop(killed);
+    let log = restarted.log();
+    assert!(!log.contains("Can't connect"), "{log}");
+}

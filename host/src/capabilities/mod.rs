@@ -153,12 +153,50 @@ pub fn scratch_dir(root: &Path) -> PathBuf {
 }
 
 /// Removes what a host that stopped (or crashed) left half-written, in every scratch root. Run
-/// by the master before any worker starts, so no file of this host is in use; the directories
-/// are made again by the workers.
+/// by the master before any worker starts. The directory of a process still alive is left: a
+/// worker of a master that was killed finishes its requests before it leaves.
 pub fn remove_leftovers(settings: &Settings) -> Result<()> {
-    scratch_roots(settings)
-        .iter()
-        .try_for_each(|directory| remove_dir(directory))
+    for root in scratch_roots(settings) {
+        let entries = match std::fs::read_dir(&root) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => {
+                return Err(error)
+                    .with_context(|| format!("cannot list the leftovers in {}", root.display()));
+            }
+        };
+        for entry in entries {
+            let entry = entry
+                .with_context(|| format!("cannot list the leftovers in {}", root.display()))?;
+            let alive = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse::<i32>().ok())
+                .is_some_and(process_is_alive);
+            if alive {
+                continue;
+            }
+            let path = entry.path();
+            let removed = match entry.file_type() {
+                Ok(kind) if kind.is_dir() => remove_dir(&path),
+                _ => std::fs::remove_file(&path)
+                    .or_else(|error| match error.kind() {
+                        std::io::ErrorKind::NotFound => Ok(()),
+                        _ => Err(error),
+                    })
+                    .with_context(|| format!("cannot remove the leftover {}", path.display())),
+            };
+            removed?;
+        }
+    }
+    Ok(())
+}
+
+fn process_is_alive(pid: i32) -> bool {
+    // SAFETY: kill(2) with signal 0 only checks that the process exists.
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
 }
 
 /// Removes what the worker `pid`, which has exited, left half-written (a part it was receiving

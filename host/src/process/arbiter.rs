@@ -113,7 +113,7 @@ fn run_with(
     settings.worker_tmp_dir = run_dir.path().to_owned();
     let baseline = precompile(&mut settings)?;
     check_budget(&settings, settings.workers, baseline)?;
-    let listeners = bind_all(&settings, &[])?;
+    let listeners = bind_all_at_start(&settings)?;
     if let Some(pidfile) = &settings.pidfile {
         std::fs::write(pidfile, format!("{}\n", std::process::id()))
             .with_context(|| format!("cannot write the pid file {}", pidfile.display()))?;
@@ -262,8 +262,7 @@ fn precompile(settings: &mut Settings) -> Result<Baseline> {
 fn prepare_in_child(settings: &Settings) -> Result<(Baseline, bool)> {
     let handed = HandoffFile::new(settings)?;
     let inherited = [handed.as_raw_fd()];
-    let mut command =
-        std::process::Command::new(std::env::current_exe().context("cannot find the host binary")?);
+    let mut command = host_command();
     handoff::without_secrets(&mut command)
         .arg("prepare")
         .envs(allocator_settings())
@@ -312,6 +311,32 @@ pub fn prepare(settings: &Settings) -> Result<(Baseline, bool)> {
         guests.push(linked);
     }
     Ok((Baseline::measure(), compiled_any))
+}
+
+/// Binds every address at start, retrying an address in use five times a second apart, as
+/// gunicorn does: the workers of a master that was killed leave within a second of it (they
+/// watch their parent), and a supervisor restarting the host at once must not lose to them.
+fn bind_all_at_start(settings: &Settings) -> Result<Vec<(BindAddress, Listener)>> {
+    const ATTEMPTS: u32 = 5;
+    for attempt in 1.. {
+        match bind_all(settings, &[]) {
+            Err(error) if attempt < ATTEMPTS && address_in_use(&error) => {
+                tracing::error!("{error:#}");
+                tracing::error!("Retrying in 1 second.");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            bound => return bound,
+        }
+    }
+    unreachable!("the loop returns by its last attempt")
+}
+
+fn address_in_use(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+    })
 }
 
 /// Binds every address of `settings`, reusing the listeners of `keep` that are still wanted.
@@ -494,9 +519,7 @@ impl Master {
                 .map(|(_, listener)| listener.as_raw_fd()),
         );
         inherited.push(heartbeat.as_raw_fd());
-        let mut command = tokio::process::Command::new(
-            std::env::current_exe().context("cannot find the host binary")?,
-        );
+        let mut command = tokio::process::Command::from(host_command());
         handoff::without_secrets(command.as_std_mut());
         command
             .arg("worker")
@@ -739,6 +762,18 @@ impl Master {
             let _ = std::fs::remove_file(pidfile);
         }
     }
+}
+
+/// A command running the binary this master runs, for its workers and its compile step:
+/// `/proc/self/exe`, which stays this very binary when the file is replaced or removed on disk
+/// (an upgrade in place), where its path would then name a new binary or nothing, and no worker
+/// could start again. The processes show the name the master was started with.
+fn host_command() -> std::process::Command {
+    let mut command = std::process::Command::new("/proc/self/exe");
+    if let Some(name) = std::env::args_os().next() {
+        command.arg0(name);
+    }
+    command
 }
 
 /// The allocator's settings for workers and the compile step (unless the environment sets

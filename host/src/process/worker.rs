@@ -292,6 +292,10 @@ fn stop_signal(
         let pid = std::process::id().to_string();
         tokio::select! {
             _ = term.recv() => Shutdown::Graceful(grace),
+            () = parent_gone() => {
+                tracing::info!("Parent changed, shutting down: worker {pid}");
+                Shutdown::Graceful(grace)
+            }
             () = recycled => {
                 mark_retiring();
                 Shutdown::Graceful(grace)
@@ -311,6 +315,22 @@ fn stop_signal(
             }
         }
     })
+}
+
+/// Resolves once the master is gone (the worker's parent changed), as gunicorn's workers
+/// check: a master killed outright leaves no one to stop its workers, and they would hold its
+/// sockets and its data against the next one.
+async fn parent_gone() {
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        ticks.tick().await;
+        // SAFETY: as above.
+        if unsafe { libc::getppid() } != parent {
+            return;
+        }
+    }
 }
 
 fn reopen_logs_on_usr1(error_log: LogFile, access_log: Option<Arc<AccessLog>>) -> Result<()> {
