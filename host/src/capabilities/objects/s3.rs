@@ -251,6 +251,26 @@ impl S3Store {
     }
 
     pub async fn list_parts(&self, key: &str, upload_id: &str) -> ObjectResult<Vec<PartInfo>> {
+        let mut parts: Vec<PartInfo> = self
+            .stored_parts(key, upload_id)
+            .await?
+            .iter()
+            .map(|part| PartInfo {
+                number: part.part_number().unwrap_or_default() as u32,
+                size: part.size().unwrap_or_default() as u64,
+                etag: part.e_tag().unwrap_or_default().to_owned(),
+            })
+            .collect();
+        parts.sort_by_key(|part| part.number);
+        Ok(parts)
+    }
+
+    /// S3's description of the upload's parts, every page of it.
+    async fn stored_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+    ) -> ObjectResult<Vec<aws_sdk_s3::types::Part>> {
         let upload_id = self.unseal(key, upload_id)?;
         let _permit = self.permit().await;
         let mut parts = Vec::new();
@@ -266,19 +286,12 @@ impl S3Store {
                 .send()
                 .await
                 .map_err(|e| failure("list parts", e))?;
-            for part in page.parts() {
-                parts.push(PartInfo {
-                    number: part.part_number().unwrap_or_default() as u32,
-                    size: part.size().unwrap_or_default() as u64,
-                    etag: part.e_tag().unwrap_or_default().to_owned(),
-                });
-            }
+            parts.extend(page.parts().iter().cloned());
             match (page.is_truncated(), page.next_part_number_marker()) {
                 (Some(true), Some(next)) => marker = Some(next.to_owned()),
                 _ => break,
             }
         }
-        parts.sort_by_key(|part| part.number);
         Ok(parts)
     }
 
@@ -407,30 +420,11 @@ impl S3Store {
 
     /// When the upload's latest part was stored (seconds since the epoch), if it has any.
     async fn last_part_stored(&self, key: &str, upload_id: &str) -> ObjectResult<Option<i64>> {
-        let s3_upload_id = self.unseal(key, upload_id)?;
-        let _permit = self.permit().await;
-        let mut latest = None;
-        let mut marker: Option<String> = None;
-        loop {
-            let page = self
-                .client
-                .list_parts()
-                .bucket(&self.bucket)
-                .key(self.full_key(key))
-                .upload_id(s3_upload_id)
-                .set_part_number_marker(marker.clone())
-                .send()
-                .await
-                .map_err(|e| failure("list parts", e))?;
-            for part in page.parts() {
-                latest = latest.max(part.last_modified().map(|time| time.secs()));
-            }
-            match (page.is_truncated(), page.next_part_number_marker()) {
-                (Some(true), Some(next)) => marker = Some(next.to_owned()),
-                _ => break,
-            }
-        }
-        Ok(latest)
+        let parts = self.stored_parts(key, upload_id).await?;
+        Ok(parts
+            .iter()
+            .filter_map(|part| part.last_modified().map(|time| time.secs()))
+            .max())
     }
 
     pub async fn put(&self, key: &str, data: Vec<u8>) -> ObjectResult<ObjectInfo> {
