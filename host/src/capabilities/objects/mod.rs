@@ -128,19 +128,21 @@ impl ObjectStore {
 }
 
 impl ObjectStore {
-    /// Aborts the uploads with no activity since `cutoff`, as an S3 lifecycle rule would;
-    /// returns how many. An upload completed or aborted meanwhile is not counted.
-    pub async fn abort_idle_uploads(&self, cutoff: std::time::SystemTime) -> ObjectResult<usize> {
-        let idle = on_store!(self, store => store.idle_uploads(cutoff).await)?;
-        let mut aborted = 0;
-        for (key, upload_id) in idle {
-            match on_store!(self, store => store.abort_multipart(&key, &upload_id).await) {
-                Ok(()) => aborted += 1,
-                Err(ObjectError::NoSuchUpload) => {}
-                Err(error) => return Err(error),
-            }
+    /// The uploads (key, upload id) with no activity since `cutoff`, as the store dates them.
+    pub async fn idle_uploads(
+        &self,
+        cutoff: std::time::SystemTime,
+    ) -> ObjectResult<Vec<(String, String)>> {
+        on_store!(self, store => store.idle_uploads(cutoff).await)
+    }
+
+    /// Aborts an upload; whether it was still there.
+    pub async fn abort_if_there(&self, key: &str, upload_id: &str) -> ObjectResult<bool> {
+        match on_store!(self, store => store.abort_multipart(key, upload_id).await) {
+            Ok(()) => Ok(true),
+            Err(ObjectError::NoSuchUpload) => Ok(false),
+            Err(error) => Err(error),
         }
-        Ok(aborted)
     }
 }
 
