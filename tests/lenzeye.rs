@@ -387,6 +387,49 @@ for_each_guest!(
     uploads_and_downloads_on_postgres_and_s3:
         uploads_and_downloads(Backends::PostgresS3)
 );
+for_each_guest!(
+    an_upload_past_the_expiry_is_gone_for_its_client: an_expired_upload(Backends::PostgresS3)
+);
+
+/// An upload its client left past `--upload-expiry` is removed by the host; the client coming
+/// back is told it is gone (404 for a part, 409 to start again for the complete), never a 500,
+/// and nothing of it is stored.
+async fn an_expired_upload(guest: Lenzeye, backends: Backends) {
+    let mut services = Services::start(backends);
+    let host = AppHost::start(
+        &mut services,
+        guest.guest(),
+        "expired",
+        &["--upload-expiry", "1", "--memory-limit", "32MiB"],
+    );
+    let user = User::create(&host).await;
+    let file = random_bytes(PART + 10, 11);
+    let (upload_id, _) = user.initiate("late.bin", file.len()).await;
+    let (status, answer) = user.part(&upload_id, 1, part_of(&file, 1)).await;
+    assert_eq!(status, 200, "{answer}");
+    // Past twice the expiry and a sweep's interval (1 s).
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let (status, answer) = user.part(&upload_id, 2, part_of(&file, 2)).await;
+    assert_eq!(status, 404, "{answer}");
+    let (status, answer) = user.complete(&upload_id).await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("start it again"),
+        "{answer}"
+    );
+    if let Some(s3) = &services.s3 {
+        assert_eq!(s3.uploads(), Vec::<String>::new());
+    }
+    assert!(
+        !host.host.log().contains("[WARNING]"),
+        "{}",
+        host.host.log()
+    );
+}
+
 for_each_guest!(bad_requests_are_answered_and_change_nothing: bad_requests());
 
 async fn bad_requests(guest: Lenzeye) {

@@ -522,12 +522,14 @@ def recover_completed(file: FileRecord) -> str:
         stored = objects.head(file.object_key)
     except objects.ObjectError as error:
         raise object_refusal(error) from None
+    # Checked first: an upload aborted in the storage (past --upload-expiry, say) has an
+    # unfinished registry entry, or none, and is told as gone, not as a registry failure.
+    if stored is None or stored.size != file.size:
+        raise Refusal(409, "the upload is gone from the storage; start it again")
     try:
         hmac = hmac_registry.tag(file.id)
     except hmac_registry.RegistryError as error:
         raise registry_refusal(error) from None
-    if stored is None or stored.size != file.size:
-        raise Refusal(409, "the upload is gone from the storage; start it again")
     mark_ready(file, hmac)
     return hmac
 

@@ -367,10 +367,11 @@ pub fn complete(request: &Request, user: &User) -> Answer {
 
 /// The storage has the whole object and the registry its tag: only the row was not updated.
 fn recover_completed(file: &FileRecord) -> Result<String, Refusal> {
-    let object = objects::head(&file.object_key).map_err(object_refusal)?;
-    let hmac = hmac_registry::tag(&file.id).map_err(registry_refusal)?;
-    match object {
+    // Checked first: an upload aborted in the storage (past --upload-expiry, say) has an
+    // unfinished registry entry, or none, and is told as gone, not as a registry failure.
+    match objects::head(&file.object_key).map_err(object_refusal)? {
         Some(object) if object.size == file.size => {
+            let hmac = hmac_registry::tag(&file.id).map_err(registry_refusal)?;
             mark_ready(file, &hmac)?;
             Ok(hmac)
         }
