@@ -407,8 +407,8 @@ async fn an_expired_upload(guest: Lenzeye, backends: Backends) {
     let (upload_id, _) = user.initiate("late.bin", file.len()).await;
     let (status, answer) = user.part(&upload_id, 1, part_of(&file, 1)).await;
     assert_eq!(status, 200, "{answer}");
-    // Past twice the expiry and a sweep's interval (1 s).
-    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    // Past twice the expiry, in whole seconds, and a sweep's interval (0.5 to 1.5 s).
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
     let (status, answer) = user.part(&upload_id, 2, part_of(&file, 2)).await;
     assert_eq!(status, 404, "{answer}");
     let (status, answer) = user.complete(&upload_id).await;

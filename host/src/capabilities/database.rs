@@ -331,31 +331,45 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_)
         | sqlx::Error::Configuration(_) => true,
-        sqlx::Error::Database(error) => error.code().is_some_and(|code| is_outage(&code)),
+        sqlx::Error::Database(error) => is_outage(error.as_ref()),
         _ => false,
     }
 }
 
-/// Whether a database's error code says the database could not serve, not that it refused
-/// the statement: the server going down or not yet up, its connections or disk exhausted
+/// Whether a database's error says the database could not serve, not that it refused the
+/// statement: the server going down or not yet up, its connections or disk exhausted
 /// (PostgreSQL's SQLSTATEs); SQLite busy past its timeout, out of disk or unable to read its
-/// file (its result codes, given extended).
-fn is_outage(code: &str) -> bool {
-    const POSTGRES: [&str; 6] = ["57P01", "57P02", "57P03", "53100", "53200", "53300"];
-    if code.starts_with("08") || POSTGRES.contains(&code) {
-        return true;
+/// file (its result codes). Told apart by driver: a SQLSTATE such as 42501 is also a number.
+fn is_outage(error: &dyn sqlx::error::DatabaseError) -> bool {
+    let Some(code) = error.code() else {
+        return false;
+    };
+    if error
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some()
+    {
+        // Connection exceptions (not 08P01, a protocol violation: a statement's fault), the
+        // server shutting down or starting, out of disk, memory or connections.
+        const OUTAGES: [&str; 11] = [
+            "08000", "08001", "08003", "08004", "08006", "57P01", "57P02", "57P03", "53100",
+            "53200", "53300",
+        ];
+        return OUTAGES.contains(&code.as_ref());
     }
     // SQLite: the primary result code is the low byte of the extended one.
     const SQLITE_BUSY: i64 = 5;
     const SQLITE_IOERR: i64 = 10;
     const SQLITE_FULL: i64 = 13;
     const SQLITE_CANTOPEN: i64 = 14;
-    code.parse::<i64>().is_ok_and(|extended| {
-        matches!(
-            extended & 0xff,
-            SQLITE_BUSY | SQLITE_IOERR | SQLITE_FULL | SQLITE_CANTOPEN
-        )
-    })
+    error
+        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+        .is_some()
+        && code.parse::<i64>().is_ok_and(|extended| {
+            matches!(
+                extended & 0xff,
+                SQLITE_BUSY | SQLITE_IOERR | SQLITE_FULL | SQLITE_CANTOPEN
+            )
+        })
 }
 
 pub type Row = AnyRow;
