@@ -31,8 +31,13 @@ impl Quiet {
         let mut state = lock(&self.state);
         state.open += 1;
         state.since = None;
+        let first = state.open == 1;
         drop(state);
-        self.changed.notify_waiters();
+        // Only the first connection and the last one's end change what the waiters wait for:
+        // under load, connections come and go without waking them.
+        if first {
+            self.changed.notify_waiters();
+        }
         Open(Arc::clone(self))
     }
 
@@ -75,11 +80,14 @@ impl Drop for Open {
     fn drop(&mut self) {
         let mut state = lock(&self.0.state);
         state.open -= 1;
-        if state.open == 0 {
+        let last = state.open == 0;
+        if last {
             state.since = Some(Instant::now());
         }
         drop(state);
-        self.0.changed.notify_waiters();
+        if last {
+            self.0.changed.notify_waiters();
+        }
     }
 }
 
