@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 
 use crate::capabilities::AppCapabilities;
+use crate::capabilities::hmac_registry::unix_seconds;
 
 /// Sweeps `app` every tenth of `expiry`, within these bounds.
 const SHORTEST_INTERVAL: Duration = Duration::from_secs(1);
@@ -90,7 +91,7 @@ async fn abort_idle_uploads(
         .read_to_string(&mut text)
         .context("cannot read the expiry stamp")?;
     // An unreadable record (a host before this one left none) starts again from now.
-    let seen_before: BTreeMap<String, u64> = serde_json::from_str(&text).unwrap_or_default();
+    let seen_before: BTreeMap<String, i64> = serde_json::from_str(&text).unwrap_or_default();
     let idle = capabilities
         .objects
         .idle_uploads(cutoff)
@@ -117,11 +118,6 @@ async fn abort_idle_uploads(
         .and_then(|()| stamp.write_all(text.as_bytes()))
         .context("cannot write the expiry stamp")?;
     Ok(aborted)
-}
-
-fn unix_seconds(time: SystemTime) -> u64 {
-    time.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs())
 }
 
 /// The app's sweep, if no other worker is running it and none ran it within `interval`: the

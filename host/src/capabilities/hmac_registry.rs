@@ -426,7 +426,8 @@ impl Registry {
     }
 }
 
-fn unix_seconds(time: SystemTime) -> i64 {
+/// Seconds since the Unix epoch (0 before it).
+pub(crate) fn unix_seconds(time: SystemTime) -> i64 {
     time.duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |since| since.as_secs() as i64)
 }
