@@ -100,6 +100,9 @@ impl HostDatabase {
                                 .map(drop)
                         })
                     })
+                    .after_release(|connection, _| {
+                        Box::pin(async move { Ok(out_of_transaction(connection).await) })
+                    })
                     .connect_lazy(&sqlite_url(&dir.join("host.sqlite")))
             }
             BackendKind::Postgres(url) => options
@@ -227,6 +230,16 @@ impl HostDatabase {
             ""
         }
     }
+}
+
+/// Whether a SQLite connection given back to the pool is out of any transaction, and may serve
+/// the next one. A write that failed for a full disk or an I/O error has SQLite roll its
+/// transaction back itself; the ROLLBACK sqlx then sends fails ("no transaction is active"),
+/// and sqlx goes on counting the connection as inside one, refusing every later `BEGIN
+/// IMMEDIATE` on it. Such a connection is closed rather than reused.
+async fn out_of_transaction(connection: &mut sqlx::AnyConnection) -> bool {
+    // The ping runs after the rollback a dropped transaction queued, so the count is settled.
+    connection.ping().await.is_ok() && !connection.is_in_transaction()
 }
 
 pub fn sqlite_url(path: &Path) -> String {

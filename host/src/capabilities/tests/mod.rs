@@ -6,6 +6,7 @@
 //! host is configured is made there only.
 
 mod crypto;
+mod database;
 mod hmac_registry;
 mod objects;
 mod sql;
