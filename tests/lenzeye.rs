@@ -391,6 +391,32 @@ for_each_guest!(
     an_upload_past_the_expiry_is_gone_for_its_client: an_expired_upload(Backends::PostgresS3)
 );
 
+for_each_guest!(
+    the_first_requests_at_once_on_sqlite_make_the_tables_once:
+        first_requests_at_once(Backends::SqliteLocal)
+);
+for_each_guest!(
+    the_first_requests_at_once_on_postgres_make_the_tables_once:
+        first_requests_at_once(Backends::PostgresS3)
+);
+
+/// A new app's first requests, at once on two workers, find no tables, and several of them
+/// make them at the same time: every one is answered as if the tables had always been there,
+/// and nothing is logged as gone wrong.
+async fn first_requests_at_once(guest: Lenzeye, backends: Backends) {
+    let mut services = Services::start(backends);
+    let args = ["-k", "gthread", "--threads", "4", "--workers", "2"];
+    let host = AppHost::start(&mut services, guest.guest(), "first", &args);
+    let users = futures::future::join_all((0..8).map(|_| User::create(&host))).await;
+    let (status, answer) = users[0].call("GET", "/files", "").await;
+    assert_eq!(status, 200, "{answer}");
+    let log = host.host.log();
+    assert!(
+        !log.contains("[ERROR]") && !log.contains("[WARNING]"),
+        "{log}"
+    );
+}
+
 /// An upload its client left past `--upload-expiry` is removed by the host; the client coming
 /// back is told it is gone (404 for a part, 409 to start again for the complete), never a 500,
 /// and nothing of it is stored.

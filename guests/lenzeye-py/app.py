@@ -144,6 +144,12 @@ def missing_table(error: sql.SqlError) -> bool:
     )
 
 
+def made_by_another(error: sql.SqlError) -> bool:
+    """Whether making a table or index failed only because another request made it at the same
+    time (PostgreSQL: a unique violation on its catalog, or the relation already there)."""
+    return isinstance(error, sql.DatabaseError) and error.code in ("23505", "42P07", "42710")
+
+
 def with_schema(run):
     """Runs `run`, making the tables first if they are missing."""
     try:
@@ -152,12 +158,13 @@ def with_schema(run):
         if not missing_table(error):
             raise database_refusal(error) from None
     for statement in SCHEMA:
-        # Another request may be making them at the same time: its failure to repeat that
-        # work is no failure.
+        # Another request may be making them at the same time: on PostgreSQL the slower one's
+        # `IF NOT EXISTS` then fails once the faster one has committed, and the table is there.
         try:
             sql.execute(statement)
         except sql.SqlError as error:
-            print(f"making the tables: {error!r}", file=sys.stderr)
+            if not made_by_another(error):
+                print(f"making the tables: {error!r}", file=sys.stderr)
     try:
         return run()
     except sql.SqlError as error:

@@ -105,15 +105,26 @@ fn missing_table(error: &SqlError) -> bool {
     }
 }
 
+/// Whether making a table or index failed only because another request made it at the same
+/// time (PostgreSQL: a unique violation on its catalog, or the relation already there).
+fn made_by_another(error: &SqlError) -> bool {
+    matches!(error, SqlError::Database(refused)
+        if matches!(refused.code.as_deref(), Some("23505" | "42P07" | "42710")))
+}
+
 /// Runs `run`, making the tables first if they are missing.
 fn with_schema<T>(mut run: impl FnMut() -> Result<T, SqlError>) -> Result<T, Refusal> {
     match run() {
         Err(error) if missing_table(&error) => {
             for statement in SCHEMA {
-                // Another request may be making them at the same time: its failure to repeat
-                // that work is no failure.
-                if let Err(error) = sql::execute(statement, &[]) {
-                    eprintln!("making the tables: {error:?}");
+                // Another request may be making them at the same time: on PostgreSQL the
+                // slower one's `IF NOT EXISTS` then fails once the faster one has committed,
+                // and the table is there.
+                match sql::execute(statement, &[]) {
+                    Err(error) if !made_by_another(&error) => {
+                        eprintln!("making the tables: {error:?}")
+                    }
+                    _ => {}
                 }
             }
             run().map_err(refusal)
