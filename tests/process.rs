@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use blackbox::{
     HostProcess, guest, host_bin, http_client, poll_until, read_response, send_in_flight,
@@ -881,24 +881,7 @@ async fn a_worker_grown_by_a_burst_is_replaced_once_quiet() {
             .first()
             .unwrap();
         let at_start = private_memory(pid);
-        // One connection per request, so none stays open once the burst is over.
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .pool_max_idle_per_host(0)
-            .build()
-            .unwrap();
-        for _ in 0..3 {
-            let burst = (0..6).map(|_| {
-                let request = client.get(host.url("/grow?mb=8")).send();
-                async move { request.await.map(|r| r.status().as_u16()).unwrap_or(0) }
-            });
-            assert!(
-                futures::future::join_all(burst)
-                    .await
-                    .iter()
-                    .all(|s| *s == 200)
-            );
-        }
+        grow_by_a_burst(&host).await;
         let grown = private_memory(pid);
         assert!(
             grown > at_start + 4 * MIB,
@@ -930,6 +913,74 @@ async fn a_worker_grown_by_a_burst_is_replaced_once_quiet() {
     }
 }
 
+/// A client that opens a connection for every request, so none stays open between them.
+fn client_without_keep_alive() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
+/// Three bursts of six requests that each grow an instance by 8 MiB, on `host`'s faults guest.
+async fn grow_by_a_burst(host: &HostProcess) {
+    let client = client_without_keep_alive();
+    for _ in 0..3 {
+        let burst = (0..6).map(|_| {
+            let request = client.get(host.url("/grow?mb=8")).send();
+            async move { request.await.map(|r| r.status().as_u16()).unwrap_or(0) }
+        });
+        assert!(
+            futures::future::join_all(burst)
+                .await
+                .iter()
+                .all(|s| *s == 200)
+        );
+    }
+}
+
+/// Clients arriving while a quiet, grown worker hands over to its replacement (it keeps
+/// accepting while the new one starts, then finishes what it accepted): every request is
+/// answered, none waits for the replacement to start, and the replacement serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_arriving_during_an_idle_recycle_are_served_at_once() {
+    let host = HostProcess::start(&guest("faults"), &["--threads", "6", "--idle-recycle", "1"]);
+    let pid = *wait_for_workers(&host, 1, Duration::from_secs(10))
+        .first()
+        .unwrap();
+    grow_by_a_burst(&host).await;
+    poll_until(Duration::from_secs(10), Duration::from_millis(5), || {
+        host.log().contains("Recycling the worker").then_some(())
+    })
+    .unwrap_or_else(|| panic!("the grown worker did not recycle; log:\n{}", host.log()));
+
+    // From the decision on, through the handover and past it: a request every 20 ms.
+    let client = client_without_keep_alive();
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut failures = Vec::new();
+    let mut slowest = Duration::ZERO;
+    while Instant::now() < until {
+        let started = Instant::now();
+        match client.get(host.url("/")).send().await {
+            Ok(response) if response.status() == 200 => {}
+            Ok(response) => failures.push(format!("status {}", response.status())),
+            Err(error) => failures.push(format!("{error:?}")),
+        }
+        slowest = slowest.max(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(failures.is_empty(), "{failures:?}; log:\n{}", host.log());
+    assert!(
+        slowest < Duration::from_millis(250),
+        "a request waited {slowest:?} during the handover"
+    );
+    let now = workers(host.pid());
+    assert!(
+        now.len() == 1 && !now.contains(&pid),
+        "the grown worker {pid} was not replaced: {now:?}"
+    );
+}
+
 /// Whether the process `pid` is running (not gone, not a zombie).
 fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -958,6 +1009,11 @@ async fn the_workers_of_a_killed_master_leave_and_a_restart_takes_its_address() 
         gone.is_some(),
         "the killed master's workers {orphans:?} still run"
     );
+    // With no master to reap them, they removed their own scratch directories.
+    for pid in &orphans {
+        let scratch = data.path().join("tmp").join(pid.to_string());
+        assert!(!scratch.exists(), "{} is left", scratch.display());
+    }
     assert_eq!(get_status(&format!("http://{bind}/")).await, 200);
     drop(killed);
     let log = restarted.log();

@@ -43,6 +43,8 @@ pub fn run(
 ) -> Result<(), StartError> {
     let settings = &handoff.settings;
     let pid = std::process::id();
+    // SAFETY: getppid has no preconditions.
+    let master = unsafe { libc::getppid() };
     tracing::info!("Booting worker with pid: {pid}");
     let engine = engine::build(EngineSizing::for_apps(&settings.apps)).map_err(StartError::Boot)?;
     let instances: usize = settings
@@ -181,6 +183,14 @@ pub fn run(
         })
         .map_err(StartError::Boot)?;
     hooks::event("worker_exit", &[("pid", pid.to_string())]);
+    // A master that reaps this worker removes its scratch files; with the master gone, the
+    // worker does, rather than leave them to the next start of the host.
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } != master
+        && let Err(error) = crate::capabilities::remove_leftovers_of(settings, pid)
+    {
+        tracing::error!("{error:#}");
+    }
     tracing::info!("Worker exiting (pid: {pid})");
     Ok(())
 }
