@@ -42,8 +42,9 @@ pub fn sweep_abandoned_uploads(
             // Spread over the interval, so workers started together do not all try at once.
             let jitter = (crate::random::random_u64() % 1000) as f64 / 1000.0;
             tokio::time::sleep(interval.mul_f64(0.5 + jitter)).await;
-            match claim(&stamp, interval) {
-                Ok(Some(mut claimed)) => sweep(&app, &capabilities, expiry, &mut claimed).await,
+            let stamp = stamp.clone();
+            match blocking(move || claim(&stamp, interval)).await {
+                Ok(Some(claimed)) => sweep(&app, &capabilities, expiry, claimed).await,
                 Ok(None) => {}
                 Err(error) => tracing::warn!("app `{app}`: {error:#}"),
             }
@@ -51,7 +52,7 @@ pub fn sweep_abandoned_uploads(
     });
 }
 
-async fn sweep(app: &str, capabilities: &AppCapabilities, expiry: Duration, stamp: &mut File) {
+async fn sweep(app: &str, capabilities: &AppCapabilities, expiry: Duration, stamp: File) {
     let now = SystemTime::now();
     let Some(cutoff) = now.checked_sub(expiry) else {
         return;
@@ -81,15 +82,19 @@ async fn sweep(app: &str, capabilities: &AppCapabilities, expiry: Duration, stam
 /// then too (`sightings`, in the stamp file: upload id → seconds since the epoch).
 async fn abort_idle_uploads(
     capabilities: &AppCapabilities,
-    stamp: &mut File,
+    mut stamp: File,
     now: SystemTime,
     cutoff: SystemTime,
 ) -> Result<usize> {
-    let mut text = String::new();
-    stamp.rewind().context("cannot read the expiry stamp")?;
-    stamp
-        .read_to_string(&mut text)
-        .context("cannot read the expiry stamp")?;
+    let (mut stamp, text) = blocking(move || {
+        let mut text = String::new();
+        stamp
+            .rewind()
+            .and_then(|()| stamp.read_to_string(&mut text))
+            .context("cannot read the expiry stamp")?;
+        Ok((stamp, text))
+    })
+    .await?;
     // An unreadable record (a host before this one left none) starts again from now.
     let seen_before: BTreeMap<String, i64> = serde_json::from_str(&text).unwrap_or_default();
     let idle = capabilities
@@ -112,12 +117,25 @@ async fn abort_idle_uploads(
         }
     }
     let text = serde_json::to_string(&sightings).context("cannot record the idle uploads")?;
-    stamp
-        .set_len(0)
-        .and_then(|()| stamp.rewind())
-        .and_then(|()| stamp.write_all(text.as_bytes()))
-        .context("cannot write the expiry stamp")?;
+    blocking(move || {
+        stamp
+            .set_len(0)
+            .and_then(|()| stamp.rewind())
+            .and_then(|()| stamp.write_all(text.as_bytes()))
+            .context("cannot write the expiry stamp")
+    })
+    .await?;
     Ok(aborted)
+}
+
+/// Runs file work off the async threads: a slow or full disk holds a blocking thread, not
+/// the requests.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .context("the expiry's file work did not finish")?
 }
 
 /// The app's sweep, if no other worker is running it and none ran it within `interval`: the
