@@ -24,8 +24,9 @@ use crate::serving::handler::{Peer, RequestHandler};
 use crate::serving::quiet::{Open, Quiet};
 use crate::settings::BindAddress;
 
-/// How long a draining worker waits for the first request of a connection it has just accepted.
-const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+/// How long a draining worker keeps an idle connection open for a request that may be on its
+/// way: the first of a connection it has just accepted, or the next one of a kept-alive one.
+const REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 /// The least time between two warnings that the connection cap is reached.
 const CAP_WARNING_INTERVAL: Duration = Duration::from_secs(60);
@@ -406,11 +407,11 @@ impl Acceptor {
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let handler = Arc::clone(&self.handler);
-        let first_request = Arc::new(Notify::new());
+        let request_arrived = Arc::new(Notify::new());
         let service = service_fn({
-            let first_request = Arc::clone(&first_request);
+            let request_arrived = Arc::clone(&request_arrived);
             move |request| {
-                first_request.notify_one();
+                request_arrived.notify_waiters();
                 Arc::clone(&handler).handle(request, Arc::clone(&peer))
             }
         });
@@ -429,11 +430,16 @@ impl Acceptor {
                 result = connection.as_mut() => return log_connection_end(result),
                 () = drain => {}
             }
-            // A client that has just connected is sending its first request: closing now would
-            // fail it. It gets a moment to arrive, and its response then says Connection: close.
+            // A client may be sending a request on this connection now: the first one of a
+            // connection just accepted, or the next one on a kept-alive connection. Closing
+            // under it would fail it (the client cannot tell whether it was served), so the
+            // request gets a moment to arrive, and its response then says Connection: close.
+            // A client silent for that long finds the connection closed before it sends, as
+            // after a keep-alive timeout.
+            let next_request = request_arrived.notified();
             tokio::select! {
                 result = connection.as_mut() => return log_connection_end(result),
-                _ = tokio::time::timeout(FIRST_REQUEST_GRACE, first_request.notified()) => {}
+                _ = tokio::time::timeout(REQUEST_GRACE, next_request) => {}
             }
             connection.as_mut().graceful_shutdown();
             log_connection_end(connection.await);
