@@ -75,3 +75,50 @@ fn sigterm_finishes_in_flight_requests_and_exits_0() {
         "the host exited with {status} after SIGTERM"
     );
 }
+
+/// A client sending request after request on one kept-alive connection while the host stops
+/// gracefully: no request it sends is cut by the connection closing under it, the first one
+/// answered after the signal says `Connection: close`, and the client cannot hold the worker
+/// past that: the host exits within moments, far inside `--graceful-timeout`.
+#[test]
+fn a_busy_kept_alive_connection_is_answered_then_closed_on_sigterm() {
+    let mut host = HostProcess::start(&guest("hello"), &["--graceful-timeout", "30"]);
+    let addr = host.addr();
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = get_request("/", &addr.to_string(), &[]);
+    let mut exchange = || {
+        stream
+            .write_all(&request)
+            .and_then(|()| read_response(&mut stream))
+    };
+    let before = exchange().expect("a request before the signal is answered");
+    assert_eq!(before.status, 200);
+    assert_ne!(before.header("connection"), Some("close"));
+
+    let signalled = Instant::now();
+    host.signal(libc::SIGTERM);
+    loop {
+        std::thread::sleep(Duration::from_millis(10));
+        let response = exchange().unwrap_or_else(|error| {
+            panic!(
+                "a request sent {:?} after SIGTERM was cut: {error}",
+                signalled.elapsed()
+            )
+        });
+        assert_eq!(response.status, 200, "{response:?}");
+        if response.header("connection") == Some("close") {
+            break;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(10),
+            "the connection was still kept alive 10 s after SIGTERM"
+        );
+    }
+    let status = host
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("the host had not exited 5 s after closing the connection"));
+    assert_eq!(status.code(), Some(0), "{status}");
+}
