@@ -981,6 +981,35 @@ async fn clients_arriving_during_an_idle_recycle_are_served_at_once() {
     );
 }
 
+/// A master killed while a worker is still booting (here one TTIN asked for, killed as soon as
+/// its process exists): the worker too sees its master gone once it serves, and leaves, rather
+/// than take the orphaned worker's parent for its master and hold the address for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_booting_when_its_master_is_killed_leaves_too() {
+    let host = HostProcess::start(&guest("hello"), &["--workers", "1"]);
+    let first = wait_for_workers(&host, 1, Duration::from_secs(10));
+    host.signal(libc::SIGTTIN);
+    let booting = poll_until(Duration::from_secs(10), Duration::from_millis(1), || {
+        workers(host.pid())
+            .into_iter()
+            .find(|pid| !first.contains(pid))
+    })
+    .unwrap_or_else(|| panic!("TTIN started no worker; log:\n{}", host.log()));
+    host.signal(libc::SIGKILL);
+    let gone = poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        first
+            .iter()
+            .chain([&booting])
+            .all(|pid| !running(*pid))
+            .then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "a worker of the killed master still runs: {first:?} + {booting}; log:\n{}",
+        host.log()
+    );
+}
+
 /// Whether the process `pid` is running (not gone, not a zombie).
 fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

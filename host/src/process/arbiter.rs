@@ -510,6 +510,7 @@ impl Master {
             settings: self.settings.clone(),
             master_key: self.master_key,
             host_semaphores: self.host_semaphores,
+            master_pid: std::process::id(),
         };
         let handed = HandoffFile::new(&handoff).context("cannot pass the settings to a worker")?;
         let mut inherited = vec![handed.as_raw_fd()];

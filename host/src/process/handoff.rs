@@ -50,6 +50,9 @@ pub struct WorkerHandoff {
     pub master_key: [u8; 32],
     /// The System V semaphore set of the host-wide bounds, made by the master.
     pub host_semaphores: i32,
+    /// The master's pid: a worker whose parent is no longer this one leaves (a master killed
+    /// even before the worker started is seen so).
+    pub master_pid: u32,
 }
 
 /// What `host prepare` answers, as one line on its standard output.

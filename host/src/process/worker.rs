@@ -43,8 +43,7 @@ pub fn run(
 ) -> Result<(), StartError> {
     let settings = &handoff.settings;
     let pid = std::process::id();
-    // SAFETY: getppid has no preconditions.
-    let master = unsafe { libc::getppid() };
+    let master = handoff.master_pid;
     tracing::info!("Booting worker with pid: {pid}");
     let engine = engine::build(EngineSizing::for_apps(&settings.apps)).map_err(StartError::Boot)?;
     let instances: usize = settings
@@ -177,7 +176,7 @@ pub fn run(
                 wait,
                 baseline: proc_memory::private_resident_bytes(),
             });
-            let stop = stop_signal(settings, recycle.clone(), idle_recycle, heartbeat)?;
+            let stop = stop_signal(settings, master, recycle.clone(), idle_recycle, heartbeat)?;
             hooks::event("post_worker_init", &[("pid", pid.to_string())]);
             server::serve(listeners, handler, connections, stop).await
         })
@@ -186,7 +185,7 @@ pub fn run(
     // A master that reaps this worker removes its scratch files; with the master gone, the
     // worker does, rather than leave them to the next start of the host.
     // SAFETY: getppid has no preconditions.
-    if unsafe { libc::getppid() } != master
+    if !master_alive(master)
         && let Err(error) = crate::capabilities::remove_leftovers_of(settings, pid)
     {
         tracing::error!("{error:#}");
@@ -266,6 +265,7 @@ fn keep_beating(heartbeat: Arc<Heartbeat>, timeout: Option<Duration>) {
 /// before the worker serves, so no early signal finds the default disposition.
 fn stop_signal(
     settings: &Settings,
+    master: u32,
     recycle: Option<Arc<MaxRequests>>,
     idle_recycle: Option<IdleRecycle>,
     heartbeat: Arc<Heartbeat>,
@@ -302,7 +302,7 @@ fn stop_signal(
         let pid = std::process::id().to_string();
         tokio::select! {
             _ = term.recv() => Shutdown::Graceful(grace),
-            () = parent_gone() => {
+            () = parent_gone(master) => {
                 tracing::info!("Parent changed, shutting down: worker {pid}");
                 Shutdown::Graceful(grace)
             }
@@ -327,20 +327,23 @@ fn stop_signal(
     })
 }
 
-/// Resolves once the master is gone (the worker's parent changed), as gunicorn's workers
-/// check: a master killed outright leaves no one to stop its workers, and they would hold its
-/// sockets and its data against the next one.
-async fn parent_gone() {
-    // SAFETY: getppid has no preconditions.
-    let parent = unsafe { libc::getppid() };
+/// Resolves once the master is gone (the worker's parent is no longer `master`), as
+/// gunicorn's workers check: a master killed outright leaves no one to stop its workers, and
+/// they would hold its sockets and its data against the next one.
+async fn parent_gone(master: u32) {
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     loop {
         ticks.tick().await;
-        // SAFETY: as above.
-        if unsafe { libc::getppid() } != parent {
+        if !master_alive(master) {
             return;
         }
     }
+}
+
+/// Whether this worker's parent is still the master that started it.
+fn master_alive(master: u32) -> bool {
+    // SAFETY: getppid has no preconditions.
+    u32::try_from(unsafe { libc::getppid() }).is_ok_and(|parent| parent == master)
 }
 
 fn reopen_logs_on_usr1(error_log: LogFile, access_log: Option<Arc<AccessLog>>) -> Result<()> {
