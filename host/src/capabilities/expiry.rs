@@ -20,8 +20,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 
-use crate::capabilities::AppCapabilities;
 use crate::capabilities::hmac_registry::unix_seconds;
+use crate::capabilities::{AppCapabilities, blocking};
 
 /// Sweeps `app` every tenth of `expiry`, within these bounds.
 const SHORTEST_INTERVAL: Duration = Duration::from_secs(1);
@@ -88,13 +88,12 @@ async fn abort_idle_uploads(
 ) -> Result<usize> {
     let (mut stamp, text) = blocking(move || {
         let mut text = String::new();
-        stamp
-            .rewind()
-            .and_then(|()| stamp.read_to_string(&mut text))
-            .context("cannot read the expiry stamp")?;
-        Ok((stamp, text))
+        stamp.rewind()?;
+        stamp.read_to_string(&mut text)?;
+        Ok::<_, std::io::Error>((stamp, text))
     })
-    .await?;
+    .await
+    .context("cannot read the expiry stamp")?;
     // An unreadable record (a host before this one left none) starts again from now.
     let seen_before: BTreeMap<String, i64> = serde_json::from_str(&text).unwrap_or_default();
     let idle = capabilities
@@ -118,24 +117,13 @@ async fn abort_idle_uploads(
     }
     let text = serde_json::to_string(&sightings).context("cannot record the idle uploads")?;
     blocking(move || {
-        stamp
-            .set_len(0)
-            .and_then(|()| stamp.rewind())
-            .and_then(|()| stamp.write_all(text.as_bytes()))
-            .context("cannot write the expiry stamp")
+        stamp.set_len(0)?;
+        stamp.rewind()?;
+        stamp.write_all(text.as_bytes())
     })
-    .await?;
+    .await
+    .context("cannot write the expiry stamp")?;
     Ok(aborted)
-}
-
-/// Runs file work off the async threads: a slow or full disk holds a blocking thread, not
-/// the requests.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .context("the expiry's file work did not finish")?
 }
 
 /// The app's sweep, if no other worker is running it and none ran it within `interval`: the

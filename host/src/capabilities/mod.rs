@@ -147,6 +147,24 @@ fn scratch_roots(settings: &Settings) -> Vec<PathBuf> {
     roots
 }
 
+/// File work on a blocking thread, without the copies of `tokio::fs`: a slow or full disk holds
+/// a blocking thread, not the ones serving requests.
+pub(crate) async fn blocking<T, E>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: From<std::io::Error> + Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|error| {
+            Err(E::from(std::io::Error::other(format!(
+                "a file task was lost: {error}"
+            ))))
+        })
+}
+
 /// This process's own subdirectory of a scratch root.
 pub fn scratch_dir(root: &Path) -> PathBuf {
     root.join(std::process::id().to_string())

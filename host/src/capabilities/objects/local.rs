@@ -22,6 +22,7 @@ use tokio::io::AsyncWriteExt;
 use wasmtime_wasi::p2::DynInputStream;
 
 use super::{Exact, ObjectResult};
+use crate::capabilities::blocking;
 use crate::capabilities::host::capabilities::objects::{ObjectError, ObjectInfo, PartInfo};
 use crate::capabilities::streams::{CHUNK, Next, Produce, Produced};
 
@@ -529,7 +530,7 @@ impl Produce for FileChunks {
             let mut chunk = vec![0u8; want];
             let read = file.read_at(&mut chunk, position)?;
             chunk.truncate(read);
-            Ok(chunk)
+            Ok::<_, std::io::Error>(chunk)
         })
         .await;
         let next = match read {
@@ -545,19 +546,6 @@ impl Produce for FileChunks {
         };
         (self, next)
     }
-}
-
-/// File work on a blocking thread, without the copies of `tokio::fs`.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> std::io::Result<T> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .unwrap_or_else(|error| {
-            Err(std::io::Error::other(format!(
-                "a file task was lost: {error}"
-            )))
-        })
 }
 
 fn random_token() -> Result<String, getrandom::Error> {
