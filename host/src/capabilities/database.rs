@@ -238,8 +238,10 @@ impl HostDatabase {
 /// and sqlx goes on counting the connection as inside one, refusing every later `BEGIN
 /// IMMEDIATE` on it. Such a connection is closed rather than reused.
 async fn out_of_transaction(connection: &mut sqlx::AnyConnection) -> bool {
-    // The ping runs after the rollback a dropped transaction queued, so the count is settled.
-    connection.ping().await.is_ok() && !connection.is_in_transaction()
+    // A committed transaction has settled the count already (the usual case: no round trip).
+    // A dropped one has queued a rollback: the ping runs after it.
+    !connection.is_in_transaction()
+        || (connection.ping().await.is_ok() && !connection.is_in_transaction())
 }
 
 pub fn sqlite_url(path: &Path) -> String {

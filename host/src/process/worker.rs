@@ -184,7 +184,6 @@ pub fn run(
     hooks::event("worker_exit", &[("pid", pid.to_string())]);
     // A master that reaps this worker removes its scratch files; with the master gone, the
     // worker does, rather than leave them to the next start of the host.
-    // SAFETY: getppid has no preconditions.
     if !master_alive(master)
         && let Err(error) = crate::capabilities::remove_leftovers_of(settings, pid)
     {
