@@ -173,32 +173,7 @@ pub fn cache_dir() -> PathBuf {
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
-///
-/// Taken below the kernel's ephemeral range when there is room there: a port from that range,
-/// free now, can become the local port of any test's next outgoing connection before the host
-/// binds it (and a restarted host must bind the same one again).
 pub fn free_port() -> u16 {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let lowest_ephemeral = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32768);
-    let first = 10_000;
-    if lowest_ephemeral > first + 1_000 {
-        // Spread over the range by process and call, so concurrent test processes rarely try
-        // the same port first.
-        let span = lowest_ephemeral - first;
-        let seed = std::process::id().wrapping_mul(2_654_435_761);
-        for _ in 0..1_000 {
-            let call = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let port = first + seed.wrapping_add(call.wrapping_mul(7_919)) % span;
-            if let Ok(port) = u16::try_from(port)
-                && TcpListener::bind(("127.0.0.1", port)).is_ok()
-            {
-                return port;
-            }
-        }
-    }
     let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind an ephemeral port");
     listener
         .local_addr()
