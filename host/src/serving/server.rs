@@ -3,6 +3,7 @@
 //! (`--max-connections`), and a drain on shutdown in which no in-flight request is dropped (they
 //! finish with `Connection: close`) and idle connections are closed.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,11 +11,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use hyper::header::{CONNECTION, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::http::accept_failed;
@@ -407,12 +409,23 @@ impl Acceptor {
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let handler = Arc::clone(&self.handler);
-        let request_arrived = Arc::new(Notify::new());
         let service = service_fn({
-            let request_arrived = Arc::clone(&request_arrived);
+            let draining = self.draining.clone();
             move |request| {
-                request_arrived.notify_waiters();
-                Arc::clone(&handler).handle(request, Arc::clone(&peer))
+                let answer = Arc::clone(&handler).handle(request, Arc::clone(&peer));
+                let draining = draining.clone();
+                async move {
+                    let mut response = answer.await?;
+                    // A response given while the worker drains is the connection's last: hyper
+                    // closes it once the response is out, so no next request can be sent into
+                    // a connection about to close.
+                    if *draining.borrow() {
+                        response
+                            .headers_mut()
+                            .insert(CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, Infallible>(response)
+                }
             }
         });
         let connection = self.http.serve_connection(io, service);
@@ -432,15 +445,15 @@ impl Acceptor {
             }
             // A client may be sending a request on this connection now: the first one of a
             // connection just accepted, or the next one on a kept-alive connection. Closing
-            // under it would fail it (the client cannot tell whether it was served), so the
-            // request gets a moment to arrive, and its response then says Connection: close.
-            // A client silent for that long finds the connection closed before it sends, as
-            // after a keep-alive timeout.
-            let next_request = request_arrived.notified();
+            // under it would fail it (the client cannot tell whether it was served), so a
+            // request gets a moment to arrive; its response says Connection: close and ends
+            // the connection. A client silent for that long finds the connection closed
+            // before it sends, as after a keep-alive timeout.
             tokio::select! {
                 result = connection.as_mut() => return log_connection_end(result),
-                _ = tokio::time::timeout(REQUEST_GRACE, next_request) => {}
+                () = tokio::time::sleep(REQUEST_GRACE) => {}
             }
+            // A request still in flight finishes first, with Connection: close.
             connection.as_mut().graceful_shutdown();
             log_connection_end(connection.await);
         });
