@@ -47,9 +47,9 @@ pub struct Guest {
     env: Vec<(String, String)>,
     outbound: Arc<OutboundClient>,
     metrics: AppMetrics,
-    /// Instances kept between requests; `None` when every request gets a fresh one.
+    /// p2 instances kept between requests; `None` when every request gets a fresh one.
     kept: Option<Arc<KeptInstances<Kept>>>,
-    /// p3 instances that serve several requests at once, in place of `kept`.
+    /// Kept p3 instances, each on its own event loop, in place of `kept`.
     shared: Option<Arc<SharedInstances<p3::Job>>>,
 }
 
@@ -340,11 +340,10 @@ impl Guest {
     ) -> Result<Guest> {
         let pre = link(engine, component, app)?;
         let reuse = &app.settings.reuse;
-        let shared = reuse.concurrency > 1 && reuse.keeps_instances();
         let shared = match &pre {
-            HandlerPre::P3(_) => shared,
+            HandlerPre::P3(_) => reuse.keeps_instances(),
             HandlerPre::P2(_) => {
-                if shared {
+                if reuse.concurrency > 1 && reuse.keeps_instances() {
                     tracing::info!(
                         "app {}: a WASIp2 instance serves one request at a time (--instance-concurrency applies to WASIp3 components)",
                         app.name
@@ -529,7 +528,6 @@ impl Guest {
         // Known once the response has gone out whole or cannot: a p3 guest's body is written
         // while its instance runs, so its run lasts until then.
         let mut delivered = Some(delivered);
-        let mut whole = None;
         let call = async {
             let handler = match handler.take() {
                 Some(handler) => handler,
@@ -555,12 +553,11 @@ impl Guest {
                         .call_handle(&mut store, request, response)
                         .await?;
                 }
+                // A fresh p3 instance: kept ones run on their own event loops (`run_shared`).
                 Handler::P3(service) => {
                     let delivered = delivered.take();
-                    whole = Some(
-                        p3::serve_alone(&mut store, service, request, scheme, sender, delivered)
-                            .await?,
-                    );
+                    p3::serve_alone(&mut store, service, request, scheme, sender, delivered)
+                        .await?;
                 }
             }
             Ok::<_, wasmtime::Error>(handler)
@@ -592,10 +589,9 @@ impl Guest {
         instance.served += 1;
         // The instance is kept only once its response has gone out whole: until then the
         // body's sender lives in its store.
-        let whole = match (whole, delivered) {
-            (Some(whole), _) => whole,
-            (None, None) => false,
-            (None, Some(delivered)) => {
+        let whole = match delivered {
+            None => false,
+            Some(delivered) => {
                 let waited_enough = Instant::now() + DELIVERY_WAIT;
                 let wait_until =
                     deadline.map_or(waited_enough, |deadline| deadline.min(waited_enough));

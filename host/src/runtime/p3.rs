@@ -1,5 +1,6 @@
-//! Serving WASIp3 (`wasi:http/service`) instances: a request on its own instance, and an
-//! instance that serves several requests at once (`shared`).
+//! Serving WASIp3 (`wasi:http/service`) instances: a request on a fresh instance of its own,
+//! and a kept instance that serves its requests, one or several at once, on one event loop
+//! for its whole life (`shared`).
 //!
 //! A p3 guest returns its response head from `handle` and writes the body from tasks of its
 //! own, which run only while the store's event loop (`run_concurrent`) does: so a request's
@@ -63,7 +64,7 @@ pub async fn handle(
     })
 }
 
-/// Serves one request on an instance of its own (or one kept between requests).
+/// Serves one request on a fresh instance of its own.
 pub async fn serve_alone(
     store: &mut Store<GuestState>,
     service: &Service,
@@ -71,12 +72,13 @@ pub async fn serve_alone(
     scheme: Scheme,
     sender: ResponseSender,
     delivered: Option<cut::BodyDelivered>,
-) -> wasmtime::Result<bool> {
+) -> wasmtime::Result<()> {
     store
         .run_concurrent(async |accessor| {
             handle(accessor, service, request, scheme, sender, delivered).await
         })
         .await?
+        .map(drop)
 }
 
 /// The request with its scheme and authority (from `Host`) in its URI, where a p3 guest reads
@@ -127,6 +129,12 @@ enum JobEnd {
 /// A job a shared instance holds: where its outcome goes, and its deadline.
 type Waiting = (oneshot::Sender<Result<(), GuestFailure>>, Option<Instant>);
 
+/// A job's outcome, and where it goes.
+type Outcome = (
+    oneshot::Sender<Result<(), GuestFailure>>,
+    Result<(), GuestFailure>,
+);
+
 /// A shared instance that failed: its error, and the job whose call failed, if one did.
 struct InstanceFailed {
     error: wasmtime::Error,
@@ -147,6 +155,8 @@ pub async fn drive(
     // Each job's `done`, and its deadline, by its sequence number: answered from here even
     // when the instance fails and its jobs' futures are dropped.
     let waiting: Mutex<HashMap<u64, Waiting>> = Mutex::new(HashMap::new());
+    // The outcomes of the last requests of a closed instance, sent once it is dropped.
+    let last: Mutex<Vec<Outcome>> = Mutex::new(Vec::new());
     let service = &service;
     let ended = store
         .run_concurrent(async |accessor| {
@@ -165,26 +175,26 @@ pub async fn drive(
                 tokio::select! {
                     Some((seq, end)) = running.next(), if !idle => {
                         let end = end.map_err(|error| InstanceFailed { error, job: Some(seq) })?;
-                        shared.finished(id);
+                        let mut open = shared.finished(id);
                         accessor.with(|mut access| access.data_mut().shared_request_ended(seq));
                         let Some((done, _)) = lock(&waiting).remove(&seq) else { continue };
-                        let closes = match end {
-                            JobEnd::Whole => {
-                                let _ = done.send(Ok(()));
-                                None
-                            }
-                            JobEnd::Cut => {
-                                let _ = done.send(Ok(()));
-                                Some(Retired::Cut)
-                            }
-                            JobEnd::Expired => {
-                                let _ = done.send(Err(guest.timeout_failure()));
-                                Some(Retired::Failed)
-                            }
+                        let (outcome, closes) = match end {
+                            JobEnd::Whole => (Ok(()), None),
+                            JobEnd::Cut => (Ok(()), Some(Retired::Cut)),
+                            JobEnd::Expired => (Err(guest.timeout_failure()), Some(Retired::Failed)),
                         };
                         if let Some(reason) = closes && shared.close(id) {
+                            open = false;
                             retired = Some(reason);
                             accessor.with(|mut access| access.data_mut().shared_closed());
+                        }
+                        // The last request of a closed instance gives its admission permit
+                        // back only once the instance is dropped: a request it lets in may
+                        // need the instance's place in the pool.
+                        if open || !running.is_empty() {
+                            let _ = done.send(outcome);
+                        } else {
+                            lock(&last).push((done, outcome));
                         }
                     }
                     job = jobs.recv(), if channel_open => match job {
@@ -215,7 +225,9 @@ pub async fn drive(
         .await;
     let failed = match ended {
         Ok(Ok(reason)) => {
+            drop(store);
             guest.metrics().instance_retired(reason);
+            send_outcomes(last);
             return;
         }
         Ok(Err(failed)) => failed,
@@ -224,6 +236,9 @@ pub async fn drive(
     shared.close(id);
     guest.metrics().instance_retired(Retired::Failed);
     let failure = guest.failure(failed.error, store.data().refused_memory());
+    // Dropped before the requests it held give their admission permits back.
+    drop(store);
+    send_outcomes(last);
     // Jobs given to the instance that it had not taken yet fail with it.
     jobs.close();
     let mut waiting = std::mem::take(&mut *lock(&waiting));
@@ -250,6 +265,15 @@ pub async fn drive(
         } else {
             GuestFailure::SharedInstanceFailed(Box::new(failure.clone()))
         }));
+    }
+}
+
+fn send_outcomes(outcomes: Mutex<Vec<Outcome>>) {
+    let outcomes = outcomes
+        .into_inner()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    for (done, outcome) in outcomes {
+        let _ = done.send(outcome);
     }
 }
 

@@ -1,5 +1,5 @@
-//! WASIp3 instances that serve several of an app's requests at once (`--instance-concurrency`
-//! above 1): which instance a request goes to, and when an instance stops taking requests.
+//! Kept WASIp3 instances, each serving up to `--instance-concurrency` of an app's requests at
+//! once: which instance a request goes to, and when an instance stops taking requests.
 //!
 //! Each instance is driven by a task of its own (its store's event loop); a request reaches it
 //! as a job on its channel. A request goes to an open instance with room, the busiest first,
@@ -129,15 +129,17 @@ impl<J> SharedInstances<J> {
         (id, receiver)
     }
 
-    /// One of the instance's jobs is done.
-    pub fn finished(&self, id: u64) {
+    /// One of the instance's jobs is done. Whether the instance is still open.
+    pub fn finished(&self, id: u64) -> bool {
         let mut open = lock(&self.open);
-        if let Some(entry) = open.instances.iter_mut().find(|entry| entry.id == id) {
-            entry.in_flight -= 1;
-            if entry.in_flight == 0 {
-                self.metrics.instance_kept();
-            }
+        let Some(entry) = open.instances.iter_mut().find(|entry| entry.id == id) else {
+            return false;
+        };
+        entry.in_flight -= 1;
+        if entry.in_flight == 0 {
+            self.metrics.instance_kept();
         }
+        true
     }
 
     /// Takes the instance out of the open list: it gets no more jobs. Whether it was open.
