@@ -111,7 +111,7 @@ pub struct Job {
     pub deadline: Option<Instant>,
     pub ends: RequestEnds,
     /// The request's outcome, for the task that waits on it.
-    pub done: oneshot::Sender<Result<(), GuestFailure>>,
+    pub done: Done,
     pub span: tracing::Span,
 }
 
@@ -126,14 +126,11 @@ enum JobEnd {
     Expired,
 }
 
-/// A job a shared instance holds: where its outcome goes, and its deadline.
-type Waiting = (oneshot::Sender<Result<(), GuestFailure>>, Option<Instant>);
+/// Where a job's outcome goes: the task that holds its request's admission permit.
+pub type Done = oneshot::Sender<Result<(), GuestFailure>>;
 
-/// A job's outcome, and where it goes.
-type Outcome = (
-    oneshot::Sender<Result<(), GuestFailure>>,
-    Result<(), GuestFailure>,
-);
+/// A job a shared instance holds: where its outcome goes, and its deadline.
+type Waiting = (Done, Option<Instant>);
 
 /// A shared instance that failed: its error, and the job whose call failed, if one did.
 struct InstanceFailed {
@@ -156,7 +153,7 @@ pub async fn drive(
     // when the instance fails and its jobs' futures are dropped.
     let waiting: Mutex<HashMap<u64, Waiting>> = Mutex::new(HashMap::new());
     // The outcomes of the last requests of a closed instance, sent once it is dropped.
-    let last: Mutex<Vec<Outcome>> = Mutex::new(Vec::new());
+    let last: Mutex<Vec<(Done, Result<(), GuestFailure>)>> = Mutex::new(Vec::new());
     let service = &service;
     let ended = store
         .run_concurrent(async |accessor| {
@@ -189,8 +186,7 @@ pub async fn drive(
                             accessor.with(|mut access| access.data_mut().shared_closed());
                         }
                         // The last request of a closed instance gives its admission permit
-                        // back only once the instance is dropped: a request it lets in may
-                        // need the instance's place in the pool.
+                        // back only once the instance is dropped (below).
                         if open || !running.is_empty() {
                             let _ = done.send(outcome);
                         } else {
@@ -223,11 +219,16 @@ pub async fn drive(
             }
         })
         .await;
+    let refused_memory = store.data().refused_memory();
+    // Dropped before the requests it held give their admission permits back: a request let in
+    // may need its place in the pool.
+    drop(store);
+    for (done, outcome) in std::mem::take(&mut *lock(&last)) {
+        let _ = done.send(outcome);
+    }
     let failed = match ended {
         Ok(Ok(reason)) => {
-            drop(store);
             guest.metrics().instance_retired(reason);
-            send_outcomes(last);
             return;
         }
         Ok(Err(failed)) => failed,
@@ -235,10 +236,7 @@ pub async fn drive(
     };
     shared.close(id);
     guest.metrics().instance_retired(Retired::Failed);
-    let failure = guest.failure(failed.error, store.data().refused_memory());
-    // Dropped before the requests it held give their admission permits back.
-    drop(store);
-    send_outcomes(last);
+    let failure = guest.failure(failed.error, refused_memory);
     // Jobs given to the instance that it had not taken yet fail with it.
     jobs.close();
     let mut waiting = std::mem::take(&mut *lock(&waiting));
@@ -265,15 +263,6 @@ pub async fn drive(
         } else {
             GuestFailure::SharedInstanceFailed(Box::new(failure.clone()))
         }));
-    }
-}
-
-fn send_outcomes(outcomes: Mutex<Vec<Outcome>>) {
-    let outcomes = outcomes
-        .into_inner()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    for (done, outcome) in outcomes {
-        let _ = done.send(outcome);
     }
 }
 
