@@ -18,6 +18,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "random",
             "clock",
             "lock",
+            "allocator",
         ],
     ),
     // Where settings come from: flags, environment, config files, `[[app]]` entries.

@@ -1,6 +1,7 @@
 //! `host`: serves WebAssembly HTTP components (`wasi:http/proxy`) the way gunicorn serves WSGI
 //! apps, with a memory cap, a deadline and a sandbox around every request.
 
+mod allocator;
 mod capabilities;
 mod clock;
 mod config;
@@ -92,6 +93,8 @@ fn exit_code(command: impl FnOnce() -> Result<ExitCode, Exit>) -> ExitCode {
 }
 
 fn serve() -> ExitCode {
+    // The master is long-lived and idle most of the time, as the workers are.
+    allocator::apply_here();
     exit_code(|| {
         let command_line: Vec<OsString> = std::env::args_os().skip(2).collect();
         let layered = config::load(&command_line).or_exit(ExitCode::FAILURE)?;

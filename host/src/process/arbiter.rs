@@ -250,6 +250,9 @@ fn precompile(settings: &mut Settings) -> Result<Baseline> {
         crate::serving::tls::server_config(files)?;
     }
     pin_components(settings)?;
+    // Reading and checking the components took their size, which the master, idle once its
+    // workers run, would otherwise keep.
+    crate::allocator::give_back_freed();
     match prepare_in_child(settings)? {
         // Measured again without the compiler's leftovers (a cold cache made the first figure
         // of a 31 MB Python component 115 MiB, of which a worker takes 4).
@@ -265,7 +268,7 @@ fn prepare_in_child(settings: &Settings) -> Result<(Baseline, bool)> {
     let mut command = host_command();
     handoff::without_secrets(&mut command)
         .arg("prepare")
-        .envs(allocator_settings())
+        .envs(crate::allocator::for_children())
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit());
     // SAFETY: the closure runs in the child between fork and exec and only calls fcntl and
@@ -524,7 +527,7 @@ impl Master {
         handoff::without_secrets(command.as_std_mut());
         command
             .arg("worker")
-            .envs(allocator_settings())
+            .envs(crate::allocator::for_children())
             .stdin(std::process::Stdio::null());
         // SAFETY: the closure runs in the child between fork and exec and only calls fcntl and
         // dup2, which are async-signal-safe.
@@ -775,28 +778,6 @@ fn host_command() -> std::process::Command {
         command.arg0(name);
     }
     command
-}
-
-/// The allocator's settings for workers and the compile step (unless the environment sets
-/// them). mimalloc commits an 8 MiB arena up front by default: most of an idle worker's memory;
-/// committing on demand costs nothing measurable. It keeps freed pages for a second before
-/// giving them back, which under a stream of 10 MiB parts is always: a worker then holds twice
-/// the memory it uses, and the compile step reports the compiler's leftovers as the baseline.
-/// And it collects the pages other threads freed into a thread's heap only every 10,000 slow
-/// allocations: chunks of a stream cross threads, so a worker kept ~5 MiB more under load.
-fn allocator_settings() -> [(&'static str, std::ffi::OsString); 3] {
-    let setting = |name: &str, value: &str| std::env::var_os(name).unwrap_or_else(|| value.into());
-    [
-        (
-            "MIMALLOC_ARENA_EAGER_COMMIT",
-            setting("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
-        ),
-        ("MIMALLOC_PURGE_DELAY", setting("MIMALLOC_PURGE_DELAY", "0")),
-        (
-            "MIMALLOC_GENERIC_COLLECT",
-            setting("MIMALLOC_GENERIC_COLLECT", "10"),
-        ),
-    ]
 }
 
 fn retire(worker: &mut WorkerProcess) {
