@@ -1,15 +1,19 @@
-//! The allocator's settings, the same in every process of the host (the master, its workers and
-//! the compile step), unless the environment sets them.
+//! The allocator, mimalloc, with the same settings in every process of the host (the master,
+//! its workers and the compile step), unless the environment sets them.
 //!
 //! mimalloc as it comes commits an 8 MiB arena up front: most of an idle worker's memory, while
 //! committing on demand costs nothing measurable. It keeps freed pages for a while before giving
 //! them back, and does so only when it is next called: under a stream of 10 MiB parts a worker
 //! then holds twice the memory it uses, and a master, idle once its workers run, kept the 21 MB
-//! a Python component took to read and check (a master of 41 MiB instead of 9). And it collects
+//! a Python component took to read and check (a master of 44 MiB instead of 11). And it collects
 //! the pages other threads freed into a thread's heap only every 10,000 slow allocations: chunks
 //! of a stream cross threads, so a worker kept ~5 MiB more under load.
 
 use std::ffi::OsString;
+
+/// Many small allocations per request (headers, resources, futures) from several threads.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// mimalloc's names for the settings, and their values here.
 const SETTINGS: [(&str, mimalloc_option::Id, i64); 3] = [

@@ -33,10 +33,6 @@ use crate::process::{arbiter, handoff, heartbeat, hooks, worker};
 use crate::serving::server::Listener;
 use crate::settings::{ServeArgs, Settings};
 
-/// Many small allocations per request (headers, resources, futures) from several threads.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "host", version, about, propagate_version = true)]
 struct Cli {
