@@ -16,7 +16,7 @@ use std::ffi::OsString;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// mimalloc's names for the settings, and their values here.
-const SETTINGS: [(&str, mimalloc_option::Id, i64); 3] = [
+const SETTINGS: [(&str, mimalloc_option::Id, std::ffi::c_long); 3] = [
     (
         "MIMALLOC_ARENA_EAGER_COMMIT",
         mimalloc_option::ARENA_EAGER_COMMIT,
@@ -48,7 +48,7 @@ pub fn apply_here() {
         if std::env::var_os(name).is_none() {
             // SAFETY: mimalloc's options are plain integers it reads atomically; setting one is
             // allowed at any time.
-            unsafe { libmimalloc_sys::mi_option_set(option, value as std::ffi::c_long) };
+            unsafe { libmimalloc_sys::mi_option_set(option, value) };
         }
     }
 }
@@ -60,11 +60,51 @@ pub fn give_back_freed() {
     unsafe { libmimalloc_sys::mi_collect(true) };
 }
 
-/// mimalloc 2.x's option numbers (`mi_option_t` in its `mimalloc.h`), which its Rust binding
-/// does not name.
+/// The option numbers of the mimalloc that libmimalloc-sys 0.1.49 builds (3.3: `mi_option_t` in
+/// its `mimalloc.h`; 2.x numbers some of them differently), which its Rust binding does not
+/// name. The test below checks them against mimalloc's own defaults.
 mod mimalloc_option {
     pub type Id = libmimalloc_sys::mi_option_t;
     pub const ARENA_EAGER_COMMIT: Id = 4;
     pub const PURGE_DELAY: Id = 15;
-    pub const GENERIC_COLLECT: Id = 36;
+    pub const GENERIC_COLLECT: Id = 34;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A number that names another option would set that option instead, silently: each one
+    /// must read mimalloc's default for the option it names (where the environment leaves it).
+    #[test]
+    fn each_option_number_names_the_option_mimalloc_knows_by_that_name() {
+        let defaults = [
+            (
+                "MIMALLOC_ARENA_EAGER_COMMIT",
+                mimalloc_option::ARENA_EAGER_COMMIT,
+                2,
+            ),
+            ("MIMALLOC_PURGE_DELAY", mimalloc_option::PURGE_DELAY, 1000),
+            (
+                "MIMALLOC_GENERIC_COLLECT",
+                mimalloc_option::GENERIC_COLLECT,
+                10_000,
+            ),
+        ];
+        assert_eq!(
+            defaults.map(|(name, ..)| name),
+            SETTINGS.map(|(name, ..)| name)
+        );
+        for (name, option, default) in defaults {
+            if std::env::var_os(name).is_some() {
+                continue;
+            }
+            // SAFETY: reading an option is allowed at any time.
+            let value = unsafe { libmimalloc_sys::mi_option_get(option) };
+            assert_eq!(
+                value, default,
+                "{name} is option {option}, whose value is {value}"
+            );
+        }
+    }
 }
