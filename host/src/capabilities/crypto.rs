@@ -22,10 +22,10 @@ use bytes::{Bytes, BytesMut};
 use wasmtime::component::Resource;
 use wasmtime_wasi::p2::DynInputStream;
 
-use crate::capabilities::CapabilityView;
 use crate::capabilities::host::capabilities::crypto::{CryptoError, Host};
 use crate::capabilities::host_semaphores::{self, Bound, HostSemaphores};
-use crate::capabilities::streams::{self, Ahead, Change, Next, Produced};
+use crate::capabilities::streams::{self, Ahead, CHUNK, Change, Next, Produced};
+use crate::capabilities::{CapabilityView, chunk_pool};
 
 const KEY_LENGTH: usize = 32;
 const NONCE_LENGTH: usize = 12;
@@ -247,15 +247,39 @@ async fn take_share(
 
 impl Change for Encrypting {
     async fn chunk(&mut self, bytes: Bytes) -> Next {
-        let mut data = bytes
-            .try_into_mut()
-            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+        // Encrypted in place if this stage holds the only reference, else into a reused chunk:
+        // the source's buffer (a request body's, say) is given back at once.
+        match bytes.try_into_mut() {
+            Ok(mut unique) => {
+                self.apply(&mut unique).await?;
+                Ok(Some(unique.freeze()))
+            }
+            Err(shared) if shared.len() <= CHUNK => {
+                let mut chunk = chunk_pool::take().context("no memory to encrypt into")?;
+                chunk.append(&shared);
+                drop(shared);
+                self.apply(chunk.as_mut()).await?;
+                Ok(Some(chunk.freeze()))
+            }
+            Err(shared) => {
+                let mut copy = BytesMut::from(&shared[..]);
+                drop(shared);
+                self.apply(&mut copy).await?;
+                Ok(Some(copy.freeze()))
+            }
+        }
+    }
+}
+
+impl Encrypting {
+    /// Applies the keystream to the next bytes of the stream, in a slot of the bound.
+    async fn apply(&mut self, data: &mut [u8]) -> Result<()> {
         let _share = take_share(&self.share).await;
         let _slot = host_semaphores::take_if_bounded(self.slots, Bound::Encryption).await;
         // Fails the stream for bytes past offset 2^64, before the offset could wrap.
-        apply_logged(&self.app, &self.keystream, self.offset, &mut data)?;
+        apply_logged(&self.app, &self.keystream, self.offset, data)?;
         self.offset += data.len() as u64;
-        Ok(Some(data.freeze()))
+        Ok(())
     }
 }
 

@@ -2,6 +2,7 @@
 //! Each app gets its own set, scoped to its name: its keys, registry entries, objects and
 //! database are invisible to every other app.
 
+pub(crate) mod chunk_pool;
 pub mod crypto;
 pub mod database;
 pub mod expiry;

@@ -1,7 +1,8 @@
 //! A whole part held while it is checked (a verified download) or sent (an S3 upload, which
 //! must be replayable for retries): in memory up to `--part-buffer` when a memory slot is free,
 //! else in a temporary file under the data directory's `tmp/` (a spill file), so memory stays
-//! bounded whatever the part size.
+//! bounded whatever the part size. In memory, a part checked on its way through is held in
+//! reused chunks (`chunk_pool`), and a part sent whole in one buffer of its size.
 //!
 //! No slot is ever waited for, and none is held while the host waits on someone else:
 //! - a memory slot is taken only if one is free now (else the part goes to a spill file), and
@@ -13,6 +14,7 @@
 //!   this worker); a part that finds neither a memory slot nor room on disk is refused at once
 //!   with an error that says so, rather than waiting on what other clients hold.
 
+use std::collections::VecDeque;
 use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
@@ -24,6 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::capabilities::chunk_pool::{self, Chunk};
 use crate::capabilities::host_semaphores::{Bound, HostSemaphores, Slot};
 use crate::capabilities::streams::CHUNK;
 
@@ -70,12 +73,27 @@ impl PartBuffers {
         })
     }
 
-    /// A buffer for a part of `size` bytes: in memory if it fits and a slot is free now, else a
-    /// spill file if there is room, else an error that says neither was free.
+    /// A buffer for a part of `size` bytes read back a chunk at a time: in memory if it fits and
+    /// a slot is free now, else a spill file if there is room, else an error that says neither
+    /// was free.
     pub fn buffer(self: &Arc<Self>, size: u64) -> Result<PartBuffer> {
+        self.buffer_in(size, false)
+    }
+
+    /// As `buffer`, for a part taken whole (`Filled::whole`): in memory, one buffer of its size.
+    pub fn whole_buffer(self: &Arc<Self>, size: u64) -> Result<PartBuffer> {
+        self.buffer_in(size, true)
+    }
+
+    fn buffer_in(self: &Arc<Self>, size: u64, whole: bool) -> Result<PartBuffer> {
         let store = match self.memory_hold(size) {
             Some(hold) => Store::Memory {
-                bytes: BytesMut::with_capacity(size as usize),
+                // Within `--part-buffer`, so the size fits in memory.
+                bytes: if whole {
+                    InMemory::Whole(BytesMut::with_capacity(size as usize))
+                } else {
+                    InMemory::Chunks(Vec::new())
+                },
                 hold,
                 until: Instant::now() + HOLD,
             },
@@ -156,12 +174,29 @@ pub struct PartBuffer {
 
 enum Store {
     Memory {
-        bytes: BytesMut,
+        bytes: InMemory,
         hold: Hold,
         /// When the slot must be given back if the part is still being filled.
         until: Instant,
     },
     File(SpillFile),
+}
+
+/// A part's bytes in memory.
+enum InMemory {
+    /// Filled in order; a new chunk is taken when the last one is full.
+    Chunks(Vec<Chunk>),
+    /// One buffer of the part's size, for a part taken whole.
+    Whole(BytesMut),
+}
+
+impl InMemory {
+    fn slices(&self) -> Vec<&[u8]> {
+        match self {
+            InMemory::Chunks(chunks) => chunks.iter().map(|chunk| chunk.as_ref()).collect(),
+            InMemory::Whole(bytes) => vec![&bytes[..]],
+        }
+    }
 }
 
 struct SpillFile {
@@ -203,14 +238,34 @@ impl PartBuffer {
             *until = Instant::now() + HOLD;
             return Ok(());
         };
-        file.write(bytes).await?;
+        for slice in bytes.slices() {
+            file.write(slice).await?;
+        }
         self.store = Store::File(file);
         Ok(())
     }
 
     pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
         match &mut self.store {
-            Store::Memory { bytes: memory, .. } => memory.extend_from_slice(bytes),
+            Store::Memory {
+                bytes: InMemory::Whole(memory),
+                ..
+            } => memory.extend_from_slice(bytes),
+            Store::Memory {
+                bytes: InMemory::Chunks(chunks),
+                ..
+            } => {
+                let mut rest = bytes;
+                while !rest.is_empty() {
+                    match chunks.last_mut() {
+                        Some(last) if !last.is_full() => {
+                            let taken = last.append(rest);
+                            rest = &rest[taken..];
+                        }
+                        _ => chunks.push(chunk_pool::take().context("no memory for a part")?),
+                    }
+                }
+            }
             Store::File(file) => file.write(bytes).await?,
         }
         Ok(())
@@ -218,7 +273,13 @@ impl PartBuffer {
 
     pub async fn finish(self) -> Result<Filled> {
         let content = match self.store {
-            Store::Memory { bytes, hold, .. } => Content::Memory(bytes.freeze(), hold),
+            Store::Memory { bytes, hold, .. } => Content::Memory(
+                match bytes {
+                    InMemory::Chunks(chunks) => chunks.into_iter().map(Chunk::freeze).collect(),
+                    InMemory::Whole(bytes) => vec![bytes.freeze()],
+                },
+                hold,
+            ),
             Store::File(mut file) => {
                 file.writer
                     .flush()
@@ -241,20 +302,25 @@ pub struct Filled {
 }
 
 enum Content {
-    Memory(Bytes, Hold),
+    Memory(Vec<Bytes>, Hold),
     File(tempfile::NamedTempFile, Hold),
 }
 
 /// Where a filled part's bytes are, for a consumer that takes them whole (an S3 request body).
 pub enum Whole<'a> {
-    Memory(&'a Bytes),
+    Memory(Bytes),
     File(&'a Path),
 }
 
 impl Filled {
+    /// The part whole: made with `whole_buffer`, a part in memory is in one buffer already.
     pub fn whole(&self) -> Whole<'_> {
         match &self.content {
-            Content::Memory(bytes, _) => Whole::Memory(bytes),
+            Content::Memory(chunks, _) => Whole::Memory(match chunks.as_slice() {
+                [] => Bytes::new(),
+                [one] => one.clone(),
+                many => many.concat().into(),
+            }),
             Content::File(temporary, _) => Whole::File(temporary.path()),
         }
     }
@@ -263,11 +329,9 @@ impl Filled {
     /// not all read within `HOLD`, so a reader that stalls does not keep a memory slot.
     pub fn reader(self, from: u64, to: u64) -> PartReader {
         match self.content {
-            Content::Memory(bytes, hold) => {
-                let to = (to as usize).min(bytes.len());
-                let from = (from as usize).min(to);
+            Content::Memory(chunks, hold) => {
                 let remaining = Arc::new(Mutex::new(Remaining::Memory {
-                    bytes: bytes.slice(from..to),
+                    chunks: slice(chunks, from, to),
                     _hold: Some(hold),
                 }));
                 let watchdog = tokio::spawn(spill_if_unread(
@@ -306,15 +370,18 @@ async fn spill_if_unread(
         return;
     };
     let mut remaining = remaining.lock().await;
-    let Remaining::Memory { bytes, .. } = &*remaining else {
+    let Remaining::Memory { chunks, .. } = &*remaining else {
         return;
     };
-    if bytes.is_empty() {
+    let left: usize = chunks.iter().map(Bytes::len).sum();
+    if left == 0 {
         return;
     }
     let spilled = async {
-        let mut file = owner.spill_file(bytes.len() as u64)?;
-        file.write(bytes).await?;
+        let mut file = owner.spill_file(left as u64)?;
+        for chunk in chunks {
+            file.write(chunk).await?;
+        }
         file.writer
             .flush()
             .await
@@ -322,7 +389,7 @@ async fn spill_if_unread(
         anyhow::Ok(Remaining::File {
             file: None,
             from: 0,
-            remaining: bytes.len() as u64,
+            remaining: left as u64,
             temporary: file.temporary,
             _hold: file.hold,
         })
@@ -342,7 +409,7 @@ pub struct PartReader {
 
 enum Remaining {
     Memory {
-        bytes: Bytes,
+        chunks: VecDeque<Bytes>,
         _hold: Option<Hold>,
     },
     File {
@@ -366,7 +433,7 @@ impl PartReader {
     pub fn empty() -> PartReader {
         PartReader {
             remaining: Arc::new(Mutex::new(Remaining::Memory {
-                bytes: Bytes::new(),
+                chunks: VecDeque::new(),
                 _hold: None,
             })),
             watchdog: None,
@@ -376,8 +443,11 @@ impl PartReader {
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
         let mut remaining = self.remaining.lock().await;
         match &mut *remaining {
-            Remaining::Memory { bytes, .. } if bytes.is_empty() => Ok(None),
-            Remaining::Memory { bytes, .. } => Ok(Some(bytes.split_to(bytes.len().min(CHUNK)))),
+            Remaining::Memory { chunks, .. } => Ok(match chunks.front_mut() {
+                None => None,
+                Some(front) if front.len() > CHUNK => Some(front.split_to(CHUNK)),
+                Some(_) => chunks.pop_front(),
+            }),
             Remaining::File { remaining: 0, .. } => Ok(None),
             Remaining::File {
                 file,
@@ -399,16 +469,32 @@ impl PartReader {
                 let Some(reader) = file.as_mut() else {
                     return Ok(None);
                 };
-                let mut chunk = vec![0u8; (*remaining).min(CHUNK as u64) as usize];
+                let want = (*remaining).min(CHUNK as u64) as usize;
+                let mut chunk = chunk_pool::take().context("cannot read the part file")?;
                 reader
-                    .read_exact(&mut chunk)
+                    .read_exact(chunk.filled(want))
                     .await
                     .context("cannot read the part file")?;
-                *remaining -= chunk.len() as u64;
-                Ok(Some(Bytes::from(chunk)))
+                *remaining -= want as u64;
+                Ok(Some(chunk.freeze()))
             }
         }
     }
+}
+
+/// Bytes `from..to` of a part held as `chunks`.
+fn slice(chunks: Vec<Bytes>, from: u64, to: u64) -> VecDeque<Bytes> {
+    let mut start = 0u64;
+    let mut kept = VecDeque::new();
+    for chunk in chunks {
+        let end = start + chunk.len() as u64;
+        let (a, b) = (from.clamp(start, end), to.clamp(start, end));
+        if a < b {
+            kept.push_back(chunk.slice((a - start) as usize..(b - start) as usize));
+        }
+        start = end;
+    }
+    kept
 }
 
 /// Where part buffers beyond `--part-buffer` spill, for verified reads and S3 uploads.

@@ -148,6 +148,7 @@ pub fn run(
             reopen_logs_on_usr1(error_log, access_log.clone())?;
             let heartbeat = Arc::new(heartbeat);
             keep_beating(Arc::clone(&heartbeat), settings.app.timeout);
+            release_chunks_when_quiet(Arc::clone(&quiet));
             let handler = Arc::new(RequestHandler {
                 router: crate::serving::router::Router::new(&settings.apps),
                 apps,
@@ -229,6 +230,8 @@ impl IdleRecycle {
     async fn grown(&self) {
         loop {
             self.quiet.lasted(self.wait).await;
+            // What `release_chunks_when_quiet` gives back is no growth, even with a short wait.
+            crate::capabilities::chunk_pool::release();
             let now = proc_memory::private_resident_bytes();
             if now > self.baseline + RECYCLE_GROWTH {
                 tracing::info!(
@@ -241,6 +244,26 @@ impl IdleRecycle {
             self.quiet.busy().await;
         }
     }
+}
+
+/// Trims the capabilities' free chunks while the worker has connections, and gives them all
+/// back once it has none, so a worker at rest holds what it did before its first burst (and
+/// `--idle-recycle` does not count them as growth); an idle worker is not woken for it.
+fn release_chunks_when_quiet(quiet: Arc<Quiet>) {
+    use crate::capabilities::chunk_pool;
+    tokio::spawn(async move {
+        loop {
+            quiet.busy().await;
+            let mut every = tokio::time::interval(chunk_pool::STALE);
+            loop {
+                tokio::select! {
+                    () = quiet.lasted(Duration::ZERO) => break,
+                    _ = every.tick() => chunk_pool::trim(),
+                }
+            }
+            chunk_pool::release();
+        }
+    });
 }
 
 /// Stamps the heartbeat from the event loop: if the loop stalls, so does the heartbeat.

@@ -17,14 +17,13 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use wasmtime_wasi::p2::DynInputStream;
 
 use super::{Exact, ObjectResult};
-use crate::capabilities::blocking;
 use crate::capabilities::host::capabilities::objects::{ObjectError, ObjectInfo, PartInfo};
 use crate::capabilities::streams::{CHUNK, Next, Produce, Produced};
+use crate::capabilities::{blocking, chunk_pool};
 
 const OBJECT_SUFFIX: &str = ".o";
 const PART_SUFFIX: &str = ".part";
@@ -508,7 +507,7 @@ fn decode_segment(name: &str) -> Option<String> {
     String::from_utf8(decoded).ok()
 }
 
-/// An object's bytes, read a chunk at a time straight into the buffer that is passed on.
+/// An object's bytes, read a chunk at a time straight into the (reused) buffer that is passed on.
 struct FileChunks {
     file: Arc<std::fs::File>,
     position: u64,
@@ -527,8 +526,8 @@ impl Produce for FileChunks {
         let want = self.remaining.min(READ_CHUNK) as usize;
         let read = blocking(move || {
             use std::os::unix::fs::FileExt;
-            let mut chunk = vec![0u8; want];
-            let read = file.read_at(&mut chunk, position)?;
+            let mut chunk = chunk_pool::take()?;
+            let read = file.read_at(chunk.filled(want), position)?;
             chunk.truncate(read);
             Ok::<_, std::io::Error>(chunk)
         })
@@ -540,7 +539,7 @@ impl Produce for FileChunks {
             Ok(chunk) => {
                 self.position += chunk.len() as u64;
                 self.remaining -= chunk.len() as u64;
-                Ok(Some(Bytes::from(chunk)))
+                Ok(Some(chunk.freeze()))
             }
             Err(error) => Err(anyhow::Error::from(error).context("cannot read the object")),
         };

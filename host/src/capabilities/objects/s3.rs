@@ -218,14 +218,14 @@ impl S3Store {
     ) -> ObjectResult<PartInfo> {
         let upload_id = self.unseal(key, upload_id)?;
         let unavailable = |e: anyhow::Error| ObjectError::Unavailable(format!("{e:#}"));
-        let mut buffer = self.buffers.buffer(length).map_err(unavailable)?;
+        let mut buffer = self.buffers.whole_buffer(length).map_err(unavailable)?;
         let mut bytes = Exact::new(&mut source, length);
         while let Some(chunk) = buffer.wait_for(bytes.next()).await.map_err(unavailable)?? {
             buffer.write(&chunk).await.map_err(unavailable)?;
         }
         let filled = buffer.finish().await.map_err(unavailable)?;
         let body = match filled.whole() {
-            Whole::Memory(bytes) => ByteStream::from(bytes.clone()),
+            Whole::Memory(bytes) => ByteStream::from(bytes),
             Whole::File(path) => ByteStream::from_path(path)
                 .await
                 .map_err(|e| ObjectError::Unavailable(format!("cannot read the part file: {e}")))?,
