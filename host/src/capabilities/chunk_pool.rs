@@ -23,8 +23,8 @@ use memmap2::MmapMut;
 use crate::capabilities::streams::CHUNK;
 use crate::lock::lock;
 
-/// The most free chunks kept: 32 MiB, what four downloads' verified 10 MiB parts hand on to
-/// each other (32 of them kept, against 128, left twice the page faults on Lenzeye's path).
+/// The most free chunks kept: 32 MiB, about what four downloads' verified 10 MiB parts hand on
+/// to each other (keeping 32 left a quarter more page faults on Lenzeye's path).
 const KEPT: usize = 128;
 
 /// How long a free chunk waits for a stage before it goes back to the kernel: a stream hands
