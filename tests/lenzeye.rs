@@ -12,7 +12,8 @@
 use std::process::Command;
 
 use blackbox::{
-    AppCopy, AppHost, Backends, HostProcess, Services, random_bytes, repo_root, unique_name,
+    AppCopy, AppHost, Backends, HostProcess, Services, local_object_bytes, local_object_files,
+    random_bytes, repo_root, unique_name,
 };
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -529,9 +530,10 @@ async fn bad_requests(guest: Lenzeye) {
         .join("apps")
         .join(&host.app.app)
         .join(format!("objects/files/{file_id}.o"));
-    let mut stored = std::fs::read(&object).unwrap();
+    let first_file = local_object_files(&object)[0].clone();
+    let mut stored = std::fs::read(&first_file).unwrap();
     stored[100] ^= 0x20;
-    std::fs::write(&object, stored).unwrap();
+    std::fs::write(&first_file, stored).unwrap();
     let (status, body, _) = user.download(&file_id, None).await;
     assert_eq!(status, 500, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("failed verification"));
@@ -847,13 +849,13 @@ fn stored_object(services: &Services, host: &AppHost, file_id: &str) -> Vec<u8> 
     let app = &host.app.app;
     match &services.s3 {
         Some(s3) => s3.object(&format!("tests/{app}/files/{file_id}")),
-        None => std::fs::read(
-            host.host_data_dir()
+        None => local_object_bytes(
+            &host
+                .host_data_dir()
                 .join("apps")
                 .join(app)
                 .join(format!("objects/files/{file_id}.o")),
-        )
-        .unwrap(),
+        ),
     }
 }
 

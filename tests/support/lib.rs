@@ -3,6 +3,7 @@
 
 pub mod fuzzing;
 mod host_process;
+mod local_store;
 mod oracles;
 mod postgres;
 mod raw_http;
@@ -11,6 +12,7 @@ mod s3;
 mod services;
 
 pub use host_process::*;
+pub use local_store::*;
 pub use oracles::*;
 pub use postgres::*;
 pub use raw_http::*;
