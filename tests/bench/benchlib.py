@@ -123,8 +123,21 @@ def fresh_database(stack, name):
     stack.callback(drop)
 
 
+def busy_ticks():
+    """(busy, all) clock ticks of every core since boot, from /proc/stat: over an interval, the
+    share of the machine's cores that were working, whoever for."""
+    fields = [int(field) for field in open("/proc/stat").readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal: idle and iowait are the unused time.
+    return sum(fields[:8]) - fields[3] - fields[4], sum(fields[:8])
+
+
 def s3_server(stack, log, bucket="bench"):
     """A fresh moto server with the bucket `bucket`; its endpoint."""
+    return start_s3_server(stack, log, bucket)[0]
+
+
+def start_s3_server(stack, log, bucket="bench"):
+    """A fresh moto server with the bucket `bucket`: its endpoint and its process."""
     port = free_port()
     moto = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
     stack.callback(lambda: (moto.terminate(), moto.wait()))
@@ -132,7 +145,7 @@ def s3_server(stack, log, bucket="bench"):
     while True:
         try:
             urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/{bucket}", method="PUT"))
-            return f"http://127.0.0.1:{port}"
+            return f"http://127.0.0.1:{port}", moto
         except OSError:
             if moto.poll() is not None or time.time() > deadline:
                 sys.exit("the S3 API server did not start")
