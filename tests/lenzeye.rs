@@ -7,13 +7,14 @@
 //!
 //! Every scenario runs against both components that serve the API: the Rust guest
 //! (`guests/lenzeye.wasm`) and Lenzeye in Flask (`guests/lenzeye-py.wasm`, built by
-//! `guests/python/build`), as `<scenario>::rust` and `<scenario>::python`.
+//! `guests/python/build`), as `<scenario>::rust` and `<scenario>::python`. The uploads and
+//! downloads on SQLite + local run on reused instances, a user after another on one instance.
 
 use std::process::Command;
 
 use blackbox::{
-    AppCopy, AppHost, Backends, HostProcess, Services, local_object_bytes, local_object_files,
-    random_bytes, repo_root, unique_name,
+    AppCopy, AppHost, Backends, HostProcess, Services, free_port, local_object_bytes,
+    local_object_files, metric, random_bytes, repo_root, unique_name,
 };
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -197,11 +198,27 @@ async fn send_parts(user: &User<'_>, upload_id: &str, file: &[u8], numbers: &[us
     }
 }
 
-async fn uploads_and_downloads(guest: Lenzeye, backends: Backends) {
+/// How the host gives requests their instances.
+#[derive(Debug, Clone, Copy)]
+enum Instances {
+    /// A fresh instance for every request, the default.
+    Fresh,
+    /// An instance serves one request after another (`--instance-max-requests 0`), so one
+    /// user's request may find what another's left in the guest.
+    Reused,
+}
+
+async fn uploads_and_downloads(guest: Lenzeye, backends: Backends, instances: Instances) {
     let mut services = Services::start(backends);
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_string_lossy().into_owned();
     let app = AppCopy::new(guest.guest(), &unique_name("lenzeye"));
+    let max_requests = match instances {
+        Instances::Fresh => "1",
+        Instances::Reused => "0",
+    };
+    let metrics_port = free_port();
+    let metrics_bind = format!("127.0.0.1:{metrics_port}");
     let args = [
         "--data-dir",
         &data_dir,
@@ -211,6 +228,10 @@ async fn uploads_and_downloads(guest: Lenzeye, backends: Backends) {
         "6",
         "--workers",
         "2",
+        "--instance-max-requests",
+        max_requests,
+        "--metrics-bind",
+        &metrics_bind,
     ];
     let file = random_bytes(64 * MIB + 123, 64);
 
@@ -291,6 +312,13 @@ async fn uploads_and_downloads(guest: Lenzeye, backends: Backends) {
     assert_eq!(status, 404, "another user's file was deleted");
     let (status, _) = stranger.complete(&upload_id).await;
     assert_eq!(status, 404);
+    // Instances were reused for these requests, or never.
+    let reused = format!("host_instances_reused_total{{app=\"{}\"}}", host.app.app);
+    match (instances, metric(metrics_port, &reused).await) {
+        (Instances::Fresh, 0) => {}
+        (Instances::Reused, count) if count > 0 => {}
+        (instances, count) => panic!("{count} reused with {instances:?} instances"),
+    }
 
     // An aborted upload leaves nothing in storage or in the registry.
     let (upload_id, aborted_id) = user.initiate("aborted.bin", 2 * PART).await;
@@ -380,13 +408,14 @@ fn leftovers(services: &Services, host: &AppHost, file_id: &str) -> usize {
     }
 }
 
+// Each backend pair with each way of giving instances; the other scenarios run on fresh ones.
 for_each_guest!(
-    uploads_and_downloads_on_sqlite_and_the_local_store:
-        uploads_and_downloads(Backends::SqliteLocal)
+    uploads_and_downloads_on_sqlite_and_the_local_store_reusing_instances:
+        uploads_and_downloads(Backends::SqliteLocal, Instances::Reused)
 );
 for_each_guest!(
     uploads_and_downloads_on_postgres_and_s3:
-        uploads_and_downloads(Backends::PostgresS3)
+        uploads_and_downloads(Backends::PostgresS3, Instances::Fresh)
 );
 for_each_guest!(
     an_upload_past_the_expiry_is_gone_for_its_client: an_expired_upload(Backends::PostgresS3)
