@@ -871,6 +871,15 @@ mod tests {
         read
     }
 
+    /// A store in a new directory, removed when the directory is dropped.
+    async fn new_store() -> (tempfile::TempDir, LocalStore) {
+        let dir = tempfile::tempdir().expect("a directory");
+        let store = LocalStore::new(dir.path().to_path_buf())
+            .await
+            .expect("a store");
+        (dir, store)
+    }
+
     /// Stores `parts` as one upload of `key`, completed.
     async fn complete(store: &LocalStore, key: &str, parts: &[&[u8]]) -> ObjectInfo {
         let upload = store.create_multipart(key).await.expect("an upload");
@@ -917,10 +926,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_completed_upload_keeps_its_parts_and_reads_as_one_object() {
-        let dir = tempfile::tempdir().expect("a directory");
-        let store = LocalStore::new(dir.path().to_path_buf())
-            .await
-            .expect("a store");
+        let (dir, store) = new_store().await;
         let parts: [&[u8]; 3] = [b"first part ", b"", b"and the second"];
         let whole = parts.concat();
         let info = complete(&store, "a/b", &parts).await;
@@ -984,12 +990,8 @@ mod tests {
     /// gets one whole object, and what is replaced or removed is gone afterwards.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn racing_replacements_leave_whole_objects_and_nothing_behind() {
-        let dir = tempfile::tempdir().expect("a directory");
-        let store = Arc::new(
-            LocalStore::new(dir.path().to_path_buf())
-                .await
-                .expect("a store"),
-        );
+        let (dir, store) = new_store().await;
+        let store = Arc::new(store);
         let versions: Vec<Vec<u8>> = (0..8u8).map(|n| vec![n; 3000 + usize::from(n)]).collect();
         let mut tasks = tokio::task::JoinSet::new();
         for (index, version) in versions.iter().cloned().enumerate() {
@@ -1037,10 +1039,7 @@ mod tests {
     /// it was: completed afterwards, it gives the whole object, and nothing is left behind.
     #[tokio::test]
     async fn a_completion_cut_short_loses_nothing() {
-        let dir = tempfile::tempdir().expect("a directory");
-        let store = LocalStore::new(dir.path().to_path_buf())
-            .await
-            .expect("a store");
+        let (dir, store) = new_store().await;
         let upload = store.create_multipart("k").await.expect("an upload");
         let mut parts = Vec::new();
         for (number, bytes) in [(1, b"one "), (2, b"two ")] {
