@@ -176,7 +176,7 @@ impl LocalStore {
             .map_err(|e| unavailable("cannot write the part", e))?;
         // Names this write of the part: the registry checks it against what it recorded.
         let etag = random_token().map_err(|e| unavailable("no randomness for an etag", e))?;
-        let name = format!("{number:05}.{etag}{PART_SUFFIX}");
+        let name = part_file_name(number, &etag);
         temporary
             .persist(dir.join(&name))
             .map_err(|e| unavailable("cannot store the part", e))?;
@@ -223,10 +223,7 @@ impl LocalStore {
         ));
         let names: Vec<(u32, String)> = parts
             .iter()
-            .map(|part| {
-                let name = format!("{:05}.{}{PART_SUFFIX}", part.number, part.etag);
-                (part.number, name)
-            })
+            .map(|part| (part.number, part_file_name(part.number, &part.etag)))
             .collect();
         let (upload, object, tmp) = (dir.clone(), assembled.clone(), self.tmp.clone());
         let gathered = blocking(move || gather_object(&upload, &object, &names, &tmp)).await;
@@ -655,6 +652,11 @@ fn gather_object(
     Ok(Stored { size, modified })
 }
 
+/// The file of part `number` as stored with `etag`: numbers padded, so names sort by number.
+fn part_file_name(number: u32, etag: &str) -> String {
+    format!("{number:05}.{etag}{PART_SUFFIX}")
+}
+
 /// A file system that does not make hard links (FAT, some network and FUSE ones).
 fn links_unsupported(error: &std::io::Error) -> bool {
     matches!(
@@ -1067,12 +1069,7 @@ mod tests {
         let upload_dir = store.upload_dir("k", &upload).await.expect("the upload");
         let names: Vec<(u32, String)> = parts
             .iter()
-            .map(|part| {
-                (
-                    part.number,
-                    format!("{:05}.{}{PART_SUFFIX}", part.number, part.etag),
-                )
-            })
+            .map(|part| (part.number, part_file_name(part.number, &part.etag)))
             .collect();
         gather_object(
             &upload_dir,
