@@ -816,6 +816,8 @@ impl GuestState {
     /// A shared instance takes a request that must be done by `deadline`. Outbound calls and
     /// capabilities, which cannot tell its requests apart, keep within the earliest deadline.
     pub fn shared_request_began(&mut self, seq: u64, deadline: Option<Instant>) {
+        // The guest came back to its event loop: it is not computing through its slices.
+        self.slices = Default::default();
         if self.shared.serving == 0 {
             self.limiter.forget_refusal();
         }
@@ -827,6 +829,7 @@ impl GuestState {
     }
 
     pub fn shared_request_ended(&mut self, seq: u64) {
+        self.slices = Default::default();
         self.shared.serving -= 1;
         self.shared.deadlines.retain(|&(of, _)| of != seq);
         self.hooks.deadline = self.shared.deadlines.iter().map(|&(_, at)| at).min();
