@@ -116,6 +116,36 @@ impl ResponseSender {
     }
 }
 
+/// How a request served by a kept p3 instance ends, sent by the instance's task: its outcome
+/// goes to the request, if it still waits (it had no response), its admission permit is given
+/// back, and a failure after its response began is logged under its request id.
+pub struct JobDone {
+    outcome: oneshot::Sender<Result<(), GuestFailure>>,
+    responded: Arc<AtomicBool>,
+    _permit: Box<dyn Send>,
+    _running: InstanceRunning,
+    pub span: tracing::Span,
+}
+
+impl JobDone {
+    pub fn send(self, outcome: Result<(), GuestFailure>) {
+        if let Err(failure) = &outcome
+            && self.responded.load(Ordering::Acquire)
+        {
+            let _request = self.span.enter();
+            tracing::error!("the response was cut short: {failure}");
+        }
+        let _ = self.outcome.send(outcome);
+    }
+}
+
+/// What runs a request once it is given to an instance: a task of its own, or a kept p3
+/// instance's task, which tells its outcome.
+enum Run<P> {
+    Task(tokio::task::JoinHandle<(Result<(), GuestFailure>, Option<P>)>),
+    Shared(oneshot::Receiver<Result<(), GuestFailure>>),
+}
+
 /// A request that failed, and the permit it held when it can be sent again.
 struct Failed<P> {
     failure: GuestFailure,
@@ -431,35 +461,57 @@ impl Guest {
         let (sender, receiver) = oneshot::channel();
         let (guest_finished, ending, delivered) = cut::guest_outcome();
         let deadline = self.timeout.map(|timeout| Instant::now() + timeout);
-        let guest = Arc::clone(self);
         // Set as the guest sends its response head: a later failure can only cut the body.
         let responded = Arc::new(AtomicBool::new(false));
-        let run = tokio::spawn({
-            let responded = Arc::clone(&responded);
-            async move {
-                let ends = RequestEnds {
-                    response: ResponseSender {
-                        sender,
-                        responded: Arc::clone(&responded),
-                    },
-                    outcome: guest_finished,
-                    delivered,
-                };
-                let (outcome, suspect) = guest.run(request, scheme, deadline, ends, fresh).await;
-                if let Err(failure) = &outcome
-                    && responded.load(Ordering::Acquire)
-                {
-                    tracing::error!("the response was cut short: {failure}");
-                }
-                // Given back for the request to be sent again, if it never had a response.
-                let permit = (suspect && !responded.load(Ordering::Acquire)).then_some(permit);
-                (outcome, permit)
-            }
-            .instrument(tracing::Span::current())
-        });
+        let ends = RequestEnds {
+            response: ResponseSender {
+                sender,
+                responded: Arc::clone(&responded),
+            },
+            outcome: guest_finished,
+            delivered,
+        };
         let failed = |failure| Failed {
             failure,
             permit: None,
+        };
+        // A kept p3 instance's own task serves the request and ends it, permit and all: no task
+        // of the request's own is needed.
+        let run = match &self.shared {
+            Some(shared) => {
+                let (outcome, failure) = oneshot::channel();
+                let done = JobDone {
+                    outcome,
+                    responded,
+                    _permit: Box::new(permit),
+                    _running: InstanceRunning::start(&self.metrics),
+                    span: tracing::Span::current(),
+                };
+                self.run_shared(shared, request, scheme, deadline, ends, done)
+                    .await
+                    .map_err(failed)?;
+                Run::Shared(failure)
+            }
+            None => {
+                let guest = Arc::clone(self);
+                Run::Task(tokio::spawn(
+                    async move {
+                        let (outcome, suspect) =
+                            guest.run(request, scheme, deadline, ends, fresh).await;
+                        if let Err(failure) = &outcome
+                            && responded.load(Ordering::Acquire)
+                        {
+                            tracing::error!("the response was cut short: {failure}");
+                        }
+                        // Given back for the request to be sent again, if it never had a
+                        // response.
+                        let permit =
+                            (suspect && !responded.load(Ordering::Acquire)).then_some(permit);
+                        (outcome, permit)
+                    }
+                    .instrument(tracing::Span::current()),
+                ))
+            }
         };
         match receiver.await {
             Ok(Ok(response)) => {
@@ -471,15 +523,24 @@ impl Guest {
                 Ok(response.map(|body| ending.body(body, declared)))
             }
             Ok(Err(code)) => Err(failed(GuestFailure::ErrorCode(code))),
-            Err(_) => match run.await {
-                Ok((Ok(()), permit)) => Err(Failed {
-                    failure: GuestFailure::NoResponse,
-                    permit,
-                }),
-                Ok((Err(failure), permit)) => Err(Failed { failure, permit }),
-                Err(panic) => Err(failed(GuestFailure::Trapped(format!(
-                    "the host task failed: {panic}"
-                )))),
+            Err(_) => match run {
+                Run::Task(task) => match task.await {
+                    Ok((Ok(()), permit)) => Err(Failed {
+                        failure: GuestFailure::NoResponse,
+                        permit,
+                    }),
+                    Ok((Err(failure), permit)) => Err(Failed { failure, permit }),
+                    Err(panic) => Err(failed(GuestFailure::Trapped(format!(
+                        "the host task failed: {panic}"
+                    )))),
+                },
+                Run::Shared(outcome) => Err(failed(match outcome.await {
+                    Ok(Ok(())) => GuestFailure::NoResponse,
+                    Ok(Err(failure)) => failure,
+                    Err(_) => GuestFailure::Trapped(
+                        "the host task serving the instance failed".to_owned(),
+                    ),
+                })),
             },
         }
     }
@@ -496,12 +557,6 @@ impl Guest {
         fresh: bool,
     ) -> (Result<(), GuestFailure>, bool) {
         let _running = InstanceRunning::start(&self.metrics);
-        if let Some(shared) = &self.shared {
-            let result = self
-                .run_shared(shared, request, scheme, deadline, ends)
-                .await;
-            return (result, false);
-        }
         let RequestEnds {
             response: sender,
             outcome,
@@ -608,8 +663,8 @@ impl Guest {
         (Ok(()), suspect)
     }
 
-    /// Gives the request to a shared p3 instance with room, or to a new one, and waits for its
-    /// outcome.
+    /// Gives the request to a shared p3 instance with room, or to a new one, which ends it
+    /// through `done`; a failure to make the instance is the request's.
     async fn run_shared(
         self: &Arc<Self>,
         shared: &Arc<SharedInstances<p3::Job>>,
@@ -617,47 +672,43 @@ impl Guest {
         scheme: Scheme,
         deadline: Option<Instant>,
         ends: RequestEnds,
+        done: JobDone,
     ) -> Result<(), GuestFailure> {
-        let (done, outcome) = oneshot::channel();
         let job = p3::Job {
             request,
             scheme,
             deadline,
             ends,
             done,
-            span: tracing::Span::current(),
         };
-        if let Err(job) = shared.assign(job) {
-            let mut store = self.new_store();
-            watch_shared_deadlines(&mut store);
-            self.metrics.instance_created();
-            let service = match self.pre.instantiate(&mut store).await {
-                Ok(Handler::P3(service)) => service,
-                Ok(Handler::P2(_)) => unreachable!("a shared instance is a p3 one"),
-                Err(error) => {
-                    let failure = self.failure(error, store.data().refused_memory());
-                    self.count_failure(&failure);
-                    return Err(failure);
-                }
-            };
-            let (id, jobs) = shared.open_instance(job);
-            tokio::spawn(
-                p3::drive(
-                    Arc::clone(self),
-                    Arc::clone(shared),
-                    store,
-                    service,
-                    id,
-                    jobs,
-                )
-                .instrument(tracing::info_span!(parent: None, "instance")),
-            );
-        }
-        outcome.await.unwrap_or_else(|_| {
-            Err(GuestFailure::Trapped(
-                "the host task serving the instance failed".to_owned(),
-            ))
-        })
+        let Err(job) = shared.assign(job) else {
+            return Ok(());
+        };
+        let mut store = self.new_store();
+        watch_shared_deadlines(&mut store);
+        self.metrics.instance_created();
+        let service = match self.pre.instantiate(&mut store).await {
+            Ok(Handler::P3(service)) => service,
+            Ok(Handler::P2(_)) => unreachable!("a shared instance is a p3 one"),
+            Err(error) => {
+                let failure = self.failure(error, store.data().refused_memory());
+                self.count_failure(&failure);
+                return Err(failure);
+            }
+        };
+        let (id, jobs) = shared.open_instance(job);
+        tokio::spawn(
+            p3::drive(
+                Arc::clone(self),
+                Arc::clone(shared),
+                store,
+                service,
+                id,
+                jobs,
+            )
+            .instrument(tracing::info_span!(parent: None, "instance")),
+        );
+        Ok(())
     }
 
     pub fn metrics(&self) -> &AppMetrics {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::Instrument;
 use wasmtime::Store;
@@ -26,7 +26,7 @@ use crate::http::cut;
 use crate::http::drain::DrainedIfDropped;
 use crate::lock::lock;
 use crate::metrics::Retired;
-use crate::runtime::guest::{Guest, GuestFailure, GuestState, RequestEnds, ResponseSender};
+use crate::runtime::guest::{Guest, GuestFailure, GuestState, JobDone, RequestEnds, ResponseSender};
 use crate::runtime::shared::SharedInstances;
 
 /// Runs `service`'s handler on `request` and sends its response head; then lets the guest write
@@ -110,9 +110,8 @@ pub struct Job {
     pub scheme: Scheme,
     pub deadline: Option<Instant>,
     pub ends: RequestEnds,
-    /// The request's outcome, for the task that waits on it.
-    pub done: Done,
-    pub span: tracing::Span,
+    /// Where the request ends.
+    pub done: JobDone,
 }
 
 /// How a job on a shared instance ended, short of the instance failing.
@@ -126,11 +125,8 @@ enum JobEnd {
     Expired,
 }
 
-/// Where a job's outcome goes: the task that holds its request's admission permit.
-pub type Done = oneshot::Sender<Result<(), GuestFailure>>;
-
-/// A job a shared instance holds: where its outcome goes, and its deadline.
-type Waiting = (Done, Option<Instant>);
+/// A job a shared instance holds: where it ends, and its deadline.
+type Waiting = (JobDone, Option<Instant>);
 
 /// A shared instance that failed: its error, and the job whose call failed, if one did.
 struct InstanceFailed {
@@ -153,7 +149,7 @@ pub async fn drive(
     // when the instance fails and its jobs' futures are dropped.
     let waiting: Mutex<HashMap<u64, Waiting>> = Mutex::new(HashMap::new());
     // The outcomes of the last requests of a closed instance, sent once it is dropped.
-    let last: Mutex<Vec<(Done, Result<(), GuestFailure>)>> = Mutex::new(Vec::new());
+    let last: Mutex<Vec<(JobDone, Result<(), GuestFailure>)>> = Mutex::new(Vec::new());
     let service = &service;
     let ended = store
         .run_concurrent(async |accessor| {
@@ -188,7 +184,7 @@ pub async fn drive(
                         // The last request of a closed instance gives its admission permit
                         // back only once the instance is dropped (below).
                         if open || !running.is_empty() {
-                            let _ = done.send(outcome);
+                            done.send(outcome);
                         } else {
                             lock(&last).push((done, outcome));
                         }
@@ -197,7 +193,8 @@ pub async fn drive(
                         Some(job) => {
                             let seq = next_seq;
                             next_seq += 1;
-                            let Job { request, scheme, deadline, ends, done, span } = job;
+                            let Job { request, scheme, deadline, ends, done } = job;
+                            let span = done.span.clone();
                             lock(&waiting).insert(seq, (done, deadline));
                             accessor.with(|mut access| {
                                 access.data_mut().shared_request_began(seq, deadline)
@@ -224,7 +221,7 @@ pub async fn drive(
     // may need its place in the pool.
     drop(store);
     for (done, outcome) in std::mem::take(&mut *lock(&last)) {
-        let _ = done.send(outcome);
+        done.send(outcome);
     }
     let failed = match ended {
         Ok(Ok(reason)) => {
@@ -258,7 +255,7 @@ pub async fn drive(
             || failed.job == Some(seq)
             || (matches!(failure, GuestFailure::Timeout(_))
                 && deadline.is_some_and(|deadline| deadline <= now));
-        let _ = done.send(Err(if its_own {
+        done.send(Err(if its_own {
             failure.clone()
         } else {
             GuestFailure::SharedInstanceFailed(Box::new(failure.clone()))
