@@ -84,19 +84,29 @@ async fn a_p3_app_streams_5_mb_back_and_a_trap_mid_body_looks_cut() {
 
     // A trap after the response began: the client sees a cut response (the head may not have
     // gone out yet), never a whole one, and the log says so.
-    let cut = match http_client()
+    let (cut, request_id) = match http_client()
         .get(host.url("/trap-mid-response"))
         .send()
         .await
     {
         Ok(response) => {
             assert_eq!(response.status().as_u16(), 200);
-            response.bytes().await.is_err()
+            let request_id = response.headers()["x-request-id"]
+                .to_str()
+                .map(str::to_owned)
+                .ok();
+            (response.bytes().await.is_err(), request_id)
         }
-        Err(error) => error.is_request(),
+        Err(error) => (error.is_request(), None),
     };
     assert!(cut, "a body cut by a trap read as complete");
-    assert!(host.log().contains("cut short"), "{}", host.log());
+    let log = host.log();
+    let cut_short = log.lines().find(|line| line.contains("cut short"));
+    assert!(cut_short.is_some(), "{log}");
+    // Under the request's id, when the client got as far as the head that carries it.
+    if let (Some(line), Some(id)) = (cut_short, request_id) {
+        assert!(line.contains(&format!("request_id={id}")), "{line}");
+    }
     // And the instance went with it.
     assert_eq!(served_at(&host, "/served").await, 1);
 }
