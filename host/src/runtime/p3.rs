@@ -26,7 +26,9 @@ use crate::http::cut;
 use crate::http::drain::DrainedIfDropped;
 use crate::lock::lock;
 use crate::metrics::Retired;
-use crate::runtime::guest::{Guest, GuestFailure, GuestState, JobDone, RequestEnds, ResponseSender};
+use crate::runtime::guest::{
+    Guest, GuestFailure, GuestState, JobDone, RequestEnds, ResponseSender,
+};
 use crate::runtime::shared::SharedInstances;
 
 /// Runs `service`'s handler on `request` and sends its response head; then lets the guest write
