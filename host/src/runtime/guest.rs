@@ -487,9 +487,16 @@ impl Guest {
                     _running: InstanceRunning::start(&self.metrics),
                     span: tracing::Span::current(),
                 };
-                self.run_shared(shared, request, scheme, deadline, ends, done)
-                    .await
-                    .map_err(failed)?;
+                self.run_shared(
+                    shared,
+                    p3::Job {
+                        request,
+                        scheme,
+                        deadline,
+                        ends,
+                        done,
+                    },
+                );
                 Run::Shared(failure)
             }
             None => {
@@ -663,52 +670,36 @@ impl Guest {
         (Ok(()), suspect)
     }
 
-    /// Gives the request to a shared p3 instance with room, or to a new one, which ends it
-    /// through `done`; a failure to make the instance is the request's.
-    async fn run_shared(
-        self: &Arc<Self>,
-        shared: &Arc<SharedInstances<p3::Job>>,
-        request: hyper::Request<DrainedIfDropped>,
-        scheme: Scheme,
-        deadline: Option<Instant>,
-        ends: RequestEnds,
-        done: JobDone,
-    ) -> Result<(), GuestFailure> {
-        let job = p3::Job {
-            request,
-            scheme,
-            deadline,
-            ends,
-            done,
-        };
+    /// Gives `job` to a shared p3 instance with room, or to a new one made on a task of its
+    /// own (a client that leaves meanwhile does not cut it short); the instance ends the job, and
+    /// a failure to make the instance is the job's.
+    fn run_shared(self: &Arc<Self>, shared: &Arc<SharedInstances<p3::Job>>, job: p3::Job) {
         let Err(job) = shared.assign(job) else {
-            return Ok(());
+            return;
         };
+        // Made here, where the guest's output at its start is logged under the request.
         let mut store = self.new_store();
         watch_shared_deadlines(&mut store);
         self.metrics.instance_created();
-        let service = match self.pre.instantiate(&mut store).await {
-            Ok(Handler::P3(service)) => service,
-            Ok(Handler::P2(_)) => unreachable!("a shared instance is a p3 one"),
-            Err(error) => {
-                let failure = self.failure(error, store.data().refused_memory());
-                self.count_failure(&failure);
-                return Err(failure);
-            }
-        };
-        let (id, jobs) = shared.open_instance(job);
+        let guest = Arc::clone(self);
+        let shared = Arc::clone(shared);
         tokio::spawn(
-            p3::drive(
-                Arc::clone(self),
-                Arc::clone(shared),
-                store,
-                service,
-                id,
-                jobs,
-            )
+            async move {
+                let service = match guest.pre.instantiate(&mut store).await {
+                    Ok(Handler::P3(service)) => service,
+                    Ok(Handler::P2(_)) => unreachable!("a shared instance is a p3 one"),
+                    Err(error) => {
+                        let failure = guest.failure(error, store.data().refused_memory());
+                        guest.count_failure(&failure);
+                        job.done.send(Err(failure));
+                        return;
+                    }
+                };
+                let (id, jobs) = shared.open_instance(job);
+                p3::drive(guest, shared, store, service, id, jobs).await;
+            }
             .instrument(tracing::info_span!(parent: None, "instance")),
         );
-        Ok(())
     }
 
     pub fn metrics(&self) -> &AppMetrics {
