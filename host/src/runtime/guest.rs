@@ -691,6 +691,9 @@ impl Guest {
                     Err(error) => {
                         let failure = guest.failure(error, store.data().refused_memory());
                         guest.count_failure(&failure);
+                        // Dropped before the permit is given back: a request let in may need
+                        // its place in the pool.
+                        drop(store);
                         job.done.send(Err(failure));
                         return;
                     }
