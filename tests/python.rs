@@ -16,6 +16,52 @@ async fn a_python_app_answers_on_fresh_instances_by_default() {
     }
 }
 
+/// An interpreter writes pages all over its initial memory; once the host has learned which, it
+/// copies them for each fresh instance before it runs (`runtime::warm_pages`). What is copied must
+/// be the component's initial memory, never what an earlier instance wrote there: instances that
+/// count their requests and hold memory, one after another and eight at once, each start clean.
+#[tokio::test]
+async fn fresh_python_instances_start_clean_once_their_pages_are_copied_ahead() {
+    let host = HostProcess::start(
+        &python_guest("hello"),
+        &[
+            "--memory-limit",
+            "64MiB",
+            "--threads",
+            "8",
+            "--log-level",
+            "debug",
+        ],
+    );
+    for _ in 0..12 {
+        assert_eq!(served_at(&host, "/served").await, 1);
+        assert_eq!(
+            get_text(&host, "/keep").await,
+            (200, "keeping 4 MiB\n".to_owned())
+        );
+    }
+    assert!(
+        host.log().contains("copied before it runs"),
+        "the pages were never learned: {}",
+        host.log()
+    );
+    for _ in 0..4 {
+        let counts = futures::future::join_all((0..8).map(|_| get_text(&host, "/served"))).await;
+        let kept = futures::future::join_all((0..8).map(|_| get_text(&host, "/keep"))).await;
+        assert!(
+            counts
+                .iter()
+                .all(|answer| *answer == (200, "1\n".to_owned())),
+            "{counts:?}"
+        );
+        assert!(
+            kept.iter()
+                .all(|answer| *answer == (200, "keeping 4 MiB\n".to_owned())),
+            "{kept:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_kept_python_instance_keeps_its_interpreter_within_every_bound() {
     let host = HostProcess::start(

@@ -33,6 +33,7 @@ use crate::runtime::memory_limiter::MemoryLimiter;
 use crate::runtime::outbound::OutboundClient;
 use crate::runtime::p3;
 use crate::runtime::shared::SharedInstances;
+use crate::runtime::warm_pages::WarmPages;
 use crate::settings::App;
 use crate::settings::{Settings, human_size};
 
@@ -51,6 +52,8 @@ pub struct Guest {
     kept: Option<Arc<KeptInstances<Kept>>>,
     /// Kept p3 instances, each on its own event loop, in place of `kept`.
     shared: Option<Arc<SharedInstances<p3::Job>>>,
+    /// `None` when the component is not mapped from its artifact.
+    warm_pages: Option<WarmPages>,
 }
 
 /// The HTTP handler a component exports, linked and ready to instantiate.
@@ -404,6 +407,7 @@ impl Guest {
                 .then(|| KeptInstances::new(&app.name, app.settings.reuse, metrics.clone())),
             shared: shared
                 .then(|| Arc::new(SharedInstances::new(app.settings.reuse, metrics.clone()))),
+            warm_pages: WarmPages::for_component(component),
             metrics,
         })
     }
@@ -595,7 +599,9 @@ impl Guest {
                 Some(handler) => handler,
                 None => {
                     self.metrics.instance_created();
-                    self.pre.instantiate(&mut store).await?
+                    let handler = self.pre.instantiate(&mut store).await?;
+                    self.warm();
+                    handler
                 }
             };
             match &handler {
@@ -633,6 +639,9 @@ impl Guest {
             None => call.await,
         };
         let result = result.map_err(|error| self.failure(error, store.data().refused_memory()));
+        if let (false, Ok(_), Some(warm_pages)) = (reused, &result, &self.warm_pages) {
+            warm_pages.learn();
+        }
         // Before the store, and with it the response body's sender, is dropped.
         outcome.settle(result.is_ok());
         if let Err(failure) = &result {
@@ -685,7 +694,9 @@ impl Guest {
         let shared = Arc::clone(shared);
         tokio::spawn(
             async move {
-                let service = match guest.pre.instantiate(&mut store).await {
+                let instance = guest.pre.instantiate(&mut store).await;
+                guest.warm();
+                let service = match instance {
                     Ok(Handler::P3(service)) => service,
                     Ok(Handler::P2(_)) => unreachable!("a shared instance is a p3 one"),
                     Err(error) => {
@@ -707,6 +718,12 @@ impl Guest {
 
     pub fn metrics(&self) -> &AppMetrics {
         &self.metrics
+    }
+
+    fn warm(&self) {
+        if let Some(warm_pages) = &self.warm_pages {
+            warm_pages.warm();
+        }
     }
 
     /// A request stopped at its deadline.
