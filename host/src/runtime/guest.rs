@@ -695,7 +695,9 @@ impl Guest {
         tokio::spawn(
             async move {
                 let instance = guest.pre.instantiate(&mut store).await;
-                guest.warm();
+                if instance.is_ok() {
+                    guest.warm();
+                }
                 let service = match instance {
                     Ok(Handler::P3(service)) => service,
                     Ok(Handler::P2(_)) => unreachable!("a shared instance is a p3 one"),

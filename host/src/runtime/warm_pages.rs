@@ -18,7 +18,6 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
@@ -72,23 +71,14 @@ impl WarmPages {
         let code = component.image_range().start as usize;
         let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
         let line = maps.lines().find(|line| {
-            line.split_once(' ')
-                .and_then(|(range, _)| range.split_once('-'))
-                .and_then(|(start, end)| {
-                    Some((
-                        usize::from_str_radix(start, 16).ok()?,
-                        usize::from_str_radix(end, 16).ok()?,
-                    ))
-                })
+            line.split_whitespace()
+                .next()
+                .and_then(address_range)
                 .is_some_and(|(start, end)| (start..end).contains(&code))
         })?;
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let inode: u64 = fields.get(4)?.parse().ok()?;
-        let path = fields.get(5)?;
-        // The line's path is the artifact's own only if nothing replaced it since.
-        if std::fs::metadata(path).ok()?.ino() != inode || inode == 0 {
-            return None;
-        }
+        // Inode 0: anonymous memory, a component deserialized from bytes.
+        let inode: u64 = fields.get(4)?.parse().ok().filter(|&inode| inode != 0)?;
         Some(WarmPages {
             device: fields.get(3)?.to_string(),
             inode,
@@ -198,9 +188,7 @@ impl WarmPages {
                 if perms != "rw-p" || device != self.device || inode.parse() != Ok(self.inode) {
                     return None;
                 }
-                let (start, end) = range.split_once('-')?;
-                let start = usize::from_str_radix(start, 16).ok()?;
-                let end = usize::from_str_radix(end, 16).ok()?;
+                let (start, end) = address_range(range)?;
                 Some(Mapping {
                     start,
                     pages: (end - start) / PAGE,
@@ -209,6 +197,15 @@ impl WarmPages {
             })
             .collect()
     }
+}
+
+/// `start-end` of a `/proc/self/maps` line, in hex.
+fn address_range(field: &str) -> Option<(usize, usize)> {
+    let (start, end) = field.split_once('-')?;
+    Some((
+        usize::from_str_radix(start, 16).ok()?,
+        usize::from_str_radix(end, 16).ok()?,
+    ))
 }
 
 /// A pagemap entry: present (bit 63) and not a file page (bit 61), i.e. a private copy.
