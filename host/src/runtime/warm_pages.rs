@@ -130,6 +130,13 @@ impl WarmPages {
                 })
             })
             .collect();
+        if images.is_empty() {
+            tracing::debug!(
+                "what a fresh instance writes is kept by the engine: nothing copied ahead"
+            );
+            let _ = self.learned.set(None);
+            return;
+        }
         let pages: usize = images
             .iter()
             .flat_map(|image| &image.runs)
@@ -138,7 +145,7 @@ impl WarmPages {
         tracing::debug!(
             "a fresh instance writes {pages} pages of its initial memory that are copied before it runs"
         );
-        let _ = self.learned.set((!images.is_empty()).then_some(images));
+        let _ = self.learned.set(Some(images));
     }
 
     /// Before a fresh instance runs: the learned pages copied in every slot holding one of the
