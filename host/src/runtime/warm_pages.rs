@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -34,6 +35,9 @@ pub struct WarmPages {
     /// The compiled artifact, as `/proc/self/maps` shows it: device (`fe:00`) and inode.
     device: String,
     inode: u64,
+    /// This process's `/proc/self/pagemap` and pidfd, opened once: a worker never forks.
+    pagemap: File,
+    pidfd: OwnedFd,
     learning: Mutex<Learning>,
     /// `None` once learned that there is nothing worth copying.
     learned: OnceLock<Option<Vec<Image>>>,
@@ -68,6 +72,11 @@ impl WarmPages {
     /// For `component`, whose compiled code is mapped from its artifact file; `None` when it is
     /// not (loaded from memory), since then wasmtime copies its memory images differently.
     pub fn for_component(component: &wasmtime::component::Component) -> Option<WarmPages> {
+        // Pagemap entries and the learned pages are counted in 4 KiB pages.
+        // SAFETY: sysconf has no preconditions.
+        if unsafe { libc::sysconf(libc::_SC_PAGESIZE) } != PAGE as libc::c_long {
+            return None;
+        }
         let code = component.image_range().start as usize;
         let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
         let line = maps.lines().find(|line| {
@@ -79,9 +88,14 @@ impl WarmPages {
         let fields: Vec<&str> = line.split_whitespace().collect();
         // Inode 0: anonymous memory, a component deserialized from bytes.
         let inode: u64 = fields.get(4)?.parse().ok().filter(|&inode| inode != 0)?;
+        // SAFETY: pidfd_open on this process; the descriptor is owned from here on.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+        let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as libc::c_int) })?;
         Some(WarmPages {
             device: fields.get(3)?.to_string(),
             inode,
+            pagemap: File::open("/proc/self/pagemap").ok()?,
+            pidfd,
             learning: Mutex::new(Learning::default()),
             learned: OnceLock::new(),
             refused: AtomicBool::new(false),
@@ -97,12 +111,8 @@ impl WarmPages {
         let Ok(mut learning) = self.learning.try_lock() else {
             return;
         };
-        let Ok(pagemap) = File::open("/proc/self/pagemap") else {
-            let _ = self.learned.set(None);
-            return;
-        };
         for mapping in self.mappings() {
-            let Some(private) = private_pages(&pagemap, &mapping) else {
+            let Some(private) = private_pages(&self.pagemap, &mapping) else {
                 continue;
             };
             let written = learning
@@ -159,17 +169,15 @@ impl WarmPages {
         if self.refused.load(Ordering::Relaxed) {
             return;
         }
-        let Ok(pagemap) = File::open("/proc/self/pagemap") else {
-            return;
-        };
         for mapping in self.mappings() {
             let Some(image) = images.iter().find(|image| image.offset == mapping.offset) else {
                 continue;
             };
-            if image.probe >= mapping.pages || is_private(&pagemap, mapping.start, image.probe) {
+            if image.probe >= mapping.pages || is_private(&self.pagemap, mapping.start, image.probe)
+            {
                 continue;
             }
-            if let Err(error) = populate(&mapping, &image.runs) {
+            if let Err(error) = populate(&self.pidfd, &mapping, &image.runs) {
                 tracing::debug!("instance pages are left to fault in: {error}");
                 self.refused.store(true, Ordering::Relaxed);
                 return;
@@ -252,12 +260,7 @@ fn runs(pages: &[bool]) -> Vec<(usize, usize)> {
 }
 
 /// Faults `runs` of `mapping` in writable: private copies, taken without a page fault each.
-fn populate(mapping: &Mapping, runs: &[(usize, usize)]) -> std::io::Result<()> {
-    // SAFETY: pidfd_open on this process; the descriptor is closed below.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
-    if pidfd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+fn populate(pidfd: &OwnedFd, mapping: &Mapping, runs: &[(usize, usize)]) -> std::io::Result<()> {
     let ranges: Vec<libc::iovec> = runs
         .iter()
         .map(|&(first, len)| libc::iovec {
@@ -265,14 +268,13 @@ fn populate(mapping: &Mapping, runs: &[(usize, usize)]) -> std::io::Result<()> {
             iov_len: len * PAGE,
         })
         .collect();
-    let mut result = Ok(());
     for chunk in ranges.chunks(MAX_RANGES_PER_CALL) {
         // SAFETY: the ranges lie in a mapping of this process; MADV_POPULATE_WRITE faults
         // pages in without changing what they hold.
         let done = unsafe {
             libc::syscall(
                 libc::SYS_process_madvise,
-                pidfd,
+                pidfd.as_raw_fd(),
                 chunk.as_ptr(),
                 chunk.len(),
                 libc::MADV_POPULATE_WRITE,
@@ -280,13 +282,10 @@ fn populate(mapping: &Mapping, runs: &[(usize, usize)]) -> std::io::Result<()> {
             )
         };
         if done < 0 {
-            result = Err(std::io::Error::last_os_error());
-            break;
+            return Err(std::io::Error::last_os_error());
         }
     }
-    // SAFETY: the descriptor opened above, closed once.
-    unsafe { libc::close(pidfd as libc::c_int) };
-    result
+    Ok(())
 }
 
 #[cfg(test)]
