@@ -624,10 +624,15 @@ mod tests {
                 );
             }
         }
-        let listed: Vec<String> = readme
-            .lines()
-            .find_map(|line| line.strip_prefix("The settings an `[[app]]` entry may override: "))
+        // The list is the start of a paragraph, wrapped, up to its first sentence's end.
+        let paragraph = readme
+            .split("\n\n")
+            .find_map(|text| text.strip_prefix("The settings an `[[app]]` entry may override: "))
             .expect("the README lists the app settings")
+            .replace('\n', " ");
+        let listed: Vec<String> = paragraph
+            .split_once(". ")
+            .map_or(paragraph.as_str(), |(list, _)| list)
             .split('`')
             .skip(1)
             .step_by(2)
