@@ -594,3 +594,74 @@ fn an_app_importing_a_capability_not_built_in_fails_the_build_naming_the_option(
     );
     assert!(!dir.path().join("app.wasm").exists());
 }
+
+// -- the build's warm-up -----------------------------------------------------------------------
+
+/// `guests/python/build app:app ARGS -o app.wasm` of `source` as app.py, in `dir`.
+fn build_app(dir: &tempfile::TempDir, source: &str, args: &[&str]) -> std::process::Output {
+    std::fs::write(dir.path().join("app.py"), source).unwrap();
+    std::process::Command::new(repo_root().join("guests/python/build"))
+        .arg("app:app")
+        .args(args)
+        .args(["-o", "app.wasm"])
+        .current_dir(dir.path())
+        .output()
+        .expect("run guests/python/build")
+}
+
+#[tokio::test]
+async fn the_app_is_warmed_up_at_build_where_a_capability_raises_instead_of_trapping() {
+    // Every request records what it was told by the capability; those the build served are in
+    // the component's initial memory, so each fresh instance reports them.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = build_app(
+        &dir,
+        "from host_capabilities import CalledWhileBuilding, sql\n\n\
+         REFUSALS = []\n\n\
+         def app(environ, start_response):\n\
+         \x20   try:\n\
+         \x20       rows = sql.query('SELECT 41 + 1 AS answer', [])\n\
+         \x20   except CalledWhileBuilding as refusal:\n\
+         \x20       REFUSALS.append(f\"{environ['PATH_INFO']}: {refusal}\")\n\
+         \x20       raise\n\
+         \x20   start_response('200 OK', [('Content-Type', 'text/plain')])\n\
+         \x20   return [f\"{rows[0]['answer']}; {len(REFUSALS)} at build, the first {REFUSALS[0]}\".encode()]\n",
+        &["--warm-up", "/warm"],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let host = HostProcess::start(
+        dir.path().join("app.wasm").to_str().unwrap(),
+        &["--memory-limit", MEMORY_LIMIT],
+    );
+    for _ in 0..2 {
+        let (status, body) = get_text(&host, "/").await;
+        assert_eq!(status, 200, "{body}\n{}", host.log());
+        assert_eq!(
+            body,
+            "42; 8 at build, the first /warm: host:capabilities/sql query was called while the \
+             component was being built (the app is imported and warmed up then, with no host to \
+             answer): call capabilities while serving a request"
+        );
+    }
+}
+
+#[test]
+fn an_app_calling_a_capability_as_it_is_imported_fails_the_build_saying_when_to_call() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = build_app(
+        &dir,
+        "from host_capabilities import sql\n\n\
+         sql.execute('CREATE TABLE IF NOT EXISTS seen (id INTEGER)', [])\n\n\
+         def app(environ, start_response):\n    start_response('200 OK', [])\n    return [b'ok']\n",
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_ne!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("CalledWhileBuilding: host:capabilities/sql execute was called while the component was being built")
+            && stderr.contains("call capabilities while serving a request"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("app.wasm").exists());
+}

@@ -35,13 +35,24 @@ read there, so the bytes never enter Python: a part can go request body →
   other, each made only when the one before has been sent. Any other file-like object in
   `wsgi.file_wrapper` is read in chunks through Python.
 
+The host answers only while a request is served: a capability called while the component is
+built (as the app is imported, or warmed up: `guests/python/build --warm-up`) raises
+`CalledWhileBuilding`.
+
 A capability's module can be imported only if the component imports the capability:
 `guests/python/build --capabilities sql,objects` builds one that imports those two (the
 default is all of them, which the host grants an app unless told otherwise), and importing
 `host_capabilities.crypto` in it fails the build with an error naming the option.
 """
 
-from host_capabilities._base import HostCapabilityError
+from host_capabilities._base import CalledWhileBuilding, HostCapabilityError
 from host_capabilities._streams import Chain, Stream, StreamError, request_body
 
-__all__ = ["Chain", "HostCapabilityError", "Stream", "StreamError", "request_body"]
+__all__ = [
+    "CalledWhileBuilding",
+    "Chain",
+    "HostCapabilityError",
+    "Stream",
+    "StreamError",
+    "request_body",
+]

@@ -5,7 +5,8 @@ exports the class it returns as the component's `wasi:http/incoming-handler`.
 The app is imported when the component is built (componentize-py runs the entry module then and
 keeps the interpreter's memory as the component's initial state), so a request starts with the
 app already loaded; a module the app first imports while it serves a request is not there (see
-`preload`).
+`preload`). It is also served a few requests then (`host_wsgi.warm_up`), so that an instance
+starts with the app warm, not only loaded.
 
 One request, as gunicorn's sync worker serves it:
 
@@ -28,6 +29,7 @@ import importlib
 import sys
 
 from componentize_py_types import Ok
+from host_capabilities._base import allow_calls, refuse_calls
 from wit_world import exports
 from wit_world.imports.types import (
     Fields,
@@ -40,13 +42,21 @@ from wit_world.imports.types import (
 from host_wsgi.environ import BadRequest, make_environ
 from host_wsgi.response import FileWrapper, Response
 from host_wsgi.preload import preload
+from host_wsgi.warm_up import warm_up
 
 
-def handler_for(target: str) -> type:
+def handler_for(target: str, warm_up_path: "str | None" = None) -> type:
     """The `wasi:http/incoming-handler` class serving the WSGI callable named by `target`
-    (`module:callable`, the callable possibly a dotted attribute, as gunicorn takes it)."""
+    (`module:callable`, the callable possibly a dotted attribute, as gunicorn takes it), warmed
+    up with requests for `warm_up_path` (`host_wsgi.warm_up`) unless it is None."""
+    # No host answers while the component is built: a capability called before the snapshot
+    # raises instead of trapping.
+    refuse_calls()
     app = load(target)
     preload()
+    if warm_up_path is not None:
+        warm_up(app, warm_up_path)
+    allow_calls()
     # What the app and its imports made lives as long as the instance: out of the collector's
     # reach, a collection while serving neither walks it nor writes to (and so copies) the pages
     # of the initial memory that hold it, as gunicorn users do with --preload.

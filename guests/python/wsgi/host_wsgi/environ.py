@@ -60,18 +60,32 @@ def make_environ(request: IncomingRequest) -> tuple:
     headers = {}
     for name, value in entries:
         headers.setdefault(name.lower(), []).append(value.decode("latin-1"))
-
     length = content_length(headers.pop("content-length", None))
-    scheme = scheme_name(request.scheme())
-    server_name, server_port = split_authority(request.authority() or "", scheme)
-    path_with_query = request.path_with_query() or "/"
+    body = RequestBody(request, length)
+    environ = wsgi_environ(
+        method_name(request.method()),
+        scheme_name(request.scheme()),
+        request.authority() or "",
+        request.path_with_query() or "/",
+        headers,
+        length,
+        body,
+    )
+    return environ, body
+
+
+def wsgi_environ(
+    method: str, scheme: str, authority: str, path_with_query: str, headers: dict,
+    length: "int | None", body,
+) -> dict:
+    """The environ of a request whose header fields are `headers` (lowercase names, each with
+    its values, Content-Length taken out as `length`) and whose body is the file `body`."""
+    server_name, server_port = split_authority(authority, scheme)
     path, _, query = path_with_query.partition("?")
     prefix = headers.get("x-forwarded-prefix", [""])[-1].rstrip("/")
     hops = ",".join(headers.get("x-forwarded-for", [])).split(",")
-
-    body = RequestBody(request, length)
     environ = {
-        "REQUEST_METHOD": method_name(request.method()),
+        "REQUEST_METHOD": method,
         "SCRIPT_NAME": unquote_to_bytes(prefix).decode("latin-1"),
         "PATH_INFO": unquote_to_bytes(path).decode("latin-1"),
         "QUERY_STRING": query,
@@ -101,7 +115,7 @@ def make_environ(request: IncomingRequest) -> tuple:
             environ[key] = value
         else:
             environ["HTTP_" + key] = value
-    return environ, body
+    return environ
 
 
 def content_length(values) -> "int | None":
