@@ -1,7 +1,7 @@
 //! A Flask app served through the WSGI bridge (`guests/python/wsgi-flask`, built by
 //! `guests/python/build app:app -r requirements.txt` with Flask 3.1.2 from PyPI): what a client
-//! and an operator see of each part of PEP 3333, and the build refusing a requirement that
-//! needs a C extension.
+//! and an operator see of each part of PEP 3333, and what the build refuses (a requirement that
+//! needs a C extension, a capability called as the app is imported) and warms up.
 
 use std::time::Duration;
 
@@ -32,6 +32,18 @@ async fn get(host: &HostProcess, path: &str) -> (reqwest::Response, String) {
         .unwrap_or_else(|error| panic!("GET {path}: {error}"));
     let id = request_id(&response);
     (response, id)
+}
+
+/// `guests/python/build app:app ARGS -o app.wasm` of `source` as app.py, in `dir`.
+fn build_app(dir: &tempfile::TempDir, source: &str, args: &[&str]) -> std::process::Output {
+    std::fs::write(dir.path().join("app.py"), source).unwrap();
+    std::process::Command::new(repo_root().join("guests/python/build"))
+        .arg("app:app")
+        .args(args)
+        .args(["-o", "app.wasm"])
+        .current_dir(dir.path())
+        .output()
+        .expect("run guests/python/build")
 }
 
 /// The traceback of `route`'s own exception, logged under the request `id`.
@@ -368,17 +380,12 @@ async fn wsgi_errors_is_logged_under_the_request_id() {
 #[test]
 fn the_build_refuses_a_requirement_with_a_c_extension_by_name() {
     let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::write(
-        dir.path().join("app.py"),
-        "def app(environ, start_response):\n    start_response('200 OK', [])\n    return [b'ok']\n",
-    )
-    .unwrap();
     std::fs::write(dir.path().join("requirements.txt"), "ujson==6.1.0\n").unwrap();
-    let output = std::process::Command::new(repo_root().join("guests/python/build"))
-        .args(["app:app", "-r", "requirements.txt", "-o", "app.wasm"])
-        .current_dir(dir.path())
-        .output()
-        .expect("run guests/python/build");
+    let output = build_app(
+        &dir,
+        "def app(environ, start_response):\n    start_response('200 OK', [])\n    return [b'ok']\n",
+        &["-r", "requirements.txt"],
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("need C extensions"), "{stderr}");
@@ -575,17 +582,12 @@ async fn file_wrapper_reads_any_other_file_in_chunks() {
 #[test]
 fn an_app_importing_a_capability_not_built_in_fails_the_build_naming_the_option() {
     let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::write(
-        dir.path().join("app.py"),
+    let output = build_app(
+        &dir,
         "from host_capabilities import crypto\n\n\
          def app(environ, start_response):\n    start_response('200 OK', [])\n    return [b'ok']\n",
-    )
-    .unwrap();
-    let output = std::process::Command::new(repo_root().join("guests/python/build"))
-        .args(["app:app", "--capabilities", "sql,objects", "-o", "app.wasm"])
-        .current_dir(dir.path())
-        .output()
-        .expect("run guests/python/build");
+        &["--capabilities", "sql,objects"],
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_ne!(output.status.code(), Some(0), "{stderr}");
     assert!(
@@ -596,18 +598,6 @@ fn an_app_importing_a_capability_not_built_in_fails_the_build_naming_the_option(
 }
 
 // -- the build's warm-up -----------------------------------------------------------------------
-
-/// `guests/python/build app:app ARGS -o app.wasm` of `source` as app.py, in `dir`.
-fn build_app(dir: &tempfile::TempDir, source: &str, args: &[&str]) -> std::process::Output {
-    std::fs::write(dir.path().join("app.py"), source).unwrap();
-    std::process::Command::new(repo_root().join("guests/python/build"))
-        .arg("app:app")
-        .args(args)
-        .args(["-o", "app.wasm"])
-        .current_dir(dir.path())
-        .output()
-        .expect("run guests/python/build")
-}
 
 #[tokio::test]
 async fn the_app_is_warmed_up_at_build_where_a_capability_raises_instead_of_trapping() {
