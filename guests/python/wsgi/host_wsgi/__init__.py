@@ -40,7 +40,7 @@ from wit_world.imports.types import (
 )
 
 from host_wsgi.environ import BadRequest, make_environ
-from host_wsgi.response import FileWrapper, Response
+from host_wsgi.response import FileWrapper, Response, close_if_closable
 from host_wsgi.preload import preload
 from host_wsgi.warm_up import warm_up
 
@@ -103,9 +103,7 @@ def serve(app, request: IncomingRequest, response_out: ResponseOutparam) -> None
                     response.write(chunk)
             response.finish()
         finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
+            close_if_closable(result)
     finally:
         # What the app wrote to wsgi.errors or printed is logged under this request's id,
         # not under the next one a kept instance serves.

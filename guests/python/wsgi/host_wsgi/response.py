@@ -43,9 +43,7 @@ class FileWrapper:
             yield chunk
 
     def close(self) -> None:
-        close = getattr(self.filelike, "close", None)
-        if close is not None:
-            close()
+        close_if_closable(self.filelike)
 
     def input_streams(self):
         """The host streams to splice, in order, each handed over; None if there are none."""
@@ -204,6 +202,13 @@ class Response:
                 ) from None
             why = error.value.value.to_debug_string()
             raise ConnectionError(f"the response could not be sent: {why}") from None
+
+
+def close_if_closable(thing) -> None:
+    """`thing.close()`, if it has one (PEP 3333 asks it of a response iterable and a file)."""
+    close = getattr(thing, "close", None)
+    if close is not None:
+        close()
 
 
 def status_code(status: str) -> int:

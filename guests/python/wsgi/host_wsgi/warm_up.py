@@ -6,19 +6,21 @@ instance: CPython specializes the bytecode it runs (in place, in the code object
 libraries fill caches on first use (Werkzeug compiles its URL map on the first match, `re`
 caches patterns, Flask sets up its request machinery). Serving a few requests at build time
 keeps all of that in the snapshot: measured on Flask's hello, a fresh instance then costs about
-a quarter less CPU, and writes fewer of its pages.
+a third less CPU (the README's Python apps section has the figures).
 
 The requests are `GET` of one path of the app's (`guests/python/build --warm-up`, `/` by
-default) as a client would send it, with no body and no headers but the peer's; what they answer is thrown away, and whether they fail does not matter (what
-ran until then is warm). The host is not there while the component is built: a capability
-called then raises host_capabilities' `CalledWhileBuilding`, which the app's own error handling
-sees (Flask answers it 500). What the app writes then is not shown: componentize-py keeps a
-building guest's output to itself.
+default) as a client would send it, with no body and no headers but the peer's; what they
+answer is thrown away, and whether they fail does not matter (what ran until then is warm).
+The host is not there while the component is built: a capability called then raises
+host_capabilities' `CalledWhileBuilding`, which the app's own error handling sees (Flask
+answers it 500). What the app writes then is not shown: componentize-py keeps a building
+guest's output to itself.
 """
 
 import io
 
 from host_wsgi.environ import wsgi_environ
+from host_wsgi.response import close_if_closable
 
 # Enough for CPython to specialize what the requests run (it does after a couple of runs) and
 # for every cache to be filled; each takes milliseconds at build time only.
@@ -41,9 +43,7 @@ def serve_discarding(app, path: str) -> None:
             for _chunk in result:
                 pass
         finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
+            close_if_closable(result)
     except Exception:
         # The app's failure is its own answer: a fresh instance would give it too.
         pass
