@@ -2,10 +2,14 @@
 //! its workers and the compile step), unless the environment sets them.
 //!
 //! mimalloc as it comes commits an 8 MiB arena up front: most of an idle worker's memory, while
-//! committing on demand costs nothing measurable. It keeps freed pages for a while before giving
-//! them back, and does so only when it is next called: under a stream of 10 MiB parts a worker
-//! then holds twice the memory it uses, and a master, idle once its workers run, kept the 21 MB
-//! a Python component took to read and check (a master of 44 MiB instead of 11). And it collects
+//! committing on demand costs nothing measurable. It keeps freed pages for a second before
+//! giving them back, and does so only when it is next called: under a stream of 10 MiB parts a
+//! worker then holds twice the memory it uses, and a master, idle once its workers run, kept the
+//! 21 MB a Python component took to read and check (a master of 44 MiB instead of 11; the master
+//! now collects after reading them). Here it keeps them 1 ms: giving them back at once cost a
+//! `madvise` every other request, each a TLB flush that interrupts the other core, and put short
+//! requests on fresh instances into a slow mode of up to twice the CPU in some runs; 1 ms kept
+//! them out of it in every run, for 4 MiB more at the peak of Lenzeye's uploads. And it collects
 //! the pages other threads freed into a thread's heap only every 10,000 slow allocations: chunks
 //! of a stream cross threads, so a worker kept ~5 MiB more under load.
 
@@ -22,7 +26,7 @@ const SETTINGS: [(&str, mimalloc_option::Id, std::ffi::c_long); 3] = [
         mimalloc_option::ARENA_EAGER_COMMIT,
         0,
     ),
-    ("MIMALLOC_PURGE_DELAY", mimalloc_option::PURGE_DELAY, 0),
+    ("MIMALLOC_PURGE_DELAY", mimalloc_option::PURGE_DELAY, 1),
     (
         "MIMALLOC_GENERIC_COLLECT",
         mimalloc_option::GENERIC_COLLECT,
