@@ -76,6 +76,32 @@ async fn a_kept_p3_instance_counts_its_requests_within_every_bound() {
 }
 
 #[tokio::test]
+async fn a_kept_p3_instance_idle_past_its_timeout_is_dropped_and_one_in_use_is_not() {
+    let host = HostProcess::start(
+        &guest("hello-p3"),
+        &[
+            "--instance-max-requests",
+            "0",
+            "--instance-idle-timeout",
+            "0.5",
+        ],
+    );
+    let first = served_at(&host, "/served").await;
+    // Requests 300 ms apart, over several timeouts: never idle for 0.5 s, the instance stays.
+    for next in first + 1..first + 6 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(served_at(&host, "/served").await, next);
+    }
+    // One request that outlasts the timeout does not make its instance idle either.
+    let (status, _) = get_text(&host, "/sleep?ms=800").await;
+    assert_eq!(status, 200);
+    assert_eq!(served_at(&host, "/served").await, first + 7);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(served_at(&host, "/served").await, 1);
+    assert_eq!(served_at(&host, "/served").await, 2);
+}
+
+#[tokio::test]
 async fn a_p3_app_streams_5_mb_back_and_a_trap_mid_body_looks_cut() {
     let host = HostProcess::start(&guest("hello-p3"), &["--instance-max-requests", "0"]);
     blackbox::assert_echoes_5_mib(&host, "/echo").await;

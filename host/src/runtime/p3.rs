@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -161,12 +162,18 @@ pub async fn drive(
             let mut retired = None;
             let mut channel_open = true;
             let mut next_seq = 0u64;
+            // One timer for the idle timeout, set again only when it fires: then from when
+            // the instance last became idle, if it is idle.
+            let idle_timeout = shared.idle_timeout();
+            let mut idle_since = Instant::now();
+            let idle_timer = tokio::time::sleep(idle_timeout.unwrap_or(Duration::ZERO));
+            tokio::pin!(idle_timer);
+            let mut idle_timer_set = idle_timeout.is_some();
             loop {
                 if !channel_open && running.is_empty() {
                     return Ok(retired.unwrap_or(Retired::Served));
                 }
                 let idle = running.is_empty();
-                let idle_timeout = shared.idle_timeout().filter(|_| idle);
                 tokio::select! {
                     Some((seq, end)) = running.next(), if !idle => {
                         let end = end.map_err(|error| InstanceFailed { error, job: Some(seq) })?;
@@ -190,6 +197,9 @@ pub async fn drive(
                         } else {
                             lock(&last).push((done, outcome));
                         }
+                        if running.is_empty() {
+                            idle_since = Instant::now();
+                        }
                     }
                     job = jobs.recv(), if channel_open => match job {
                         Some(job) => {
@@ -208,10 +218,18 @@ pub async fn drive(
                         }
                         None => channel_open = false,
                     },
-                    () = sleep_or_never(idle_timeout), if channel_open => {
-                        if shared.close_if_idle(id) {
+                    () = &mut idle_timer, if channel_open && idle_timer_set => {
+                        let timeout = idle_timeout.unwrap_or_default();
+                        let now = Instant::now();
+                        let due = idle_since + timeout;
+                        if idle && due <= now && shared.close_if_idle(id) {
                             retired = Some(Retired::Idle);
                             accessor.with(|mut access| access.data_mut().shared_closed());
+                            idle_timer_set = false;
+                        } else if idle && due > now {
+                            idle_timer.as_mut().reset(due);
+                        } else {
+                            idle_timer.as_mut().reset(now + timeout);
                         }
                     }
                 }
@@ -262,13 +280,6 @@ pub async fn drive(
         } else {
             GuestFailure::SharedInstanceFailed(Box::new(failure.clone()))
         }));
-    }
-}
-
-async fn sleep_or_never(timeout: Option<std::time::Duration>) {
-    match timeout {
-        Some(timeout) => tokio::time::sleep(timeout).await,
-        None => std::future::pending().await,
     }
 }
 
