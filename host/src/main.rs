@@ -53,6 +53,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    quiet_library_backtraces();
     // As with gunicorn's argparse, a setting given twice takes the later value.
     let command = Cli::command().mut_subcommand("serve", |serve| serve.args_override_self(true));
     let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|error| error.exit());
@@ -60,6 +61,18 @@ fn main() -> ExitCode {
         Command::Serve(_) => serve(),
         Command::Worker => worker(),
         Command::Prepare => prepare(),
+    }
+}
+
+/// Errors are logged on one line, without a Rust backtrace, yet with `RUST_BACKTRACE=1` in the
+/// environment the standard library captures one for every error made: the engine makes one
+/// each time it drops a WASIp3 instance whose guest still has a task waiting, which is most
+/// fresh p3 requests. Panics keep their backtraces (`RUST_BACKTRACE`); a `RUST_LIB_BACKTRACE`
+/// the user set is kept.
+fn quiet_library_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     }
 }
 
