@@ -83,20 +83,20 @@ async fn a_kept_p3_instance_idle_past_its_timeout_is_dropped_and_one_in_use_is_n
             "--instance-max-requests",
             "0",
             "--instance-idle-timeout",
-            "0.5",
+            "1",
         ],
     );
     let first = served_at(&host, "/served").await;
-    // Requests 300 ms apart, over several timeouts: never idle for 0.5 s, the instance stays.
+    // Requests 300 ms apart, over more than one timeout: never idle for 1 s, the instance stays.
     for next in first + 1..first + 6 {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(served_at(&host, "/served").await, next);
     }
     // One request that outlasts the timeout does not make its instance idle either.
-    let (status, _) = get_text(&host, "/sleep?ms=800").await;
+    let (status, _) = get_text(&host, "/sleep?ms=1500").await;
     assert_eq!(status, 200);
     assert_eq!(served_at(&host, "/served").await, first + 7);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
     assert_eq!(served_at(&host, "/served").await, 1);
     assert_eq!(served_at(&host, "/served").await, 2);
 }
