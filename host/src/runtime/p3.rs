@@ -168,7 +168,6 @@ pub async fn drive(
             let mut idle_since = Instant::now();
             let idle_timer = tokio::time::sleep(idle_timeout.unwrap_or(Duration::ZERO));
             tokio::pin!(idle_timer);
-            let mut idle_timer_set = idle_timeout.is_some();
             loop {
                 if !channel_open && running.is_empty() {
                     return Ok(retired.unwrap_or(Retired::Served));
@@ -218,18 +217,21 @@ pub async fn drive(
                         }
                         None => channel_open = false,
                     },
-                    () = &mut idle_timer, if channel_open && idle_timer_set => {
+                    // Not once the instance is closed, for whatever reason.
+                    () = &mut idle_timer, if channel_open
+                        && retired.is_none()
+                        && idle_timeout.is_some() =>
+                    {
                         let timeout = idle_timeout.unwrap_or_default();
                         let now = Instant::now();
                         let due = idle_since + timeout;
                         if idle && due <= now && shared.close_if_idle(id) {
                             retired = Some(Retired::Idle);
                             accessor.with(|mut access| access.data_mut().shared_closed());
-                            idle_timer_set = false;
-                        } else if idle && due > now {
-                            idle_timer.as_mut().reset(due);
                         } else {
-                            idle_timer.as_mut().reset(now + timeout);
+                            idle_timer
+                                .as_mut()
+                                .reset(if idle && due > now { due } else { now + timeout });
                         }
                     }
                 }
